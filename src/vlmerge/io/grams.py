@@ -1,0 +1,73 @@
+"""Gram files: per expert linear layer, the sum of X^T X over the inputs it saw.
+
+Native files are safetensors keyed by the module whose input the matrix describes
+(`blocks.3.attn.v.qkv`, `blocks.3.mlp.l.fc1`, ...), with metadata recording per matrix the
+modality and token count, and hashes of the checkpoint and data they came from, so they can
+be shared and reused without the data. The paper's `.pth` Gram files (keyed
+`transformer.blocks.3.attn.v` for qkv) are read too.
+"""
+
+import json
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vlmerge.core.errors import CheckpointError
+from vlmerge.io.checkpoint import CheckpointReader, open_checkpoint, save_checkpoint
+from vlmerge.io.layout import Layout
+
+_BARE_ATTN = re.compile(r"^(?:.*\.)?blocks\.\d+\.attn(?:\.(?:v|l|vl))?$")
+
+
+@dataclass
+class GramSet:
+    """Gram matrices by native module path, read lazily from one file."""
+
+    reader: CheckpointReader
+    keys: dict[str, str]  # native module path -> key in the reader
+    info: dict[str, dict[str, Any]] = field(default_factory=dict)
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def path(self) -> Path:
+        return self.reader.path
+
+    def __contains__(self, module: object) -> bool:
+        return module in self.keys
+
+    def shape(self, module: str) -> tuple[int, ...]:
+        return self.reader.shape(self.keys[module])
+
+    def get(self, module: str) -> torch.Tensor:
+        gram = self.reader.get(self.keys[module])
+        if not torch.isfinite(gram).all():
+            raise CheckpointError(f"{self.path}: Gram matrix {module} contains NaN or Inf")
+        return gram
+
+
+def open_grams(path: str | os.PathLike) -> GramSet:
+    reader = open_checkpoint(path)
+    keys = {}
+    for key in reader.keys:
+        # In the paper's layout the attention module's own input stands for its qkv input.
+        module = f"{key}.qkv" if reader.layout is Layout.REFERENCE and _BARE_ATTN.match(key) else key
+        keys[module] = key
+    bad = [k for k in reader.keys if len(reader.shape(k)) != 2 or reader.shape(k)[0] != reader.shape(k)[1]]
+    if bad:
+        raise CheckpointError(f"{path}: not a Gram file: {bad[0]} has shape {list(reader.shape(bad[0]))}, expected square")
+    info = json.loads(reader.metadata.get("grams", "{}"))
+    provenance = json.loads(reader.metadata.get("provenance", "{}"))
+    return GramSet(reader, keys, info, provenance)
+
+
+def save_grams(path: str | os.PathLike, grams: Mapping[str, torch.Tensor], info: Mapping[str, Mapping[str, Any]],
+               provenance: Mapping[str, Any]) -> Path:
+    """Write Gram matrices (float64) with per-matrix modality/token counts and their provenance."""
+    metadata = {"format": "vlmerge-grams", "grams": json.dumps(info, sort_keys=True),
+                "provenance": json.dumps(provenance, sort_keys=True)}
+    return save_checkpoint(path, {k: g.to(torch.float64) for k, g in grams.items()}, metadata)
