@@ -1,0 +1,35 @@
+"""Model sizes as data (sizes.json) feeding one factory."""
+
+import json
+from importlib import resources
+from typing import Any
+
+from torch import nn
+
+from vlmerge.core.registry import Registry
+from vlmerge.models.config import ExpertPlacement, ModelConfig
+from vlmerge.models.transformer import VLTransformer
+
+MODEL_SIZES: Registry[dict[str, Any]] = Registry("model size")
+for _name, _fields in json.loads(resources.files("vlmerge.models").joinpath("sizes.json").read_text()).items():
+    MODEL_SIZES.add(_name, _fields)
+
+
+def model_config(size: str, **overrides: Any) -> ModelConfig:
+    """The registered config for `size`, with any field overridden (validated)."""
+    return ModelConfig.parse({**MODEL_SIZES.get(size), **overrides}, where=f"model size {size!r}")
+
+
+def create_model(config: ModelConfig | str, **overrides: Any) -> VLTransformer:
+    if isinstance(config, str):
+        config = model_config(config, **overrides)
+    return VLTransformer(config)
+
+
+def count_parameters(model: nn.Module, backbone_only: bool = False) -> int:
+    """All parameters, or only those in the transformer blocks (the paper's "backbone")."""
+    params = model.blocks.parameters() if backbone_only else model.parameters()
+    return sum(p.numel() for p in params)
+
+
+__all__ = ["ExpertPlacement", "MODEL_SIZES", "ModelConfig", "count_parameters", "create_model", "model_config"]

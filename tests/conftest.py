@@ -1,0 +1,37 @@
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))  # test helpers such as paper_oracle
+
+from vlmerge.models import VLTransformer, model_config  # noqa: E402
+
+
+@pytest.fixture
+def micro_config():
+    return model_config("micro", layer_scale_init=1.0)
+
+
+@pytest.fixture
+def specific_model(micro_config):
+    torch.manual_seed(0)
+    return VLTransformer(micro_config)
+
+
+def make_inputs(config, batch: int = 2, text_len: int = 6, seed: int = 0) -> dict:
+    """Synthetic images and padded text that exercise every route."""
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.randn(batch, config.channels, config.image_size, config.image_size, generator=generator)
+    ids = torch.randint(1, config.vocab_size, (batch, text_len), generator=generator)
+    mask = torch.ones(batch, text_len, dtype=torch.bool)
+    mask[0, text_len // 2:] = False
+    return {"images": images, "text_ids": ids, "text_mask": mask}
+
+
+ROUTES = {
+    "image": lambda x: {"images": x["images"]},
+    "text": lambda x: {"text_ids": x["text_ids"], "text_mask": x["text_mask"]},
+    "pair": lambda x: x,
+}
