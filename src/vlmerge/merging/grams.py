@@ -1,0 +1,100 @@
+"""Gram matrices for RegMean, collected with forward hooks during plain forward passes.
+
+For every linear layer of every expert, G = sum over the tokens that expert actually saw of
+x x^T (in float64): the input of qkv is the output of norm1, of proj the attention output,
+of fc1 the output of norm2, of fc2 the activation. Padding tokens are left out: a pre-hook
+on each block records the token mask of the stream it is processing. By default the sum is
+not divided by the token count (RegMean's objective is the total squared error per expert).
+"""
+
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from tqdm import tqdm
+
+from vlmerge.merging.plan import LINEAR_SLOTS, parse_expert_key
+from vlmerge.models.transformer import Block
+
+
+def gram_modules(model: nn.Module) -> dict[str, tuple[nn.Linear, str | None]]:
+    """Linear layers inside attention and FFN, with the modality of their expert (None if shared)."""
+    found = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear) or ".blocks." not in f".{name}":
+            continue
+        expert = parse_expert_key(f"{name}.weight")
+        slot = expert.slot if expert else name.split(".")[-2]
+        if slot in LINEAR_SLOTS:
+            found[name] = (module, expert.modality.value if expert else None)
+    return found
+
+
+class GramCollector:
+    """Context manager that accumulates X^T X for each linear layer of `model`."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.modules = gram_modules(model)
+        self.sums: dict[str, torch.Tensor] = {}
+        self.tokens: dict[str, int] = defaultdict(int)
+        self._mask: torch.Tensor | None = None
+        self._handles: list = []
+
+    def __enter__(self) -> "GramCollector":
+        for block in self.model.modules():
+            if isinstance(block, Block):
+                self._handles.append(block.register_forward_pre_hook(self._remember_mask))
+        for name, (module, _) in self.modules.items():
+            self._handles.append(module.register_forward_hook(self._accumulate_hook(name)))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _remember_mask(self, block: nn.Module, args: tuple) -> None:
+        self._mask = args[2] if len(args) > 2 else None
+
+    def _accumulate_hook(self, name: str):
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            x = args[0]
+            rows = x[self._mask] if self._mask is not None else x.reshape(-1, x.shape[-1])  # (tokens, in)
+            rows = rows.detach().to(torch.float64)
+            gram = rows.T @ rows
+            self.sums[name] = self.sums[name] + gram if name in self.sums else gram
+            self.tokens[name] += rows.shape[0]
+
+        return hook
+
+    def all_reduce(self) -> None:
+        """Sum matrices and token counts over a torch.distributed process group."""
+        if not (dist.is_available() and dist.is_initialized()):
+            return
+        for name in sorted(self.sums):
+            dist.all_reduce(self.sums[name])
+            count = torch.tensor([self.tokens[name]], dtype=torch.float64, device=self.sums[name].device)
+            dist.all_reduce(count)
+            self.tokens[name] = int(count.item())
+
+    def result(self, normalize: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, Any]]]:
+        grams = {n: (g / max(self.tokens[n], 1) if normalize else g).cpu() for n, g in self.sums.items()}
+        info = {n: {"modality": self.modules[n][1], "tokens": self.tokens[n], "normalized": normalize} for n in grams}
+        return grams, info
+
+
+def collect_grams(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]], *, normalize: bool = False,
+                  progress: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, Any]]]:
+    """Run `model(**batch)` over the batches and return the Gram matrices and their token counts."""
+    was_training = model.training
+    model.eval()
+    with GramCollector(model) as collector, torch.no_grad():
+        for batch in tqdm(batches, desc="grams", disable=not progress, unit="batch"):
+            model(**batch)
+        collector.all_reduce()
+    model.train(was_training)
+    return collector.result(normalize)

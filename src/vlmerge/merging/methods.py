@@ -1,0 +1,182 @@
+"""Merge methods: small pure functions from expert tensors to one merged tensor.
+
+Each method takes a `MergeInputs` (the experts of one merged tensor, and where needed the
+seed checkpoint's tensor as origin and the experts' Gram matrices) plus its validated
+options, and returns a new tensor; inputs are never modified. The walk over parameters
+lives in the engine, written once. Register a new method with `@register_method`.
+"""
+
+import hashlib
+import math
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from pydantic import Field
+
+from vlmerge.core.config import StrictConfig
+from vlmerge.core.errors import MergeError
+from vlmerge.core.modality import Modality
+from vlmerge.core.registry import Registry
+
+
+class MergeWarning(UserWarning):
+    """A merge went ahead with a documented fallback (missing or singular Gram matrix)."""
+
+
+@dataclass(frozen=True)
+class MergeInputs:
+    target: str
+    experts: Mapping[Modality, torch.Tensor]
+    origin: torch.Tensor | None = None  # seed checkpoint tensor, for task-vector methods
+    grams: Mapping[Modality, torch.Tensor | None] | None = None  # per expert, for linear weights only
+
+    def modality_vectors(self) -> dict[Modality, torch.Tensor]:
+        """theta_m - theta_0: what each modality's training added to the seed."""
+        return {m: w - self.origin for m, w in self.experts.items()}
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    name: str
+    fn: Callable[[MergeInputs, StrictConfig], torch.Tensor]
+    options: type[StrictConfig]
+    needs_origin: bool = False
+    needs_grams: bool = False
+    summary: str = ""
+
+
+MERGE_METHODS: Registry[MergeMethod] = Registry("merge method")
+
+
+def register_method(name: str, options: type[StrictConfig], *, needs_origin: bool = False, needs_grams: bool = False):
+    def decorator(fn):
+        summary = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
+        MERGE_METHODS.add(name, MergeMethod(name, fn, options, needs_origin, needs_grams, summary))
+        return fn
+
+    return decorator
+
+
+# --------------------------------------------------------------------------- interpolation
+class InterpolationOptions(StrictConfig):
+    ratio: float = Field(0.5, ge=0.0, le=1.0, description="weight of the vision expert")
+
+
+def interpolation_weights(modalities: frozenset[Modality], ratio: float) -> dict[Modality, float]:
+    """r V + (1-r) L; with a vl expert, (2/3) r V + (2/3)(1-r) L + (1/3) VL (the paper's ratios)."""
+    if modalities == {Modality.V, Modality.L}:
+        return {Modality.V: ratio, Modality.L: 1.0 - ratio}
+    if modalities == {Modality.V, Modality.L, Modality.VL}:
+        return {Modality.V: 2 / 3 * ratio, Modality.L: 2 / 3 * (1.0 - ratio), Modality.VL: 1 / 3}
+    raise MergeError(f"interpolation is defined for experts {{v, l}} or {{v, l, vl}}, got {sorted(m.value for m in modalities)}")
+
+
+@register_method("interpolation", InterpolationOptions)
+def interpolation(inputs: MergeInputs, options: InterpolationOptions) -> torch.Tensor:
+    """Weighted average of the experts, r V + (1 - r) L."""
+    weights = interpolation_weights(frozenset(inputs.experts), options.ratio)
+    return sum(weights[m] * w for m, w in inputs.experts.items())
+
+
+# --------------------------------------------------------------------------- arithmetic
+class ArithmeticOptions(StrictConfig):
+    lam: float = Field(0.5, description="scale of the summed modality vectors")
+
+
+@register_method("arithmetic", ArithmeticOptions, needs_origin=True)
+def arithmetic(inputs: MergeInputs, options: ArithmeticOptions) -> torch.Tensor:
+    """Modality arithmetic: theta_0 + lam * sum_m (theta_m - theta_0), origin never aliased."""
+    return inputs.origin + options.lam * sum(inputs.modality_vectors().values())
+
+
+# --------------------------------------------------------------------------- RegMean
+class RegMeanOptions(StrictConfig):
+    alpha: float = Field(1.0, ge=0.0, le=1.0, description="off-diagonal scale of each Gram matrix")
+
+
+def shrink_gram(gram: torch.Tensor, alpha: float) -> torch.Tensor:
+    """alpha G + (1 - alpha) diag(G): RegMean's regulariser towards plain averaging."""
+    return alpha * gram + (1.0 - alpha) * torch.diag_embed(torch.diagonal(gram))
+
+
+@register_method("regmean", RegMeanOptions, needs_grams=True)
+def regmean(inputs: MergeInputs, options: RegMeanOptions) -> torch.Tensor:
+    """RegMean: W* = (sum_m W_m G_m)(sum_m G_m)^-1 for linear weights; plain mean otherwise."""
+    if inputs.grams is None:
+        return plain_mean(inputs.experts)
+    missing = [m.value for m, g in inputs.grams.items() if g is None]
+    if missing:
+        warnings.warn(f"{inputs.target}: no Gram matrix for expert(s) {missing}; using the plain average", MergeWarning)
+        return plain_mean(inputs.experts)
+    grams = {m: shrink_gram(g.to(torch.float64), options.alpha) for m, g in inputs.grams.items()}
+    weighted = sum(w.to(torch.float64) @ grams[m] for m, w in inputs.experts.items())  # (out, in)
+    return solve_right(weighted, sum(grams.values()), inputs.target).to(next(iter(inputs.experts.values())).dtype)
+
+
+def solve_right(weighted: torch.Tensor, gram_sum: torch.Tensor, target: str) -> torch.Tensor:
+    """X with X @ S = A for symmetric PSD S, via Cholesky; least squares if S is singular."""
+    factor, info = torch.linalg.cholesky_ex(gram_sum)
+    if int(info) == 0:
+        return torch.cholesky_solve(weighted.T, factor).T
+    warnings.warn(f"{target}: summed Gram matrix is singular; using the minimum-norm least-squares solution", MergeWarning)
+    return torch.linalg.lstsq(gram_sum, weighted.T, driver="gelsd").solution.T
+
+
+def plain_mean(experts: Mapping[Modality, torch.Tensor]) -> torch.Tensor:
+    return sum(experts.values()) / len(experts)
+
+
+# --------------------------------------------------------------------------- TIES
+class TiesOptions(StrictConfig):
+    density: float = Field(0.2, gt=0.0, le=1.0, description="fraction of each modality vector kept")
+    lam: float = Field(1.0, description="scale of the merged modality vector")
+    scope: Literal["tensor"] = Field("tensor", description="trim top-k per tensor (streams); see docs")
+
+
+def trim_to_top_k(vector: torch.Tensor, density: float) -> torch.Tensor:
+    """Keep the `density` fraction of entries largest in magnitude, zero the rest."""
+    keep = max(1, math.ceil(density * vector.numel() - 1e-9))  # 0.07 * 100 must keep 7, not 8
+    if keep >= vector.numel():
+        return vector.clone()
+    flat = vector.flatten()
+    mask = torch.zeros_like(flat, dtype=torch.bool)
+    mask[flat.abs().topk(keep).indices] = True
+    return torch.where(mask, flat, torch.zeros_like(flat)).view_as(vector)
+
+
+@register_method("ties", TiesOptions, needs_origin=True)
+def ties(inputs: MergeInputs, options: TiesOptions) -> torch.Tensor:
+    """TIES on modality vectors: trim, elect the sign by total mass, mean of the agreeing entries."""
+    trimmed = torch.stack([trim_to_top_k(v, options.density) for v in inputs.modality_vectors().values()])
+    elected = torch.sign(trimmed.sum(dim=0))
+    agrees = (torch.sign(trimmed) == elected) & (trimmed != 0)
+    count = agrees.sum(dim=0).clamp(min=1)
+    merged = torch.where(agrees, trimmed, torch.zeros_like(trimmed)).sum(dim=0) / count
+    return inputs.origin + options.lam * merged
+
+
+# --------------------------------------------------------------------------- DARE
+class DareOptions(StrictConfig):
+    drop: float = Field(0.5, ge=0.0, lt=1.0, description="probability of dropping each entry")
+    lam: float = Field(0.5, description="scale of the summed rescaled modality vectors")
+    seed: int = Field(0, description="seed of the drop masks")
+
+
+def dare_generator(seed: int, target: str, modality: Modality) -> torch.Generator:
+    """A generator per (seed, tensor, expert): masks do not depend on merge order."""
+    digest = hashlib.sha256(f"{seed}:{target}:{modality.value}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+
+
+@register_method("dare", DareOptions, needs_origin=True)
+def dare(inputs: MergeInputs, options: DareOptions) -> torch.Tensor:
+    """DARE: drop entries of each modality vector at random, rescale by 1/(1-p), then add."""
+    total = torch.zeros_like(inputs.origin)
+    for modality, vector in inputs.modality_vectors().items():
+        generator = dare_generator(options.seed, inputs.target, modality)
+        keep = torch.rand(vector.shape, generator=generator) >= options.drop
+        total = total + torch.where(keep, vector, torch.zeros_like(vector)) / (1.0 - options.drop)
+    return inputs.origin + options.lam * total
