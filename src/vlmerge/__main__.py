@@ -1,0 +1,3 @@
+from vlmerge.cli.main import main
+
+raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""The `vlmerge` command line: one thin subcommand per verb."""

@@ -1,0 +1,116 @@
+"""`vlmerge merge | metrics | inspect | demo`: each maps arguments onto the library."""
+
+import argparse
+import json
+import sys
+import warnings
+from collections.abc import Sequence
+
+from vlmerge.core.errors import VlmergeError
+from vlmerge.io.checkpoint import open_checkpoint
+from vlmerge.io.layout import Layout
+from vlmerge.merging import MERGE_METHODS, MergeWarning, merge_checkpoint
+from vlmerge.merging.plan import ExpertSelection
+
+# CLI flag -> method option; each method validates the options it receives.
+METHOD_OPTION_FLAGS = {"ratio": float, "lam": float, "alpha": float, "density": float, "drop": float, "dare_seed": int}
+EXPERT_CHOICES = [s.value for s in ExpertSelection]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vlmerge", description="Merge modality-specific vision-language experts.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    merge = commands.add_parser("merge", help="merge a modality-specific checkpoint into a modality-agnostic one")
+    merge.add_argument("source", help="modality-specific checkpoint (.safetensors, or weights-only .pt/.pth/.ckpt)")
+    merge.add_argument("--method", required=True, help=f"one of: {', '.join(MERGE_METHODS.names())}")
+    for flag, kind in METHOD_OPTION_FLAGS.items():
+        merge.add_argument(f"--{flag.replace('_', '-')}", type=kind, default=None)
+    merge.add_argument("--seed-checkpoint", help="seed (modality-agnostic) checkpoint: the origin of modality vectors")
+    merge.add_argument("--grams", help="Gram matrices for RegMean (vlmerge or the paper's layout)")
+    merge.add_argument("--experts", default="all", choices=EXPERT_CHOICES, help="which experts to merge, by task")
+    merge.add_argument("--layout", default="native", choices=[l.value for l in Layout],
+                       help="key names of the output: native, or the paper's (reference)")
+    merge.add_argument("--out", required=True, help="output file (.safetensors, or .pt for the reference layout)")
+    merge.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    metrics = commands.add_parser("metrics", help="mergeability metrics between the experts, before merging")
+    metrics.add_argument("source")
+    metrics.add_argument("--reference", help="compare differences from this checkpoint (e.g. the seed)")
+    metrics.add_argument("--top-k", type=float, default=0.2, help="fraction kept by TSSD's trim")
+    metrics.add_argument("--experts", default="all", choices=EXPERT_CHOICES)
+    metrics.add_argument("--per-tensor", action="store_true", help="also print every tensor")
+    metrics.add_argument("--json", action="store_true", help="print JSON")
+
+    inspect = commands.add_parser("inspect", help="layout, layers, experts and parameter counts of a checkpoint")
+    inspect.add_argument("checkpoint")
+    inspect.add_argument("--plan", default=None, choices=EXPERT_CHOICES, help="also print the merge plan")
+    inspect.add_argument("--json", action="store_true")
+
+    demo = commands.add_parser("demo", help="build micro experts, merge them several ways, compare")
+    demo.add_argument("--out", default="demo-out", help="directory for the demo's checkpoints")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", MergeWarning)  # merges report their warnings themselves
+            return COMMANDS[args.command](args)
+    except VlmergeError as error:
+        print(f"vlmerge {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+def run_merge(args: argparse.Namespace) -> int:
+    options = {("seed" if f == "dare_seed" else f): getattr(args, f) for f in METHOD_OPTION_FLAGS if getattr(args, f) is not None}
+    result = merge_checkpoint(args.source, args.method, options, out=args.out, experts=args.experts,
+                              seed_checkpoint=args.seed_checkpoint, grams=args.grams, layout=args.layout,
+                              progress=not args.quiet)
+    for note in result.warnings:
+        print(f"warning: {note}", file=sys.stderr)
+    print(f"merged {len(result.plan.groups)} tensors with {result.method} {json.dumps(result.options)} "
+          f"(experts: {result.plan.selection.value}) -> {result.path}")
+    print(f"parameters: {result.source_parameters:,} -> {result.merged_parameters:,} ({result.parameter_ratio:.1%})")
+    return 0
+
+
+def run_metrics(args: argparse.Namespace) -> int:
+    from vlmerge.metrics import mergeability
+
+    reference = open_checkpoint(args.reference) if args.reference else None
+    report = mergeability(open_checkpoint(args.source), reference=reference, experts=args.experts, top_k=args.top_k)
+    if args.json:
+        print(json.dumps(report.as_dict(), indent=2))
+        return 0
+    names = list(report.model)
+    print(f"{'':<36}" + "".join(f"{n:>14}" for n in names))
+    rows = [(f"layer {layer}", values) for layer, values in report.per_layer.items()] + [("model", report.model)]
+    if args.per_tensor:
+        rows = [(t.target, t.values) for t in report.tensors] + rows
+    for label, values in rows:
+        print(f"{label:<36}" + "".join(f"{values[n]:>14.4f}" for n in names))
+    return 0
+
+
+def run_inspect(args: argparse.Namespace) -> int:
+    from vlmerge.inspection import format_summary, summarize
+    from vlmerge.merging.plan import build_merge_plan
+
+    reader = open_checkpoint(args.checkpoint)
+    summary = summarize(reader)
+    print(json.dumps(summary.as_dict(), indent=2, default=str) if args.json else format_summary(summary))
+    if args.plan:
+        print(build_merge_plan({k: reader.shape(k) for k in reader.keys}, args.plan).describe())
+    return 0
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    from vlmerge.demo import run_demo as demo
+
+    print(demo(args.out))
+    return 0
+
+
+COMMANDS = {"merge": run_merge, "metrics": run_metrics, "inspect": run_inspect, "demo": run_demo}

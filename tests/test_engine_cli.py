@@ -1,0 +1,142 @@
+"""End-to-end merges through files and the CLI; every bad input gets one clear error and no output."""
+
+import json
+import pickle
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from conftest import make_inputs
+from vlmerge.cli.main import main
+from vlmerge.io.checkpoint import open_checkpoint, save_checkpoint
+from vlmerge.io.grams import save_grams
+from vlmerge.merging import merge_checkpoint
+from vlmerge.merging.grams import collect_grams
+from vlmerge.models import VLTransformer, count_parameters, load_model, model_config, save_model
+
+
+@pytest.fixture
+def files(specific_model, tmp_path):
+    seed = VLTransformer(specific_model.config.agnostic())
+    inputs = make_inputs(specific_model.config)
+    grams, info = collect_grams(specific_model, [inputs, {"images": inputs["images"]},
+                                                 {"text_ids": inputs["text_ids"], "text_mask": inputs["text_mask"]}])
+    return {
+        "source": save_model(specific_model, tmp_path / "specific.safetensors"),
+        "seed": save_model(seed, tmp_path / "seed.safetensors"),
+        "grams": save_grams(tmp_path / "grams.safetensors", grams, info, {"data": "test"}),
+        "out": tmp_path / "out" / "merged.safetensors",
+    }
+
+
+def cli(*args) -> int:
+    return main([str(a) for a in args])
+
+
+@pytest.mark.parametrize("method", ["interpolation", "arithmetic", "regmean", "ties", "dare"])
+def test_cli_merge_writes_a_strictly_loadable_self_describing_checkpoint(files, method, capsys):
+    assert cli("merge", files["source"], "--method", method, "--seed-checkpoint", files["seed"],
+               "--grams", files["grams"], "--out", files["out"], "--quiet") == 0
+    merged = load_model(files["out"])  # strict: no missing or unexpected keys
+    assert not merged.config.is_multiway
+    with safe_open(str(files["out"]), "pt") as handle:
+        record = json.loads(handle.metadata()["merge"])
+    assert record["method"] == method and record["experts"] == "all"
+    assert len(record["inputs"]["source"]["sha256"]) == 64
+    assert "parameters:" in capsys.readouterr().out
+
+
+def test_passthrough_tensors_are_unchanged_and_the_model_is_about_half_the_size(files):
+    source = open_checkpoint(files["source"])
+    result = merge_checkpoint(files["source"], "interpolation", out=files["out"])
+    for key in ["blocks.0.gamma_1", "pos_embed", "text_embed.word.weight", "pooler.dense.weight"]:
+        assert torch.equal(result.tensors[key], source.get(key))
+    base = model_config("base")
+    with torch.device("meta"):
+        specific, agnostic = VLTransformer(base), VLTransformer(base.agnostic())
+    assert count_parameters(agnostic, True) / count_parameters(specific, True) == pytest.approx(0.46, abs=0.01)
+
+
+def test_task_selection_picks_the_experts_each_task_uses(files):
+    source = open_checkpoint(files["source"])
+    fusion = 2  # micro: the last two of four layers
+    vqa = merge_checkpoint(files["source"], "interpolation", {"ratio": 0.5}, out=files["out"], experts="vqa")
+    retrieval = merge_checkpoint(files["source"], "interpolation", {"ratio": 0.5}, out=files["out"], experts="retrieval")
+    key = f"blocks.{fusion}.mlp.fc1.weight"
+    assert torch.equal(vqa.tensors[key], source.get(f"blocks.{fusion}.mlp.vl.fc1.weight"))
+    expected = 0.5 * source.get(f"blocks.{fusion}.mlp.v.fc1.weight") + 0.5 * source.get(f"blocks.{fusion}.mlp.l.fc1.weight")
+    torch.testing.assert_close(retrieval.tensors[key], expected)
+    assert any(".vl." in k for k in retrieval.plan.dropped)
+
+
+def test_metrics_and_inspect(files, capsys):
+    assert cli("metrics", files["source"], "--reference", files["seed"], "--json") == 0
+    report = json.loads(capsys.readouterr().out)
+    assert set(report["model"]) == {"l2", "l2_normalized", "cosine", "ssd", "tssd"}
+    assert report["relative_to_reference"] is True
+    assert cli("inspect", files["source"], "--plan", "vqa") == 0
+    out = capsys.readouterr().out
+    assert "modality-specific" in out and "fusion layer  2" in out and "-> merge vl" in out
+
+
+# ----------------------------------------------------------------------------- bad input
+def corrupt(files, tmp_path, kind):
+    """Write a broken input of the given kind; return the CLI arguments that use it."""
+    state = open_checkpoint(files["source"]).state_dict()
+    bad = tmp_path / "bad.safetensors"
+    if kind == "shapes":
+        state["blocks.1.mlp.l.fc1.weight"] = torch.zeros(7, 32)
+    elif kind == "missing-expert":
+        del state["blocks.1.mlp.l.fc2.bias"]
+    elif kind == "nan":
+        state["blocks.0.attn.v.qkv.weight"][0, 0] = float("nan")
+    elif kind == "inf-seed":
+        seed = open_checkpoint(files["seed"]).state_dict()
+        seed["blocks.0.mlp.fc1.weight"][0, 0] = float("inf")
+        save_checkpoint(bad, seed)
+        return [files["source"], "--method", "arithmetic", "--seed-checkpoint", bad]
+    elif kind == "pickle-with-code":
+        bad = tmp_path / "bad.ckpt"
+        bad.write_bytes(pickle.dumps({"state_dict": state, "hparams": Exploit()}))
+        return [bad, "--method", "interpolation"]
+    elif kind == "truncated":
+        bad.write_bytes(files["source"].read_bytes()[:-100])
+        return [bad, "--method", "interpolation"]
+    elif kind == "gram-size":
+        save_grams(bad, {"blocks.0.mlp.v.fc1": torch.eye(5, dtype=torch.float64)}, {}, {})
+        return [files["source"], "--method", "regmean", "--grams", bad]
+    elif kind == "unknown-method":
+        return [files["source"], "--method", "regmeen"]
+    elif kind == "no-seed":
+        return [files["source"], "--method", "ties"]
+    save_checkpoint(bad, state)
+    return [bad, "--method", "interpolation"]
+
+
+class Exploit:
+    def __reduce__(self):
+        return (print, ("this must never run",))
+
+
+BAD_INPUTS = {
+    "shapes": "differ in shape",
+    "missing-expert": "missing expert for blocks.1.mlp.fc2.bias",
+    "nan": "NaN or Inf",
+    "inf-seed": "NaN or Inf",
+    "pickle-with-code": "needs code to load",
+    "truncated": "truncated",
+    "gram-size": "Gram matrix blocks.0.mlp.v.fc1 is [5, 5]",
+    "unknown-method": "did you mean 'regmean'",
+    "no-seed": "needs the seed checkpoint",
+}
+
+
+@pytest.mark.parametrize("kind", list(BAD_INPUTS))
+def test_bad_input_gets_one_clear_error_and_no_output(files, tmp_path, capsys, kind):
+    args = corrupt(files, tmp_path, kind)
+    assert cli("merge", *args, "--out", files["out"], "--quiet") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and BAD_INPUTS[kind] in err[0], err
+    assert not files["out"].exists()
+    assert not list(files["out"].parent.glob("*")) if files["out"].parent.exists() else True
