@@ -173,3 +173,35 @@ def test_options_are_validated_by_each_method():
         MERGE_METHODS.get("regmen")
     with pytest.raises(MergeError, match="interpolation is defined"):
         run("interpolation", MergeInputs("w", {V: torch.ones(2), VL: torch.ones(2)}))
+
+
+def numpy_ties_global(vectors: dict, density: float) -> dict:
+    """Original TIES: one top-k cut-off per modality over all tensors, then elect and disjoint-mean."""
+    cutoffs = {}
+    for m in (V, L):
+        flat = np.sort(np.concatenate([np.abs(v[m]).ravel() for v in vectors.values()]))[::-1]
+        cutoffs[m] = flat[int(np.ceil(density * flat.size)) - 1]
+    merged = {}
+    for key, v in vectors.items():
+        trimmed = np.stack([np.where(np.abs(v[m]) >= cutoffs[m], v[m], 0.0) for m in (V, L)])
+        sign = np.sign(trimmed.sum(0))
+        agree = (np.sign(trimmed) == sign) & (trimmed != 0)
+        merged[key] = np.where(agree, trimmed, 0).sum(0) / np.maximum(agree.sum(0), 1)
+    return merged
+
+
+def test_global_ties_trims_over_the_whole_model():
+    from vlmerge.merging import merge_state_dict
+
+    big = {m: 10 * rand(8, 4, seed=i) for i, m in enumerate((V, L))}
+    small = {m: 0.1 * rand(8, 4, seed=5 + i) for i, m in enumerate((V, L))}
+    state = {f"blocks.0.mlp.{m.value}.fc1.weight": big[m] for m in (V, L)}
+    state |= {f"blocks.0.mlp.{m.value}.fc2.weight": small[m] for m in (V, L)}
+    seed = {"blocks.0.mlp.fc1.weight": torch.zeros(8, 4), "blocks.0.mlp.fc2.weight": torch.zeros(8, 4)}
+    merged = merge_state_dict(state, "ties", {"density": 0.3, "scope": "global"}, seed_state=seed)
+    expected = numpy_ties_global({"fc1": {m: big[m].numpy() for m in big}, "fc2": {m: small[m].numpy() for m in small}}, 0.3)
+    np.testing.assert_allclose(merged.tensors["blocks.0.mlp.fc1.weight"].numpy(), expected["fc1"], rtol=1e-6)
+    assert torch.count_nonzero(merged.tensors["blocks.0.mlp.fc2.weight"]) == 0  # all below the global cut-off
+    per_tensor = merge_state_dict(state, "ties", {"density": 0.3}, seed_state=seed)
+    assert torch.count_nonzero(per_tensor.tensors["blocks.0.mlp.fc2.weight"]) > 0
+    assert set(merged.options["thresholds"]) == {"v", "l"}

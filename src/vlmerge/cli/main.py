@@ -13,7 +13,8 @@ from vlmerge.merging import MERGE_METHODS, MergeWarning, merge_checkpoint
 from vlmerge.merging.plan import ExpertSelection
 
 # CLI flag -> method option; each method validates the options it receives.
-METHOD_OPTION_FLAGS = {"ratio": float, "lam": float, "alpha": float, "density": float, "drop": float, "dare_seed": int}
+METHOD_OPTION_FLAGS = {"ratio": float, "lam": float, "alpha": float, "density": float, "scope": str, "drop": float,
+                      "dare_seed": int}
 EXPERT_CHOICES = [s.value for s in ExpertSelection]
 
 

@@ -73,6 +73,9 @@ def merge(reader: CheckpointReader, method_name: str, options: Mapping[str, Any]
     parsed_options = method.options.parse(dict(options or {}), where=f"{method_name} options")
     plan = build_merge_plan({k: reader.shape(k) for k in reader.keys}, ExpertSelection.parse(experts))
     _validate_inputs(plan, method, origin, grams)
+    if method.prepare is not None:  # a pre-pass over every merged group, e.g. TIES' global top-k
+        multi = [g for g in plan.groups if len(g.experts) > 1]
+        parsed_options = method.prepare((_group_inputs(g, reader, method, origin, grams) for g in multi), parsed_options)
 
     merged: dict[str, torch.Tensor] = {}
     notes: list[str] = []
@@ -91,19 +94,26 @@ def merge(reader: CheckpointReader, method_name: str, options: Mapping[str, Any]
 
 def _merge_group(group: MergeGroup, reader: CheckpointReader, method: MergeMethod, options,
                  origin: CheckpointReader | None, grams: GramSet | None) -> torch.Tensor:
+    inputs = _group_inputs(group, reader, method, origin, grams)
+    if len(inputs.experts) == 1:  # a layer with a single selected expert just copies it
+        return next(iter(inputs.experts.values()))
+    result = method.fn(inputs, options).to(_dtype(inputs.experts))
+    if not torch.isfinite(result).all():
+        raise MergeError(f"{method.name} produced NaN or Inf for {group.target}")
+    return result
+
+
+def _group_inputs(group: MergeGroup, reader: CheckpointReader, method: MergeMethod,
+                  origin: CheckpointReader | None, grams: GramSet | None) -> MergeInputs:
     experts = {m: _read_finite(reader, e.key) for m, e in group.experts.items()}
-    if len(experts) == 1:  # a layer with a single selected expert just copies it
-        return next(iter(experts.values()))
-    inputs = MergeInputs(
+    if len(experts) == 1:
+        return MergeInputs(group.target, experts)
+    return MergeInputs(
         target=group.target,
         experts=experts,
         origin=_read_finite(origin, group.target).to(_dtype(experts)) if method.needs_origin else None,
         grams=_group_grams(group, grams) if method.needs_grams and group.is_linear_weight else None,
     )
-    result = method.fn(inputs, options).to(_dtype(experts))
-    if not torch.isfinite(result).all():
-        raise MergeError(f"{method.name} produced NaN or Inf for {group.target}")
-    return result
 
 
 def _group_grams(group: MergeGroup, grams: GramSet) -> dict:

@@ -9,7 +9,8 @@ lives in the engine, written once. Register a new method with `@register_method`
 import hashlib
 import math
 import warnings
-from collections.abc import Callable, Mapping
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -46,15 +47,18 @@ class MergeMethod:
     needs_origin: bool = False
     needs_grams: bool = False
     summary: str = ""
+    # Optional pre-pass over the inputs of every merged tensor, returning updated options.
+    prepare: Callable[[Iterable[MergeInputs], StrictConfig], StrictConfig] | None = None
 
 
 MERGE_METHODS: Registry[MergeMethod] = Registry("merge method")
 
 
-def register_method(name: str, options: type[StrictConfig], *, needs_origin: bool = False, needs_grams: bool = False):
+def register_method(name: str, options: type[StrictConfig], *, needs_origin: bool = False, needs_grams: bool = False,
+                    prepare=None):
     def decorator(fn):
         summary = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
-        MERGE_METHODS.add(name, MergeMethod(name, fn, options, needs_origin, needs_grams, summary))
+        MERGE_METHODS.add(name, MergeMethod(name, fn, options, needs_origin, needs_grams, summary, prepare))
         return fn
 
     return decorator
@@ -133,12 +137,17 @@ def plain_mean(experts: Mapping[Modality, torch.Tensor]) -> torch.Tensor:
 class TiesOptions(StrictConfig):
     density: float = Field(0.2, gt=0.0, le=1.0, description="fraction of each modality vector kept")
     lam: float = Field(1.0, description="scale of the merged modality vector")
-    scope: Literal["tensor"] = Field("tensor", description="trim top-k per tensor (streams); see docs")
+    scope: Literal["tensor", "global"] = Field("tensor", description="trim top-k per tensor (streams) or over the model")
+    thresholds: dict[str, float] | None = Field(None, description="per-modality magnitude cut-offs of the global trim")
+
+
+def kept_count(numel: int, density: float) -> int:
+    return max(1, math.ceil(density * numel - 1e-9))  # 0.07 * 100 must keep 7, not 8
 
 
 def trim_to_top_k(vector: torch.Tensor, density: float) -> torch.Tensor:
     """Keep the `density` fraction of entries largest in magnitude, zero the rest."""
-    keep = max(1, math.ceil(density * vector.numel() - 1e-9))  # 0.07 * 100 must keep 7, not 8
+    keep = kept_count(vector.numel(), density)
     if keep >= vector.numel():
         return vector.clone()
     flat = vector.flatten()
@@ -147,10 +156,32 @@ def trim_to_top_k(vector: torch.Tensor, density: float) -> torch.Tensor:
     return torch.where(mask, flat, torch.zeros_like(flat)).view_as(vector)
 
 
-@register_method("ties", TiesOptions, needs_origin=True)
+def ties_global_thresholds(all_inputs: Iterable[MergeInputs], options: TiesOptions) -> TiesOptions:
+    """For scope=global: the magnitude of the k-th largest entry of each modality's whole vector."""
+    if options.scope == "tensor":
+        return options
+    magnitudes: dict[Modality, list[torch.Tensor]] = defaultdict(list)
+    for inputs in all_inputs:
+        for modality, vector in inputs.modality_vectors().items():
+            magnitudes[modality].append(vector.abs().flatten().float())
+    thresholds = {}
+    for modality, parts in magnitudes.items():
+        values = torch.cat(parts)
+        rank = values.numel() - kept_count(values.numel(), options.density) + 1  # k-th largest = rank-th smallest
+        thresholds[modality.value] = float(values.kthvalue(rank).values)
+    return options.model_copy(update={"thresholds": thresholds})
+
+
+def trim(vector: torch.Tensor, modality: Modality, options: TiesOptions) -> torch.Tensor:
+    if options.thresholds is None:
+        return trim_to_top_k(vector, options.density)
+    return torch.where(vector.abs() >= options.thresholds[modality.value], vector, torch.zeros_like(vector))
+
+
+@register_method("ties", TiesOptions, needs_origin=True, prepare=ties_global_thresholds)
 def ties(inputs: MergeInputs, options: TiesOptions) -> torch.Tensor:
     """TIES on modality vectors: trim, elect the sign by total mass, mean of the agreeing entries."""
-    trimmed = torch.stack([trim_to_top_k(v, options.density) for v in inputs.modality_vectors().values()])
+    trimmed = torch.stack([trim(v, m, options) for m, v in inputs.modality_vectors().items()])
     elected = torch.sign(trimmed.sum(dim=0))
     agrees = (torch.sign(trimmed) == elected) & (trimmed != 0)
     count = agrees.sum(dim=0).clamp(min=1)
