@@ -19,6 +19,7 @@ from vlmerge.io.checkpoint import open_checkpoint
 from vlmerge.io.grams import save_grams
 from vlmerge.merging import merge_checkpoint
 from vlmerge.merging.grams import collect_grams
+from vlmerge.merging.plan import parse_expert_key
 from vlmerge.metrics import mergeability
 from vlmerge.models import VLTransformer, count_parameters, load_model, model_config, save_model
 
@@ -47,8 +48,6 @@ def seeded_experts(seed_model: VLTransformer, generator: torch.Generator) -> VLT
 
 
 def _merged_key(key: str) -> str:
-    from vlmerge.merging.plan import parse_expert_key
-
     parsed = parse_expert_key(key)
     return parsed.target if parsed else key
 
