@@ -4,7 +4,11 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test clean
+# Real data comes from Debian packages (emoji font, CLDR names, Unicode emoji list).
+DEBIAN_DATA := fonts-noto-color-emoji unicode-cldr-core unicode-data
+DATA_FILES := /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf /usr/share/unicode/cldr/common/annotations/en.xml /usr/share/unicode/emoji/emoji-test.txt
+
+.PHONY: demo test clean data
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -12,10 +16,18 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
-demo: $(STAMP)
+data:
+	@missing=0; for f in $(DATA_FILES); do [ -e $$f ] || missing=1; done; \
+	if [ $$missing = 1 ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(DEBIAN_DATA) >/dev/null; \
+	  else echo "note: install the data packages with: sudo apt-get install $(DEBIAN_DATA)"; fi; \
+	fi
+
+demo: $(STAMP) data
 	$(BIN)/vlmerge demo --out demo-out
 
-test: $(STAMP)
+test: $(STAMP) data
 	$(BIN)/python -m pytest -q
 
 clean:
