@@ -1,0 +1,134 @@
+"""Readers for the public formats of the paper's downstream data, from local files only.
+
+- COCO / Flickr30k captions in Karpathy's split JSON (`dataset_coco.json`),
+- VQAv2 questions + annotations JSON,
+- NLVR2 JSONL (two images per statement, `{identifier stem}-img0.png` / `-img1.png`),
+- images from a local folder.
+Malformed files fail with one error naming the file and what is wrong.
+"""
+
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from vlmerge.core.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class CaptionExample:
+    image: Path
+    captions: tuple[str, ...]
+    split: str
+
+
+@dataclass(frozen=True)
+class VqaExample:
+    image: Path
+    question: str
+    question_id: int
+    answers: tuple[str, ...]  # every annotator's answer (10 in VQAv2)
+
+
+@dataclass(frozen=True)
+class Nlvr2Example:
+    left: Path
+    right: Path
+    sentence: str
+    label: bool
+    identifier: str
+
+
+def _read_json(path: Path) -> Any:
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such file")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"{path}: not valid JSON ({error})") from error
+
+
+def _field(record: dict, key: str, path: Path) -> Any:
+    if not isinstance(record, dict) or key not in record:
+        raise ConfigError(f"{path}: an entry lacks the field {key!r}")
+    return record[key]
+
+
+def load_karpathy_captions(path: str | os.PathLike, image_root: str | os.PathLike, split: str | None = None) -> list[CaptionExample]:
+    """Karpathy split JSON; `restval` counts as train, as is customary."""
+    path, root = Path(path), Path(image_root)
+    images = _field(_read_json(path), "images", path)
+    examples = []
+    for entry in images:
+        entry_split = "train" if _field(entry, "split", path) == "restval" else entry["split"]
+        if split is not None and entry_split != split:
+            continue
+        captions = tuple(_field(s, "raw", path) for s in _field(entry, "sentences", path))
+        examples.append(CaptionExample(root / entry.get("filepath", "") / _field(entry, "filename", path), captions, entry_split))
+    return examples
+
+
+def load_vqav2(questions_path: str | os.PathLike, annotations_path: str | os.PathLike, image_dir: str | os.PathLike,
+               image_name: str = "COCO_{subset}_{image_id:012d}.jpg", subset: str = "val2014") -> list[VqaExample]:
+    qpath, apath = Path(questions_path), Path(annotations_path)
+    questions = _field(_read_json(qpath), "questions", qpath)
+    annotations = {_field(a, "question_id", apath): a for a in _field(_read_json(apath), "annotations", apath)}
+    examples = []
+    for question in questions:
+        qid = _field(question, "question_id", qpath)
+        if qid not in annotations:
+            raise ConfigError(f"{apath}: no annotation for question {qid}")
+        answers = tuple(_field(a, "answer", apath) for a in _field(annotations[qid], "answers", apath))
+        image = Path(image_dir) / image_name.format(subset=subset, image_id=_field(question, "image_id", qpath))
+        examples.append(VqaExample(image, _field(question, "question", qpath), qid, answers))
+    return examples
+
+
+def load_nlvr2(path: str | os.PathLike, image_dir: str | os.PathLike) -> list[Nlvr2Example]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such file")
+    examples = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ConfigError(f"{path}:{number}: not valid JSON ({error})") from error
+        identifier = _field(record, "identifier", path)
+        label = str(_field(record, "label", path)).lower()
+        if label not in ("true", "false"):
+            raise ConfigError(f"{path}:{number}: label must be True or False, got {record['label']!r}")
+        stem = identifier.rsplit("-", 1)[0]  # train-10171-0-3 -> images train-10171-0-img{0,1}.png
+        examples.append(Nlvr2Example(Path(image_dir) / f"{stem}-img0.png", Path(image_dir) / f"{stem}-img1.png",
+                                     _field(record, "sentence", path), label == "true", identifier))
+    return examples
+
+
+def load_image(path: str | os.PathLike, size: int) -> torch.Tensor:
+    """An RGB image (transparency composited onto white), resized to size x size, float in [0, 1]."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: image not found")
+    try:
+        with Image.open(path) as image:
+            rgba = image.convert("RGBA")
+    except OSError as error:
+        raise ConfigError(f"{path}: not a readable image ({error})") from error
+    white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    rgb = Image.alpha_composite(white, rgba).convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
+    return torch.from_numpy(np.asarray(rgb, dtype=np.float32) / 255.0).permute(2, 0, 1)
+
+
+def image_folder(directory: str | os.PathLike, extensions: tuple[str, ...] = (".png", ".jpg", ".jpeg")) -> Iterator[Path]:
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise ConfigError(f"{directory}: no such image folder")
+    yield from sorted(p for p in directory.rglob("*") if p.suffix.lower() in extensions)
