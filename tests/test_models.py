@@ -128,3 +128,13 @@ def test_merged_checkpoint_loads_strictly_into_the_agnostic_model(specific_model
     agnostic = VLTransformer(specific_model.config.agnostic())
     agnostic.load_state_dict(merged.tensors, strict=True)
     assert merged.merged_parameters == count_parameters(agnostic)
+
+
+def test_unimodal_input_can_run_through_the_vl_experts(specific_model):
+    inputs = make_inputs(specific_model.config)
+    image = {"images": inputs["images"]}
+    plain = specific_model(**image).hidden
+    through_vl = specific_model(**image, unimodal_through_vl=True)
+    assert through_vl.modality is Modality.VL and not torch.allclose(plain, through_vl.hidden)
+    _perturb(specific_model, f"blocks.{specific_model.config.fusion_layer}.mlp.v.")
+    torch.testing.assert_close(specific_model(**image, unimodal_through_vl=True).hidden, through_vl.hidden)

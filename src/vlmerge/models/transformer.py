@@ -96,8 +96,12 @@ class VLTransformer(nn.Module):
         return self.text_embed(text_ids) + self.token_type_embed.weight[TEXT_TYPE]
 
     def forward(self, images: torch.Tensor | None = None, text_ids: torch.Tensor | None = None,
-                text_mask: torch.Tensor | None = None) -> EncoderOutput:
-        """Encode images, text, or image-text pairs (both given)."""
+                text_mask: torch.Tensor | None = None, unimodal_through_vl: bool = False) -> EncoderOutput:
+        """Encode images, text, or image-text pairs (both given).
+
+        `unimodal_through_vl` sends a single modality through the vl experts from the fusion
+        layer on, as the paper does to train those experts on each modality alone.
+        """
         streams: dict[Modality, Stream] = {}
         if images is not None:
             streams[Modality.V] = Stream(self.embed_image(images), None)
@@ -108,8 +112,9 @@ class VLTransformer(nn.Module):
         num_text = text_ids.shape[1] if text_ids is not None else 0
         is_pair = len(streams) == 2
         for layer, block in enumerate(self.blocks):
-            if is_pair and layer == self.config.fusion_layer:
-                streams = {Modality.VL: fuse(streams[Modality.L], streams[Modality.V])}
+            if layer == self.config.fusion_layer and (is_pair or unimodal_through_vl):
+                streams = {Modality.VL: fuse(streams[Modality.L], streams[Modality.V]) if is_pair
+                           else next(iter(streams.values()))}
             streams = {m: Stream(block(s.hidden, m, s.mask), s.mask) for m, s in streams.items()}
         if len(streams) != 1:
             raise ConfigError("image-text pairs need fusion_layer < depth")

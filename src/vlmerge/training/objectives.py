@@ -1,0 +1,106 @@
+"""Pre-training objectives (SPEC section 2), as functions of the model, heads and a batch.
+
+- ITC: image-text contrastive over the dual encoder (v path for images, l path for text);
+- ITC-vl: the same on unimodal inputs run through the vl experts, with its own projections
+  and temperature, so the vl experts also learn from each modality alone;
+- ITM: binary matching on the fused output, with hard negatives drawn from the contrastive
+  similarities;
+- MLM: whole-word masked text, predicted from the fused image-text output.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+
+from vlmerge.core.config import StrictConfig
+from vlmerge.data.masking import IGNORE_INDEX, whole_word_mask
+from vlmerge.data.tokenizer import TokenBatch
+from vlmerge.models.heads import PretrainingHeads
+from vlmerge.models.transformer import VLTransformer
+
+MAX_LOGIT_SCALE = 100.0
+
+
+class ObjectiveWeights(StrictConfig):
+    itc: float = Field(1.0, ge=0)
+    itc_vl: float = Field(1.0, ge=0)
+    itm: float = Field(1.0, ge=0)
+    mlm: float = Field(1.0, ge=0)
+    mask_probability: float = Field(0.25, gt=0, lt=1, description="fraction of words masked for MLM (paper: 25 %)")
+
+
+@dataclass
+class PairBatch:
+    images: torch.Tensor  # (B, C, H, W)
+    text: TokenBatch
+
+
+def contrastive_logits(image_embed: torch.Tensor, text_embed: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+    """(B, B) image-to-text similarities of L2-normalised embeddings, scaled by exp(logit_scale)."""
+    scale = logit_scale.exp().clamp(max=MAX_LOGIT_SCALE)
+    return scale * F.normalize(image_embed, dim=-1) @ F.normalize(text_embed, dim=-1).T
+
+
+def contrastive_loss(logits: torch.Tensor) -> torch.Tensor:
+    """Symmetric InfoNCE: matching pairs lie on the diagonal."""
+    targets = torch.arange(logits.shape[0], device=logits.device)
+    return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
+
+
+def sample_hard_negatives(logits: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each image a non-matching text, and for each text a non-matching image, drawn in
+    proportion to their similarity (harder negatives more often); never the positive."""
+    eye = torch.eye(logits.shape[0], dtype=torch.bool, device=logits.device)
+    weights_i2t = logits.detach().float().softmax(dim=1).masked_fill(eye, 0) + 1e-12 * ~eye
+    weights_t2i = logits.detach().float().T.softmax(dim=1).masked_fill(eye, 0) + 1e-12 * ~eye
+    text_for_image = torch.multinomial(weights_i2t, 1, generator=generator).squeeze(1)
+    image_for_text = torch.multinomial(weights_t2i, 1, generator=generator).squeeze(1)
+    return text_for_image, image_for_text
+
+
+def itm_loss(model: VLTransformer, heads: PretrainingHeads, batch: PairBatch, logits: torch.Tensor,
+             generator: torch.Generator | None = None) -> torch.Tensor:
+    """Positives plus one hard negative text per image and one hard negative image per text."""
+    text_for_image, image_for_text = sample_hard_negatives(logits, generator)
+    ids, mask = batch.text.ids, batch.text.mask
+    images = torch.cat([batch.images, batch.images, batch.images[image_for_text]])
+    text_ids = torch.cat([ids, ids[text_for_image], ids])
+    text_mask = torch.cat([mask, mask[text_for_image], mask])
+    size = batch.images.shape[0]
+    labels = torch.cat([torch.ones(size), torch.zeros(2 * size)]).long().to(logits.device)
+    fused = model(images=images, text_ids=text_ids, text_mask=text_mask)
+    return F.cross_entropy(heads.itm(model.pool(fused)), labels)
+
+
+def mlm_loss(model: VLTransformer, heads: PretrainingHeads, batch: PairBatch, mask_probability: float, mask_id: int,
+             generator: torch.Generator | None = None) -> torch.Tensor:
+    vocab_size = heads.mlm[-1].out_features
+    inputs, labels = whole_word_mask(batch.text, mask_probability, mask_id, vocab_size, generator)
+    fused = model(images=batch.images, text_ids=inputs, text_mask=batch.text.mask)
+    text_hidden = fused.hidden[:, : fused.num_text_tokens]  # text leads the fused sequence
+    if not (labels != IGNORE_INDEX).any():
+        return text_hidden.sum() * 0.0  # nothing masked in this batch: no signal, but keep the graph
+    return F.cross_entropy(heads.mlm(text_hidden).flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
+
+
+def pretraining_losses(model: VLTransformer, heads: PretrainingHeads, batch: PairBatch, weights: ObjectiveWeights,
+                       mask_id: int, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    """Every enabled objective on one batch, plus their weighted sum under 'loss'."""
+    text = batch.text
+    image_out = model(images=batch.images)
+    text_out = model(text_ids=text.ids, text_mask=text.mask)
+    logits = contrastive_logits(heads.itc_image(image_out.cls), heads.itc_text(text_out.cls), heads.logit_scale)
+    losses = {"itc": contrastive_loss(logits)}
+    if weights.itc_vl:
+        image_vl = model(images=batch.images, unimodal_through_vl=True)
+        text_vl = model(text_ids=text.ids, text_mask=text.mask, unimodal_through_vl=True)
+        vl_logits = contrastive_logits(heads.itc_vl_image(image_vl.cls), heads.itc_vl_text(text_vl.cls), heads.vl_logit_scale)
+        losses["itc_vl"] = contrastive_loss(vl_logits)
+    if weights.itm:
+        losses["itm"] = itm_loss(model, heads, batch, logits, generator)
+    if weights.mlm:
+        losses["mlm"] = mlm_loss(model, heads, batch, weights.mask_probability, mask_id, generator)
+    losses["loss"] = sum(getattr(weights, name) * value for name, value in losses.items())
+    return losses
