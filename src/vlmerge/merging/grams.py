@@ -72,14 +72,23 @@ class GramCollector:
         return hook
 
     def all_reduce(self) -> None:
-        """Sum matrices and token counts over a torch.distributed process group."""
+        """Sum matrices and token counts over a torch.distributed process group.
+
+        Every rank reduces every module (zeros where its shard never reached that expert), so
+        all ranks issue the same collectives in the same order.
+        """
         if not (dist.is_available() and dist.is_initialized()):
             return
-        for name in sorted(self.sums):
-            dist.all_reduce(self.sums[name])
-            count = torch.tensor([self.tokens[name]], dtype=torch.float64, device=self.sums[name].device)
+        for name in sorted(self.modules):
+            linear = self.modules[name][0]
+            gram = self.sums.get(name)
+            if gram is None:
+                gram = torch.zeros(linear.in_features, linear.in_features, dtype=torch.float64, device=linear.weight.device)
+            count = torch.tensor([float(self.tokens[name])], dtype=torch.float64, device=gram.device)
+            dist.all_reduce(gram)
             dist.all_reduce(count)
-            self.tokens[name] = int(count.item())
+            if count.item() > 0:
+                self.sums[name], self.tokens[name] = gram, int(count.item())
 
     def result(self, normalize: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, Any]]]:
         grams = {n: (g / max(self.tokens[n], 1) if normalize else g).cpu() for n, g in self.sums.items()}
