@@ -4,8 +4,9 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-# Real data comes from Debian packages (emoji font, CLDR names, Unicode emoji list).
-DEBIAN_DATA := fonts-noto-color-emoji unicode-cldr-core unicode-data
+# Real data comes from Debian packages (emoji font, CLDR names, Unicode emoji list);
+# libfribidi0 lets Pillow's bundled raqm lay out multi-code-point emoji as one picture.
+DEBIAN_DATA := fonts-noto-color-emoji unicode-cldr-core unicode-data libfribidi0
 DATA_FILES := /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf /usr/share/unicode/cldr/common/annotations/en.xml /usr/share/unicode/emoji/emoji-test.txt
 
 .PHONY: demo test clean data
@@ -18,6 +19,7 @@ $(STAMP): pyproject.toml
 
 data:
 	@missing=0; for f in $(DATA_FILES); do [ -e $$f ] || missing=1; done; \
+	ldconfig -p | grep -q libfribidi.so.0 || missing=1; \
 	if [ $$missing = 1 ]; then \
 	  if [ "$$(id -u)" = 0 ]; then \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(DEBIAN_DATA) >/dev/null; \

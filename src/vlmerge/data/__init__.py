@@ -1,0 +1,1 @@
+"""Datasets and public data formats: readers, tokenizer, the emoji image-text set, transforms."""
