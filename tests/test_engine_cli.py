@@ -49,9 +49,10 @@ def test_cli_merge_writes_a_strictly_loadable_self_describing_checkpoint(files, 
 
 def test_passthrough_tensors_are_unchanged_and_the_model_is_about_half_the_size(files):
     source = open_checkpoint(files["source"])
-    result = merge_checkpoint(files["source"], "interpolation", out=files["out"])
+    merge_checkpoint(files["source"], "interpolation", out=files["out"])
+    merged = open_checkpoint(files["out"])
     for key in ["blocks.0.gamma_1", "pos_embed", "text_embed.word.weight", "pooler.dense.weight"]:
-        assert torch.equal(result.tensors[key], source.get(key))
+        assert torch.equal(merged.get(key), source.get(key))
     base = model_config("base")
     with torch.device("meta"):
         specific, agnostic = VLTransformer(base), VLTransformer(base.agnostic())
@@ -61,12 +62,13 @@ def test_passthrough_tensors_are_unchanged_and_the_model_is_about_half_the_size(
 def test_task_selection_picks_the_experts_each_task_uses(files):
     source = open_checkpoint(files["source"])
     fusion = 2  # micro: the last two of four layers
-    vqa = merge_checkpoint(files["source"], "interpolation", {"ratio": 0.5}, out=files["out"], experts="vqa")
-    retrieval = merge_checkpoint(files["source"], "interpolation", {"ratio": 0.5}, out=files["out"], experts="retrieval")
+    vqa_out, retrieval_out = files["out"].with_name("vqa.safetensors"), files["out"].with_name("retrieval.safetensors")
+    merge_checkpoint(files["source"], "interpolation", {"ratio": 0.5}, out=vqa_out, experts="vqa")
+    retrieval = merge_checkpoint(files["source"], "interpolation", {"ratio": 0.5}, out=retrieval_out, experts="retrieval")
     key = f"blocks.{fusion}.mlp.fc1.weight"
-    assert torch.equal(vqa.tensors[key], source.get(f"blocks.{fusion}.mlp.vl.fc1.weight"))
+    assert torch.equal(open_checkpoint(vqa_out).get(key), source.get(f"blocks.{fusion}.mlp.vl.fc1.weight"))
     expected = 0.5 * source.get(f"blocks.{fusion}.mlp.v.fc1.weight") + 0.5 * source.get(f"blocks.{fusion}.mlp.l.fc1.weight")
-    torch.testing.assert_close(retrieval.tensors[key], expected)
+    torch.testing.assert_close(open_checkpoint(retrieval_out).get(key), expected)
     assert any(".vl." in k for k in retrieval.plan.dropped)
 
 
@@ -140,3 +142,22 @@ def test_bad_input_gets_one_clear_error_and_no_output(files, tmp_path, capsys, k
     assert len(err) == 1 and BAD_INPUTS[kind] in err[0], err
     assert not files["out"].exists()
     assert not list(files["out"].parent.glob("*")) if files["out"].parent.exists() else True
+
+
+def test_streamed_file_equals_the_in_memory_merge_and_records_late_warnings(files, tmp_path):
+    from vlmerge.io.grams import open_grams
+    from vlmerge.merging import merge_state_dict
+
+    state = open_checkpoint(files["source"]).state_dict()
+    partial = tmp_path / "partial-grams.safetensors"  # no Gram matrices for the l experts: fallback warnings
+    grams = open_grams(files["grams"])
+    save_grams(partial, {k: grams.get(k) for k in grams.keys if ".l." not in k}, {}, {})
+    with pytest.warns(Warning):
+        expected = merge_state_dict(state, "regmean", {"alpha": 0.5}, grams=open_grams(partial))
+    result = merge_checkpoint(files["source"], "regmean", {"alpha": 0.5}, grams=partial, out=files["out"])
+    streamed = open_checkpoint(files["out"])
+    assert sorted(streamed.keys) == sorted(expected.tensors)
+    for key, tensor in expected.tensors.items():
+        assert torch.equal(streamed.get(key), tensor), key
+    record = json.loads(streamed.metadata["merge"])
+    assert record["warnings"] == result.warnings == expected.warnings and len(record["warnings"]) > 0

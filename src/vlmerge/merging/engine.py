@@ -9,7 +9,7 @@ whole merge has succeeded.
 import json
 import os
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,16 +19,21 @@ from tqdm import tqdm
 
 from vlmerge import __version__
 from vlmerge.core.errors import MergeError
-from vlmerge.io.checkpoint import CheckpointReader, file_sha256, open_checkpoint, reader_from_state_dict, save_checkpoint
+from vlmerge.core.config import StrictConfig
+from vlmerge.io.checkpoint import (PICKLE_SUFFIXES, CheckpointReader, file_sha256, open_checkpoint,
+                                    reader_from_state_dict, save_checkpoint)
+from vlmerge.io.streaming import stream_safetensors
 from vlmerge.io.grams import GramSet, open_grams
 from vlmerge.io.layout import Layout, to_reference_key
 from vlmerge.merging.methods import MERGE_METHODS, MergeInputs, MergeMethod, MergeWarning
 from vlmerge.merging.plan import ExpertSelection, MergeGroup, MergePlan, build_merge_plan
 
+METADATA_RESERVE = 1 << 16  # bytes kept in the header for warnings known only after the merge
+
 
 @dataclass
 class MergeResult:
-    tensors: dict[str, torch.Tensor]  # native merged key -> tensor
+    tensors: dict[str, torch.Tensor]  # native merged key -> tensor (empty when streamed to a file)
     plan: MergePlan
     method: str
     options: dict[str, Any]
@@ -42,19 +47,66 @@ class MergeResult:
         return self.merged_parameters / self.source_parameters
 
 
+@dataclass
+class PreparedMerge:
+    """A validated merge whose output names, dtypes and shapes are known before any tensor is read."""
+
+    reader: CheckpointReader
+    plan: MergePlan
+    method: MergeMethod
+    options: StrictConfig
+    origin: CheckpointReader | None
+    grams: GramSet | None
+    warnings: list[str] = field(default_factory=list)
+
+    def output_layout(self) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
+        passthrough = [(k, self.reader.dtype(k), tuple(self.reader.shape(k))) for k in self.plan.passthrough]
+        merged = [(g.target, self.reader.dtype(next(iter(g.experts.values())).key), g.shape) for g in self.plan.groups]
+        return passthrough + merged
+
+    def tensors(self, progress: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+        """Merged tensors in `output_layout` order, one group in memory at a time."""
+        for key in self.plan.passthrough:
+            yield key, _read_finite(self.reader, key)
+        for group in tqdm(self.plan.groups, desc=f"merge ({self.method.name})", disable=not progress, unit="tensor"):
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", MergeWarning)
+                merged = _merge_group(group, self.reader, self.method, self.options, self.origin, self.grams)
+            self.warnings += [str(w.message) for w in caught if issubclass(w.category, MergeWarning)]
+            yield group.target, merged
+
+    def result(self, tensors: dict[str, torch.Tensor] | None = None) -> MergeResult:
+        return MergeResult(tensors or {}, self.plan, self.method.name, self.options.model_dump(mode="json"),
+                           self.warnings, sum(self.reader.numel(k) for k in self.reader.keys),
+                           sum(int(torch.Size(shape).numel()) for _, _, shape in self.output_layout()))
+
+
 def merge_checkpoint(source: str | os.PathLike, method: str, options: Mapping[str, Any] | None = None, *,
                      out: str | os.PathLike, experts: str = "all", seed_checkpoint: str | os.PathLike | None = None,
                      grams: str | os.PathLike | None = None, layout: Layout | str = Layout.NATIVE,
                      progress: bool = False) -> MergeResult:
-    """Merge a modality-specific checkpoint file into a modality-agnostic one written to `out`."""
+    """Merge a modality-specific checkpoint file into a modality-agnostic one written to `out`.
+
+    A `.safetensors` output is streamed (header first, one merge group in memory at a time).
+    """
     reader = open_checkpoint(source)
     origin = open_checkpoint(seed_checkpoint) if seed_checkpoint is not None else None
     gram_set = open_grams(grams) if grams is not None else None
-    result = merge(reader, method, options, experts=experts, origin=origin, grams=gram_set, progress=progress)
-    metadata = _provenance(reader, result, origin, gram_set)
-    layout = Layout(layout)
-    tensors = result.tensors if layout is Layout.NATIVE else {to_reference_key(k): v for k, v in result.tensors.items()}
-    result.path = save_checkpoint(out, tensors, metadata)
+    prepared = prepare_merge(reader, method, options, experts=experts, origin=origin, grams=gram_set)
+    rename = (lambda k: k) if Layout(layout) is Layout.NATIVE else to_reference_key
+    inputs = _input_hashes(prepared)
+    if Path(out).suffix in PICKLE_SUFFIXES:
+        tensors = dict(prepared.tensors(progress))
+        result = prepared.result(tensors)
+        result.path = save_checkpoint(out, {rename(k): v for k, v in tensors.items()}, _provenance(prepared, inputs))
+        return result
+    layout_out = [(rename(k), dtype, shape) for k, dtype, shape in prepared.output_layout()]
+    with stream_safetensors(out, layout_out, _provenance(prepared, inputs), reserve_metadata=METADATA_RESERVE) as writer:
+        for key, tensor in prepared.tensors(progress):
+            writer.write(rename(key), tensor)
+        writer.update_metadata(_provenance(prepared, inputs))  # now with the merge's warnings
+    result = prepared.result()
+    result.path = Path(out)
     return result
 
 
@@ -69,6 +121,17 @@ def merge_state_dict(state: Mapping[str, torch.Tensor], method: str, options: Ma
 def merge(reader: CheckpointReader, method_name: str, options: Mapping[str, Any] | None = None, *,
           experts: str = "all", origin: CheckpointReader | None = None, grams: GramSet | None = None,
           progress: bool = False) -> MergeResult:
+    prepared = prepare_merge(reader, method_name, options, experts=experts, origin=origin, grams=grams)
+    result = prepared.result(dict(prepared.tensors(progress)))
+    for note in result.warnings:
+        warnings.warn(note, MergeWarning, stacklevel=2)
+    return result
+
+
+def prepare_merge(reader: CheckpointReader, method_name: str, options: Mapping[str, Any] | None = None, *,
+                  experts: str = "all", origin: CheckpointReader | None = None,
+                  grams: GramSet | None = None) -> PreparedMerge:
+    """Validate and plan; run the method's pre-pass if it has one. Reads no tensor otherwise."""
     method = MERGE_METHODS.get(method_name)
     parsed_options = method.options.parse(dict(options or {}), where=f"{method_name} options")
     plan = build_merge_plan({k: reader.shape(k) for k in reader.keys}, ExpertSelection.parse(experts))
@@ -76,20 +139,7 @@ def merge(reader: CheckpointReader, method_name: str, options: Mapping[str, Any]
     if method.prepare is not None:  # a pre-pass over every merged group, e.g. TIES' global top-k
         multi = [g for g in plan.groups if len(g.experts) > 1]
         parsed_options = method.prepare((_group_inputs(g, reader, method, origin, grams) for g in multi), parsed_options)
-
-    merged: dict[str, torch.Tensor] = {}
-    notes: list[str] = []
-    for key in plan.passthrough:
-        merged[key] = _read_finite(reader, key)
-    for group in tqdm(plan.groups, desc=f"merge ({method_name})", disable=not progress, unit="tensor"):
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", MergeWarning)
-            merged[group.target] = _merge_group(group, reader, method, parsed_options, origin, grams)
-        notes += [str(w.message) for w in caught if issubclass(w.category, MergeWarning)]
-    for note in notes:
-        warnings.warn(note, MergeWarning, stacklevel=2)
-    return MergeResult(merged, plan, method.name, parsed_options.model_dump(mode="json"), notes,
-                       sum(reader.numel(k) for k in reader.keys), sum(t.numel() for t in merged.values()))
+    return PreparedMerge(reader, plan, method, parsed_options, origin, grams)
 
 
 def _merge_group(group: MergeGroup, reader: CheckpointReader, method: MergeMethod, options,
@@ -159,25 +209,27 @@ def _dtype(experts: Mapping[Any, torch.Tensor]) -> torch.dtype:
     return next(iter(experts.values())).dtype
 
 
-def _provenance(reader: CheckpointReader, result: MergeResult, origin: CheckpointReader | None,
-                grams: GramSet | None) -> dict[str, str]:
-    inputs = {"source": reader.path}
-    if origin is not None:
-        inputs["seed_checkpoint"] = origin.path
-    if grams is not None:
-        inputs["grams"] = grams.path
+def _input_hashes(prepared: PreparedMerge) -> dict[str, dict[str, str]]:
+    """Path and content hash of every input file, so a merged checkpoint says where it came from."""
+    inputs = {"source": prepared.reader.path}
+    if prepared.origin is not None:
+        inputs["seed_checkpoint"] = prepared.origin.path
+    if prepared.grams is not None:
+        inputs["grams"] = prepared.grams.path
+    return {role: {"path": str(path), "sha256": file_sha256(path)} for role, path in inputs.items()}
+
+
+def _provenance(prepared: PreparedMerge, inputs: dict[str, dict[str, str]]) -> dict[str, str]:
     record = {
-        "method": result.method,
-        "options": result.options,
-        "experts": result.plan.selection.value,
-        "inputs": {role: {"path": str(path), "sha256": file_sha256(path)} for role, path in inputs.items()},
-        "warnings": result.warnings,
+        "method": prepared.method.name,
+        "options": prepared.options.model_dump(mode="json"),
+        "experts": prepared.plan.selection.value,
+        "inputs": inputs,
+        "warnings": prepared.warnings,
         "vlmerge_version": __version__,
     }
     metadata = {"format": "vlmerge", "merge": json.dumps(record, sort_keys=True)}
-    config = reader.config
+    config = prepared.reader.config
     if config is not None:
         metadata["config"] = json.dumps({**config, "experts": "none"}, sort_keys=True)
     return metadata
-
-

@@ -1,0 +1,85 @@
+"""Write a safetensors file one tensor at a time.
+
+The merge plan knows every output tensor's name, dtype and shape before any is computed,
+so the header can be written first and tensors appended as they are produced: peak memory
+stays near one merge group instead of the whole checkpoint. The file appears atomically.
+"""
+
+import json
+import os
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+
+
+import torch
+
+from vlmerge.core.errors import CheckpointError
+from vlmerge.io.atomic import atomic_path
+
+_DTYPE_NAMES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
+}
+
+
+class TensorStreamWriter:
+    """Appends tensors in the order the header promised, checking each against it."""
+
+    def __init__(self, handle, layout: list[tuple[str, torch.dtype, tuple[int, ...]]], header: dict, header_bytes: int) -> None:
+        self._handle = handle
+        self._pending = iter(layout)
+        self._header = header
+        self._header_bytes = header_bytes
+
+    def update_metadata(self, metadata: Mapping[str, str]) -> None:
+        """Rewrite the metadata in place (e.g. warnings known only at the end), within the reserved space."""
+        encoded = _encode_header({**self._header, "__metadata__": dict(metadata)}, 0)
+        if len(encoded) > self._header_bytes:
+            raise CheckpointError(f"final metadata needs {len(encoded)} header bytes, only {self._header_bytes} reserved")
+        position = self._handle.tell()
+        self._handle.seek(8)
+        self._handle.write(encoded + b" " * (self._header_bytes - len(encoded)))
+        self._handle.seek(position)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        expected = next(self._pending, None)
+        if expected is None or expected[0] != name:
+            raise CheckpointError(f"stream order: got {name!r}, header expects {expected[0] if expected else 'nothing'!r}")
+        _, dtype, shape = expected
+        if tensor.dtype != dtype or tuple(tensor.shape) != shape:
+            raise CheckpointError(f"{name}: got {tensor.dtype} {list(tensor.shape)}, header promised {dtype} {list(shape)}")
+        self._handle.write(tensor.detach().contiguous().cpu().view(-1).view(torch.uint8).numpy().tobytes())
+
+    def finish(self) -> None:
+        missing = next(self._pending, None)
+        if missing is not None:
+            raise CheckpointError(f"stream ended before tensor {missing[0]!r} was written")
+
+
+@contextmanager
+def stream_safetensors(path: str | os.PathLike, layout: list[tuple[str, torch.dtype, tuple[int, ...]]],
+                       metadata: Mapping[str, str] | None = None, reserve_metadata: int = 0) -> Iterator[TensorStreamWriter]:
+    """Yield a writer for the tensors of `layout` (name, dtype, shape), in that order.
+
+    `reserve_metadata` extra header bytes (blank JSON whitespace) let `update_metadata` grow it later.
+    """
+    header: dict = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    for name, dtype, shape in layout:
+        size = int(torch.Size(shape).numel()) * torch.empty((), dtype=dtype).element_size()
+        header[name] = {"dtype": _DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    body = {k: v for k, v in header.items() if k != "__metadata__"}
+    encoded = _encode_header(header, reserve_metadata)
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as handle:
+            handle.write(len(encoded).to_bytes(8, "little"))
+            handle.write(encoded)
+            writer = TensorStreamWriter(handle, layout, body, len(encoded))
+            yield writer
+            writer.finish()
+
+
+def _encode_header(header: dict, reserve: int) -> bytes:
+    encoded = json.dumps(header, separators=(",", ":")).encode() + b" " * reserve
+    return encoded + b" " * (-len(encoded) % 8)  # the format aligns the data to 8 bytes
