@@ -9,9 +9,9 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from itertools import combinations
 
+from vlmerge.core.errors import MergeError
 from vlmerge.io.checkpoint import CheckpointReader
 from vlmerge.merging.plan import ExpertSelection, build_merge_plan
-from vlmerge.core.errors import MergeError
 from vlmerge.metrics.distances import DEFAULT_TOP_K, METRICS, metric_fn
 
 
