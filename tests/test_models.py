@@ -7,6 +7,7 @@ from conftest import ROUTES, make_inputs
 from vlmerge.core.errors import ConfigError
 from vlmerge.core.modality import Modality
 from vlmerge.merging import merge_state_dict
+from vlmerge.merging.plan import merged_key
 from vlmerge.models import MODEL_SIZES, ExpertPlacement, VLTransformer, count_parameters, model_config
 
 # Backbone sizes at base width from the paper's architecture study (SPEC section 1), in millions.
@@ -40,12 +41,8 @@ def test_config_errors_are_named():
 
 def identical_experts_state(agnostic: VLTransformer, config) -> dict:
     """A multiway state dict whose every expert is a copy of the agnostic weights."""
-    from vlmerge.merging.plan import parse_expert_key
-
     shared = agnostic.state_dict()
-    specific = VLTransformer(config)
-    return {k: shared[(parse_expert_key(k).target if parse_expert_key(k) else k)].clone()
-            for k in specific.state_dict()}
+    return {k: shared[merged_key(k)].clone() for k in VLTransformer(config).state_dict()}
 
 
 @pytest.mark.parametrize("placement", ["all", "attention", "ffn", "norms"])

@@ -19,7 +19,7 @@ from vlmerge.io.checkpoint import open_checkpoint
 from vlmerge.io.grams import save_grams
 from vlmerge.merging import merge_checkpoint
 from vlmerge.merging.grams import collect_grams
-from vlmerge.merging.plan import parse_expert_key
+from vlmerge.merging.plan import merged_key
 from vlmerge.metrics import mergeability
 from vlmerge.models import VLTransformer, count_parameters, load_model, model_config, save_model
 
@@ -39,17 +39,13 @@ def seeded_experts(seed_model: VLTransformer, generator: torch.Generator) -> VLT
     shared = seed_model.state_dict()
     state = {}
     for key, value in specific.state_dict().items():
-        origin = shared[_merged_key(key)]
+        shared_key = merged_key(key)
+        origin = shared[shared_key]
         spread = float(origin.std()) if origin.numel() > 1 and float(origin.std()) > 0 else 0.02
-        drift = torch.randn(origin.shape, generator=generator) * spread * DRIFT if key != _merged_key(key) else 0
+        drift = torch.randn(origin.shape, generator=generator) * spread * DRIFT if key != shared_key else 0
         state[key] = origin + drift
     specific.load_state_dict(state)
     return specific
-
-
-def _merged_key(key: str) -> str:
-    parsed = parse_expert_key(key)
-    return parsed.target if parsed else key
 
 
 def synthetic_batches(config, count: int, batch: int, generator: torch.Generator) -> list[dict]:

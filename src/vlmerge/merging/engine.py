@@ -18,13 +18,13 @@ import torch
 from tqdm import tqdm
 
 from vlmerge import __version__
-from vlmerge.core.errors import MergeError
 from vlmerge.core.config import StrictConfig
+from vlmerge.core.errors import MergeError
 from vlmerge.io.checkpoint import (PICKLE_SUFFIXES, CheckpointReader, file_sha256, open_checkpoint,
                                     reader_from_state_dict, save_checkpoint)
-from vlmerge.io.streaming import stream_safetensors
 from vlmerge.io.grams import GramSet, open_grams
 from vlmerge.io.layout import Layout, to_reference_key
+from vlmerge.io.streaming import stream_safetensors
 from vlmerge.merging.methods import MERGE_METHODS, MergeInputs, MergeMethod, MergeWarning
 from vlmerge.merging.plan import ExpertSelection, MergeGroup, MergePlan, build_merge_plan
 

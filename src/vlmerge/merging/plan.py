@@ -64,6 +64,12 @@ def parse_expert_key(key: str) -> ExpertKey | None:
                      f"{match['module']}.{rest}", expert_module)
 
 
+def merged_key(key: str) -> str:
+    """The key a tensor has in the modality-agnostic model: the expert segment dropped."""
+    parsed = parse_expert_key(key)
+    return parsed.target if parsed else key
+
+
 @dataclass(frozen=True)
 class MergeGroup:
     """Expert tensors (one per modality) that become one merged tensor."""
