@@ -15,11 +15,11 @@ def whole_word_mask(batch: TokenBatch, probability: float, mask_id: int, vocab_s
     random token 10 %, unchanged 10 %. Labels are the original ids there and -100 elsewhere.
     """
     words = batch.word_ids
-    chosen_word = torch.rand(words.shape[0], int(words.max().item()) + 2, generator=generator) < probability
+    chosen_word = torch.rand(words.shape[0], int(words.max().item()) + 2, generator=generator, device=words.device) < probability
     chosen = torch.gather(chosen_word, 1, words.clamp(min=0) + 1) & (words >= 0)  # (B, T)
     labels = torch.where(chosen, batch.ids, torch.full_like(batch.ids, IGNORE_INDEX))
-    draw = torch.rand(batch.ids.shape, generator=generator)
-    random_ids = torch.randint(0, vocab_size, batch.ids.shape, generator=generator)
+    draw = torch.rand(batch.ids.shape, generator=generator, device=words.device)
+    random_ids = torch.randint(0, vocab_size, batch.ids.shape, generator=generator, device=words.device)
     inputs = torch.where(chosen & (draw < 0.8), torch.full_like(batch.ids, mask_id), batch.ids)
     inputs = torch.where(chosen & (draw >= 0.8) & (draw < 0.9), random_ids, inputs)
     return inputs, labels

@@ -22,6 +22,15 @@ class TokenBatch:
     mask: torch.Tensor  # (B, T) bool, True for real tokens
     word_ids: torch.Tensor  # (B, T) long: index of the word each token belongs to, -1 for special/padding
 
+    def __len__(self) -> int:
+        return self.ids.shape[0]
+
+    def __getitem__(self, rows: slice | torch.Tensor) -> "TokenBatch":
+        return TokenBatch(self.ids[rows], self.mask[rows], self.word_ids[rows])
+
+    def to(self, device: torch.device) -> "TokenBatch":
+        return TokenBatch(self.ids.to(device), self.mask.to(device), self.word_ids.to(device))
+
 
 class TextTokenizer:
     """Encodes batches of captions into padded id tensors for the model."""
@@ -56,6 +65,17 @@ class TextTokenizer:
             return cls(Tokenizer.from_file(str(path)), max_len)
         except Exception as error:  # tokenizers raises its own exception type
             raise ConfigError(f"{path}: not a tokenizer file ({error})") from error
+
+    @classmethod
+    def from_json(cls, text: str, max_len: int) -> "TextTokenizer":
+        """The tokenizer a checkpoint carries in its metadata."""
+        try:
+            return cls(Tokenizer.from_str(text), max_len)
+        except Exception as error:  # tokenizers raises its own exception type
+            raise ConfigError(f"not a serialised tokenizer ({error})") from error
+
+    def to_json(self) -> str:
+        return self.tokenizer.to_str()
 
     def save(self, path: str | os.PathLike) -> Path:
         with atomic_path(path) as tmp:

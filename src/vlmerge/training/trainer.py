@@ -17,16 +17,17 @@ from tqdm import tqdm
 
 from vlmerge.core.errors import CheckpointError
 from vlmerge.io.atomic import atomic_path
+from vlmerge.training.distributed import SINGLE_PROCESS, DistributedContext
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
 StepFn = Callable[[int], dict[str, torch.Tensor]]
 
 
-def step_generator(seed: int, step: int, purpose: str = "") -> torch.Generator:
+def step_generator(seed: int, step: int, purpose: str = "", device: torch.device | str = "cpu") -> torch.Generator:
     """A generator that depends only on the run seed, the step and what it is for."""
     digest = hashlib.sha256(f"{seed}:{step}:{purpose}".encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+    return torch.Generator(device=device).manual_seed(int.from_bytes(digest[:8], "little"))
 
 
 def batch_indices(num_examples: int, batch_size: int, step: int, seed: int) -> torch.Tensor:
@@ -40,8 +41,11 @@ def batch_indices(num_examples: int, batch_size: int, step: int, seed: int) -> t
 class Trainer:
     def __init__(self, run_dir: str | os.PathLike, modules: dict[str, nn.Module], optimizer: torch.optim.Optimizer,
                  steps: int, checkpoint_every: int, scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
-                 progress: bool = True) -> None:
+                 progress: bool = True, grad_clip: float | None = None,
+                 dist: DistributedContext = SINGLE_PROCESS) -> None:
         self.run_dir = Path(run_dir)
+        self.grad_clip = grad_clip
+        self.dist = dist
         self.modules = modules
         self.optimizer = optimizer
         self.scheduler = scheduler
@@ -60,22 +64,33 @@ class Trainer:
         for module in self.modules.values():
             module.train()
         bar = tqdm(range(start, self.steps), initial=start, total=self.steps, desc=self.run_dir.name,
-                   disable=not self.progress, unit="step")
+                   disable=not (self.progress and self.dist.is_main), unit="step")
         for step in bar:
             losses = step_fn(step)
             self.optimizer.zero_grad(set_to_none=True)
             losses["loss"].backward()
+            if self.grad_clip is not None:
+                nn.utils.clip_grad_norm_(self._parameters(), self.grad_clip)
             self.optimizer.step()
             if self.scheduler is not None:
                 self.scheduler.step()
-            record = {"step": step, **{k: round(float(v.detach()), 6) for k, v in losses.items()}}
-            self._append_metrics(record)
+            logged = self.dist.average({k: float(v.detach()) for k, v in losses.items()})
+            record = {"step": step, **{k: round(v, 6) for k, v in logged.items()}}
+            if self.dist.is_main:
+                self._append_metrics(record)
             bar.set_postfix(loss=f"{record['loss']:.3f}")
             if (step + 1) % self.checkpoint_every == 0 or step + 1 == self.steps:
                 self.save(step + 1)
         return self.steps - start
 
+    def _parameters(self) -> list[nn.Parameter]:
+        return [p for module in self.modules.values() for p in module.parameters()]
+
     def save(self, step: int) -> None:
+        """Rank 0 writes; the others wait so that no rank runs ahead of the file on disk."""
+        if not self.dist.is_main:
+            self.dist.barrier()
+            return
         state = {
             "step": step,
             "modules": {name: module.state_dict() for name, module in self.modules.items()},
@@ -84,14 +99,16 @@ class Trainer:
         }
         with atomic_path(self.checkpoint_path) as tmp:
             torch.save(state, tmp)
+        self.dist.barrier()
 
     def resume(self) -> int:
         """Load the last checkpoint if there is one; drop metrics logged after it."""
         if not self.checkpoint_path.exists():
-            self._truncate_metrics(0)
+            if self.dist.is_main:
+                self._truncate_metrics(0)
             return 0
         try:
-            state = torch.load(self.checkpoint_path, map_location="cpu", weights_only=True)
+            state = torch.load(self.checkpoint_path, map_location=self.dist.device, weights_only=True)
         except Exception as error:
             raise CheckpointError(f"{self.checkpoint_path}: cannot resume from this checkpoint ({error})") from error
         for name, module in self.modules.items():
@@ -99,7 +116,8 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None and state["scheduler"] is not None:
             self.scheduler.load_state_dict(state["scheduler"])
-        self._truncate_metrics(state["step"])
+        if self.dist.is_main:
+            self._truncate_metrics(state["step"])
         return int(state["step"])
 
     def _append_metrics(self, record: dict) -> None:
