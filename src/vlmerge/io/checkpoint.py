@@ -28,6 +28,9 @@ _SAFETENSORS_DTYPES = {
     "U8": torch.uint8, "BOOL": torch.bool,
 }
 
+# Metadata a merge keeps from its input: it describes the weights (heads, tokenizer), not the merge.
+CARRIED_METADATA = ("heads", "tokenizer")
+
 
 class CheckpointReader:
     """Tensors of one checkpoint under native key names, read one at a time on request."""

@@ -20,7 +20,7 @@ from tqdm import tqdm
 from vlmerge import __version__
 from vlmerge.core.config import StrictConfig
 from vlmerge.core.errors import MergeError
-from vlmerge.io.checkpoint import (PICKLE_SUFFIXES, CheckpointReader, file_sha256, open_checkpoint,
+from vlmerge.io.checkpoint import (CARRIED_METADATA, PICKLE_SUFFIXES, CheckpointReader, file_sha256, open_checkpoint,
                                     reader_from_state_dict, save_checkpoint)
 from vlmerge.io.grams import GramSet, open_grams
 from vlmerge.io.layout import Layout, to_reference_key
@@ -232,4 +232,5 @@ def _provenance(prepared: PreparedMerge, inputs: dict[str, dict[str, str]]) -> d
     config = prepared.reader.config
     if config is not None:
         metadata["config"] = json.dumps({**config, "experts": "none"}, sort_keys=True)
+    metadata.update({key: prepared.reader.metadata[key] for key in CARRIED_METADATA if key in prepared.reader.metadata})
     return metadata

@@ -8,9 +8,11 @@ The plan is built and validated from shapes alone, before any tensor is read.
 
 import re
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
+
+import torch
 
 from vlmerge.core.errors import MergeError
 from vlmerge.core.modality import Modality
@@ -182,3 +184,18 @@ def _names(modalities: Iterable[Modality]) -> str:
 def _natural(key: str) -> list:
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", key)]
 
+
+
+def expand_to_experts(agnostic: Mapping[str, torch.Tensor], expert_keys: Iterable[str]) -> dict[str, torch.Tensor]:
+    """The inverse of a merge: every expert starts as a copy of the shared weight it would merge
+    into (how modality-specific pre-training starts from the seed). Unknown keys fail by name."""
+    state, missing = {}, []
+    for key in expert_keys:
+        source = merged_key(key)
+        if source in agnostic:
+            state[key] = agnostic[source].clone()
+        else:
+            missing.append(source)
+    if missing:
+        raise MergeError(f"the shared checkpoint lacks {len(missing)} tensor(s) the experts need, e.g. {missing[:3]}")
+    return state
