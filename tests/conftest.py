@@ -35,3 +35,16 @@ ROUTES = {
     "text": lambda x: {"text_ids": x["text_ids"], "text_mask": x["text_mask"]},
     "pair": lambda x: x,
 }
+
+
+@pytest.fixture(scope="session")
+def emoji_sources():
+    """The Debian files the emoji dataset is built from; tests that need them skip without them."""
+    from vlmerge.data.emoji import EmojiSources
+
+    found = EmojiSources.default()
+    missing = [str(path) for path in found.files() if not path.is_file()]
+    if missing:
+        pytest.skip(f"Debian emoji sources absent ({', '.join(missing)}); "
+                    "apt-get install fonts-noto-color-emoji unicode-cldr-core unicode-data")
+    return found

@@ -1,10 +1,15 @@
-"""`vlmerge merge | metrics | inspect | demo`: each maps arguments onto the library."""
+"""`vlmerge train | evaluate | grams | merge | metrics | inspect | demo`: each maps arguments onto the library.
+
+Training and Gram collection run under torchrun unchanged:
+`torchrun --nproc-per-node 2 -m vlmerge train seed --config seed.yaml --run-dir runs/seed`.
+"""
 
 import argparse
 import json
 import sys
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 
 from vlmerge.core.errors import VlmergeError
 from vlmerge.io.checkpoint import open_checkpoint
@@ -16,6 +21,7 @@ from vlmerge.merging.plan import ExpertSelection
 METHOD_OPTION_FLAGS = {"ratio": float, "lam": float, "alpha": float, "density": float, "scope": str, "drop": float,
                       "dare_seed": int}
 EXPERT_CHOICES = [s.value for s in ExpertSelection]
+STAGES = ["seed", "specific", "finetune"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,6 +53,29 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("checkpoint")
     inspect.add_argument("--plan", default=None, choices=EXPERT_CHOICES, help="also print the merge plan")
     inspect.add_argument("--json", action="store_true")
+
+    train = commands.add_parser("train", help="run (or resume) one stage of the recipe in a run directory")
+    train.add_argument("stage", choices=STAGES, help="seed, specific or finetune")
+    train.add_argument("--config", required=True, help="the stage's YAML config")
+    train.add_argument("--run-dir", required=True, help="where the config, metrics, checkpoints and model go")
+    train.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    evaluate = commands.add_parser("evaluate", help="task metrics of a fine-tuned (or, zero-shot, any) checkpoint")
+    evaluate.add_argument("checkpoint", help="a checkpoint, or a run directory holding model.safetensors")
+    evaluate.add_argument("--task", help="default: the task it was fine-tuned for, else zero-shot retrieval")
+    evaluate.add_argument("--split", default="test", choices=["train", "val", "test"])
+    evaluate.add_argument("--limit", type=int, help="use only the first N emoji of the build")
+    evaluate.add_argument("--json", action="store_true")
+
+    grams = commands.add_parser("grams", help="Gram matrices of a checkpoint's experts over data, for RegMean")
+    grams.add_argument("checkpoint")
+    grams.add_argument("--data", default="emoji", choices=["emoji"], help="dataset of image-text pairs")
+    grams.add_argument("--split", default="train", choices=["train", "val", "test"])
+    grams.add_argument("--limit", type=int, help="use only the first N emoji of the build")
+    grams.add_argument("--batch-size", type=int, default=64)
+    grams.add_argument("--normalize", action="store_true", help="divide each matrix by its token count")
+    grams.add_argument("--out", required=True, help="output .safetensors")
+    grams.add_argument("--quiet", action="store_true")
 
     demo = commands.add_parser("demo", help="build micro experts, merge them several ways, compare")
     demo.add_argument("--out", default="demo-out", help="directory for the demo's checkpoints")
@@ -107,6 +136,52 @@ def run_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_train(args: argparse.Namespace) -> int:
+    from vlmerge.tasks.finetune import run_finetune
+    from vlmerge.training.config import load_stage_config
+    from vlmerge.training.pretrain import run_pretraining
+
+    config = load_stage_config(args.stage, args.config)
+    if args.stage == "finetune":
+        metrics = run_finetune(config, args.run_dir, progress=not args.quiet)
+        print(format_metrics(f"{config.task} ({config.eval_split})", metrics), end="")
+    else:
+        print(f"{args.stage} model -> {run_pretraining(config, args.run_dir, progress=not args.quiet)}")
+    return 0
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    from vlmerge.tasks.finetune import evaluate_checkpoint
+    from vlmerge.training.config import CONFIG_FILE, DataConfig, read_yaml
+
+    path = Path(args.checkpoint)
+    checkpoint = path / "model.safetensors" if path.is_dir() else path
+    if path.is_dir() and (path / CONFIG_FILE).is_file():  # a run directory: evaluate on the run's data
+        data = DataConfig.parse(read_yaml(path / CONFIG_FILE).get("data", {}), where=str(path / CONFIG_FILE))
+    else:
+        config = open_checkpoint(checkpoint).config or {}
+        data = DataConfig(image_size=config.get("image_size", DataConfig().image_size), limit=args.limit)
+    metrics = evaluate_checkpoint(checkpoint, args.task, args.split, data)
+    print(json.dumps(metrics, indent=2) if args.json else format_metrics(f"{checkpoint} ({args.split})", metrics), end="")
+    return 0
+
+
+def run_grams(args: argparse.Namespace) -> int:
+    from vlmerge.training.config import DataConfig
+    from vlmerge.training.grams import collect_checkpoint_grams
+
+    config = open_checkpoint(args.checkpoint).config or {}
+    data = DataConfig(dataset=args.data, image_size=config.get("image_size", DataConfig().image_size), limit=args.limit)
+    out = collect_checkpoint_grams(args.checkpoint, args.out, data, args.split, args.batch_size, args.normalize,
+                                   progress=not args.quiet)
+    print(f"gram matrices -> {out}")
+    return 0
+
+
+def format_metrics(title: str, metrics: dict[str, float]) -> str:
+    return f"{title}\n" + "".join(f"  {name:<20}{value:>10.4f}\n" for name, value in metrics.items())
+
+
 def run_demo(args: argparse.Namespace) -> int:
     from vlmerge.demo import run_demo as demo
 
@@ -114,4 +189,4 @@ def run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"merge": run_merge, "metrics": run_metrics, "inspect": run_inspect, "demo": run_demo}
+COMMANDS = {"train": run_train, "evaluate": run_evaluate, "grams": run_grams, "merge": run_merge, "metrics": run_metrics, "inspect": run_inspect, "demo": run_demo}

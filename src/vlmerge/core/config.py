@@ -27,7 +27,19 @@ def describe_validation_error(cls: type[BaseModel], error: ValidationError) -> s
         location = ".".join(str(part) for part in item["loc"])
         if item["type"] == "extra_forbidden":
             field = str(item["loc"][-1])
-            problems.append(f"unknown field {field!r}{suggest(field, list(cls.model_fields))}")
+            valid = list(_model_at(cls, item["loc"][:-1]).model_fields)
+            problems.append(f"unknown field {location!r}{suggest(field, valid)}")
         else:
             problems.append(f"{location}: {item['msg']}")
     return "; ".join(problems)
+
+
+def _model_at(cls: type[BaseModel], path: tuple) -> type[BaseModel]:
+    """The (nested) config class that owns the fields at `path`, for suggestions."""
+    for part in path:
+        field = cls.model_fields.get(str(part))
+        annotation = field.annotation if field else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return cls
+        cls = annotation
+    return cls

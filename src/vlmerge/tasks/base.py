@@ -1,0 +1,129 @@
+"""What a downstream task is: examples per split, a head, a loss, and metrics.
+
+Examples are a dict of tensors with one row per example (model inputs under the names the
+model takes, plus labels), so batching, sharding over ranks and moving to a device are one
+line each and the same for every task.
+"""
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from vlmerge.core.registry import Registry
+from vlmerge.data.emoji import EmojiDataset
+from vlmerge.data.tokenizer import TextTokenizer
+from vlmerge.data.transforms import model_images
+from vlmerge.models.config import ModelConfig
+from vlmerge.models.transformer import VLTransformer
+from vlmerge.training.distributed import SINGLE_PROCESS, DistributedContext
+
+Examples = dict[str, torch.Tensor]
+
+
+def take(examples: Examples, rows: slice | torch.Tensor) -> Examples:
+    return {name: tensor[rows] for name, tensor in examples.items()}
+
+
+def to_device(examples: Examples, device: torch.device) -> Examples:
+    return {name: tensor.to(device) for name, tensor in examples.items()}
+
+
+def num_examples(examples: Examples) -> int:
+    return len(next(iter(examples.values())))
+
+
+def encode_text(tokenizer: TextTokenizer, texts: list[str], prefix: str = "text") -> Examples:
+    tokens = tokenizer.encode(texts)
+    return {f"{prefix}_ids": tokens.ids, f"{prefix}_mask": tokens.mask}
+
+
+class Task(ABC):
+    """A task over the emoji build; examples are built once per split."""
+
+    name: ClassVar[str]
+
+    def __init__(self, dataset: EmojiDataset, tokenizer: TextTokenizer, seed: int = 0) -> None:
+        self.dataset = dataset
+        self.tokenizer = tokenizer
+        self.seed = seed
+        self._examples: dict[str, Examples] = {}
+
+    def examples(self, split: str) -> Examples:
+        if split not in self._examples:
+            self._examples[split] = self.build_examples(self.dataset.split(split))
+        return self._examples[split]
+
+    def images(self, dataset: EmojiDataset, rows: list[int] | torch.Tensor | None = None) -> torch.Tensor:
+        return model_images(dataset.images if rows is None else dataset.images[rows])
+
+    @abstractmethod
+    def build_examples(self, split: EmojiDataset) -> Examples: ...
+
+    @abstractmethod
+    def make_head(self, config: ModelConfig) -> nn.Module: ...
+
+    def init_head(self, head: nn.Module, pretraining_heads: dict[str, torch.Tensor] | None) -> None:
+        """Start from the pre-training heads where they fit the task (retrieval); else keep the random init."""
+
+    @abstractmethod
+    def loss(self, model: VLTransformer, head: nn.Module, batch: Examples,
+             dist: DistributedContext = SINGLE_PROCESS) -> dict[str, torch.Tensor]:
+        """Losses on this rank's rows of a batch, the total under 'loss'."""
+
+    @abstractmethod
+    def evaluate(self, model: VLTransformer, head: nn.Module, split: str = "test",
+                 batch_size: int = 128) -> dict[str, float]: ...
+
+
+class ClassifierTask(Task):
+    """A task scored from per-example logits: cross-entropy to train, metrics over a split."""
+
+    @abstractmethod
+    def logits(self, model: VLTransformer, head: nn.Module, batch: Examples) -> torch.Tensor: ...
+
+    @abstractmethod
+    def metrics(self, logits: torch.Tensor, examples: Examples) -> dict[str, float]: ...
+
+    def loss(self, model: VLTransformer, head: nn.Module, batch: Examples,
+             dist: DistributedContext = SINGLE_PROCESS) -> dict[str, torch.Tensor]:
+        """Cross-entropy on this rank's rows (DDP's average makes it the global mean)."""
+        return {"loss": nn.functional.cross_entropy(self.logits(model, head, batch), batch["labels"])}
+
+    @torch.no_grad()
+    def evaluate(self, model: VLTransformer, head: nn.Module, split: str = "test", batch_size: int = 128) -> dict[str, float]:
+        examples = self.examples(split)
+        device = next(model.parameters()).device
+        with evaluation_mode(model, head):
+            chunks = [self.logits(model, head, to_device(take(examples, slice(start, start + batch_size)), device)).cpu()
+                      for start in range(0, num_examples(examples), batch_size)]
+        return self.metrics(torch.cat(chunks), examples)
+
+
+@contextmanager
+def evaluation_mode(*modules: nn.Module) -> Iterator[None]:
+    """Modules in eval mode inside, back to their previous mode after."""
+    previous = [module.training for module in modules]
+    for module in modules:
+        module.eval()
+    try:
+        yield
+    finally:
+        for module, mode in zip(modules, previous):
+            module.train(mode)
+
+
+TASKS: Registry[type[Task]] = Registry("task")
+
+
+def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    return (logits.argmax(dim=-1) == labels).float().mean().item()
+
+
+def mlp_head(width_in: int, classes: int) -> nn.Module:
+    """The classifier on fused outputs used by VLMo/BEiT-3 style VQA and NLVR2 heads."""
+    return nn.Sequential(nn.Linear(width_in, 2 * width_in), nn.GELU(), nn.LayerNorm(2 * width_in),
+                         nn.Linear(2 * width_in, classes))

@@ -1,0 +1,112 @@
+"""Stage 4 of the recipe: fine-tune a checkpoint (pre-trained, modality-specific or merged)
+on one task, then evaluate it; and evaluation of a saved checkpoint on its own."""
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from vlmerge.core.errors import CheckpointError, ConfigError
+from vlmerge.io.atomic import atomic_path
+from vlmerge.io.checkpoint import open_checkpoint
+from vlmerge.models.checkpoint import load_head_state, load_model, save_model
+from vlmerge.models.transformer import VLTransformer
+from vlmerge.tasks.base import TASKS, Task, num_examples, take
+from vlmerge.training.config import DataConfig, FinetuneConfig, claim_run_dir
+from vlmerge.training.distributed import DistributedContext, init_distributed
+from vlmerge.training.pretrain import HEADS, MODEL_FILE
+from vlmerge.training.setup import checkpoint_tokenizer, load_dataset, make_optimizer
+from vlmerge.training.trainer import Trainer, batch_indices
+
+TASK_HEAD = "head"
+RESULTS_FILE = "results.json"
+
+
+class TaskObjective(nn.Module):
+    """Model, head and task loss as one module, so DistributedDataParallel sees one forward per step."""
+
+    def __init__(self, model: VLTransformer, head: nn.Module, task: Task, dist: DistributedContext) -> None:
+        super().__init__()
+        self.model, self.head, self.task, self.dist = model, head, task, dist
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return self.task.loss(self.model, self.head, batch, self.dist)
+
+
+def load_task(name: str, checkpoint: str | os.PathLike, data: DataConfig, seed: int = 0,
+              progress: bool = False) -> tuple[VLTransformer, Task]:
+    """The checkpoint's model and the task over the data, checked against each other."""
+    model = load_model(checkpoint)
+    if model.config.image_size != data.image_size:
+        raise ConfigError(f"{checkpoint}: the model takes {model.config.image_size}px images but the data is "
+                          f"{data.image_size}px; set data.image_size: {model.config.image_size}")
+    tokenizer = checkpoint_tokenizer(open_checkpoint(checkpoint), model.config.max_text_len)
+    return model, TASKS.get(name)(load_dataset(data, progress), tokenizer, seed)
+
+
+def run_finetune(config: FinetuneConfig, run_dir: str | os.PathLike, progress: bool = True,
+                 dist: DistributedContext | None = None) -> dict[str, float]:
+    """Fine-tune (or resume), evaluate on `eval_split`; write the model and results.json."""
+    dist = dist or init_distributed()
+    run_dir = claim_run_dir(run_dir, config) if dist.is_main else Path(run_dir)
+    dist.barrier()
+    model, task = load_task(config.task, config.init, config.data, config.seed, progress and dist.is_main)
+    torch.manual_seed(config.seed)
+    head = task.make_head(model.config)
+    task.init_head(head, load_head_state(config.init, HEADS))
+    model, head = model.to(dist.device), head.to(dist.device)
+    examples = task.examples("train")
+    size = num_examples(examples)
+    if size < config.optimizer.batch_size:
+        raise ConfigError(f"batch_size {config.optimizer.batch_size} exceeds the {size} training examples")
+    # Tasks differ in which embeddings they use (e.g. no text for image classification).
+    objective = dist.wrap(TaskObjective(model, head, task, dist), find_unused_parameters=True)
+    optimizer, scheduler = make_optimizer([model, head], config.optimizer, config.steps)
+
+    def step_fn(step: int) -> dict[str, torch.Tensor]:
+        rows = batch_indices(size, config.optimizer.batch_size, step, config.seed)
+        local = rows[dist.rows(len(rows))]
+        return objective({name: tensor.to(dist.device) for name, tensor in take(examples, local).items()})
+
+    Trainer(run_dir, {"model": model, "head": head}, optimizer, config.steps, config.checkpoint_every, scheduler,
+            progress=progress, grad_clip=config.optimizer.grad_clip, dist=dist).fit(step_fn)
+    metrics = {}
+    if dist.is_main:
+        metrics = task.evaluate(model, head, config.eval_split, config.eval_batch_size)
+        metadata = {"stage": "finetune", "task": config.task, "tokenizer": task.tokenizer.to_json()}
+        save_model(model, run_dir / MODEL_FILE, step=config.steps, extra_metadata=metadata, heads={TASK_HEAD: head})
+        write_results(run_dir / RESULTS_FILE, {"task": config.task, "split": config.eval_split, "init": config.init,
+                                               "steps": config.steps, "metrics": metrics})
+    dist.barrier()
+    return metrics
+
+
+def evaluate_checkpoint(checkpoint: str | os.PathLike, task_name: str | None = None, split: str = "test",
+                        data: DataConfig | None = None, batch_size: int = 128) -> dict[str, float]:
+    """A fine-tuned checkpoint on its task, or a pre-trained / merged one zero-shot (retrieval
+    with its contrastive heads: the only task that needs no task head)."""
+    reader = open_checkpoint(checkpoint)
+    finetuned_task = reader.metadata.get("task")
+    task_name = task_name or finetuned_task or "retrieval"
+    if finetuned_task is not None and task_name != finetuned_task:
+        raise ConfigError(f"{checkpoint} was fine-tuned for {finetuned_task!r}, not {task_name!r}")
+    config = reader.config or {}
+    data = data or DataConfig(image_size=config.get("image_size", DataConfig().image_size))
+    model, task = load_task(task_name, checkpoint, data)
+    head = task.make_head(model.config)
+    head_state = load_head_state(checkpoint, TASK_HEAD)
+    if head_state is not None:
+        head.load_state_dict(head_state, strict=True)
+    elif task_name == "retrieval" and (pretraining := load_head_state(checkpoint, HEADS)) is not None:
+        task.init_head(head, pretraining)
+    else:
+        raise CheckpointError(f"{checkpoint}: has no head for {task_name!r}; fine-tune it first with `vlmerge train "
+                              "finetune` (zero-shot evaluation is retrieval with the pre-training heads)")
+    return task.evaluate(model, head, split, batch_size)
+
+
+def write_results(path: Path, results: dict) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")

@@ -1,0 +1,86 @@
+"""Image-text retrieval (image <-> CLDR name) with the dual encoder: recall@1/5/10 both ways."""
+
+import math
+
+import torch
+from torch import nn
+
+from vlmerge.data.emoji import EmojiDataset
+from vlmerge.models.config import ModelConfig
+from vlmerge.models.transformer import VLTransformer
+from vlmerge.tasks.base import TASKS, Examples, Task, encode_text, evaluation_mode, num_examples, take, to_device
+from vlmerge.training.distributed import SINGLE_PROCESS, DistributedContext
+from vlmerge.training.objectives import contrastive_logits, contrastive_loss
+
+RECALL_AT = (1, 5, 10)
+
+
+class RetrievalHead(nn.Module):
+    """The contrastive projections; names match the pre-training heads so they load from them."""
+
+    def __init__(self, width: int, init_temperature: float = 0.07) -> None:
+        super().__init__()
+        self.itc_image = nn.Linear(width, width)
+        self.itc_text = nn.Linear(width, width)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / init_temperature)))
+
+    def embed_images(self, model: VLTransformer, images: torch.Tensor) -> torch.Tensor:
+        return self.itc_image(model(images=images).cls)
+
+    def embed_text(self, model: VLTransformer, text_ids: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+        return self.itc_text(model(text_ids=text_ids, text_mask=text_mask).cls)
+
+
+def recall_at_k(similarity: torch.Tensor, k: int) -> float:
+    """Fraction of rows whose match (the diagonal) is among their k most similar columns."""
+    k = min(k, similarity.shape[1])
+    top = similarity.topk(k, dim=1).indices
+    return (top == torch.arange(similarity.shape[0])[:, None]).any(dim=1).float().mean().item()
+
+
+def retrieval_metrics(similarity: torch.Tensor) -> dict[str, float]:
+    """(images x texts) similarities, image i matching text i."""
+    metrics = {}
+    for direction, matrix in (("i2t", similarity), ("t2i", similarity.T)):
+        metrics.update({f"{direction}_r{k}": recall_at_k(matrix, k) for k in RECALL_AT})
+    metrics["mean_recall"] = sum(metrics.values()) / len(metrics)
+    return metrics
+
+
+@TASKS.register("retrieval")
+class Retrieval(Task):
+    name = "retrieval"
+
+    def build_examples(self, split: EmojiDataset) -> Examples:
+        names = [split.caption(i) for i in range(len(split))]
+        return {"images": self.images(split), **encode_text(self.tokenizer, names)}
+
+    def make_head(self, config: ModelConfig) -> nn.Module:
+        return RetrievalHead(config.width)
+
+    def init_head(self, head: nn.Module, pretraining_heads: dict[str, torch.Tensor] | None) -> None:
+        if pretraining_heads is not None:
+            head.load_state_dict({key: pretraining_heads[key] for key in head.state_dict()}, strict=True)
+
+    def loss(self, model: VLTransformer, head: nn.Module, batch: Examples,
+             dist: DistributedContext = SINGLE_PROCESS) -> dict[str, torch.Tensor]:
+        image = dist.gather(head.embed_images(model, batch["images"]))
+        text = dist.gather(head.embed_text(model, batch["text_ids"], batch["text_mask"]))
+        return {"loss": contrastive_loss(contrastive_logits(image, text, head.logit_scale))}
+
+    def evaluate(self, model: VLTransformer, head: nn.Module, split: str = "test", batch_size: int = 128) -> dict[str, float]:
+        return retrieval_metrics(self.similarity(model, head, split, batch_size))
+
+    @torch.no_grad()
+    def similarity(self, model: VLTransformer, head: nn.Module, split: str = "test", batch_size: int = 128) -> torch.Tensor:
+        """(images x names) cosine similarities over a whole split."""
+        examples = self.examples(split)
+        device = next(model.parameters()).device
+        images, texts = [], []
+        with evaluation_mode(model, head):
+            for start in range(0, num_examples(examples), batch_size):
+                batch = to_device(take(examples, slice(start, start + batch_size)), device)
+                images.append(head.embed_images(model, batch["images"]).cpu())
+                texts.append(head.embed_text(model, batch["text_ids"], batch["text_mask"]).cpu())
+        image, text = (nn.functional.normalize(torch.cat(parts), dim=-1) for parts in (images, texts))
+        return image @ text.T

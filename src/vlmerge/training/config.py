@@ -1,0 +1,152 @@
+"""Stage configs (YAML -> validated, frozen objects): seed, specific and finetune runs.
+
+A run directory keeps the resolved config it was started with; starting it again with a
+different config is refused rather than silently mixing two runs.
+"""
+
+import os
+from pathlib import Path
+from typing import Any, Literal, Self
+
+import yaml
+from pydantic import Field, model_validator
+
+from vlmerge.core.config import StrictConfig
+from vlmerge.core.errors import ConfigError
+from vlmerge.io.atomic import atomic_path
+from vlmerge.models.config import ExpertPlacement
+from vlmerge.training.objectives import ObjectiveWeights
+
+Stage = Literal["seed", "specific", "finetune"]
+STAGES: tuple[str, ...] = ("seed", "specific", "finetune")
+CONFIG_FILE = "config.yaml"
+
+
+class DataConfig(StrictConfig):
+    dataset: Literal["emoji"] = "emoji"
+    image_size: int = Field(32, ge=8)
+    limit: int | None = Field(None, ge=1, description="use only the first N emoji (tests)")
+    cache_dir: str | None = None
+
+
+class OptimizerConfig(StrictConfig):
+    name: Literal["adamw", "sgd"] = Field("adamw", description="sgd (momentum 0.9): updates linear in the gradients")
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_steps: int = Field(0, ge=0)
+    batch_size: int = Field(32, ge=2, description="global batch, split evenly over processes")
+    grad_clip: float | None = Field(1.0, gt=0)
+
+
+class ModelSpec(StrictConfig):
+    size: str = "micro"
+    experts: ExpertPlacement | None = Field(None, description="default: none for seed, all for specific")
+    fusion_layer: int | None = None
+    layer_scale_init: float | None = Field(None, gt=0)
+
+    def overrides(self) -> dict[str, Any]:
+        return {k: v for k, v in self.model_dump().items() if k != "size" and v is not None}
+
+
+class TokenizerConfig(StrictConfig):
+    """Where the vocabulary comes from: a saved tokenizer, a BERT vocab.txt, or trained on the
+    training captions. A run that starts from a checkpoint uses the checkpoint's tokenizer."""
+
+    path: str | None = None
+    vocab_file: str | None = None
+    vocab_size: int = Field(1000, ge=16)
+    max_len: int = Field(24, ge=4)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> Self:
+        if self.path and self.vocab_file:
+            raise ValueError("give tokenizer.path or tokenizer.vocab_file, not both")
+        return self
+
+
+class RunConfig(StrictConfig):
+    seed: int = 0
+    steps: int = Field(100, ge=1)
+    checkpoint_every: int = Field(50, ge=1)
+    data: DataConfig = DataConfig()
+    optimizer: OptimizerConfig = OptimizerConfig()
+
+
+class PretrainConfig(RunConfig):
+    """Seed pre-training (modality-agnostic) or modality-specific pre-training."""
+
+    stage: Literal["seed", "specific"]
+    model: ModelSpec = ModelSpec()
+    tokenizer: TokenizerConfig = TokenizerConfig()
+    objectives: ObjectiveWeights = ObjectiveWeights()
+    init: str | None = Field(None, description="specific: the seed checkpoint; none = a shared random init (naive)")
+
+    @model_validator(mode="after")
+    def _stage_rules(self) -> Self:
+        if self.stage == "seed" and self.model.experts not in (None, ExpertPlacement.NONE):
+            raise ValueError("seed pre-training trains the modality-agnostic model: drop model.experts")
+        if self.stage == "specific" and self.model.experts is ExpertPlacement.NONE:
+            raise ValueError("modality-specific pre-training needs experts: model.experts cannot be 'none'")
+        if self.stage == "seed" and self.init is not None:
+            raise ValueError("seed pre-training starts from scratch: drop init")
+        return self
+
+    @property
+    def experts(self) -> ExpertPlacement:
+        return self.model.experts or (ExpertPlacement.NONE if self.stage == "seed" else ExpertPlacement.ALL)
+
+
+class FinetuneConfig(RunConfig):
+    stage: Literal["finetune"] = "finetune"
+    task: str
+    init: str = Field(description="checkpoint to fine-tune: pre-trained, modality-specific or merged")
+    eval_split: Literal["val", "test"] = "test"
+    eval_batch_size: int = Field(128, ge=1)
+
+
+StageConfig = PretrainConfig | FinetuneConfig
+
+
+def parse_stage_config(stage: str, data: dict[str, Any], where: str = "config") -> StageConfig:
+    if stage not in STAGES:
+        raise ConfigError(f"unknown stage {stage!r}; expected one of {STAGES}")
+    if data.get("stage", stage) != stage:
+        raise ConfigError(f"{where}: says stage {data['stage']!r} but is run as {stage!r}")
+    cls = FinetuneConfig if stage == "finetune" else PretrainConfig
+    return cls.parse({**data, "stage": stage}, where=where)
+
+
+def load_stage_config(stage: str, path: str | os.PathLike) -> StageConfig:
+    return parse_stage_config(stage, read_yaml(path), where=str(path))
+
+
+def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML ({error})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of config fields, got {type(data).__name__}")
+    return data
+
+
+def claim_run_dir(run_dir: str | os.PathLike, config: StageConfig) -> Path:
+    """Write the resolved config into a new run directory, or check it against the one there."""
+    run_dir = Path(run_dir)
+    path = run_dir / CONFIG_FILE
+    resolved = config.model_dump(mode="json")
+    if path.exists():
+        existing = read_yaml(path)
+        if existing != resolved:
+            changed = sorted(k for k in set(existing) | set(resolved) if existing.get(k) != resolved.get(k))
+            raise ConfigError(f"{run_dir} holds a run with a different config (fields {changed} differ); "
+                              "use a new run directory")
+        return run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        tmp.write_text(yaml.safe_dump(resolved, sort_keys=False))
+    return run_dir

@@ -1,0 +1,55 @@
+"""Gram matrices of a checkpoint over image-text data, for RegMean (`vlmerge grams`).
+
+Each data batch runs three ways, so that every expert sees the inputs it serves: images
+alone and text alone (v and l experts in every layer) and image-text pairs (vl experts).
+Below the fusion layer the pair pass repeats the unimodal activations, which scales the v
+and l Gram matrices of those layers by the same factor, a factor RegMean's solve cancels.
+Under torchrun each rank takes every world_size-th batch and the sums are all-reduced.
+"""
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from vlmerge.io.checkpoint import file_sha256, open_checkpoint
+from vlmerge.io.grams import save_grams
+from vlmerge.merging.grams import collect_grams
+from vlmerge.models.checkpoint import load_model
+from vlmerge.training.config import DataConfig
+from vlmerge.training.distributed import DistributedContext, init_distributed
+from vlmerge.training.objectives import PairBatch
+from vlmerge.training.setup import checkpoint_tokenizer, load_dataset, pair_batch
+
+
+def gram_batches(pairs: PairBatch, batch_size: int, dist: DistributedContext) -> Iterator[dict[str, torch.Tensor]]:
+    """This rank's share of the model inputs, in order: images, text, pairs per data batch."""
+    starts = range(0, len(pairs), batch_size)
+    for start in list(starts)[dist.rank::dist.world_size]:
+        batch = pairs[slice(start, start + batch_size)].to(dist.device)
+        text = {"text_ids": batch.text.ids, "text_mask": batch.text.mask}
+        yield {"images": batch.images}
+        yield text
+        yield {"images": batch.images, **text}
+
+
+def collect_checkpoint_grams(checkpoint: str | os.PathLike, out: str | os.PathLike, data: DataConfig | None = None,
+                             split: str = "train", batch_size: int = 64, normalize: bool = False,
+                             progress: bool = True, dist: DistributedContext | None = None) -> Path:
+    """Collect and save the Gram file, recording where it came from (checkpoint and data)."""
+    dist = dist or init_distributed()
+    reader = open_checkpoint(checkpoint)
+    model = load_model(checkpoint).to(dist.device)
+    data = data or DataConfig(image_size=model.config.image_size)
+    dataset = load_dataset(data, progress=progress and dist.is_main).split(split)
+    pairs = pair_batch(dataset, checkpoint_tokenizer(reader, model.config.max_text_len))
+    grams, info = collect_grams(model, gram_batches(pairs, batch_size, dist), normalize=normalize,
+                                progress=progress and dist.is_main)
+    provenance = {"checkpoint": {"path": str(checkpoint), "sha256": file_sha256(checkpoint)},
+                  "data": {**data.model_dump(mode="json"), "split": split, "examples": len(dataset)},
+                  "inputs": "images, text and image-text pairs of each batch"}
+    if dist.is_main:
+        save_grams(out, grams, info, provenance)
+    dist.barrier()
+    return Path(out)

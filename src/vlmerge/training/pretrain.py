@@ -1,0 +1,108 @@
+"""Stages 1 and 2 of the recipe: seed pre-training (modality-agnostic) and modality-specific
+pre-training with every expert initialised from the seed's shared weights.
+
+Without a seed checkpoint the modality-specific run starts its experts from one shared random
+init: the paper's naive merging baseline (a seed of length zero).
+"""
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from vlmerge.core.errors import ConfigError
+from vlmerge.data.tokenizer import TextTokenizer
+from vlmerge.io.checkpoint import open_checkpoint
+from vlmerge.merging.plan import expand_to_experts
+from vlmerge.models.checkpoint import load_head_state, load_model, save_model
+from vlmerge.models.config import ModelConfig
+from vlmerge.models.factory import model_config
+from vlmerge.models.heads import PretrainingHeads
+from vlmerge.models.transformer import VLTransformer
+from vlmerge.training.config import PretrainConfig, claim_run_dir
+from vlmerge.training.distributed import DistributedContext, init_distributed
+from vlmerge.training.objectives import PretrainingObjective
+from vlmerge.training.setup import load_dataset, make_optimizer, pair_batch, resolve_tokenizer
+from vlmerge.training.trainer import Trainer, batch_indices, step_generator
+
+MODEL_FILE = "model.safetensors"
+TOKENIZER_FILE = "tokenizer.json"
+HEADS = "heads"
+
+
+def build_pretraining_model(config: PretrainConfig, vocab_size: int, max_text_len: int
+                            ) -> tuple[VLTransformer, PretrainingHeads]:
+    """The stage's model and heads at step 0 (seeded): scratch, or experts copied from a shared model."""
+    torch.manual_seed(config.seed)
+    shape = model_config(config.model.size, image_size=config.data.image_size, vocab_size=vocab_size,
+                         max_text_len=max_text_len, **config.model.overrides())
+    shape = shape.with_experts(config.experts)
+    if config.stage == "seed":
+        model = VLTransformer(shape)
+        return model, PretrainingHeads(shape.width, vocab_size)
+    if config.init is None:
+        shared, heads = VLTransformer(shape.agnostic()), PretrainingHeads(shape.width, vocab_size)
+    else:
+        shared, heads = _load_seed(config.init, shape)
+    model = VLTransformer(shape)
+    model.load_state_dict(expand_to_experts(shared.state_dict(), model.state_dict()), strict=True)
+    return model, heads
+
+
+def _load_seed(path: str, shape: ModelConfig) -> tuple[VLTransformer, PretrainingHeads]:
+    seed = load_model(path)
+    if seed.config.is_multiway:
+        raise ConfigError(f"{path}: the seed checkpoint has experts ({seed.config.experts.value}); "
+                          "modality-specific pre-training starts from a modality-agnostic seed")
+    if seed.config != shape.agnostic():
+        changed = sorted(k for k, v in shape.agnostic() if getattr(seed.config, k) != v)
+        raise ConfigError(f"{path}: the seed model differs from this stage's model in {changed}")
+    heads = PretrainingHeads(shape.width, shape.vocab_size)
+    state = load_head_state(path, HEADS)
+    if state is not None:
+        heads.load_state_dict(state, strict=True)
+    return seed, heads
+
+
+def run_tokenizer(run_dir: Path, config: PretrainConfig, train, dist: DistributedContext) -> TextTokenizer:
+    """The run's tokenizer, fixed once in the run directory: a resumed run and every rank read
+    the same file (WordPiece training is not deterministic across processes)."""
+    path = run_dir / TOKENIZER_FILE
+    if dist.is_main and not path.exists():
+        init = open_checkpoint(config.init) if config.init else None
+        resolve_tokenizer(config.tokenizer, train, init).save(path)
+    dist.barrier()
+    return TextTokenizer.load(path, config.tokenizer.max_len)
+
+
+def run_pretraining(config: PretrainConfig, run_dir: str | os.PathLike, progress: bool = True,
+                    dist: DistributedContext | None = None) -> Path:
+    """Train (or resume) the stage in `run_dir`; return the path of its final checkpoint."""
+    dist = dist or init_distributed()
+    run_dir = claim_run_dir(run_dir, config) if dist.is_main else Path(run_dir)
+    dist.barrier()
+    train = load_dataset(config.data, progress=progress and dist.is_main).split("train")
+    tokenizer = run_tokenizer(run_dir, config, train, dist)
+    model, heads = build_pretraining_model(config, tokenizer.vocab_size, tokenizer.max_len)
+    model, heads = model.to(dist.device), heads.to(dist.device)
+    pairs = pair_batch(train, tokenizer)
+    if len(pairs) < config.optimizer.batch_size:
+        raise ConfigError(f"batch_size {config.optimizer.batch_size} exceeds the {len(pairs)} training pairs")
+    objective = dist.wrap(PretrainingObjective(model, heads, config.objectives, tokenizer.mask_id, dist))
+    optimizer, scheduler = make_optimizer([model, heads], config.optimizer, config.steps)
+
+    def step_fn(step: int) -> dict[str, torch.Tensor]:
+        rows = batch_indices(len(pairs), config.optimizer.batch_size, step, config.seed)
+        return objective(pairs[rows].to(dist.device), step_generator(config.seed, step, device=dist.device))
+
+    trainer = Trainer(run_dir, {"model": model, "heads": heads}, optimizer, config.steps, config.checkpoint_every,
+                      scheduler, progress=progress, grad_clip=config.optimizer.grad_clip, dist=dist)
+    trainer.fit(step_fn)
+    out = run_dir / MODEL_FILE
+    if dist.is_main:
+        metadata = {"stage": config.stage, "tokenizer": tokenizer.to_json(),
+                    "run_config": json.dumps(config.model_dump(mode="json"), sort_keys=True)}
+        save_model(model, out, step=config.steps, extra_metadata=metadata, heads={HEADS: heads})
+    dist.barrier()
+    return out
