@@ -9,12 +9,12 @@ STAMP := $(VENV)/.installed
 DEBIAN_DATA := fonts-noto-color-emoji unicode-cldr-core unicode-data libfribidi0
 DATA_FILES := /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf /usr/share/unicode/cldr/common/annotations/en.xml /usr/share/unicode/emoji/emoji-test.txt
 
-.PHONY: demo test clean data
+.PHONY: demo test bench clean data
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet -e '.[test,report]'
 	touch $(STAMP)
 
 data:
@@ -27,10 +27,14 @@ data:
 	fi
 
 demo: $(STAMP) data
-	$(BIN)/vlmerge demo --out demo-out
+	$(BIN)/vlmerge study recipes/emoji-demo.yaml --out demo-out/emoji-demo
 
 test: $(STAMP) data
 	$(BIN)/python -m pytest -q
+
+bench: $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[bench]'
+	@for script in benchmarks/*.py; do echo "== $$script"; $(BIN)/python $$script || exit 1; done
 
 clean:
 	rm -rf $(VENV) demo-out

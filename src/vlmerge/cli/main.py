@@ -77,6 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
     grams.add_argument("--out", required=True, help="output .safetensors")
     grams.add_argument("--quiet", action="store_true")
 
+    study = commands.add_parser("study", help="run a recipe's grid of comparisons and write the report")
+    study.add_argument("recipe", help="the study recipe (YAML), e.g. recipes/emoji-demo.yaml")
+    study.add_argument("--out", help="study directory (default: studies/<recipe name>)")
+    study.add_argument("--dry-run", action="store_true", help="validate the recipe and list its runs; train nothing")
+    study.add_argument("--quiet", action="store_true")
+
     demo = commands.add_parser("demo", help="build micro experts, merge them several ways, compare")
     demo.add_argument("--out", default="demo-out", help="directory for the demo's checkpoints")
     return parser
@@ -178,6 +184,22 @@ def run_grams(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_study_command(args: argparse.Namespace) -> int:
+    from vlmerge.study.recipe import load_recipe
+    from vlmerge.study.runner import describe_plan, run_study
+
+    recipe = load_recipe(args.recipe)
+    if args.dry_run:
+        print(describe_plan(recipe))
+        return 0
+    out = Path(args.out or Path("studies") / recipe.name)
+    results = run_study(recipe, out, progress=not args.quiet)
+    timing = results["timing"]
+    print(f"study {recipe.name}: {timing['stages_run']} stages run, {timing['stages_cached']} reused, "
+          f"{timing['seconds']:.0f} s -> {out / 'report.md'}, {out / 'report.html'}")
+    return 0
+
+
 def format_metrics(title: str, metrics: dict[str, float]) -> str:
     return f"{title}\n" + "".join(f"  {name:<20}{value:>10.4f}\n" for name, value in metrics.items())
 
@@ -189,4 +211,4 @@ def run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": run_train, "evaluate": run_evaluate, "grams": run_grams, "merge": run_merge, "metrics": run_metrics, "inspect": run_inspect, "demo": run_demo}
+COMMANDS = {"study": run_study_command, "train": run_train, "evaluate": run_evaluate, "grams": run_grams, "merge": run_merge, "metrics": run_metrics, "inspect": run_inspect, "demo": run_demo}

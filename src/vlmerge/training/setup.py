@@ -1,5 +1,6 @@
 """What every stage builds the same way: data, tokenizer, optimiser and schedule."""
 
+import functools
 import math
 
 import torch
@@ -16,7 +17,9 @@ from vlmerge.training.objectives import PairBatch
 EMBEDDING_NAMES = ("cls_token", "pos_embed", "text_embed", "token_type_embed")  # tables, not maps: no decay
 
 
+@functools.lru_cache(maxsize=4)
 def load_dataset(config: DataConfig, progress: bool = False) -> EmojiDataset:
+    """The dataset, kept in memory across the stages of one process (a study runs many)."""
     return build_emoji_dataset(config.image_size, config.cache_dir, limit=config.limit, progress=progress)
 
 

@@ -1,0 +1,1 @@
+"""The study: recipe, cached runner, claims, report."""

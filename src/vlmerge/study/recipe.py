@@ -1,0 +1,90 @@
+"""A study recipe (YAML -> validated config): the grid of the paper's comparisons.
+
+One main setting (seed fraction, architecture, merge) anchors the baselines; sweeps vary one
+factor at a time from it. Pre-training budgets are in total steps, split between seed and
+modality-specific pre-training, so every baseline trains equally long.
+"""
+
+import os
+from typing import Any, Self
+
+from pydantic import Field, model_validator
+
+from vlmerge.core.config import StrictConfig
+from vlmerge.core.errors import ConfigError
+from vlmerge.merging.methods import MERGE_METHODS
+from vlmerge.models.config import ExpertPlacement
+from vlmerge.tasks import TASKS
+from vlmerge.training.config import DataConfig, ModelSpec, OptimizerConfig, TokenizerConfig, read_yaml
+from vlmerge.training.objectives import ObjectiveWeights
+
+
+class MergeSpec(StrictConfig):
+    method: str
+    options: dict[str, Any] = {}
+
+    @property
+    def label(self) -> str:
+        options = ", ".join(f"{k}={v}" for k, v in sorted(self.options.items()))
+        return f"{self.method} ({options})" if options else self.method
+
+    @property
+    def key(self) -> str:
+        return "-".join([self.method, *(f"{k}{v}" for k, v in sorted(self.options.items()))])
+
+
+class FinetuneSpec(StrictConfig):
+    steps: int = Field(60, ge=1)
+    optimizer: OptimizerConfig = OptimizerConfig(lr=1e-3, warmup_steps=5)
+    eval_batch_size: int = Field(256, ge=1)
+
+
+class GramSpec(StrictConfig):
+    split: str = "train"
+    batch_size: int = Field(64, ge=1)
+
+
+class StudyRecipe(StrictConfig):
+    name: str
+    seed: int = 0
+    data: DataConfig = DataConfig()
+    model: ModelSpec = ModelSpec()
+    tokenizer: TokenizerConfig = TokenizerConfig()
+    objectives: ObjectiveWeights = ObjectiveWeights()
+    pretrain_optimizer: OptimizerConfig = OptimizerConfig()
+    total_steps: int = Field(400, ge=2, description="seed + modality-specific pre-training steps of every baseline")
+    checkpoint_every: int = Field(100, ge=1)
+    seed_fraction: float = Field(0.5, gt=0, lt=1, description="the main setting's share of seed pre-training")
+    seed_fractions: list[float] = Field([0.0, 0.25, 0.5, 0.75], description="sweep; 0 is naive merging")
+    architectures: list[ExpertPlacement] = [ExpertPlacement.ALL, ExpertPlacement.FFN, ExpertPlacement.ATTENTION]
+    main_merge: MergeSpec = MergeSpec(method="interpolation", options={"ratio": 0.5})
+    merges: list[MergeSpec] = []
+    tasks: list[str] = Field(default_factory=lambda: list(TASKS))
+    finetune: FinetuneSpec = FinetuneSpec()
+    grams: GramSpec = GramSpec()
+    gallery_size: int = Field(6, ge=0)
+    tolerance: float = Field(0.02, ge=0, description="score gap within which two results count as a match")
+
+    @model_validator(mode="after")
+    def _check(self) -> Self:
+        for task in self.tasks:
+            TASKS.get(task)  # unknown names fail with the nearest valid one
+        for spec in [self.main_merge, *self.merges]:
+            MERGE_METHODS.get(spec.method)
+        if any(not 0 <= f < 1 for f in self.seed_fractions):
+            raise ValueError("seed_fractions must lie in [0, 1): the specific stage needs steps")
+        if ExpertPlacement.NONE in self.architectures:
+            raise ValueError("architectures are expert placements to merge; 'none' has nothing to merge")
+        if self.model.experts is not None:
+            raise ValueError("model.experts is set per run by the recipe (architectures); drop it")
+        return self
+
+    def seed_steps(self, fraction: float) -> int:
+        return round(fraction * self.total_steps)
+
+
+def load_recipe(path: str | os.PathLike) -> StudyRecipe:
+    data = read_yaml(path)
+    if "name" not in data:
+        raise ConfigError(f"{path}: a recipe needs a name")
+    return StudyRecipe.parse(data, where=str(path))

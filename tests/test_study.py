@@ -1,0 +1,57 @@
+"""The study runner end to end on a micro recipe: every stage, results.json, the report; a
+second run reuses every stage; the shipped recipes validate."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from vlmerge.cli.main import main
+from vlmerge.study.recipe import load_recipe
+from vlmerge.study.runner import run_study
+
+RECIPES = Path(__file__).parent.parent / "recipes"
+
+
+@pytest.fixture(scope="module")
+def study(emoji_sources, tmp_path_factory):
+    out = tmp_path_factory.mktemp("study")
+    return out, run_study(load_recipe(RECIPES / "micro-test.yaml"), out, progress=False)
+
+
+def test_micro_study_writes_results_and_a_report_built_from_them(study):
+    out, results = study
+    assert json.loads((out / "results.json").read_text()) == results
+    assert {"agnostic-scratch", "specific", "naive-merge", "seed-merge", "merge-regmean-alpha0.9",
+            "merge-arithmetic-lam0.5", "arch-ffn-merge"} == set(results["models"])
+    for model in results["models"].values():
+        assert set(model["tasks"]) == set(results["tasks"])
+        primary = [model["tasks"][t][results["primary_metrics"][t]] for t in results["tasks"]]
+        assert model["score"] == pytest.approx(sum(primary) / len(primary))
+    report = (out / "report.md").read_text()
+    for model in results["models"].values():
+        assert model["label"] in report
+    assert f"{results['models']['seed-merge']['score']:.3f}" in report
+    assert [claim["id"] for claim in results["claims"]] == ["seed", "parity", "seed_length", "metrics", "size"]
+    assert (out / "report.html").read_text().startswith("<!DOCTYPE html>")
+    assert len(results["gallery"]) == 3 and all((out / g["image"]).is_file() for g in results["gallery"])
+    assert results["models"]["seed-merge"]["parameters"] < results["models"]["specific"]["parameters"]
+
+
+def test_running_the_study_again_does_no_work_twice(study):
+    out, first = study
+    again = run_study(load_recipe(RECIPES / "micro-test.yaml"), out, progress=False)
+    assert again["timing"]["stages_run"] == 0 and again["timing"]["stages_cached"] > 0
+    assert again["models"] == first["models"]
+
+
+@pytest.mark.parametrize("recipe", sorted(p.name for p in RECIPES.glob("*.yaml")))
+def test_every_shipped_recipe_validates_and_plans(recipe, capsys):
+    assert main(["study", str(RECIPES / recipe), "--dry-run"]) == 0
+    assert "fine-tuning runs" in capsys.readouterr().out
+
+
+def test_a_recipe_typo_is_one_named_error(tmp_path, capsys):
+    (tmp_path / "bad.yaml").write_text("name: x\ntotal_step: 10\n")
+    assert main(["study", str(tmp_path / "bad.yaml"), "--dry-run"]) == 2
+    assert "did you mean 'total_steps'" in capsys.readouterr().err
