@@ -2,6 +2,8 @@
 second run reuses every stage; the shipped recipes validate."""
 
 import json
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -55,3 +57,21 @@ def test_a_recipe_typo_is_one_named_error(tmp_path, capsys):
     (tmp_path / "bad.yaml").write_text("name: x\ntotal_step: 10\n")
     assert main(["study", str(tmp_path / "bad.yaml"), "--dry-run"]) == 2
     assert "did you mean 'total_steps'" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_report_html_opens_in_headless_chromium_without_errors(study):
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.skip("Debian's chromium is not installed (apt-get install chromium); the HTML is still checked "
+                    "for well-formedness in test_report.py")
+    out, results = study
+    command = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--enable-logging=stderr", "--v=0",
+               "--dump-dom", (out / "report.html").as_uri()]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    page_errors = [line for line in result.stderr.splitlines()
+                   if "CONSOLE" in line or "Failed to load resource" in line or "Uncaught" in line]
+    assert page_errors == []
+    assert "<h1" in result.stdout and results["models"]["seed-merge"]["label"] in result.stdout
+    assert result.stdout.count("<img") == (out / "report.html").read_text().count("<img") > 0
