@@ -1,4 +1,4 @@
-# Two commands: `make demo` and `make test`. Both create .venv on first use.
+# `make demo`, `make test`, `make bench`. Each creates .venv on first use.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
