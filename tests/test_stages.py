@@ -42,11 +42,13 @@ def falls(run_dir, key="loss", window=4):
     return sum(losses[-window:]) / window < sum(losses[:window]) / window
 
 
-def pretraining_loss(run_dir, model, heads):
+def stage_config(run_dir):
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    return parse_stage_config(saved["stage"], saved)
+
+
+def pretraining_loss(config, tokenizer, model, heads):
     """The stage's loss on one fixed batch and fixed masks (training losses are too noisy over a few steps)."""
-    config = parse_stage_config(yaml.safe_load((run_dir / "config.yaml").read_text())["stage"],
-                                yaml.safe_load((run_dir / "config.yaml").read_text()))
-    tokenizer = TextTokenizer.load(run_dir / "tokenizer.json", config.tokenizer.max_len)
     pairs = pair_batch(load_dataset(config.data).split("train"), tokenizer)[:64]
     with torch.no_grad():
         losses = pretraining_losses(model.eval(), heads.eval(), pairs, config.objectives, tokenizer.mask_id,
@@ -55,14 +57,13 @@ def pretraining_loss(run_dir, model, heads):
 
 
 def pretraining_loss_falls(run_dir):
-    config = parse_stage_config(yaml.safe_load((run_dir / "config.yaml").read_text())["stage"],
-                                yaml.safe_load((run_dir / "config.yaml").read_text()))
+    config = stage_config(run_dir)
     tokenizer = TextTokenizer.load(run_dir / "tokenizer.json", config.tokenizer.max_len)
     start = build_pretraining_model(config, tokenizer.vocab_size, tokenizer.max_len)
     trained = load_model(run_dir / "model.safetensors")
     heads = PretrainingHeads(trained.config.width, trained.config.vocab_size)
     heads.load_state_dict(load_head_state(run_dir / "model.safetensors", "heads"))
-    before, after = pretraining_loss(run_dir, *start), pretraining_loss(run_dir, trained, heads)
+    before, after = (pretraining_loss(config, tokenizer, *pair) for pair in (start, (trained, heads)))
     return after < before - 0.1, (before, after)
 
 

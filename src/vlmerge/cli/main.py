@@ -159,25 +159,24 @@ def run_train(args: argparse.Namespace) -> int:
 def run_evaluate(args: argparse.Namespace) -> int:
     from vlmerge.tasks.finetune import evaluate_checkpoint
     from vlmerge.training.config import CONFIG_FILE, DataConfig, read_yaml
+    from vlmerge.training.setup import checkpoint_data
 
     path = Path(args.checkpoint)
     checkpoint = path / "model.safetensors" if path.is_dir() else path
     if path.is_dir() and (path / CONFIG_FILE).is_file():  # a run directory: evaluate on the run's data
         data = DataConfig.parse(read_yaml(path / CONFIG_FILE).get("data", {}), where=str(path / CONFIG_FILE))
     else:
-        config = open_checkpoint(checkpoint).config or {}
-        data = DataConfig(image_size=config.get("image_size", DataConfig().image_size), limit=args.limit)
+        data = checkpoint_data(open_checkpoint(checkpoint), limit=args.limit)
     metrics = evaluate_checkpoint(checkpoint, args.task, args.split, data)
     print(json.dumps(metrics, indent=2) if args.json else format_metrics(f"{checkpoint} ({args.split})", metrics), end="")
     return 0
 
 
 def run_grams(args: argparse.Namespace) -> int:
-    from vlmerge.training.config import DataConfig
     from vlmerge.training.grams import collect_checkpoint_grams
+    from vlmerge.training.setup import checkpoint_data
 
-    config = open_checkpoint(args.checkpoint).config or {}
-    data = DataConfig(dataset=args.data, image_size=config.get("image_size", DataConfig().image_size), limit=args.limit)
+    data = checkpoint_data(open_checkpoint(args.checkpoint), dataset=args.data, limit=args.limit)
     out = collect_checkpoint_grams(args.checkpoint, args.out, data, args.split, args.batch_size, args.normalize,
                                    progress=not args.quiet)
     print(f"gram matrices -> {out}")

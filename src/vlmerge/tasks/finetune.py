@@ -17,7 +17,7 @@ from vlmerge.tasks.base import TASKS, Task, num_examples, take
 from vlmerge.training.config import DataConfig, FinetuneConfig, claim_run_dir
 from vlmerge.training.distributed import DistributedContext, init_distributed
 from vlmerge.training.pretrain import HEADS, MODEL_FILE
-from vlmerge.training.setup import checkpoint_tokenizer, load_dataset, make_optimizer
+from vlmerge.training.setup import checkpoint_data, checkpoint_tokenizer, load_dataset, make_optimizer
 from vlmerge.training.trainer import Trainer, batch_indices
 
 TASK_HEAD = "head"
@@ -92,8 +92,7 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, task_name: str | None = N
     task_name = task_name or finetuned_task or "retrieval"
     if finetuned_task is not None and task_name != finetuned_task:
         raise ConfigError(f"{checkpoint} was fine-tuned for {finetuned_task!r}, not {task_name!r}")
-    config = reader.config or {}
-    data = data or DataConfig(image_size=config.get("image_size", DataConfig().image_size))
+    data = data or checkpoint_data(reader)
     model, task = load_task(task_name, checkpoint, data)
     head = task.make_head(model.config)
     head_state = load_head_state(checkpoint, TASK_HEAD)

@@ -20,7 +20,7 @@ from vlmerge.models.checkpoint import load_model
 from vlmerge.training.config import DataConfig
 from vlmerge.training.distributed import DistributedContext, init_distributed
 from vlmerge.training.objectives import PairBatch
-from vlmerge.training.setup import checkpoint_tokenizer, load_dataset, pair_batch
+from vlmerge.training.setup import checkpoint_data, checkpoint_tokenizer, load_dataset, pair_batch
 
 
 def gram_batches(pairs: PairBatch, batch_size: int, dist: DistributedContext) -> Iterator[dict[str, torch.Tensor]]:
@@ -41,7 +41,7 @@ def collect_checkpoint_grams(checkpoint: str | os.PathLike, out: str | os.PathLi
     dist = dist or init_distributed()
     reader = open_checkpoint(checkpoint)
     model = load_model(checkpoint).to(dist.device)
-    data = data or DataConfig(image_size=model.config.image_size)
+    data = data or checkpoint_data(reader)
     dataset = load_dataset(data, progress=progress and dist.is_main).split(split)
     pairs = pair_batch(dataset, checkpoint_tokenizer(reader, model.config.max_text_len))
     grams, info = collect_grams(model, gram_batches(pairs, batch_size, dist), normalize=normalize,

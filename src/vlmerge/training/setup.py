@@ -23,6 +23,12 @@ def load_dataset(config: DataConfig, progress: bool = False) -> EmojiDataset:
     return build_emoji_dataset(config.image_size, config.cache_dir, limit=config.limit, progress=progress)
 
 
+def checkpoint_data(reader: CheckpointReader, **fields) -> DataConfig:
+    """Data at the image size the checkpoint's model takes (other fields as given)."""
+    image_size = (reader.config or {}).get("image_size", DataConfig().image_size)
+    return DataConfig(image_size=image_size, **fields)
+
+
 def pair_batch(dataset: EmojiDataset, tokenizer: TextTokenizer) -> PairBatch:
     """The whole split as one batch of (image, name) pairs: steps index rows of it."""
     captions = [dataset.caption(i) for i in range(len(dataset))]
