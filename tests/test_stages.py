@@ -8,6 +8,7 @@ import torch
 import yaml
 
 from vlmerge.cli.main import main
+from vlmerge.data.sources import load_pairs
 from vlmerge.merging.plan import merged_key, parse_expert_key
 from vlmerge.data.tokenizer import TextTokenizer
 from vlmerge.models.checkpoint import load_head_state, load_model
@@ -16,7 +17,7 @@ from vlmerge.tasks import TASKS
 from vlmerge.training.config import parse_stage_config
 from vlmerge.training.objectives import pretraining_losses
 from vlmerge.training.pretrain import build_pretraining_model
-from vlmerge.training.setup import load_dataset, pair_batch
+from vlmerge.training.setup import PairData
 from vlmerge.training.trainer import read_metrics
 
 LIMIT = 400  # the first 400 emoji: two groups, ~30 subgroups; renders in a few seconds
@@ -49,7 +50,7 @@ def stage_config(run_dir):
 
 def pretraining_loss(config, tokenizer, model, heads):
     """The stage's loss on one fixed batch and fixed masks (training losses are too noisy over a few steps)."""
-    pairs = pair_batch(load_dataset(config.data).split("train"), tokenizer)[:64]
+    pairs = PairData.of(load_pairs(config.data, "train"), tokenizer)[:64]
     with torch.no_grad():
         losses = pretraining_losses(model.eval(), heads.eval(), pairs, config.objectives, tokenizer.mask_id,
                                     torch.Generator().manual_seed(0))

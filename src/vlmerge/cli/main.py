@@ -22,6 +22,7 @@ METHOD_OPTION_FLAGS = {"ratio": float, "lam": float, "alpha": float, "density": 
                       "dare_seed": int}
 EXPERT_CHOICES = [s.value for s in ExpertSelection]
 STAGES = ["seed", "specific", "finetune"]
+DATA_HELP = "a dataset name (default emoji) or a YAML data config naming a dataset and its local paths"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,14 +65,15 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("checkpoint", help="a checkpoint, or a run directory holding model.safetensors")
     evaluate.add_argument("--task", help="default: the task it was fine-tuned for, else zero-shot retrieval")
     evaluate.add_argument("--split", default="test", choices=["train", "val", "test"])
-    evaluate.add_argument("--limit", type=int, help="use only the first N emoji of the build")
+    evaluate.add_argument("--data", help=DATA_HELP)
+    evaluate.add_argument("--limit", type=int, help="use only the first N records of the dataset")
     evaluate.add_argument("--json", action="store_true")
 
     grams = commands.add_parser("grams", help="Gram matrices of a checkpoint's experts over data, for RegMean")
     grams.add_argument("checkpoint")
-    grams.add_argument("--data", default="emoji", choices=["emoji"], help="dataset of image-text pairs")
+    grams.add_argument("--data", default="emoji", help=DATA_HELP)
     grams.add_argument("--split", default="train", choices=["train", "val", "test"])
-    grams.add_argument("--limit", type=int, help="use only the first N emoji of the build")
+    grams.add_argument("--limit", type=int, help="use only the first N records of the dataset")
     grams.add_argument("--batch-size", type=int, default=64)
     grams.add_argument("--normalize", action="store_true", help="divide each matrix by its token count")
     grams.add_argument("--out", required=True, help="output .safetensors")
@@ -156,17 +158,29 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_evaluate(args: argparse.Namespace) -> int:
-    from vlmerge.tasks.finetune import evaluate_checkpoint
-    from vlmerge.training.config import CONFIG_FILE, DataConfig, read_yaml
+def data_config(value: str | None, checkpoint: str | Path, limit: int | None):
+    """--data: a dataset name, or a YAML data config (for datasets read from local paths);
+    the image size is the checkpoint's unless the YAML says otherwise."""
+    from vlmerge.training.config import read_yaml
     from vlmerge.training.setup import checkpoint_data
+
+    fields = read_yaml(value) if value and value.endswith((".yaml", ".yml")) else {"dataset": value or "emoji"}
+    if limit is not None:
+        fields["limit"] = limit
+    return checkpoint_data(open_checkpoint(checkpoint), **fields)
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    from vlmerge.data.config import DataConfig
+    from vlmerge.tasks.finetune import evaluate_checkpoint
+    from vlmerge.training.config import CONFIG_FILE, read_yaml
 
     path = Path(args.checkpoint)
     checkpoint = path / "model.safetensors" if path.is_dir() else path
-    if path.is_dir() and (path / CONFIG_FILE).is_file():  # a run directory: evaluate on the run's data
+    if args.data is None and path.is_dir() and (path / CONFIG_FILE).is_file():  # a run directory: the run's data
         data = DataConfig.parse(read_yaml(path / CONFIG_FILE).get("data", {}), where=str(path / CONFIG_FILE))
     else:
-        data = checkpoint_data(open_checkpoint(checkpoint), limit=args.limit)
+        data = data_config(args.data, checkpoint, args.limit)
     metrics = evaluate_checkpoint(checkpoint, args.task, args.split, data)
     print(json.dumps(metrics, indent=2) if args.json else format_metrics(f"{checkpoint} ({args.split})", metrics), end="")
     return 0
@@ -174,9 +188,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
 def run_grams(args: argparse.Namespace) -> int:
     from vlmerge.training.grams import collect_checkpoint_grams
-    from vlmerge.training.setup import checkpoint_data
 
-    data = checkpoint_data(open_checkpoint(args.checkpoint), dataset=args.data, limit=args.limit)
+    data = data_config(args.data, args.checkpoint, args.limit)
     out = collect_checkpoint_grams(args.checkpoint, args.out, data, args.split, args.batch_size, args.normalize,
                                    progress=not args.quiet)
     print(f"gram matrices -> {out}")

@@ -1,1 +1,7 @@
-"""Datasets and public data formats: readers, tokenizer, the emoji image-text set, transforms."""
+"""Datasets and public data formats: readers, tokenizer, data sources, transforms."""
+
+from vlmerge.data import emoji_source, paper_sources  # noqa: F401  (registration)
+from vlmerge.data.config import DataConfig
+from vlmerge.data.sources import SOURCES, DataSource, load_pairs, load_source
+
+__all__ = ["SOURCES", "DataConfig", "DataSource", "load_pairs", "load_source"]

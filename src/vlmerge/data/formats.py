@@ -9,7 +9,7 @@ Malformed files fail with one error naming the file and what is wrong.
 
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -114,6 +114,11 @@ def load_nlvr2(path: str | os.PathLike, image_dir: str | os.PathLike) -> list[Nl
 
 def load_image(path: str | os.PathLike, size: int) -> torch.Tensor:
     """An RGB image (transparency composited onto white), resized to size x size, float in [0, 1]."""
+    return read_image(path, size).float() / 255.0
+
+
+def read_image(path: str | os.PathLike, size: int) -> torch.Tensor:
+    """An RGB image (transparency composited onto white), resized to size x size, uint8 (3, size, size)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: image not found")
@@ -124,7 +129,23 @@ def load_image(path: str | os.PathLike, size: int) -> torch.Tensor:
         raise ConfigError(f"{path}: not a readable image ({error})") from error
     white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
     rgb = Image.alpha_composite(white, rgba).convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
-    return torch.from_numpy(np.asarray(rgb, dtype=np.float32) / 255.0).permute(2, 0, 1)
+    return torch.from_numpy(np.array(rgb, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+
+
+class FileImages:
+    """An image store over files, read and resized when indexed: large datasets stay on disk."""
+
+    def __init__(self, paths: Sequence[Path], size: int) -> None:
+        self.paths, self.size = list(paths), size
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, rows: torch.Tensor | slice) -> torch.Tensor:
+        indices = range(len(self))[rows] if isinstance(rows, slice) else torch.as_tensor(rows).reshape(-1).tolist()
+        if not len(indices):
+            return torch.empty(0, 3, self.size, self.size, dtype=torch.uint8)
+        return torch.stack([read_image(self.paths[i], self.size) for i in indices])
 
 
 def image_folder(directory: str | os.PathLike, extensions: tuple[str, ...] = (".png", ".jpg", ".jpeg")) -> Iterator[Path]:

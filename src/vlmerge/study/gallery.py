@@ -9,7 +9,7 @@ from PIL import Image
 
 from vlmerge.models.checkpoint import load_head_state
 from vlmerge.tasks.finetune import TASK_HEAD, load_task
-from vlmerge.training.config import DataConfig
+from vlmerge.data.config import DataConfig
 
 TOP = 3
 UPSCALE = 3
@@ -22,16 +22,18 @@ def retrieval_gallery(checkpoint: str | os.PathLike, data: DataConfig, size: int
     head = task.make_head(model.config)
     head.load_state_dict(load_head_state(checkpoint, TASK_HEAD), strict=True)
     similarity = task.similarity(model, head, split)
-    dataset = task.dataset.split(split)
+    pairs = task.source.pairs(split)
     out = study_dir / "gallery"
     out.mkdir(parents=True, exist_ok=True)
     gallery = []
-    for rank, query in enumerate(torch.linspace(0, len(dataset) - 1, min(size, len(dataset))).round().long().tolist()):
+    count = len(pairs.images)
+    for rank, query in enumerate(torch.linspace(0, count - 1, min(size, count)).round().long().tolist()):
         path = out / f"query-{rank}.png"
-        picture = Image.fromarray(dataset.images[query].permute(1, 2, 0).numpy())
+        picture = Image.fromarray(pairs.images[torch.tensor([query])][0].permute(1, 2, 0).numpy())
         picture.resize((picture.width * UPSCALE, picture.height * UPSCALE), Image.NEAREST).save(path)
+        own = (pairs.image_of == query).nonzero().squeeze(1).tolist()
         scores, indices = similarity[query].topk(min(TOP, similarity.shape[1]))
-        gallery.append({"image": str(path.relative_to(study_dir)), "caption": dataset.caption(query),
-                        "top": [{"caption": dataset.caption(i), "score": round(s, 4), "correct": i == query}
+        gallery.append({"image": str(path.relative_to(study_dir)), "caption": pairs.captions[own[0]] if own else "",
+                        "top": [{"caption": pairs.captions[i], "score": round(s, 4), "correct": i in own}
                                 for s, i in zip(scores.tolist(), indices.tolist())]})
     return gallery

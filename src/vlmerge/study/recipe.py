@@ -15,7 +15,9 @@ from vlmerge.core.errors import ConfigError
 from vlmerge.merging.methods import MERGE_METHODS
 from vlmerge.models.config import ExpertPlacement
 from vlmerge.tasks import TASKS
-from vlmerge.training.config import DataConfig, ModelSpec, OptimizerConfig, TokenizerConfig, read_yaml
+from vlmerge.data.config import DataConfig
+from vlmerge.data.sources import check_data
+from vlmerge.training.config import ModelSpec, OptimizerConfig, TokenizerConfig, read_yaml
 from vlmerge.training.objectives import ObjectiveWeights
 
 
@@ -44,10 +46,18 @@ class GramSpec(StrictConfig):
     batch_size: int = Field(64, ge=1)
 
 
+class TaskData(StrictConfig):
+    """A task's own dataset; image size, cache and limit come from the recipe's data."""
+
+    dataset: str
+    paths: dict[str, str] = {}
+
+
 class StudyRecipe(StrictConfig):
     name: str
     seed: int = 0
-    data: DataConfig = DataConfig()
+    data: DataConfig = Field(DataConfig(), description="pre-training data, and every task's unless task_data says")
+    task_data: dict[str, TaskData] = {}
     model: ModelSpec = ModelSpec()
     tokenizer: TokenizerConfig = TokenizerConfig()
     objectives: ObjectiveWeights = ObjectiveWeights()
@@ -69,6 +79,12 @@ class StudyRecipe(StrictConfig):
     def _check(self) -> Self:
         for task in self.tasks:
             TASKS.get(task)  # unknown names fail with the nearest valid one
+        for task in self.task_data:
+            if task not in self.tasks:
+                raise ValueError(f"task_data names {task!r}, which is not among the tasks {self.tasks}")
+        check_data(self.data, ["pairs"])
+        for task in {*self.tasks, "retrieval"}:  # zero-shot retrieval and the gallery read retrieval data
+            check_data(self.data_for(task), [TASKS.get(task).use])
         for spec in [self.main_merge, *self.merges]:
             MERGE_METHODS.get(spec.method)
         if any(not 0 <= f < 1 for f in self.seed_fractions):
@@ -78,6 +94,14 @@ class StudyRecipe(StrictConfig):
         if self.model.experts is not None:
             raise ValueError("model.experts is set per run by the recipe (architectures); drop it")
         return self
+
+    def data_for(self, task: str) -> DataConfig:
+        own = self.task_data.get(task)
+        if own is None:
+            if len(self.data.names) > 1:
+                raise ValueError(f"data pools {list(self.data.names)}; name the dataset of {task!r} in task_data")
+            return self.data
+        return self.data.model_copy(update=own.model_dump())
 
     def seed_steps(self, fraction: float) -> int:
         return round(fraction * self.total_steps)

@@ -27,7 +27,8 @@ from vlmerge.tasks.finetune import RESULTS_FILE, evaluate_checkpoint, run_finetu
 from vlmerge.training.config import FinetuneConfig, PretrainConfig
 from vlmerge.training.grams import collect_checkpoint_grams
 from vlmerge.training.pretrain import MODEL_FILE, TOKENIZER_FILE, run_pretraining
-from vlmerge.training.setup import load_dataset, resolve_tokenizer
+from vlmerge.data.sources import load_pairs
+from vlmerge.training.setup import resolve_tokenizer
 
 PRIMARY_METRICS = {"retrieval": "mean_recall", "vqa": "vqa_score", "nlvr2": "accuracy", "classify_image": "accuracy",
                    "classify_text": "accuracy"}
@@ -60,8 +61,8 @@ class StudyRunner:
         spec = {"data": self.recipe.data.model_dump(mode="json"), "tokenizer": self.recipe.tokenizer.model_dump()}
 
         def work(directory: Path) -> dict:
-            train = load_dataset(self.recipe.data, self.progress).split("train")
-            return {"path": str(resolve_tokenizer(self.recipe.tokenizer, train, None).save(directory / TOKENIZER_FILE))}
+            captions = load_pairs(self.recipe.data, "train", self.progress).captions
+            return {"path": str(resolve_tokenizer(self.recipe.tokenizer, captions, None).save(directory / TOKENIZER_FILE))}
 
         return self.cache.run("tokenizer", spec, work, "shared vocabulary")[0] / TOKENIZER_FILE
 
@@ -117,7 +118,7 @@ class StudyRunner:
         recipe = self.recipe
         config = FinetuneConfig.parse({
             "task": task, "init": str(checkpoint), "seed": recipe.seed, "steps": recipe.finetune.steps,
-            "checkpoint_every": recipe.finetune.steps, "data": recipe.data.model_dump(),
+            "checkpoint_every": recipe.finetune.steps, "data": recipe.data_for(task).model_dump(),
             "optimizer": recipe.finetune.optimizer.model_dump(), "eval_batch_size": recipe.finetune.eval_batch_size,
         }, where="study fine-tuning stage")
 
@@ -130,8 +131,9 @@ class StudyRunner:
                               f"{task} from {checkpoint.parent.name}")[1]
 
     def zero_shot(self, checkpoint: Path) -> dict[str, float]:
-        spec = {"checkpoint": str(checkpoint), "data": self.recipe.data.model_dump()}
-        work = lambda d: {"metrics": evaluate_checkpoint(checkpoint, "retrieval", "test", self.recipe.data)}  # noqa: E731
+        data = self.recipe.data_for("retrieval")
+        spec = {"checkpoint": str(checkpoint), "data": data.model_dump()}
+        work = lambda d: {"metrics": evaluate_checkpoint(checkpoint, "retrieval", "test", data)}  # noqa: E731
         return self.cache.run("zeroshot", spec, work, f"retrieval of {checkpoint.parent.name}")[1]["metrics"]
 
     # ---- the grid -----------------------------------------------------------------------
@@ -203,7 +205,7 @@ class StudyRunner:
         gallery = []
         if "retrieval" in self.recipe.tasks and self.recipe.gallery_size:
             checkpoint = Path(self.finetune(models["seed-merge"].checkpoint, "retrieval")["checkpoint"])
-            gallery = retrieval_gallery(checkpoint, self.recipe.data, self.recipe.gallery_size, self.study_dir)
+            gallery = retrieval_gallery(checkpoint, self.recipe.data_for("retrieval"), self.recipe.gallery_size, self.study_dir)
         output = {
             "name": self.recipe.name, "recipe": self.recipe.model_dump(mode="json"), "tasks": self.recipe.tasks,
             "primary_metrics": {t: PRIMARY_METRICS[t] for t in self.recipe.tasks}, "models": results,

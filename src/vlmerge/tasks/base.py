@@ -2,7 +2,9 @@
 
 Examples are a dict of tensors with one row per example (model inputs under the names the
 model takes, plus labels), so batching, sharding over ranks and moving to a device are one
-line each and the same for every task.
+line each and the same for every task. Image fields hold rows of the split's image store
+until a batch is taken: a picture asked about many times is stored once, and a store may
+read its files only when a batch needs them.
 """
 
 from abc import ABC, abstractmethod
@@ -14,7 +16,7 @@ import torch
 from torch import nn
 
 from vlmerge.core.registry import Registry
-from vlmerge.data.emoji import EmojiDataset
+from vlmerge.data.sources import DataSource, ImageStore
 from vlmerge.data.tokenizer import TextTokenizer
 from vlmerge.data.transforms import model_images
 from vlmerge.models.config import ModelConfig
@@ -42,26 +44,45 @@ def encode_text(tokenizer: TextTokenizer, texts: list[str], prefix: str = "text"
 
 
 class Task(ABC):
-    """A task over the emoji build; examples are built once per split."""
+    """A task over one data source; examples are built once per split."""
 
     name: ClassVar[str]
+    use: ClassVar[str]  # what it reads from its data source (see vlmerge.data.sources.USES)
+    image_fields: ClassVar[tuple[str, ...]] = ("images",)  # example fields that are rows of the image store
 
-    def __init__(self, dataset: EmojiDataset, tokenizer: TextTokenizer, seed: int = 0) -> None:
-        self.dataset = dataset
+    def __init__(self, source: DataSource, tokenizer: TextTokenizer, seed: int = 0) -> None:
+        if self.use not in source.provides():
+            raise source.unsupported(self.use)
+        self.source = source
         self.tokenizer = tokenizer
         self.seed = seed
-        self._examples: dict[str, Examples] = {}
+        self._splits: dict[str, tuple[ImageStore | None, Examples]] = {}
+
+    def _built(self, split: str) -> tuple[ImageStore | None, Examples]:
+        if split not in self._splits:
+            self._splits[split] = self.build_examples(split)
+        return self._splits[split]
 
     def examples(self, split: str) -> Examples:
-        if split not in self._examples:
-            self._examples[split] = self.build_examples(self.dataset.split(split))
-        return self._examples[split]
+        """The split's examples, image fields as rows of its image store."""
+        return self._built(split)[1]
 
-    def images(self, dataset: EmojiDataset, rows: list[int] | torch.Tensor | None = None) -> torch.Tensor:
-        return model_images(dataset.images if rows is None else dataset.images[rows])
+    def image_store(self, split: str) -> ImageStore | None:
+        return self._built(split)[0]
+
+    def batch(self, split: str, rows: slice | torch.Tensor) -> Examples:
+        """Examples `rows` of a split with their images read, as the model takes them."""
+        store, examples = self._built(split)
+        batch = take(examples, rows)
+        for field in self.image_fields:
+            batch[field] = model_images(store[batch[field]])
+        return batch
+
+    def num_examples(self, split: str) -> int:
+        return num_examples(self.examples(split))
 
     @abstractmethod
-    def build_examples(self, split: EmojiDataset) -> Examples: ...
+    def build_examples(self, split: str) -> tuple[ImageStore | None, Examples]: ...
 
     @abstractmethod
     def make_head(self, config: ModelConfig) -> nn.Module: ...
@@ -86,7 +107,8 @@ class ClassifierTask(Task):
     def logits(self, model: VLTransformer, head: nn.Module, batch: Examples) -> torch.Tensor: ...
 
     @abstractmethod
-    def metrics(self, logits: torch.Tensor, examples: Examples) -> dict[str, float]: ...
+    def metrics(self, logits: torch.Tensor, split: str) -> dict[str, float]:
+        """Scores of a whole split's logits (in example order) against its labels."""
 
     def loss(self, model: VLTransformer, head: nn.Module, batch: Examples,
              dist: DistributedContext = SINGLE_PROCESS) -> dict[str, torch.Tensor]:
@@ -95,12 +117,12 @@ class ClassifierTask(Task):
 
     @torch.no_grad()
     def evaluate(self, model: VLTransformer, head: nn.Module, split: str = "test", batch_size: int = 128) -> dict[str, float]:
-        examples = self.examples(split)
         device = next(model.parameters()).device
         with evaluation_mode(model, head):
-            chunks = [self.logits(model, head, to_device(take(examples, slice(start, start + batch_size)), device)).cpu()
-                      for start in range(0, num_examples(examples), batch_size)]
-        return self.metrics(torch.cat(chunks), examples)
+            chunks = [self.logits(model, head, to_device(self.batch(split, slice(start, start + batch_size)), device))
+                      for start in range(0, self.num_examples(split), batch_size)]
+        chunks = [chunk.cpu() for chunk in chunks]
+        return self.metrics(torch.cat(chunks), split)
 
 
 @contextmanager

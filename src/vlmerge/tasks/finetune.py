@@ -13,11 +13,13 @@ from vlmerge.io.atomic import atomic_path
 from vlmerge.io.checkpoint import open_checkpoint
 from vlmerge.models.checkpoint import load_head_state, load_model, save_model
 from vlmerge.models.transformer import VLTransformer
-from vlmerge.tasks.base import TASKS, Task, num_examples, take
-from vlmerge.training.config import DataConfig, FinetuneConfig, claim_run_dir
+from vlmerge.data.config import DataConfig
+from vlmerge.data.sources import check_data, load_source
+from vlmerge.tasks.base import TASKS, Task
+from vlmerge.training.config import FinetuneConfig, claim_run_dir
 from vlmerge.training.distributed import DistributedContext, init_distributed
 from vlmerge.training.pretrain import HEADS, MODEL_FILE
-from vlmerge.training.setup import checkpoint_data, checkpoint_tokenizer, load_dataset, make_optimizer
+from vlmerge.training.setup import checkpoint_data, checkpoint_tokenizer, make_optimizer
 from vlmerge.training.trainer import Trainer, batch_indices
 
 TASK_HEAD = "head"
@@ -38,12 +40,14 @@ class TaskObjective(nn.Module):
 def load_task(name: str, checkpoint: str | os.PathLike, data: DataConfig, seed: int = 0,
               progress: bool = False) -> tuple[VLTransformer, Task]:
     """The checkpoint's model and the task over the data, checked against each other."""
+    task_class = TASKS.get(name)
+    check_data(data, [task_class.use])
     model = load_model(checkpoint)
     if model.config.image_size != data.image_size:
         raise ConfigError(f"{checkpoint}: the model takes {model.config.image_size}px images but the data is "
                           f"{data.image_size}px; set data.image_size: {model.config.image_size}")
     tokenizer = checkpoint_tokenizer(open_checkpoint(checkpoint), model.config.max_text_len)
-    return model, TASKS.get(name)(load_dataset(data, progress), tokenizer, seed)
+    return model, task_class(load_source(data, progress), tokenizer, seed)
 
 
 def run_finetune(config: FinetuneConfig, run_dir: str | os.PathLike, progress: bool = True,
@@ -57,8 +61,7 @@ def run_finetune(config: FinetuneConfig, run_dir: str | os.PathLike, progress: b
     head = task.make_head(model.config)
     task.init_head(head, load_head_state(config.init, HEADS))
     model, head = model.to(dist.device), head.to(dist.device)
-    examples = task.examples("train")
-    size = num_examples(examples)
+    size = task.num_examples("train")
     if size < config.optimizer.batch_size:
         raise ConfigError(f"batch_size {config.optimizer.batch_size} exceeds the {size} training examples")
     # Tasks differ in which embeddings they use (e.g. no text for image classification).
@@ -68,7 +71,7 @@ def run_finetune(config: FinetuneConfig, run_dir: str | os.PathLike, progress: b
     def step_fn(step: int) -> dict[str, torch.Tensor]:
         rows = batch_indices(size, config.optimizer.batch_size, step, config.seed)
         local = rows[dist.rows(len(rows))]
-        return objective({name: tensor.to(dist.device) for name, tensor in take(examples, local).items()})
+        return objective({name: tensor.to(dist.device) for name, tensor in task.batch("train", local).items()})
 
     Trainer(run_dir, {"model": model, "head": head}, optimizer, config.steps, config.checkpoint_every, scheduler,
             progress=progress, grad_clip=config.optimizer.grad_clip, dist=dist).fit(step_fn)

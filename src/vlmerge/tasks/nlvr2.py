@@ -1,4 +1,4 @@
-"""NLVR2-style: two emoji and a statement about them -> true or false.
+"""NLVR2-style: two images and a statement about them -> true or false.
 
 Each image is fused with the statement; the two pooled outputs, concatenated, feed the
 classifier (as in the paper's NLVR2 head).
@@ -7,8 +7,7 @@ classifier (as in the paper's NLVR2 head).
 import torch
 from torch import nn
 
-from vlmerge.data.emoji import EmojiDataset
-from vlmerge.data.emoji_tasks import build_nlvr2
+from vlmerge.data.sources import ImageStore
 from vlmerge.models.config import ModelConfig
 from vlmerge.models.transformer import VLTransformer
 from vlmerge.tasks.base import TASKS, ClassifierTask, Examples, accuracy, encode_text, mlp_head
@@ -17,14 +16,16 @@ from vlmerge.tasks.base import TASKS, ClassifierTask, Examples, accuracy, encode
 @TASKS.register("nlvr2")
 class VisualReasoning(ClassifierTask):
     name = "nlvr2"
+    use = "statements"
+    image_fields = ("left", "right")
 
-    def build_examples(self, split: EmojiDataset) -> Examples:
-        pairs = build_nlvr2(split, seed=self.seed)
-        return {
-            "left": self.images(split, [pair.left for pair in pairs]),
-            "right": self.images(split, [pair.right for pair in pairs]),
-            **encode_text(self.tokenizer, [pair.statement for pair in pairs]),
-            "labels": torch.tensor([int(pair.label) for pair in pairs]),
+    def build_examples(self, split: str) -> tuple[ImageStore, Examples]:
+        statements = self.source.statements(split, seed=self.seed)
+        return statements.images, {
+            "left": statements.left,
+            "right": statements.right,
+            **encode_text(self.tokenizer, list(statements.statements)),
+            "labels": statements.labels.long(),
         }
 
     def make_head(self, config: ModelConfig) -> nn.Module:
@@ -35,5 +36,5 @@ class VisualReasoning(ClassifierTask):
                   for side in ("left", "right")]
         return head(torch.cat(pooled, dim=-1))
 
-    def metrics(self, logits: torch.Tensor, examples: Examples) -> dict[str, float]:
-        return {"accuracy": accuracy(logits, examples["labels"])}
+    def metrics(self, logits: torch.Tensor, split: str) -> dict[str, float]:
+        return {"accuracy": accuracy(logits, self.examples(split)["labels"])}

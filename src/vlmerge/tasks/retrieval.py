@@ -1,11 +1,15 @@
-"""Image-text retrieval (image <-> CLDR name) with the dual encoder: recall@1/5/10 both ways."""
+"""Image-text retrieval with the dual encoder: recall@1/5/10 both ways.
+
+An image may have several captions (five in COCO): image-to-text counts a hit when any of
+its captions is among the top k, text-to-image when the caption's image is."""
 
 import math
 
 import torch
 from torch import nn
 
-from vlmerge.data.emoji import EmojiDataset
+from vlmerge.data.sources import ImageStore
+from vlmerge.data.transforms import model_images
 from vlmerge.models.config import ModelConfig
 from vlmerge.models.transformer import VLTransformer
 from vlmerge.tasks.base import TASKS, Examples, Task, encode_text, evaluation_mode, num_examples, take, to_device
@@ -31,29 +35,38 @@ class RetrievalHead(nn.Module):
         return self.itc_text(model(text_ids=text_ids, text_mask=text_mask).cls)
 
 
-def recall_at_k(similarity: torch.Tensor, k: int) -> float:
-    """Fraction of rows whose match (the diagonal) is among their k most similar columns."""
-    k = min(k, similarity.shape[1])
-    top = similarity.topk(k, dim=1).indices
-    return (top == torch.arange(similarity.shape[0])[:, None]).any(dim=1).float().mean().item()
+def recall_at_k(similarity: torch.Tensor, image_of: torch.Tensor, k: int, direction: str) -> float:
+    """(images x captions) similarities; the fraction of queries with a match among their top k."""
+    if direction == "i2t":
+        k = min(k, similarity.shape[1])
+        top = similarity.topk(k, dim=1).indices  # (images, k) caption indices
+        hits = image_of[top] == torch.arange(similarity.shape[0])[:, None]
+    else:
+        k = min(k, similarity.shape[0])
+        top = similarity.T.topk(k, dim=1).indices  # (captions, k) image indices
+        hits = top == image_of[:, None]
+    return hits.any(dim=1).float().mean().item()
 
 
-def retrieval_metrics(similarity: torch.Tensor) -> dict[str, float]:
-    """(images x texts) similarities, image i matching text i."""
-    metrics = {}
-    for direction, matrix in (("i2t", similarity), ("t2i", similarity.T)):
-        metrics.update({f"{direction}_r{k}": recall_at_k(matrix, k) for k in RECALL_AT})
+def retrieval_metrics(similarity: torch.Tensor, image_of: torch.Tensor | None = None) -> dict[str, float]:
+    """(images x captions) similarities; caption j describes image image_of[j] (default: image j)."""
+    image_of = torch.arange(similarity.shape[1]) if image_of is None else image_of
+    metrics = {f"{direction}_r{k}": recall_at_k(similarity, image_of, k, direction)
+               for direction in ("i2t", "t2i") for k in RECALL_AT}
     metrics["mean_recall"] = sum(metrics.values()) / len(metrics)
     return metrics
 
 
 @TASKS.register("retrieval")
 class Retrieval(Task):
-    name = "retrieval"
+    """Trained on (image, caption) pairs, one row per caption."""
 
-    def build_examples(self, split: EmojiDataset) -> Examples:
-        names = [split.caption(i) for i in range(len(split))]
-        return {"images": self.images(split), **encode_text(self.tokenizer, names)}
+    name = "retrieval"
+    use = "pairs"
+
+    def build_examples(self, split: str) -> tuple[ImageStore, Examples]:
+        pairs = self.source.pairs(split)
+        return pairs.images, {"images": pairs.image_of, **encode_text(self.tokenizer, list(pairs.captions))}
 
     def make_head(self, config: ModelConfig) -> nn.Module:
         return RetrievalHead(config.width)
@@ -69,18 +82,19 @@ class Retrieval(Task):
         return {"loss": contrastive_loss(contrastive_logits(image, text, head.logit_scale))}
 
     def evaluate(self, model: VLTransformer, head: nn.Module, split: str = "test", batch_size: int = 128) -> dict[str, float]:
-        return retrieval_metrics(self.similarity(model, head, split, batch_size))
+        return retrieval_metrics(self.similarity(model, head, split, batch_size), self.examples(split)["images"])
 
     @torch.no_grad()
     def similarity(self, model: VLTransformer, head: nn.Module, split: str = "test", batch_size: int = 128) -> torch.Tensor:
-        """(images x names) cosine similarities over a whole split."""
-        examples = self.examples(split)
+        """(images x captions) cosine similarities over a whole split, each image embedded once."""
+        store, examples = self.image_store(split), self.examples(split)
         device = next(model.parameters()).device
-        images, texts = [], []
         with evaluation_mode(model, head):
+            images = [head.embed_images(model, model_images(store[slice(start, start + batch_size)]).to(device)).cpu()
+                      for start in range(0, len(store), batch_size)]
+            texts = []
             for start in range(0, num_examples(examples), batch_size):
                 batch = to_device(take(examples, slice(start, start + batch_size)), device)
-                images.append(head.embed_images(model, batch["images"]).cpu())
                 texts.append(head.embed_text(model, batch["text_ids"], batch["text_mask"]).cpu())
         image, text = (nn.functional.normalize(torch.cat(parts), dim=-1) for parts in (images, texts))
         return image @ text.T

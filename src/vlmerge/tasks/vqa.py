@@ -1,5 +1,6 @@
-"""VQA-style questions about an emoji (its group, its subgroup, whether a keyword applies),
-answered by a classifier over the answer vocabulary from the fused image-question output.
+"""VQA: questions about an image (VQAv2, or emoji: group, subgroup, whether a keyword
+applies), answered by a classifier over the dataset's answer vocabulary from the fused
+image-question output.
 
 Targets are soft (a score per valid answer), trained with soft-target cross-entropy; the
 VQA score of a prediction is the target score of the predicted answer, which equals
@@ -9,18 +10,14 @@ accuracy when one answer is valid.
 import torch
 from torch import nn
 
-from vlmerge.data.emoji import EmojiDataset
-from vlmerge.data.emoji_tasks import build_vqa, vqa_answers
+from vlmerge.data.sources import ImageStore
 from vlmerge.models.config import ModelConfig
 from vlmerge.models.transformer import VLTransformer
 from vlmerge.tasks.base import TASKS, ClassifierTask, Examples, encode_text, mlp_head
 from vlmerge.training.distributed import SINGLE_PROCESS, DistributedContext
 
-QUESTION_KINDS = ["group", "subgroup", "keyword"]
-
-
 def vqa_metrics(logits: torch.Tensor, targets: torch.Tensor, kinds: torch.Tensor,
-                kind_names: list[str]) -> dict[str, float]:
+                kind_names: tuple[str, ...]) -> dict[str, float]:
     scores = targets.gather(1, logits.argmax(dim=-1, keepdim=True)).squeeze(1)
     metrics = {"vqa_score": scores.mean().item(), "accuracy": (scores > 0).float().mean().item()}
     for index, kind in enumerate(kind_names):
@@ -30,21 +27,38 @@ def vqa_metrics(logits: torch.Tensor, targets: torch.Tensor, kinds: torch.Tensor
     return metrics
 
 
+def soft_targets(answers: tuple[dict[str, float], ...], vocabulary: tuple[str, ...]) -> torch.Tensor:
+    """(N, A): each answer's soft score at its index. Answers outside the vocabulary are
+    dropped, as usual for VQAv2 (whose vocabulary keeps the frequent answers only)."""
+    index, targets = {answer: i for i, answer in enumerate(vocabulary)}, torch.zeros(len(answers), len(vocabulary))
+    for row, scores in enumerate(answers):
+        for answer, score in scores.items():
+            if answer in index:
+                targets[row, index[answer]] = score
+    return targets
+
+
 @TASKS.register("vqa")
 class VisualQuestionAnswering(ClassifierTask):
     name = "vqa"
+    use = "questions"
 
-    def build_examples(self, split: EmojiDataset) -> Examples:
-        vqa = build_vqa(split, seed=self.seed)
-        return {
-            "images": self.images(split, [example.image for example in vqa.examples]),
-            **encode_text(self.tokenizer, [example.question for example in vqa.examples]),
-            "targets": vqa.targets(),
-            "kinds": torch.tensor([QUESTION_KINDS.index(example.kind) for example in vqa.examples]),
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.kind_names: dict[str, tuple[str, ...]] = {}  # per split: the question kinds, for per-kind accuracy
+
+    def build_examples(self, split: str) -> tuple[ImageStore, Examples]:
+        questions = self.source.questions(split, seed=self.seed)
+        kind_names = self.kind_names[split] = tuple(sorted(set(questions.kinds)))
+        return questions.images, {
+            "images": questions.image_of,
+            **encode_text(self.tokenizer, list(questions.questions)),
+            "targets": soft_targets(questions.answers, self.source.answer_vocabulary()),
+            "kinds": torch.tensor([kind_names.index(kind) for kind in questions.kinds], dtype=torch.long),
         }
 
     def make_head(self, config: ModelConfig) -> nn.Module:
-        return mlp_head(config.width, len(vqa_answers(self.dataset)))  # the whole build's answers
+        return mlp_head(config.width, len(self.source.answer_vocabulary()))
 
     def logits(self, model: VLTransformer, head: nn.Module, batch: Examples) -> torch.Tensor:
         fused = model(images=batch["images"], text_ids=batch["text_ids"], text_mask=batch["text_mask"])
@@ -56,5 +70,6 @@ class VisualQuestionAnswering(ClassifierTask):
         log_probs = self.logits(model, head, batch).log_softmax(dim=-1)
         return {"loss": -(targets * log_probs).sum(dim=-1).mean()}
 
-    def metrics(self, logits: torch.Tensor, examples: Examples) -> dict[str, float]:
-        return vqa_metrics(logits, examples["targets"], examples["kinds"], QUESTION_KINDS)
+    def metrics(self, logits: torch.Tensor, split: str) -> dict[str, float]:
+        examples = self.examples(split)
+        return vqa_metrics(logits, examples["targets"], examples["kinds"], self.kind_names[split])

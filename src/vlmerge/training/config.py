@@ -13,6 +13,7 @@ from pydantic import Field, model_validator
 
 from vlmerge.core.config import StrictConfig
 from vlmerge.core.errors import ConfigError
+from vlmerge.data.config import DataConfig
 from vlmerge.io.atomic import atomic_path
 from vlmerge.models.config import ExpertPlacement
 from vlmerge.training.objectives import ObjectiveWeights
@@ -20,13 +21,6 @@ from vlmerge.training.objectives import ObjectiveWeights
 Stage = Literal["seed", "specific", "finetune"]
 STAGES: tuple[str, ...] = ("seed", "specific", "finetune")
 CONFIG_FILE = "config.yaml"
-
-
-class DataConfig(StrictConfig):
-    dataset: Literal["emoji"] = "emoji"
-    image_size: int = Field(32, ge=8)
-    limit: int | None = Field(None, ge=1, description="use only the first N emoji (tests)")
-    cache_dir: str | None = None
 
 
 class OptimizerConfig(StrictConfig):

@@ -17,13 +17,13 @@ from vlmerge.io.checkpoint import file_sha256, open_checkpoint
 from vlmerge.io.grams import save_grams
 from vlmerge.merging.grams import collect_grams
 from vlmerge.models.checkpoint import load_model
-from vlmerge.training.config import DataConfig
+from vlmerge.data.config import DataConfig
+from vlmerge.data.sources import load_pairs
 from vlmerge.training.distributed import DistributedContext, init_distributed
-from vlmerge.training.objectives import PairBatch
-from vlmerge.training.setup import checkpoint_data, checkpoint_tokenizer, load_dataset, pair_batch
+from vlmerge.training.setup import PairData, checkpoint_data, checkpoint_tokenizer
 
 
-def gram_batches(pairs: PairBatch, batch_size: int, dist: DistributedContext) -> Iterator[dict[str, torch.Tensor]]:
+def gram_batches(pairs: PairData, batch_size: int, dist: DistributedContext) -> Iterator[dict[str, torch.Tensor]]:
     """This rank's share of the model inputs, in order: images, text, pairs per data batch."""
     starts = range(0, len(pairs), batch_size)
     for start in list(starts)[dist.rank::dist.world_size]:
@@ -42,12 +42,12 @@ def collect_checkpoint_grams(checkpoint: str | os.PathLike, out: str | os.PathLi
     reader = open_checkpoint(checkpoint)
     model = load_model(checkpoint).to(dist.device)
     data = data or checkpoint_data(reader)
-    dataset = load_dataset(data, progress=progress and dist.is_main).split(split)
-    pairs = pair_batch(dataset, checkpoint_tokenizer(reader, model.config.max_text_len))
+    pairs = PairData.of(load_pairs(data, split, progress=progress and dist.is_main),
+                        checkpoint_tokenizer(reader, model.config.max_text_len))
     grams, info = collect_grams(model, gram_batches(pairs, batch_size, dist), normalize=normalize,
                                 progress=progress and dist.is_main)
     provenance = {"checkpoint": {"path": str(checkpoint), "sha256": file_sha256(checkpoint)},
-                  "data": {**data.model_dump(mode="json"), "split": split, "examples": len(dataset)},
+                  "data": {**data.model_dump(mode="json"), "split": split, "examples": len(pairs)},
                   "inputs": "images, text and image-text pairs of each batch"}
     if dist.is_main:
         save_grams(out, grams, info, provenance)

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from vlmerge.core.errors import ConfigError
+from vlmerge.data.sources import CaptionPairs, load_pairs
 from vlmerge.data.tokenizer import TextTokenizer
 from vlmerge.io.checkpoint import open_checkpoint
 from vlmerge.merging.plan import expand_to_experts
@@ -23,7 +24,7 @@ from vlmerge.models.transformer import VLTransformer
 from vlmerge.training.config import PretrainConfig, claim_run_dir
 from vlmerge.training.distributed import DistributedContext, init_distributed
 from vlmerge.training.objectives import PretrainingObjective
-from vlmerge.training.setup import load_dataset, make_optimizer, pair_batch, resolve_tokenizer
+from vlmerge.training.setup import PairData, make_optimizer, resolve_tokenizer
 from vlmerge.training.trainer import Trainer, batch_indices, step_generator
 
 MODEL_FILE = "model.safetensors"
@@ -65,13 +66,13 @@ def _load_seed(path: str, shape: ModelConfig) -> tuple[VLTransformer, Pretrainin
     return seed, heads
 
 
-def run_tokenizer(run_dir: Path, config: PretrainConfig, train, dist: DistributedContext) -> TextTokenizer:
+def run_tokenizer(run_dir: Path, config: PretrainConfig, train: CaptionPairs, dist: DistributedContext) -> TextTokenizer:
     """The run's tokenizer, fixed once in the run directory: a resumed run and every rank read
     the same file (WordPiece training is not deterministic across processes)."""
     path = run_dir / TOKENIZER_FILE
     if dist.is_main and not path.exists():
         init = open_checkpoint(config.init) if config.init else None
-        resolve_tokenizer(config.tokenizer, train, init).save(path)
+        resolve_tokenizer(config.tokenizer, train.captions, init).save(path)
     dist.barrier()
     return TextTokenizer.load(path, config.tokenizer.max_len)
 
@@ -82,11 +83,11 @@ def run_pretraining(config: PretrainConfig, run_dir: str | os.PathLike, progress
     dist = dist or init_distributed()
     run_dir = claim_run_dir(run_dir, config) if dist.is_main else Path(run_dir)
     dist.barrier()
-    train = load_dataset(config.data, progress=progress and dist.is_main).split("train")
+    train = load_pairs(config.data, "train", progress=progress and dist.is_main)
     tokenizer = run_tokenizer(run_dir, config, train, dist)
     model, heads = build_pretraining_model(config, tokenizer.vocab_size, tokenizer.max_len)
     model, heads = model.to(dist.device), heads.to(dist.device)
-    pairs = pair_batch(train, tokenizer)
+    pairs = PairData.of(train, tokenizer)
     if len(pairs) < config.optimizer.batch_size:
         raise ConfigError(f"batch_size {config.optimizer.batch_size} exceeds the {len(pairs)} training pairs")
     objective = dist.wrap(PretrainingObjective(model, heads, config.objectives, tokenizer.mask_id, dist))

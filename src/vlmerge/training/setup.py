@@ -1,41 +1,49 @@
 """What every stage builds the same way: data, tokenizer, optimiser and schedule."""
 
-import functools
 import math
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from vlmerge.core.errors import CheckpointError, ConfigError
-from vlmerge.data.emoji import EmojiDataset, build_emoji_dataset
-from vlmerge.data.tokenizer import TextTokenizer
+from vlmerge.data.config import DataConfig
+from vlmerge.data.sources import CaptionPairs
+from vlmerge.data.tokenizer import TextTokenizer, TokenBatch
 from vlmerge.data.transforms import model_images
 from vlmerge.io.checkpoint import CheckpointReader
-from vlmerge.training.config import DataConfig, OptimizerConfig, TokenizerConfig
+from vlmerge.training.config import OptimizerConfig, TokenizerConfig
 from vlmerge.training.objectives import PairBatch
 
 EMBEDDING_NAMES = ("cls_token", "pos_embed", "text_embed", "token_type_embed")  # tables, not maps: no decay
 
 
-@functools.lru_cache(maxsize=4)
-def load_dataset(config: DataConfig, progress: bool = False) -> EmojiDataset:
-    """The dataset, kept in memory across the stages of one process (a study runs many)."""
-    return build_emoji_dataset(config.image_size, config.cache_dir, limit=config.limit, progress=progress)
-
-
 def checkpoint_data(reader: CheckpointReader, **fields) -> DataConfig:
-    """Data at the image size the checkpoint's model takes (other fields as given)."""
+    """Data at the image size the checkpoint's model takes, unless `fields` say otherwise."""
     image_size = (reader.config or {}).get("image_size", DataConfig().image_size)
-    return DataConfig(image_size=image_size, **fields)
+    return DataConfig.parse({"image_size": image_size, **fields}, where="data config")
 
 
-def pair_batch(dataset: EmojiDataset, tokenizer: TextTokenizer) -> PairBatch:
-    """The whole split as one batch of (image, name) pairs: steps index rows of it."""
-    captions = [dataset.caption(i) for i in range(len(dataset))]
-    return PairBatch(model_images(dataset.images), tokenizer.encode(captions))
+@dataclass(frozen=True, eq=False)
+class PairData:
+    """Captions tokenised once; indexing rows (captions) gives a PairBatch with their images read."""
+
+    pairs: CaptionPairs
+    tokens: TokenBatch
+
+    @classmethod
+    def of(cls, pairs: CaptionPairs, tokenizer: TextTokenizer) -> "PairData":
+        return cls(pairs, tokenizer.encode(list(pairs.captions)))
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, rows: slice | torch.Tensor) -> PairBatch:
+        return PairBatch(model_images(self.pairs.images[self.pairs.image_of[rows]]), self.tokens[rows])
 
 
-def resolve_tokenizer(config: TokenizerConfig, train: EmojiDataset, init: CheckpointReader | None) -> TextTokenizer:
+def resolve_tokenizer(config: TokenizerConfig, captions: Sequence[str], init: CheckpointReader | None) -> TextTokenizer:
     """The checkpoint's tokenizer when starting from one; else a saved one, a BERT vocab.txt,
     or a WordPiece vocabulary trained on the training captions."""
     if init is not None and "tokenizer" in init.metadata:
@@ -46,8 +54,7 @@ def resolve_tokenizer(config: TokenizerConfig, train: EmojiDataset, init: Checkp
         return TextTokenizer.load(config.path, config.max_len)
     if config.vocab_file:
         return TextTokenizer.from_vocab(config.vocab_file, config.max_len)
-    captions = [train.caption(i) for i in range(len(train))]
-    return TextTokenizer.train(captions, vocab_size=config.vocab_size, max_len=config.max_len)
+    return TextTokenizer.train(list(captions), vocab_size=config.vocab_size, max_len=config.max_len)
 
 
 def checkpoint_tokenizer(reader: CheckpointReader, max_len: int) -> TextTokenizer:
