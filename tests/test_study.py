@@ -7,8 +7,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import yaml
 
 from vlmerge.cli.main import main
+from vlmerge.models.factory import model_config
 from vlmerge.study.recipe import load_recipe
 from vlmerge.study.runner import run_study
 
@@ -51,6 +53,41 @@ def test_running_the_study_again_does_no_work_twice(study):
 def test_every_shipped_recipe_validates_and_plans(recipe, capsys):
     assert main(["study", str(RECIPES / recipe), "--dry-run"]) == 0
     assert "fine-tuning runs" in capsys.readouterr().out
+
+
+def test_the_paper_base_recipe_plans_the_paper_setting_and_names_its_files(capsys):
+    assert main(["study", str(RECIPES / "paper-base.yaml"), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("study paper-base: 16 models x 4 tasks (retrieval, vqa, nlvr2, classify_image), base size, "
+                          "224 px, pre-training on coco, flickr30k")
+    assert "seed       100000 steps" in out and "specific   100000 steps, experts all from seed" in out
+    assert "task_data.vqa.paths.train_annotations" in out and "tokenizer.vocab_file" in out
+    recipe = load_recipe(RECIPES / "paper-base.yaml")
+    assert {task: recipe.data_for(task).dataset for task in recipe.tasks} == {
+        "retrieval": "coco", "vqa": "vqav2", "nlvr2": "nlvr2", "classify_image": "image_folder"}
+    assert all(recipe.data_for(task).image_size == 224 for task in recipe.tasks)
+    model = model_config(recipe.model.size, image_size=recipe.data.image_size)
+    assert (model.depth, model.width, model.fusion_layer) == (12, 768, 10)  # vl experts in the last 2 of 12 layers
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"task_data": {"vqa": {"dataset": "coco", "paths": {"karpathy_json": "x", "images": "y"}}}},
+     "dataset 'coco' provides no questions"),
+    ({"task_data": {"vqa": {"dataset": "vqav2", "paths": {"train_question": "x"}}}},
+     "data.paths.train_question: not a file of dataset 'vqav2'; did you mean 'train_questions'?"),
+    ({"task_data": {"retrieval": None}}, "name the dataset of 'retrieval' in task_data"),
+    ({"task_data": {"classify_text": {"dataset": "emoji"}}}, "task_data names 'classify_text'"),
+])
+def test_a_recipe_whose_data_cannot_serve_its_tasks_is_refused_before_any_work(tmp_path, capsys, change, message):
+    recipe = yaml.safe_load((RECIPES / "paper-base.yaml").read_text())
+    for key, value in change["task_data"].items():
+        if value is None:
+            recipe["task_data"].pop(key)
+        else:
+            recipe["task_data"][key] = value
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(recipe))
+    assert main(["study", str(tmp_path / "bad.yaml"), "--dry-run"]) == 2
+    assert message in capsys.readouterr().err
 
 
 def test_a_recipe_typo_is_one_named_error(tmp_path, capsys):

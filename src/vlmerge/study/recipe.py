@@ -103,6 +103,15 @@ class StudyRecipe(StrictConfig):
             return self.data
         return self.data.model_copy(update=own.model_dump())
 
+    def local_files(self) -> dict[str, str]:
+        """Every local file or folder the study reads, by where the recipe names it."""
+        files = {f"data.paths.{key}": path for key, path in self.data.paths.items()}
+        files.update({f"task_data.{task}.paths.{key}": path
+                      for task, own in self.task_data.items() for key, path in own.paths.items()})
+        files.update({f"tokenizer.{key}": path for key in ("path", "vocab_file")
+                      if (path := getattr(self.tokenizer, key))})
+        return files
+
     def seed_steps(self, fraction: float) -> int:
         return round(fraction * self.total_steps)
 

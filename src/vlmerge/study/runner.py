@@ -72,7 +72,8 @@ class StudyRunner:
             "stage": stage, "seed": recipe.seed, "steps": steps, "checkpoint_every": recipe.checkpoint_every,
             "data": recipe.data.model_dump(), "optimizer": recipe.pretrain_optimizer.model_dump(),
             "model": {**recipe.model.model_dump(), "experts": experts}, "objectives": recipe.objectives.model_dump(),
-            "tokenizer": {**recipe.tokenizer.model_dump(), "path": None if init else str(self.tokenizer())},
+            "tokenizer": {**recipe.tokenizer.model_dump(), "vocab_file": None,  # the study tokenizer stage read it
+                          "path": None if init else str(self.tokenizer())},
             "init": str(init) if init else None,
         }, where="study pre-training stage")
         label = f"{steps} steps" + (f", experts {experts.value}" if experts else "") + (" from seed" if init else "")
@@ -249,10 +250,16 @@ def describe_plan(recipe: StudyRecipe) -> str:
     """The models a recipe compares and the stages behind them, without running any."""
     runner = StudyRunner(recipe, Path("studies") / recipe.name, progress=False, dry_run=True)
     models = runner.models()
-    lines = [f"study {recipe.name}: {len(models)} models x {len(recipe.tasks)} tasks ({', '.join(recipe.tasks)})"]
+    lines = [f"study {recipe.name}: {len(models)} models x {len(recipe.tasks)} tasks ({', '.join(recipe.tasks)}), "
+             f"{recipe.model.size} size, {recipe.data.image_size} px, pre-training on {', '.join(recipe.data.names)}"]
     lines += [f"  {model_id:<34} {entry.label}  [{', '.join(entry.groups)}]" for model_id, entry in models.items()]
     lines.append(f"stages before fine-tuning ({len(runner.cache.planned)}):")
     lines += [f"  {kind:<10} {label}" for kind, label in runner.cache.planned]
     finetunes = len(models) * len(recipe.tasks)
     lines.append(f"then {finetunes} fine-tuning runs of {recipe.finetune.steps} steps and their evaluations")
+    files = recipe.local_files()
+    missing = {name: path for name, path in files.items() if not Path(path).exists()}
+    if files:
+        lines.append(f"local files ({len(files)}, {len(missing)} missing):")
+        lines += [f"  {name:<44} {path}{'  [missing]' if name in missing else ''}" for name, path in files.items()]
     return "\n".join(lines)
