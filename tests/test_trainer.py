@@ -7,10 +7,14 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
+from torch import nn
 
 from train_script import CAPTIONS
 from vlmerge.data.tokenizer import TextTokenizer
+from vlmerge.training.config import OptimizerConfig
+from vlmerge.training.setup import make_optimizer
 from vlmerge.training.trainer import CHECKPOINT, METRICS, batch_indices, read_metrics
 
 SCRIPT = Path(__file__).parent / "train_script.py"
@@ -67,3 +71,12 @@ def test_batches_cover_each_epoch_once_and_depend_only_on_seed_and_step():
     assert sorted(torch.cat(batches[:2]).tolist()) == list(range(10))
     assert torch.equal(batches[2], batch_indices(10, 5, 2, seed=3))
     assert not torch.equal(batches[0], batches[2]) or not torch.equal(batches[1], batches[3])
+
+
+def test_optimizer_groups_decay_matrices_only_and_the_task_head_learns_faster():
+    model, head = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4)), nn.Linear(4, 2)
+    config = OptimizerConfig(lr=1e-3, weight_decay=0.1, warmup_steps=2, head_lr_multiplier=10)
+    optimizer, scheduler = make_optimizer([model], config, steps=10, head=head)
+    groups = [(len(g["params"]), g["weight_decay"], g["initial_lr"]) for g in optimizer.param_groups]
+    assert groups == [(1, 0.1, 1e-3), (3, 0.0, 1e-3), (1, 0.1, 1e-2), (1, 0.0, 1e-2)]
+    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([5e-4, 5e-4, 5e-3, 5e-3])  # warm-up step 1 of 2

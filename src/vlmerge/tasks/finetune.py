@@ -66,7 +66,7 @@ def run_finetune(config: FinetuneConfig, run_dir: str | os.PathLike, progress: b
         raise ConfigError(f"batch_size {config.optimizer.batch_size} exceeds the {size} training examples")
     # Tasks differ in which embeddings they use (e.g. no text for image classification).
     objective = dist.wrap(TaskObjective(model, head, task, dist), find_unused_parameters=True)
-    optimizer, scheduler = make_optimizer([model, head], config.optimizer, config.steps)
+    optimizer, scheduler = make_optimizer([model], config.optimizer, config.steps, head=head)
 
     def step_fn(step: int) -> dict[str, torch.Tensor]:
         rows = batch_indices(size, config.optimizer.batch_size, step, config.seed)

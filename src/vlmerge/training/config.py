@@ -30,6 +30,7 @@ class OptimizerConfig(StrictConfig):
     warmup_steps: int = Field(0, ge=0)
     batch_size: int = Field(32, ge=2, description="global batch, split evenly over processes")
     grad_clip: float | None = Field(1.0, gt=0)
+    head_lr_multiplier: float = Field(1.0, gt=0, description="fine-tuning: the new task head's rate over the model's")
 
 
 class ModelSpec(StrictConfig):

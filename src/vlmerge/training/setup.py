@@ -64,7 +64,7 @@ def checkpoint_tokenizer(reader: CheckpointReader, max_len: int) -> TextTokenize
     return TextTokenizer.from_json(reader.metadata["tokenizer"], max_len)
 
 
-def parameter_groups(modules: list[nn.Module], weight_decay: float) -> list[dict]:
+def parameter_groups(modules: list[nn.Module], weight_decay: float, lr: float) -> list[dict]:
     """Weight decay on matrices only: not on biases, norms, layer scales, temperatures, embeddings."""
     decay, no_decay = [], []
     for module in modules:
@@ -73,13 +73,18 @@ def parameter_groups(modules: list[nn.Module], weight_decay: float) -> list[dict
                 continue
             plain = parameter.ndim < 2 or any(part in name for part in EMBEDDING_NAMES)
             (no_decay if plain else decay).append(parameter)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": weight_decay, "lr": lr},
+              {"params": no_decay, "weight_decay": 0.0, "lr": lr}]
+    return [group for group in groups if group["params"]]
 
 
-def make_optimizer(modules: list[nn.Module], config: OptimizerConfig, steps: int
+def make_optimizer(modules: list[nn.Module], config: OptimizerConfig, steps: int, head: nn.Module | None = None
                    ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
-    """AdamW (or SGD) with linear warm-up, then cosine decay to 10 % of the peak rate."""
-    groups = parameter_groups(modules, config.weight_decay)
+    """AdamW (or SGD) with linear warm-up, then cosine decay to 10 % of the peak rate. A task
+    head, new and randomly initialised, learns `head_lr_multiplier` times faster."""
+    groups = parameter_groups(modules, config.weight_decay, config.lr)
+    if head is not None:
+        groups += parameter_groups([head], config.weight_decay, config.lr * config.head_lr_multiplier)
     if config.name == "sgd":
         optimizer = torch.optim.SGD(groups, lr=config.lr, momentum=0.9)
     else:
