@@ -8,6 +8,7 @@ import torch
 import yaml
 
 from vlmerge.cli.main import main
+from vlmerge.core.errors import ConfigError
 from vlmerge.data.sources import load_pairs
 from vlmerge.merging.plan import merged_key, parse_expert_key
 from vlmerge.data.tokenizer import TextTokenizer
@@ -144,7 +145,7 @@ def test_naive_specific_experts_share_one_random_init():
 @pytest.mark.parametrize("fields, message", [
     ({"optimizer": {"lrr": 1}}, "did you mean 'lr'"),
     ({"model": {"experts": "all"}}, "modality-agnostic"),
-    ({"init": "x.safetensors"}, "starts from scratch"),
+    ({"init": "x.safetensors"}, "init x.safetensors: no such checkpoint"),
     ({"stage": "specific"}, "is run as 'seed'"),
 ])
 def test_bad_stage_configs_get_one_named_error(tmp_path, capsys, fields, message):
@@ -152,3 +153,17 @@ def test_bad_stage_configs_get_one_named_error(tmp_path, capsys, fields, message
     assert main(["train", "seed", "--config", config, "--run-dir", str(tmp_path / "run"), "--quiet"]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_seed_pretraining_can_continue_a_modality_agnostic_checkpoint(recipe):
+    """The paper's pretrained start: seed pre-training from an image transformer's weights."""
+    _, seed, specific = recipe
+    seed_state = load_model(seed / "model.safetensors").state_dict()
+    config = parse_stage_config("seed", {"init": str(seed / "model.safetensors"), "data": DATA})
+    model, heads = build_pretraining_model(config, len(seed_state["text_embed.word.weight"]), 24)
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(value, seed_state[key], rtol=0, atol=0)
+    torch.testing.assert_close(heads.state_dict(), load_head_state(seed / "model.safetensors", "heads"))
+    with pytest.raises(ConfigError, match="has experts"):
+        build_pretraining_model(parse_stage_config("seed", {"init": str(specific / "model.safetensors"), "data": DATA}),
+                                len(seed_state["text_embed.word.weight"]), 24)

@@ -74,7 +74,8 @@ class PretrainConfig(RunConfig):
     model: ModelSpec = ModelSpec()
     tokenizer: TokenizerConfig = TokenizerConfig()
     objectives: ObjectiveWeights = ObjectiveWeights()
-    init: str | None = Field(None, description="specific: the seed checkpoint; none = a shared random init (naive)")
+    init: str | None = Field(None, description="a modality-agnostic checkpoint to start from (seed: e.g. a pretrained "
+                                               "ViT; specific: the seed); none = random (naive merging for specific)")
 
     @model_validator(mode="after")
     def _stage_rules(self) -> Self:
@@ -82,8 +83,6 @@ class PretrainConfig(RunConfig):
             raise ValueError("seed pre-training trains the modality-agnostic model: drop model.experts")
         if self.stage == "specific" and self.model.experts is ExpertPlacement.NONE:
             raise ValueError("modality-specific pre-training needs experts: model.experts cannot be 'none'")
-        if self.stage == "seed" and self.init is not None:
-            raise ValueError("seed pre-training starts from scratch: drop init")
         return self
 
     @property
@@ -131,6 +130,8 @@ def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
 
 def claim_run_dir(run_dir: str | os.PathLike, config: StageConfig) -> Path:
     """Write the resolved config into a new run directory, or check it against the one there."""
+    if config.init is not None and not Path(config.init).is_file():
+        raise ConfigError(f"init {config.init}: no such checkpoint")
     run_dir = Path(run_dir)
     path = run_dir / CONFIG_FILE
     resolved = config.model_dump(mode="json")

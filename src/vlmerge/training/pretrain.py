@@ -2,7 +2,10 @@
 pre-training with every expert initialised from the seed's shared weights.
 
 Without a seed checkpoint the modality-specific run starts its experts from one shared random
-init: the paper's naive merging baseline (a seed of length zero).
+init: the paper's naive merging baseline (a seed of length zero). Seed pre-training starts from
+scratch or continues a modality-agnostic checkpoint, such as a pretrained image transformer
+(`vlmerge import-vit`); a specific run started from that same checkpoint is the paper's naive
+merging on pretrained weights.
 """
 
 import json
@@ -40,25 +43,27 @@ def build_pretraining_model(config: PretrainConfig, vocab_size: int, max_text_le
                          max_text_len=max_text_len, **config.model.overrides())
     shape = shape.with_experts(config.experts)
     if config.stage == "seed":
-        model = VLTransformer(shape)
-        return model, PretrainingHeads(shape.width, vocab_size)
+        if config.init:
+            return _load_agnostic(config.init, shape)
+        return VLTransformer(shape), PretrainingHeads(shape.width, vocab_size)
     if config.init is None:
         shared, heads = VLTransformer(shape.agnostic()), PretrainingHeads(shape.width, vocab_size)
     else:
-        shared, heads = _load_seed(config.init, shape)
+        shared, heads = _load_agnostic(config.init, shape)
     model = VLTransformer(shape)
     model.load_state_dict(expand_to_experts(shared.state_dict(), model.state_dict()), strict=True)
     return model, heads
 
 
-def _load_seed(path: str, shape: ModelConfig) -> tuple[VLTransformer, PretrainingHeads]:
+def _load_agnostic(path: str, shape: ModelConfig) -> tuple[VLTransformer, PretrainingHeads]:
+    """A modality-agnostic checkpoint and its pre-training heads (fresh, seeded, if it has none)."""
     seed = load_model(path)
     if seed.config.is_multiway:
-        raise ConfigError(f"{path}: the seed checkpoint has experts ({seed.config.experts.value}); "
-                          "modality-specific pre-training starts from a modality-agnostic seed")
+        raise ConfigError(f"{path}: the init checkpoint has experts ({seed.config.experts.value}); "
+                          "pre-training starts from a modality-agnostic checkpoint")
     if seed.config != shape.agnostic():
         changed = sorted(k for k, v in shape.agnostic() if getattr(seed.config, k) != v)
-        raise ConfigError(f"{path}: the seed model differs from this stage's model in {changed}")
+        raise ConfigError(f"{path}: the init model differs from this stage's model in {changed}")
     heads = PretrainingHeads(shape.width, shape.vocab_size)
     state = load_head_state(path, HEADS)
     if state is not None:
