@@ -10,8 +10,8 @@ from safetensors import safe_open
 from conftest import make_inputs
 from vlmerge.cli.main import main
 from vlmerge.io.checkpoint import open_checkpoint, save_checkpoint
-from vlmerge.io.grams import save_grams
-from vlmerge.merging import merge_checkpoint
+from vlmerge.io.grams import open_grams, save_grams
+from vlmerge.merging import build_merge_plan, merge_checkpoint
 from vlmerge.merging.grams import collect_grams
 from vlmerge.models import VLTransformer, count_parameters, load_model, model_config, save_model
 
@@ -105,6 +105,21 @@ def corrupt(files, tmp_path, kind):
     elif kind == "truncated":
         bad.write_bytes(files["source"].read_bytes()[:-100])
         return [bad, "--method", "interpolation"]
+    elif kind in ("garbage-header", "offsets-past-end"):
+        bad.write_bytes(broken_header(files["source"].read_bytes(), kind))
+        return [bad, "--method", "interpolation"]
+    elif kind == "inf-gram":  # read lazily, so found mid-stream: the half-written output must vanish
+        grams = open_grams(files["grams"])
+        broken = {k: grams.get(k) for k in grams.keys}
+        broken["blocks.3.mlp.l.fc2"][1, 1] = float("inf")
+        save_grams(bad, broken, {}, {})
+        return [files["source"], "--method", "regmean", "--grams", bad]
+    elif kind == "unknown-key":  # a typo in a shared tensor's name
+        state["pooler.dence.weight"] = state.pop("pooler.dense.weight")
+    elif kind == "unknown-expert-key":  # a complete v/l pair the plan would merge, but the model has no fc3
+        state |= {f"blocks.0.mlp.{m}.fc3.weight": torch.zeros(4, 4) for m in ("v", "l")}
+    elif kind == "missing-shared":  # not an expert, so only the model's layout knows it is needed
+        del state["pos_embed"]
     elif kind == "gram-size":
         save_grams(bad, {"blocks.0.mlp.v.fc1": torch.eye(5, dtype=torch.float64)}, {}, {})
         return [files["source"], "--method", "regmean", "--grams", bad]
@@ -112,8 +127,23 @@ def corrupt(files, tmp_path, kind):
         return [files["source"], "--method", "regmeen"]
     elif kind == "no-seed":
         return [files["source"], "--method", "ties"]
-    save_checkpoint(bad, state)
+    save_checkpoint(bad, state, open_checkpoint(files["source"]).metadata)  # keeps the config
     return [bad, "--method", "interpolation"]
+
+
+def broken_header(raw: bytes, kind: str) -> bytes:
+    """The file with a valid 8-byte length prefix but a broken header: not JSON, or offsets past the end."""
+    length = int.from_bytes(raw[:8], "little")
+    header, body = json.loads(raw[8:8 + length]), raw[8 + length:]
+    if kind == "garbage-header":
+        encoded = b"{not json" + b" " * (length - 9)
+    else:  # the last tensor's end offset points 4 KB past the end of the file
+        last = max((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][1])
+        start, end = header[last]["data_offsets"]
+        header[last] |= {"shape": [(end - start + 4096) // 4], "data_offsets": [start, end + 4096]}
+        encoded = json.dumps(header).encode()
+        encoded += b" " * (-len(encoded) % 8)
+    return len(encoded).to_bytes(8, "little") + encoded + body
 
 
 class Exploit:
@@ -128,6 +158,13 @@ BAD_INPUTS = {
     "inf-seed": "NaN or Inf",
     "pickle-with-code": "needs code to load",
     "truncated": "truncated",
+    "garbage-header": "not a readable safetensors file",
+    "offsets-past-end": "not a readable safetensors file",
+    "inf-gram": "Gram matrix blocks.3.mlp.l.fc2 contains NaN or Inf",
+    "unknown-key": "unknown tensor 'pooler.dence.weight', not part of the model its config describes; "
+                   "did you mean 'pooler.dense.weight'?",
+    "unknown-expert-key": "unknown tensor 'blocks.0.mlp.l.fc3.weight'",
+    "missing-shared": "missing tensor 'pos_embed', which the model its config describes needs",
     "gram-size": "Gram matrix blocks.0.mlp.v.fc1 is [5, 5]",
     "unknown-method": "did you mean 'regmean'",
     "no-seed": "needs the seed checkpoint",
@@ -142,6 +179,37 @@ def test_bad_input_gets_one_clear_error_and_no_output(files, tmp_path, capsys, k
     assert len(err) == 1 and BAD_INPUTS[kind] in err[0], err
     assert not files["out"].exists()
     assert not list(files["out"].parent.glob("*")) if files["out"].parent.exists() else True
+
+
+SINGULAR = "summed Gram matrix is singular; using the minimum-norm least-squares solution"
+
+
+def test_singular_grams_still_merge_with_one_warning_per_tensor(files, tmp_path, capsys):
+    """Not an error: SPEC's fallback for a singular Gram sum is least squares, and it says so."""
+    grams = open_grams(files["grams"])
+    singular = {}
+    for key in grams.keys:  # no token ever reached input 0 of any layer: row and column 0 are zero
+        singular[key] = grams.get(key).clone()
+        singular[key][0, :] = singular[key][:, 0] = 0
+    singular_path = save_grams(tmp_path / "singular.safetensors", singular, {}, {})
+    assert cli("merge", files["source"], "--method", "regmean", "--grams", singular_path,
+               "--out", files["out"], "--quiet") == 0
+
+    source = open_checkpoint(files["source"])
+    plan = build_merge_plan({k: source.shape(k) for k in source.keys})
+    linear = [g for g in plan.groups if g.is_linear_weight and len(g.experts) > 1]
+    warned = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert sorted(warned) == sorted(f"warning: {g.target}: {SINGULAR}" for g in linear)
+    merged = open_checkpoint(files["out"])
+    assert json.loads(merged.metadata["merge"])["warnings"] == [line.removeprefix("warning: ") for line in warned]
+    assert all(torch.isfinite(merged.get(key)).all() for key in merged.keys)
+    load_model(files["out"])  # strict
+
+    group = next(g for g in linear if g.target == "blocks.3.mlp.fc1.weight")  # v, l and vl experts
+    weights = {m: source.get(e.key).double() for m, e in group.experts.items()}
+    gram_of = {m: singular[module] for m, module in group.gram_keys().items()}
+    expected = sum(weights[m] @ gram_of[m] for m in weights) @ torch.linalg.pinv(sum(gram_of.values()))
+    torch.testing.assert_close(merged.get(group.target).double(), expected, rtol=1e-4, atol=1e-5)
 
 
 def test_streamed_file_equals_the_in_memory_merge_and_records_late_warnings(files, tmp_path):

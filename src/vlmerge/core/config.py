@@ -1,6 +1,7 @@
 """Strict config objects: validated once at the edge, unknown fields named with a suggestion."""
 
-from typing import Any, Self
+from types import UnionType
+from typing import Any, Self, Union, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
@@ -35,11 +36,20 @@ def describe_validation_error(cls: type[BaseModel], error: ValidationError) -> s
 
 
 def _model_at(cls: type[BaseModel], path: tuple) -> type[BaseModel]:
-    """The (nested) config class that owns the fields at `path`, for suggestions."""
+    """The (nested) config class that owns the fields at `path`, for suggestions; the path may run
+    through list items and dict values (`merges.0.optoins` is a field of the merge spec)."""
+    annotation: Any = cls
     for part in path:
-        field = cls.model_fields.get(str(part))
-        annotation = field.annotation if field else None
-        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
-            return cls
-        cls = annotation
-    return cls
+        if _is_config(annotation):
+            field = annotation.model_fields.get(str(part))
+            annotation = field.annotation if field else None
+        else:  # a list index or dict key: the container's element type
+            annotation = get_args(annotation)[-1] if get_args(annotation) else None
+        options = [a for a in get_args(annotation) if a is not type(None)]
+        if get_origin(annotation) in (Union, UnionType) and len(options) == 1:  # X | None
+            annotation = options[0]
+    return annotation if _is_config(annotation) else cls
+
+
+def _is_config(annotation: Any) -> bool:
+    return isinstance(annotation, type) and issubclass(annotation, BaseModel)

@@ -1,9 +1,9 @@
 """The merge engine: validate -> plan -> stream -> method -> atomic write.
 
-Every problem that shapes alone reveal (missing experts, shape mismatches, a seed checkpoint
-or Gram file that does not fit) is reported before the first tensor is read; values (NaN,
-Inf) are checked as tensors stream through. The output only appears, atomically, once the
-whole merge has succeeded.
+Every problem that names and shapes alone reveal (missing experts, shape mismatches, tensors
+the checkpoint's config does not describe, a seed checkpoint or Gram file that does not fit) is
+reported before the first tensor is read; values (NaN, Inf) are checked as tensors stream through.
+The output only appears, atomically, once the whole merge has succeeded.
 """
 
 import json
@@ -11,6 +11,7 @@ import os
 import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from difflib import get_close_matches
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ from tqdm import tqdm
 
 from vlmerge import __version__
 from vlmerge.core.config import StrictConfig
-from vlmerge.core.errors import MergeError
+from vlmerge.core.errors import CheckpointError, MergeError
 from vlmerge.io.checkpoint import (CARRIED_METADATA, PICKLE_SUFFIXES, CheckpointReader, file_sha256, open_checkpoint,
                                     reader_from_state_dict, save_checkpoint)
 from vlmerge.io.grams import GramSet, open_grams
@@ -27,6 +28,9 @@ from vlmerge.io.layout import Layout, to_reference_key
 from vlmerge.io.streaming import stream_safetensors
 from vlmerge.merging.methods import MERGE_METHODS, MergeInputs, MergeMethod, MergeWarning
 from vlmerge.merging.plan import ExpertSelection, MergeGroup, MergePlan, build_merge_plan
+from vlmerge.models.checkpoint import head_names
+from vlmerge.models.config import ModelConfig
+from vlmerge.models.transformer import VLTransformer
 
 METADATA_RESERVE = 1 << 16  # bytes kept in the header for warnings known only after the merge
 
@@ -135,6 +139,7 @@ def prepare_merge(reader: CheckpointReader, method_name: str, options: Mapping[s
     method = MERGE_METHODS.get(method_name)
     parsed_options = method.options.parse(dict(options or {}), where=f"{method_name} options")
     plan = build_merge_plan({k: reader.shape(k) for k in reader.keys}, ExpertSelection.parse(experts))
+    _validate_layout(reader)
     _validate_inputs(plan, method, origin, grams)
     if method.prepare is not None:  # a pre-pass over every merged group, e.g. TIES' global top-k
         multi = [g for g in plan.groups if len(g.experts) > 1]
@@ -168,6 +173,28 @@ def _group_inputs(group: MergeGroup, reader: CheckpointReader, method: MergeMeth
 
 def _group_grams(group: MergeGroup, grams: GramSet) -> dict:
     return {m: grams.get(module) if module in grams else None for m, module in group.gram_keys().items()}
+
+
+def _validate_layout(reader: CheckpointReader) -> None:
+    """Every tensor must be one the model of the checkpoint's own config has (heads apart), or the merged
+    checkpoint would not load strictly. A file without a config (the paper's) has only the plan's checks."""
+    if reader.config is None:
+        return
+    with torch.device("meta"):
+        expected = VLTransformer(ModelConfig.parse(reader.config, where=f"{reader.path} config")).state_dict()
+    heads = tuple(f"{name}." for name in head_names(reader))
+    unknown = sorted(key for key in reader.keys if key not in expected and not key.startswith(heads))
+    missing = [key for key in expected if key not in reader]
+    if unknown:
+        close = get_close_matches(unknown[0], list(expected), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        more = f" ({len(unknown) - 1} more unknown)" if len(unknown) > 1 else ""
+        raise CheckpointError(f"{reader.path}: unknown tensor {unknown[0]!r}, not part of the model its config "
+                              f"describes{hint}{more}")
+    if missing:
+        more = f" ({len(missing) - 1} more missing)" if len(missing) > 1 else ""
+        raise CheckpointError(f"{reader.path}: missing tensor {missing[0]!r}, which the model its config describes "
+                              f"needs{more}")
 
 
 def _validate_inputs(plan: MergePlan, method: MergeMethod, origin: CheckpointReader | None, grams: GramSet | None) -> None:
