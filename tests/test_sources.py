@@ -131,7 +131,7 @@ def test_nlvr2_and_image_folder(paper_files):
      "data.paths.image: not a file of dataset 'coco'; did you mean 'images'?"),
     (DataConfig(dataset="emoji", paths={"images": "y"}), [], "it reads no paths"),
     (DataConfig(dataset="coco", paths={"karpathy_json": "x", "images": "y"}), ["questions"],
-     "dataset 'coco' provides no questions; datasets with questions: ['emoji', 'vqav2']"),
+     "dataset 'coco' provides no questions; datasets with questions: ['easy_vqa', 'emoji', 'vqav2']"),
     (DataConfig(dataset=("emoji", "coco"), paths={"coco.karpathy_json": "x", "coco.images": "y"}), ["questions"],
      "datasets ['emoji', 'coco'] can be pooled for pre-training only; a task reads one"),
     (DataConfig(dataset=("emoji", "coco"), paths={"karpathy_json": "x", "coco.images": "y"}), [],

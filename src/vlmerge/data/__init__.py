@@ -1,6 +1,7 @@
 """Datasets and public data formats: readers, tokenizer, data sources, transforms."""
 
-from vlmerge.data import emoji_source, paper_sources  # noqa: F401  (registration)
+from vlmerge.data import (easy_vqa, emoji_source, fashion_mnist, paper_sources, tuxpaint,  # noqa: F401  (registration)
+                          wordnet)
 from vlmerge.data.config import DataConfig
 from vlmerge.data.sources import SOURCES, DataSource, load_pairs, load_source
 

@@ -8,17 +8,16 @@ split gets examples whose images all come from that split. Text is lowercased, l
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TypeVar
 
 import torch
 
 from vlmerge.core.errors import ConfigError
 from vlmerge.data.emoji import EmojiDataset, EmojiRecord
+from vlmerge.data.statements import LabelLevel, StatementExample, build_statements
 
 YES, NO = "yes", "no"
 LABEL_QUESTIONS = {"group": "which group is this emoji in?", "subgroup": "which subgroup is this emoji in?"}
 KEYWORD_QUESTION = "is this emoji about {keyword}?"
-T = TypeVar("T")
 NLVR2_TEMPLATES: dict[str, tuple[str, str, str]] = {  # kind -> (image the statement names, level, statement)
     "same-group": ("both", "group", "both emoji are in the same group."),
     "same-subgroup": ("both", "subgroup", "both emoji are in the same subgroup."),
@@ -133,81 +132,15 @@ def _draw_outside(rng: random.Random, pool: Sequence[str], exclude: set[str], co
     return [pool[i] for i in drawn if pool[i] not in exclude][:count]
 
 
-@dataclass(frozen=True)
-class NLVR2Example:
-    left: int  # indices into the dataset the examples were built from; never equal
-    right: int
-    statement: str
-    label: bool
-    kind: str  # a key of NLVR2_TEMPLATES
-
-
-@dataclass(frozen=True)
-class _Level:
-    """One label level (group or subgroup) of a dataset, lowercased and indexed for constant-time draws."""
-
-    labels: tuple[str, ...]  # per image
-    vocabulary: tuple[str, ...]  # the whole build's, plus the labels present
-    members: dict[str, list[int]]  # label -> its images
-    others: dict[str, list[int]]  # label -> the images with another label
-
-    @classmethod
-    def of(cls, dataset: EmojiDataset, level: str) -> "_Level":
-        labels = tuple(getattr(record, level).lower() for record in dataset.records)
-        members: dict[str, list[int]] = {}
-        for image, label in enumerate(labels):
-            members.setdefault(label, []).append(image)
-        others = {label: [i for i, other in enumerate(labels) if other != label] for label in members}
-        vocabulary = {label.lower() for label in getattr(dataset, f"{level}s")} | set(labels)
-        return cls(labels, tuple(sorted(vocabulary)), members, others)
-
-    def lefts(self, side: str, label: bool) -> list[int]:
-        """The images that can be the left one of a true or false statement about `side`."""
-        if side != "both":
-            possible = len(self.labels) >= 2 and (label or len(self.vocabulary) >= 2)
-            return list(range(len(self.labels))) if possible else []
-        return [i for i, own in enumerate(self.labels) if (len(self.members[own]) >= 2 if label else self.others[own])]
+NLVR2Example = StatementExample  # its kind is a key of NLVR2_TEMPLATES
 
 
 def build_nlvr2(dataset: EmojiDataset, num_examples: int | None = None, seed: int = 0,
                 kinds: Sequence[str] = tuple(NLVR2_TEMPLATES)) -> tuple[NLVR2Example, ...]:
-    """Statements about two different images of `dataset` (default 2 per image), kinds in turn, each kind true then
-    false, so labels are balanced overall and within each kind (within one example when num_examples is odd)."""
+    """Statements about two different emoji of `dataset` (default 2 per emoji) on their groups and subgroups,
+    balanced true / false overall and within each kind (see `build_statements`)."""
     _check_not_empty(dataset)
-    num_examples = 2 * len(dataset) if num_examples is None else num_examples
-    if num_examples < 1:
-        raise ConfigError(f"num_examples must be >= 1, got {num_examples}")
-    unknown = sorted(set(kinds) - NLVR2_TEMPLATES.keys())
-    if unknown or not kinds:
-        raise ConfigError(f"unknown NLVR2 kinds {unknown or list(kinds)}; expected some of {list(NLVR2_TEMPLATES)}")
-    levels = {level: _Level.of(dataset, level) for level in ("group", "subgroup")}
-    lefts = {(kind, label): levels[NLVR2_TEMPLATES[kind][1]].lefts(NLVR2_TEMPLATES[kind][0], label)
-             for kind in kinds for label in (True, False)}
-    impossible = [f"{str(label).lower()} {kind!r}" for (kind, label), images in lefts.items() if not images]
-    if impossible:
-        raise ConfigError(f"{len(dataset)} emoji cannot give a {', '.join(impossible)} example (too few images or "
-                          f"labels); pass kinds= without those kinds")
-    rng = random.Random(seed)
-    plan = [(kinds[(j // 2) % len(kinds)], j % 2 == 0) for j in range(num_examples)]
-    return tuple(_nlvr2_example(rng, levels, kind, label, lefts[kind, label]) for kind, label in plan)
-
-
-def _nlvr2_example(rng: random.Random, levels: dict[str, _Level], kind: str, label: bool,
-                   lefts: Sequence[int]) -> NLVR2Example:
-    side, level_name, template = NLVR2_TEMPLATES[kind]
-    level = levels[level_name]
-    left = rng.choice(lefts)
-    if side == "both":
-        own = level.labels[left]
-        right = _choose_except(rng, level.members[own], left) if label else rng.choice(level.others[own])
-        return NLVR2Example(left, right, template, label, kind)
-    right = _choose_except(rng, range(len(level.labels)), left)
-    truth = level.labels[left if side == "left" else right]
-    named = truth if label else _choose_except(rng, level.vocabulary, truth)
-    return NLVR2Example(left, right, template.format(label=named), label, kind)
-
-
-def _choose_except(rng: random.Random, items: Sequence[T], excluded: T) -> T:
-    """A uniform draw from items other than `excluded`, which items must hold exactly once."""
-    pick = items[rng.randrange(len(items) - 1)]
-    return items[-1] if pick == excluded else pick
+    levels = {level: LabelLevel.of((getattr(record, level).lower() for record in dataset.records),
+                                   (label.lower() for label in getattr(dataset, f"{level}s")))
+              for level in ("group", "subgroup")}
+    return build_statements(levels, NLVR2_TEMPLATES, num_examples, seed, kinds, noun="emoji")

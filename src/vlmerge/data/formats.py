@@ -117,8 +117,9 @@ def load_image(path: str | os.PathLike, size: int) -> torch.Tensor:
     return read_image(path, size).float() / 255.0
 
 
-def read_image(path: str | os.PathLike, size: int) -> torch.Tensor:
-    """An RGB image (transparency composited onto white), resized to size x size, uint8 (3, size, size)."""
+def read_image(path: str | os.PathLike, size: int, square: bool = False) -> torch.Tensor:
+    """An RGB image (transparency composited onto white), resized to size x size, uint8 (3, size, size).
+    `square` centres it on a white square first, so resizing keeps its aspect ratio (clip art, stamps)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: image not found")
@@ -127,8 +128,11 @@ def read_image(path: str | os.PathLike, size: int) -> torch.Tensor:
             rgba = image.convert("RGBA")
     except OSError as error:
         raise ConfigError(f"{path}: not a readable image ({error})") from error
-    white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-    rgb = Image.alpha_composite(white, rgba).convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
+    side = max(rgba.size)
+    canvas = (side, side) if square else rgba.size
+    white = Image.new("RGBA", canvas, (255, 255, 255, 255))
+    white.alpha_composite(rgba, ((canvas[0] - rgba.width) // 2, (canvas[1] - rgba.height) // 2))
+    rgb = white.convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
     return torch.from_numpy(np.array(rgb, dtype=np.uint8)).permute(2, 0, 1).contiguous()
 
 
@@ -146,6 +150,31 @@ class FileImages:
         if not len(indices):
             return torch.empty(0, 3, self.size, self.size, dtype=torch.uint8)
         return torch.stack([read_image(self.paths[i], self.size) for i in indices])
+
+
+class ResizedImages:
+    """An image store over small images held in memory at their own size (uint8 (n, 1 or 3, h, w)), resized
+    when indexed: 60,000 Fashion-MNIST pictures stay 47 MB instead of 2.2 GB at 112 px. Bicubic
+    (`torch.nn.functional.interpolate`, antialiased when shrinking), rounded and clamped to uint8; grey
+    images are repeated over three channels."""
+
+    def __init__(self, images: torch.Tensor, size: int) -> None:
+        if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] not in (1, 3):
+            raise ConfigError(f"expected uint8 images (n, 1 or 3, h, w), got {images.dtype} {tuple(images.shape)}")
+        self.images, self.size = images, size
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, rows: torch.Tensor | slice) -> torch.Tensor:
+        chosen = self.images[rows if isinstance(rows, slice) else torch.as_tensor(rows, dtype=torch.long).reshape(-1)]
+        if not len(chosen):
+            chosen = chosen.new_empty(0, chosen.shape[1], self.size, self.size)
+        elif chosen.shape[-2:] != (self.size, self.size):
+            resized = torch.nn.functional.interpolate(chosen.float(), size=(self.size, self.size), mode="bicubic",
+                                                      align_corners=False, antialias=self.size < chosen.shape[-1])
+            chosen = resized.round_().clamp_(0, 255).to(torch.uint8)
+        return chosen.expand(-1, 3, -1, -1).contiguous()
 
 
 def image_folder(directory: str | os.PathLike, extensions: tuple[str, ...] = (".png", ".jpg", ".jpeg")) -> Iterator[Path]:
