@@ -1,4 +1,4 @@
-"""Checkpoints: safetensors with self-describing metadata, read lazily, written atomically.
+"""Checkpoints: safetensors with self-describing metadata, read a tensor at a time, written atomically.
 
 Foreign `.pt/.pth/.ckpt/.bin` files are read with `torch.load(weights_only=True)` only, so a
 file that needs code to unpickle is refused instead of executed.
@@ -13,20 +13,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from vlmerge.core.errors import CheckpointError
 from vlmerge.io.atomic import atomic_path
 from vlmerge.io.layout import Layout, from_reference_key, is_reference_layout, rename_keys
+from vlmerge.io.safetensors_file import SafetensorsFile
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
-
-_SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U8": torch.uint8, "BOOL": torch.bool,
-}
 
 # Metadata a merge keeps from its input: it describes the weights (heads, tokenizer), not the merge.
 CARRIED_METADATA = ("heads", "tokenizer")
@@ -66,7 +60,7 @@ class CheckpointReader:
             raise CheckpointError(f"{self.path}: no tensor {key!r}")
         try:
             return self._fetch(self._stored_key[key])
-        except (SafetensorError, OSError, RuntimeError) as error:
+        except (OSError, RuntimeError) as error:
             raise CheckpointError(f"{self.path}: cannot read tensor {key!r} ({error}); the file is corrupt or truncated") from error
 
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -100,25 +94,11 @@ def open_checkpoint(path: str | os.PathLike) -> CheckpointReader:
 
 def _open_safetensors(path: Path) -> CheckpointReader:
     try:
-        handle = safe_open(str(path), framework="pt")
-        stored_keys = list(handle.keys())
-        metadata = dict(handle.metadata() or {})
-        shapes = {k: tuple(handle.get_slice(k).get_shape()) for k in stored_keys}
-        dtypes = {k: _SAFETENSORS_DTYPES.get(handle.get_slice(k).get_dtype()) for k in stored_keys}
-    except (SafetensorError, OSError, ValueError) as error:
-        raise CheckpointError(f"{path}: not a readable safetensors file ({error}); it may be corrupt or truncated") from error
-    _check_data_length(path, handle, stored_keys)
-    return _reader(path, stored_keys, shapes, dtypes, metadata, handle.get_tensor)
-
-
-def _check_data_length(path: Path, handle, stored_keys: list[str]) -> None:
-    """safetensors maps lazily; a truncated file would only fail on the last tensor read."""
-    with open(path, "rb") as raw:
-        header_len = int.from_bytes(raw.read(8), "little")
-        header = json.loads(raw.read(header_len))
-    end = max((entry["data_offsets"][1] for k, entry in header.items() if k != "__metadata__"), default=0)
-    if path.stat().st_size < 8 + header_len + end:
-        raise CheckpointError(f"{path}: truncated safetensors file ({path.stat().st_size} bytes, header promises {8 + header_len + end})")
+        file = SafetensorsFile(path)
+    except OSError as error:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({error})") from error
+    return _reader(path, file.keys(), {k: e.shape for k, e in file.entries.items()},
+                   {k: e.dtype for k, e in file.entries.items()}, file.metadata, file.read)
 
 
 def _open_torch(path: Path) -> CheckpointReader:

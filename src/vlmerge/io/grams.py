@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from vlmerge.core.errors import CheckpointError
+from vlmerge.core.numerics import all_finite
 from vlmerge.io.checkpoint import CheckpointReader, open_checkpoint, save_checkpoint
 from vlmerge.io.layout import Layout
 
@@ -45,7 +46,7 @@ class GramSet:
 
     def get(self, module: str) -> torch.Tensor:
         gram = self.reader.get(self.keys[module])
-        if not torch.isfinite(gram).all():
+        if not all_finite(gram):
             raise CheckpointError(f"{self.path}: Gram matrix {module} contains NaN or Inf")
         return gram
 

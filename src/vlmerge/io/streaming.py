@@ -10,7 +10,6 @@ import os
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 
-
 import torch
 
 from vlmerge.core.errors import CheckpointError
@@ -48,7 +47,7 @@ class TensorStreamWriter:
         _, dtype, shape = expected
         if tensor.dtype != dtype or tuple(tensor.shape) != shape:
             raise CheckpointError(f"{name}: got {tensor.dtype} {list(tensor.shape)}, header promised {dtype} {list(shape)}")
-        self._handle.write(tensor.detach().contiguous().cpu().view(-1).view(torch.uint8).numpy().tobytes())
+        self._handle.write(memoryview(tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()))
 
     def finish(self) -> None:
         missing = next(self._pending, None)

@@ -10,6 +10,7 @@ import json
 import os
 import warnings
 from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from difflib import get_close_matches
 from pathlib import Path
@@ -19,6 +20,7 @@ import torch
 from tqdm import tqdm
 
 from vlmerge import __version__
+from vlmerge.core.numerics import all_finite
 from vlmerge.core.config import StrictConfig
 from vlmerge.core.errors import CheckpointError, MergeError
 from vlmerge.io.checkpoint import (CARRIED_METADATA, PICKLE_SUFFIXES, CheckpointReader, file_sha256, open_checkpoint,
@@ -30,7 +32,7 @@ from vlmerge.merging.methods import MERGE_METHODS, MergeInputs, MergeMethod, Mer
 from vlmerge.merging.plan import ExpertSelection, MergeGroup, MergePlan, build_merge_plan
 from vlmerge.models.checkpoint import head_names
 from vlmerge.models.config import ModelConfig
-from vlmerge.models.transformer import VLTransformer
+from vlmerge.models.factory import state_keys
 
 METADATA_RESERVE = 1 << 16  # bytes kept in the header for warnings known only after the merge
 
@@ -98,17 +100,20 @@ def merge_checkpoint(source: str | os.PathLike, method: str, options: Mapping[st
     gram_set = open_grams(grams) if grams is not None else None
     prepared = prepare_merge(reader, method, options, experts=experts, origin=origin, grams=gram_set)
     rename = (lambda k: k) if Layout(layout) is Layout.NATIVE else to_reference_key
-    inputs = _input_hashes(prepared)
     if Path(out).suffix in PICKLE_SUFFIXES:
         tensors = dict(prepared.tensors(progress))
         result = prepared.result(tensors)
-        result.path = save_checkpoint(out, {rename(k): v for k, v in tensors.items()}, _provenance(prepared, inputs))
+        result.path = save_checkpoint(out, {rename(k): v for k, v in tensors.items()},
+                                      _provenance(prepared, _input_hashes(prepared)))
         return result
     layout_out = [(rename(k), dtype, shape) for k, dtype, shape in prepared.output_layout()]
-    with stream_safetensors(out, layout_out, _provenance(prepared, inputs), reserve_metadata=METADATA_RESERVE) as writer:
-        for key, tensor in prepared.tensors(progress):
-            writer.write(rename(key), tensor)
-        writer.update_metadata(_provenance(prepared, inputs))  # now with the merge's warnings
+    with ThreadPoolExecutor(max_workers=1) as hasher:  # the inputs are hashed beside the merge, not before it
+        hashes = hasher.submit(_input_hashes, prepared)
+        placeholder = _provenance(prepared, _input_hashes(prepared, pending=True))
+        with stream_safetensors(out, layout_out, placeholder, reserve_metadata=METADATA_RESERVE) as writer:
+            for key, tensor in prepared.tensors(progress):
+                writer.write(rename(key), tensor)
+            writer.update_metadata(_provenance(prepared, hashes.result()))  # the hashes and the merge's warnings
     result = prepared.result()
     result.path = Path(out)
     return result
@@ -153,7 +158,7 @@ def _merge_group(group: MergeGroup, reader: CheckpointReader, method: MergeMetho
     if len(inputs.experts) == 1:  # a layer with a single selected expert just copies it
         return next(iter(inputs.experts.values()))
     result = method.fn(inputs, options).to(_dtype(inputs.experts))
-    if not torch.isfinite(result).all():
+    if not all_finite(result):
         raise MergeError(f"{method.name} produced NaN or Inf for {group.target}")
     return result
 
@@ -180,10 +185,10 @@ def _validate_layout(reader: CheckpointReader) -> None:
     checkpoint would not load strictly. A file without a config (the paper's) has only the plan's checks."""
     if reader.config is None:
         return
-    with torch.device("meta"):
-        expected = VLTransformer(ModelConfig.parse(reader.config, where=f"{reader.path} config")).state_dict()
+    expected = state_keys(ModelConfig.parse(reader.config, where=f"{reader.path} config"))
     heads = tuple(f"{name}." for name in head_names(reader))
-    unknown = sorted(key for key in reader.keys if key not in expected and not key.startswith(heads))
+    known = set(expected)
+    unknown = sorted(key for key in reader.keys if key not in known and not key.startswith(heads))
     missing = [key for key in expected if key not in reader]
     if unknown:
         close = get_close_matches(unknown[0], list(expected), n=1)
@@ -227,7 +232,7 @@ def _validate_grams(plan: MergePlan, grams: GramSet) -> None:
 
 def _read_finite(reader: CheckpointReader, key: str) -> torch.Tensor:
     tensor = reader.get(key)
-    if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+    if not all_finite(tensor):
         raise MergeError(f"{reader.path}: tensor {key} contains NaN or Inf")
     return tensor
 
@@ -236,14 +241,16 @@ def _dtype(experts: Mapping[Any, torch.Tensor]) -> torch.dtype:
     return next(iter(experts.values())).dtype
 
 
-def _input_hashes(prepared: PreparedMerge) -> dict[str, dict[str, str]]:
-    """Path and content hash of every input file, so a merged checkpoint says where it came from."""
+def _input_hashes(prepared: PreparedMerge, pending: bool = False) -> dict[str, dict[str, str]]:
+    """Path and content hash of every input file, so a merged checkpoint says where it came from.
+    `pending`: a placeholder of the same size, for a header written before the hashes are known."""
     inputs = {"source": prepared.reader.path}
     if prepared.origin is not None:
         inputs["seed_checkpoint"] = prepared.origin.path
     if prepared.grams is not None:
         inputs["grams"] = prepared.grams.path
-    return {role: {"path": str(path), "sha256": file_sha256(path)} for role, path in inputs.items()}
+    return {role: {"path": str(path), "sha256": "0" * 64 if pending else file_sha256(path)}
+            for role, path in inputs.items()}
 
 
 def _provenance(prepared: PreparedMerge, inputs: dict[str, dict[str, str]]) -> dict[str, str]:

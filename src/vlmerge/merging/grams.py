@@ -1,9 +1,11 @@
 """Gram matrices for RegMean, collected with forward hooks during plain forward passes.
 
 For every linear layer of every expert, G = sum over the tokens that expert actually saw of
-x x^T (in float64): the input of qkv is the output of norm1, of proj the attention output,
-of fc1 the output of norm2, of fc2 the activation. Padding tokens are left out: a pre-hook
-on each block records the token mask of the stream it is processing. By default the sum is
+x x^T: each batch's product in the activations' precision (float32 matrix multiplies run
+several times faster than float64 ones), summed over batches in float64. The input of qkv
+is the output of norm1, of proj the attention output, of fc1 the output of norm2, of fc2
+the activation. Padding tokens are left out: a pre-hook on each block records the token
+mask of the stream it is processing. By default the sum is
 not divided by the token count (RegMean's objective is the total squared error per expert).
 """
 
@@ -64,9 +66,12 @@ class GramCollector:
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
             x = args[0]
             rows = x[self._mask] if self._mask is not None else x.reshape(-1, x.shape[-1])  # (tokens, in)
-            rows = rows.detach().to(torch.float64)
-            gram = rows.T @ rows
-            self.sums[name] = self.sums[name] + gram if name in self.sums else gram
+            rows = rows.detach()
+            gram = (rows.T @ rows).to(torch.float64)
+            if name in self.sums:
+                self.sums[name] += gram
+            else:
+                self.sums[name] = gram
             self.tokens[name] += rows.shape[0]
 
         return hook

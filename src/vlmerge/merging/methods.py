@@ -82,7 +82,17 @@ def interpolation_weights(modalities: frozenset[Modality], ratio: float) -> dict
 def interpolation(inputs: MergeInputs, options: InterpolationOptions) -> torch.Tensor:
     """Weighted average of the experts, r V + (1 - r) L."""
     weights = interpolation_weights(frozenset(inputs.experts), options.ratio)
-    return sum(weights[m] * w for m, w in inputs.experts.items())
+    return weighted_sum([(weights[m], w) for m, w in inputs.experts.items()])
+
+
+def weighted_sum(terms: list[tuple[float, torch.Tensor]]) -> torch.Tensor:
+    """sum of w * t, accumulated in place: one output buffer, no temporary per term (merges are
+    memory-bound, and a base-size merge sums hundreds of MB)."""
+    (first_weight, first), *rest = terms
+    out = torch.mul(first, first_weight)
+    for weight, tensor in rest:
+        out.add_(tensor, alpha=weight)
+    return out
 
 
 # --------------------------------------------------------------------------- arithmetic
@@ -102,8 +112,11 @@ class RegMeanOptions(StrictConfig):
 
 
 def shrink_gram(gram: torch.Tensor, alpha: float) -> torch.Tensor:
-    """alpha G + (1 - alpha) diag(G): RegMean's regulariser towards plain averaging."""
-    return alpha * gram + (1.0 - alpha) * torch.diag_embed(torch.diagonal(gram))
+    """alpha G + (1 - alpha) diag(G): RegMean's regulariser towards plain averaging; that is
+    alpha G with G's own diagonal, built in one new matrix."""
+    shrunk = gram * alpha
+    shrunk.diagonal().copy_(gram.diagonal())
+    return shrunk
 
 
 @register_method("regmean", RegMeanOptions, needs_grams=True)
@@ -115,9 +128,13 @@ def regmean(inputs: MergeInputs, options: RegMeanOptions) -> torch.Tensor:
     if missing:
         warnings.warn(f"{inputs.target}: no Gram matrix for expert(s) {missing}; using the plain average", MergeWarning)
         return plain_mean(inputs.experts)
-    grams = {m: shrink_gram(g.to(torch.float64), options.alpha) for m, g in inputs.grams.items()}
-    weighted = sum(w.to(torch.float64) @ grams[m] for m, w in inputs.experts.items())  # (out, in)
-    return solve_right(weighted, sum(grams.values()), inputs.target).to(next(iter(inputs.experts.values())).dtype)
+    weighted, gram_sum = None, None  # sum_m W_m G_m (out, in) and sum_m G_m, one shrunk matrix alive at a time
+    for modality, weight in inputs.experts.items():
+        gram = shrink_gram(inputs.grams[modality].to(torch.float64), options.alpha)
+        product = weight.to(torch.float64) @ gram
+        weighted = product if weighted is None else weighted.add_(product)
+        gram_sum = gram if gram_sum is None else gram_sum.add_(gram)
+    return solve_right(weighted, gram_sum, inputs.target).to(next(iter(inputs.experts.values())).dtype)
 
 
 def solve_right(weighted: torch.Tensor, gram_sum: torch.Tensor, target: str) -> torch.Tensor:
