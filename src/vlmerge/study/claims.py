@@ -19,6 +19,11 @@ def _beats(a: float, b: float, tolerance: float) -> bool | None:
     return True if a > b + tolerance else False if a < b - tolerance else None
 
 
+def _spread_decides(scores: list[float], tolerance: float) -> bool:
+    """A sweep whose scores all lie within the tolerance of each other ranks noise, not models."""
+    return max(scores) - min(scores) > tolerance
+
+
 def seed_beats_naive(results: Results, tolerance: float) -> dict[str, Any]:
     seeded, naive = _score(results, "seed-merge"), _score(results, "naive-merge")
     return {"compare": ["seed-merge", "naive-merge"], "holds": _beats(seeded, naive, tolerance),
@@ -38,15 +43,18 @@ def longer_seed_helps(results: Results, tolerance: float) -> dict[str, Any]:
     xs, ys = [p["x"] for p in sweep], [_score(results, p["model"]) for p in sweep]
     rho = spearman(xs, ys)
     points = ", ".join(f"{x:.0%}: {y:.3f}" for x, y in zip(xs, ys))
-    return {"compare": [p["model"] for p in sweep], "holds": None if rho is None else rho > 0,
-            "finding": f"merged score by seed share {points}; Spearman rho {_rho(rho)}"}
+    holds = None if rho is None or not _spread_decides(ys, tolerance) else rho > 0
+    return {"compare": [p["model"] for p in sweep], "holds": holds,
+            "finding": f"merged score by seed share {points}; Spearman rho {_rho(rho)} (scores spread "
+                       f"{max(ys) - min(ys):.3f}; a spread within {tolerance:.3f} decides nothing)"}
 
 
 def metrics_predict_merging(results: Results, tolerance: float) -> dict[str, Any]:
     rhos = results["mergeability"]["spearman"]
     defined = {name: rho for name, rho in rhos.items() if rho is not None}
     negative = [name for name, rho in defined.items() if rho < 0]
-    holds = None if not defined else len(negative) > len(defined) / 2
+    scores = [p["score"] for p in results["mergeability"]["points"]]
+    holds = None if not defined or not _spread_decides(scores, tolerance) else len(negative) > len(defined) / 2
     listing = ", ".join(f"{name} {_rho(rho)}" for name, rho in rhos.items())
     return {"compare": [p["merged"] for p in results["mergeability"]["points"]], "holds": holds,
             "finding": f"rank correlation of each distance with the merged score: {listing or 'no points'}"}
