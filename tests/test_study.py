@@ -152,3 +152,11 @@ def test_a_pretrained_study_starts_every_run_from_the_imported_vit(emoji_sources
     assert sorted(init_kind[name] for name in specifics) == ["pretrained", "seed"]  # naive, then seed + merge
     assert {"naive-merge", "seed-merge", "merge-arithmetic-lam0.5"} <= set(results["models"])
     assert results["models"]["agnostic-scratch"]["label"] == "modality-agnostic from the pretrained ViT"
+
+
+def test_task_data_inherits_the_recipe_data_and_may_cap_its_examples():
+    recipe = load_recipe(RECIPES / "pretrained-small.yaml")
+    vqa, retrieval = recipe.data_for("vqa"), recipe.data_for("retrieval")
+    assert (vqa.dataset, vqa.limit, vqa.image_size) == ("easy_vqa", 640, 56)
+    assert (retrieval.dataset, retrieval.limit, retrieval.image_size) == ("tuxpaint", None, 56)
+    assert recipe.data.names == ("tuxpaint", "emoji")

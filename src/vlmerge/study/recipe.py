@@ -50,10 +50,11 @@ class GramSpec(StrictConfig):
 
 
 class TaskData(StrictConfig):
-    """A task's own dataset; image size, cache and limit come from the recipe's data."""
+    """A task's own dataset; image size and cache (and limit, unless given) come from the recipe's data."""
 
     dataset: str
     paths: dict[str, str] = {}
+    limit: int | None = Field(None, ge=1, description="first N examples of each split (default: data.limit)")
 
 
 class StudyRecipe(StrictConfig):
@@ -112,7 +113,7 @@ class StudyRecipe(StrictConfig):
             if len(self.data.names) > 1:
                 raise ValueError(f"data pools {list(self.data.names)}; name the dataset of {task!r} in task_data")
             return self.data
-        return self.data.model_copy(update=own.model_dump())
+        return self.data.model_copy(update=own.model_dump(exclude_none=True))
 
     def local_files(self) -> dict[str, str]:
         """Every local file or folder the study reads, by where the recipe names it."""
