@@ -246,3 +246,13 @@ def test_without_matplotlib_plots_ask_for_the_extra(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` raise ImportError
     with pytest.raises(ConfigError, match=r"vlmerge\[report\]"):
         write_report(tmp_path, copy.deepcopy(RESULTS))
+
+
+def test_the_scale_note_names_the_datasets_and_the_start_the_recipe_used(tmp_path):
+    results = copy.deepcopy(RESULTS)
+    results["recipe"].update({"init": "pretrained", "data": {"dataset": ["tuxpaint", "emoji"]},
+                              "task_data": {"vqa": {"dataset": "easy_vqa"}}, "finetune": {"steps": 20}})
+    results["tasks"] = ["retrieval", "vqa"]
+    markdown = _study(tmp_path, results)[1]
+    assert ("starting from the pretrained ViT-S/14, pre-trained for 40 steps in all on tuxpaint + emoji image-text "
+            "pairs, then fine-tuned for 20 steps per task (retrieval on tuxpaint, vqa on easy_vqa)") in markdown

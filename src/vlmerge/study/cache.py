@@ -28,6 +28,7 @@ class StageCache:
         self.ran: list[str] = []
         self.cached: list[str] = []
         self.planned: list[tuple[str, str]] = []
+        self.seconds: dict[str, float] = {}  # per distinct stage: how long it took when it ran
 
     def directory(self, kind: str, spec: dict[str, Any]) -> Path:
         return self.root / "cache" / f"{kind}-{spec_hash(kind, spec)[:16]}"
@@ -43,7 +44,9 @@ class StageCache:
             return directory, {}
         if marker.is_file():
             self.cached.append(directory.name)
-            return directory, json.loads(marker.read_text())["result"]
+            done = json.loads(marker.read_text())
+            self.seconds[directory.name] = done.get("seconds", 0.0)
+            return directory, done["result"]
         directory.mkdir(parents=True, exist_ok=True)
         self._say(f"{kind:<10} {label} ...")
         start = time.perf_counter()
@@ -53,6 +56,7 @@ class StageCache:
             tmp.write_text(json.dumps({"kind": kind, "spec": spec, "seconds": round(seconds, 2), "result": result},
                                       indent=1, sort_keys=True, default=str))
         self.ran.append(directory.name)
+        self.seconds[directory.name] = round(seconds, 2)
         self._say(f"{kind:<10} {label} done in {seconds:.1f} s")
         return directory, result
 

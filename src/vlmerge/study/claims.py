@@ -34,7 +34,7 @@ def seed_beats_naive(results: Results, tolerance: float) -> dict[str, Any]:
 def merge_matches_scratch(results: Results, tolerance: float) -> dict[str, Any]:
     merged, scratch = _score(results, "seed-merge"), _score(results, "agnostic-scratch")
     return {"compare": ["seed-merge", "agnostic-scratch"], "holds": merged >= scratch - tolerance,
-            "finding": f"merged {merged:.3f} vs modality-agnostic from scratch {scratch:.3f} "
+            "finding": f"merged {merged:.3f} vs {results['models']['agnostic-scratch']['label']} {scratch:.3f} "
                        f"(match means within {tolerance:.3f} or better)"}
 
 
@@ -65,7 +65,7 @@ def merged_is_smaller(results: Results, tolerance: float) -> dict[str, Any]:
     ratio = merged["parameters"] / specific["parameters"]
     return {"compare": ["seed-merge", "specific"], "holds": ratio < 0.75,
             "finding": f"the merged model has {ratio:.0%} of the modality-specific model's parameters "
-                       "(embeddings included; the micro model's embeddings weigh more than at base size)"}
+                       "(embeddings included, which weigh more in small models than at base size)"}
 
 
 def _rho(rho: float | None) -> str:

@@ -17,9 +17,8 @@ from vlmerge.study import plots
 
 Results = dict[str, Any]
 VERDICTS = {True: "reproduced", False: "not reproduced", None: "inconclusive"}
-SCALE_NOTE = ("These are small-scale runs: {size}-sized models pre-trained for {steps} steps in all on emoji "
-              "image-text pairs (pictures from the Noto Color Emoji font, names from Unicode CLDR), then fine-tuned "
-              "for {finetune} steps on emoji versions of the tasks. The paper pre-trains "
+SCALE_NOTE = ("These are small-scale runs: {size}-sized models{start} pre-trained for {steps} steps in all on "
+              "{pairs} image-text pairs, then fine-tuned for {finetune} steps per task ({tasks}). The paper pre-trains "
               "base-size models on millions of web image-text pairs and evaluates on COCO, Flickr30k, VQAv2 and "
               "NLVR2. Absolute numbers are not comparable with the paper's; what can be compared is the direction "
               "of each comparison, and a small run can miss effects that only appear at scale.")
@@ -160,13 +159,21 @@ class _Report:
         ran = (f"Recipe {name}: {fmt(len(self.models))} models evaluated on {fmt(len(self.tasks))} tasks "
                f"({', '.join(self.tasks) or 'none'}). Wall time {fmt(timing.get('seconds'), 1)} s; stages run: "
                f"{fmt(timing.get('stages_run'))}, taken from the cache: {fmt(timing.get('stages_cached'))}.")
+        if timing.get("stage_seconds") is not None:
+            ran += (f" Its {fmt(timing.get('stages'))} distinct stages took {fmt(timing['stage_seconds'], 1)} s "
+                    "when they ran.")
         flat = (str, int, float, bool, type(None))  # nested recipe settings stay in results.json
         settings = [[k, ", ".join(map(fmt, v)) if isinstance(v, list) else fmt(v)] for k, v in recipe.items()
                     if isinstance(v, flat) or (isinstance(v, list) and all(isinstance(x, flat) for x in v))]
         table: list[Block] = [Table(["recipe setting", "value"], settings)] if settings else []
+        dataset = (recipe.get("data") or {}).get("dataset", "emoji")
+        pairs = [dataset] if isinstance(dataset, str) else list(dataset)
+        own = recipe.get("task_data") or {}
+        task_data = ", ".join(f"{task} on {(own.get(task) or {}).get('dataset', pairs[0])}" for task in self.tasks)
         scale = SCALE_NOTE.format(size=(recipe.get("model") or {}).get("size", "small"),
-                                  steps=fmt(recipe.get("total_steps")),
-                                  finetune=fmt((recipe.get("finetune") or {}).get("steps")))
+                                  start=", starting from the pretrained ViT-S/14," if recipe.get("init") == "pretrained"
+                                  else "", steps=fmt(recipe.get("total_steps")), pairs=" + ".join(pairs),
+                                  finetune=fmt((recipe.get("finetune") or {}).get("steps")), tasks=task_data)
         return [Heading(f"Study report: {name}", 1), Heading("What was run"), Paragraph(ran), *table,
                 Paragraph(scale)]
 

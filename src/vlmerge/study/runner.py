@@ -232,7 +232,8 @@ class StudyRunner:
             "mergeability": {"points": points, "spearman": spearman_rho},
             "gallery": gallery,
             "timing": {"seconds": round(time.perf_counter() - start, 1), "stages_run": len(self.cache.ran),
-                       "stages_cached": len(self.cache.cached)},
+                       "stages_cached": len(self.cache.cached), "stages": len(self.cache.seconds),
+                       "stage_seconds": round(sum(self.cache.seconds.values()), 1)},
         }
         output["claims"] = evaluate_claims(output, self.recipe.tolerance)
         with atomic_path(self.study_dir / RESULTS) as tmp:
