@@ -137,6 +137,7 @@ class ImageFolder(DataSource):
             raise ConfigError(f"{root}: no class subfolders")
         return classes
 
+    @functools.cache  # walking ImageNet's folders takes a while; the head and the examples both ask
     def image_classes(self, split: str) -> LabelledImages:
         self.check_split(split)
         root = Path(self.config.paths[split])
