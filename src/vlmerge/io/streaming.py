@@ -14,11 +14,9 @@ import torch
 
 from vlmerge.core.errors import CheckpointError
 from vlmerge.io.atomic import atomic_path
+from vlmerge.io.safetensors_file import DTYPES
 
-_DTYPE_NAMES = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
-}
+_DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}  # torch dtype -> the format's name
 
 
 class TensorStreamWriter:
