@@ -8,7 +8,7 @@ from vlmerge.core.errors import CheckpointError
 from vlmerge.io.atomic import atomic_path
 from vlmerge.io.checkpoint import open_checkpoint, save_checkpoint
 from vlmerge.io.grams import open_grams, save_grams
-from vlmerge.io.layout import Layout, gram_key_to_reference, to_reference_key
+from vlmerge.io.layout import Layout, from_reference_key, gram_key_to_reference, native_gram_key, to_reference_key
 from vlmerge.merging.grams import collect_grams
 
 
@@ -46,6 +46,19 @@ def test_gram_files_round_trip_in_both_layouts(specific_model, tmp_path):
     reference = open_grams(tmp_path / "g.pth")
     assert set(reference.keys) == set(grams)
     torch.testing.assert_close(reference.get("blocks.3.attn.vl.qkv"), grams["blocks.3.attn.vl.qkv"])
+
+
+@pytest.mark.parametrize("native, reference", [
+    ("blocks.3.attn.v.qkv", "transformer.blocks.3.attn.v"),  # the attention module stands for its qkv input
+    ("blocks.3.attn.qkv", "transformer.blocks.3.attn"),
+    ("blocks.3.attn.vl.proj", "transformer.blocks.3.attn.vl.proj"),
+    ("blocks.3.mlp.l.fc1", "transformer.blocks.3.mlp.l.fc1"),
+    ("blocks.0.mlp.fc2", "transformer.blocks.0.mlp.fc2"),
+])
+def test_gram_keys_convert_to_and_from_the_papers_layout(native, reference):
+    assert gram_key_to_reference(native) == reference
+    assert native_gram_key(from_reference_key(reference), Layout.REFERENCE) == native
+    assert native_gram_key(native, Layout.NATIVE) == native
 
 
 def test_reference_layout_import_then_export_is_lossless(specific_model, tmp_path):

@@ -4,6 +4,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from vlmerge.core.keys import parse_block_path
 from vlmerge.io.checkpoint import CheckpointReader
 from vlmerge.merging.plan import build_merge_plan, parse_expert_key
 
@@ -30,9 +31,10 @@ class CheckpointSummary:
 def summarize(reader: CheckpointReader) -> CheckpointSummary:
     keys = reader.keys
     experts = [e for e in map(parse_expert_key, keys) if e is not None]
-    layers = {int(k.split("blocks.", 1)[1].split(".")[0]) for k in keys if "blocks." in k}
+    block_paths = {k: path for k in keys if (path := parse_block_path(k)) is not None}
+    layers = {path.layer for path in block_paths.values()}
     total = sum(reader.numel(k) for k in keys)
-    backbone = sum(reader.numel(k) for k in keys if "blocks." in k)
+    backbone = sum(reader.numel(k) for k in block_paths)
     merged = None
     layer_experts: dict[int, list[str]] = {}
     if experts:
@@ -67,5 +69,5 @@ def format_summary(summary: CheckpointSummary) -> str:
         lines += [f"  layer {layer:>2}      experts {', '.join(mods)}" for layer, mods in summary.layer_experts.items()]
     if summary.provenance:
         lines.append(f"  merged by     {summary.provenance['method']} {json.dumps(summary.provenance['options'])} "
-                     f"experts={summary.provenance['experts']}")
+                     f"selection={summary.provenance.get('selection', summary.provenance.get('experts'))}")
     return "\n".join(lines)

@@ -9,7 +9,6 @@ be shared and reused without the data. The paper's `.pth` Gram files (keyed
 
 import json
 import os
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,9 +19,7 @@ import torch
 from vlmerge.core.errors import CheckpointError
 from vlmerge.core.numerics import all_finite
 from vlmerge.io.checkpoint import CheckpointReader, open_checkpoint, save_checkpoint
-from vlmerge.io.layout import Layout
-
-_BARE_ATTN = re.compile(r"^(?:.*\.)?blocks\.\d+\.attn(?:\.(?:v|l|vl))?$")
+from vlmerge.io.layout import native_gram_key
 
 
 @dataclass
@@ -53,11 +50,7 @@ class GramSet:
 
 def open_grams(path: str | os.PathLike) -> GramSet:
     reader = open_checkpoint(path)
-    keys = {}
-    for key in reader.keys:
-        # In the paper's layout the attention module's own input stands for its qkv input.
-        module = f"{key}.qkv" if reader.layout is Layout.REFERENCE and _BARE_ATTN.match(key) else key
-        keys[module] = key
+    keys = {native_gram_key(key, reader.layout): key for key in reader.keys}
     bad = [k for k in reader.keys if len(reader.shape(k)) != 2 or reader.shape(k)[0] != reader.shape(k)[1]]
     if bad:
         raise CheckpointError(f"{path}: not a Gram file: {bad[0]} has shape {list(reader.shape(bad[0]))}, expected square")

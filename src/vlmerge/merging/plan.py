@@ -1,8 +1,8 @@
 """The merge plan: which expert tensors become which merged tensor.
 
-This is the only place that knows key names. Expert keys look like
-`blocks.{layer}.{slot}.{modality}.{rest}`; the merged key drops the `.{modality}` segment.
-Everything else (embeddings, heads, layer scale, shared sub-modules) passes through.
+This is the only place that knows which experts a task uses. An expert tensor is a block path
+(core/keys.py) with a modality; its merged key drops the `.{modality}` segment. Everything
+else (embeddings, heads, layer scale, shared sub-modules) passes through.
 The plan is built and validated from shapes alone, before any tensor is read.
 """
 
@@ -15,10 +15,10 @@ from enum import Enum
 import torch
 
 from vlmerge.core.errors import MergeError
+from vlmerge.core.keys import BlockPath, parse_block_path
 from vlmerge.core.modality import Modality
 from vlmerge.core.registry import suggest
 
-EXPERT_KEY = re.compile(r"^(?P<module>(?:.*\.)?blocks\.(?P<layer>\d+)\.(?P<slot>\w+))\.(?P<modality>v|l|vl)\.(?P<rest>.+)$")
 LINEAR_SLOTS = frozenset({"attn", "mlp"})
 
 
@@ -45,31 +45,16 @@ class ExpertSelection(str, Enum):
             raise MergeError(f"unknown expert selection {name!r}{suggest(str(name), [s.value for s in cls])}") from None
 
 
-@dataclass(frozen=True)
-class ExpertKey:
-    key: str
-    layer: int
-    slot: str
-    modality: Modality
-    target: str  # the merged key
-    module: str  # the expert's module path, e.g. blocks.3.mlp.l.fc1 (keys its Gram matrix)
-
-
-def parse_expert_key(key: str) -> ExpertKey | None:
-    match = EXPERT_KEY.match(key)
-    if match is None:
-        return None
-    rest = match["rest"]
-    module_rest = rest.rsplit(".", 1)[0] if "." in rest else ""
-    expert_module = f"{match['module']}.{match['modality']}" + (f".{module_rest}" if module_rest else "")
-    return ExpertKey(key, int(match["layer"]), match["slot"], Modality(match["modality"]),
-                     f"{match['module']}.{rest}", expert_module)
+def parse_expert_key(key: str) -> BlockPath | None:
+    """The path of an expert's tensor (`blocks.3.attn.v.qkv.weight`); None for any other key."""
+    path = parse_block_path(key)
+    return path if path is not None and path.modality is not None and path.rest else None
 
 
 def merged_key(key: str) -> str:
     """The key a tensor has in the modality-agnostic model: the expert segment dropped."""
     parsed = parse_expert_key(key)
-    return parsed.target if parsed else key
+    return parsed.merged().key if parsed else key
 
 
 @dataclass(frozen=True)
@@ -79,7 +64,7 @@ class MergeGroup:
     target: str
     layer: int
     slot: str
-    experts: dict[Modality, ExpertKey]
+    experts: dict[Modality, BlockPath]
     shape: tuple[int, ...]
 
     @property
@@ -88,7 +73,7 @@ class MergeGroup:
         return self.slot in LINEAR_SLOTS and self.target.endswith(".weight") and len(self.shape) == 2
 
     def gram_keys(self) -> dict[Modality, str]:
-        return {m: e.module for m, e in self.experts.items()}
+        return {m: e.module().key for m, e in self.experts.items()}
 
 
 @dataclass(frozen=True)
@@ -116,14 +101,14 @@ class MergePlan:
 def build_merge_plan(shapes: dict[str, tuple[int, ...]], selection: ExpertSelection | str = ExpertSelection.ALL) -> MergePlan:
     """Group expert keys by merged key and check that every group is complete and consistent."""
     selection = ExpertSelection.parse(selection)
-    by_target: dict[str, dict[Modality, ExpertKey]] = defaultdict(dict)
+    by_target: dict[str, dict[Modality, BlockPath]] = defaultdict(dict)
     passthrough = []
     for key in shapes:
         parsed = parse_expert_key(key)
         if parsed is None:
             passthrough.append(key)
         else:
-            by_target[parsed.target][parsed.modality] = parsed
+            by_target[parsed.merged().key][parsed.modality] = parsed
     if not by_target:
         raise MergeError("no modality experts found (keys like blocks.0.attn.v.qkv.weight); "
                          "is this already a modality-agnostic checkpoint?")
@@ -145,7 +130,7 @@ def build_merge_plan(shapes: dict[str, tuple[int, ...]], selection: ExpertSelect
     return MergePlan(groups, passthrough, dropped, selection, num_layers, layer_experts)
 
 
-def _experts_per_layer(groups: Iterable[dict[Modality, ExpertKey]]) -> dict[int, frozenset[Modality]]:
+def _experts_per_layer(groups: Iterable[dict[Modality, BlockPath]]) -> dict[int, frozenset[Modality]]:
     found: dict[int, set[Modality]] = defaultdict(set)
     for experts in groups:
         for expert in experts.values():
@@ -157,7 +142,7 @@ def _experts_per_layer(groups: Iterable[dict[Modality, ExpertKey]]) -> dict[int,
     return {layer: frozenset(m) for layer, m in found.items()}
 
 
-def _check_complete(target: str, experts: dict[Modality, ExpertKey], expected: frozenset[Modality]) -> None:
+def _check_complete(target: str, experts: dict[Modality, BlockPath], expected: frozenset[Modality]) -> None:
     missing = expected - set(experts)
     if missing:
         have = next(iter(experts.values())).key
@@ -165,7 +150,7 @@ def _check_complete(target: str, experts: dict[Modality, ExpertKey], expected: f
                          f"(layer experts: {_names(expected)})")
 
 
-def _common_shape(target: str, experts: dict[Modality, ExpertKey], shapes: dict[str, tuple[int, ...]]) -> tuple[int, ...]:
+def _common_shape(target: str, experts: dict[Modality, BlockPath], shapes: dict[str, tuple[int, ...]]) -> tuple[int, ...]:
     found = {m: tuple(shapes[e.key]) for m, e in experts.items()}
     if len(set(found.values())) > 1:
         detail = ", ".join(f"{m.value} {list(s)}" for m, s in found.items())
