@@ -40,7 +40,7 @@ ROUTES = {
 @pytest.fixture(scope="session")
 def emoji_sources():
     """The Debian files the emoji dataset is built from; tests that need them skip without them."""
-    from vlmerge.data.emoji import EmojiSources
+    from vlmerge.data.datasets.emoji.records import EmojiSources
 
     found = EmojiSources.default()
     missing = [str(path) for path in found.files() if not path.is_file()]

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from ddp_stage_script import DATA, FINETUNE_TASKS
-from vlmerge.data.emoji import build_emoji_dataset
+from vlmerge.data.datasets.emoji.dataset import build_emoji_dataset
 from vlmerge.data.tokenizer import TextTokenizer
 from vlmerge.io.checkpoint import open_checkpoint
 from vlmerge.training.trainer import read_metrics

@@ -8,9 +8,13 @@ import pytest
 import torch
 
 from vlmerge.core.errors import ConfigError
-from vlmerge.data import emoji
-from vlmerge.data.emoji import (SPLITS, EmojiSources, assign_split, base_emoji, build_emoji_dataset, emoji_records,
-                                load_font, lookup_cldr, parse_cldr, parse_emoji_test, render_emoji)
+from vlmerge.data import image_cache
+from vlmerge.data.datasets.emoji import dataset as emoji
+from vlmerge.data.datasets.emoji.dataset import build_emoji_dataset
+from vlmerge.data.datasets.emoji.records import (EmojiSources, base_emoji, emoji_records, lookup_cldr, parse_cldr,
+                                                 parse_emoji_test)
+from vlmerge.data.datasets.emoji.render import load_font, render_emoji
+from vlmerge.data.splits import SPLITS, assign_split
 
 LIMIT = 12  # the first twelve emoji are single-codepoint smileys: fast, and renderable with any Pillow
 
@@ -149,7 +153,7 @@ def test_failed_cache_write_leaves_nothing(sources, tmp_path, monkeypatch):
     def write_half_then_crash(tensors, path, metadata=None):
         open(path, "wb").write(b"half a safetensors file")
         raise OSError("disk full")
-    monkeypatch.setattr(emoji, "save_file", write_half_then_crash)
+    monkeypatch.setattr(image_cache, "save_file", write_half_then_crash)
     with pytest.raises(OSError, match="disk full"):
         build_emoji_dataset(cache_dir=tmp_path, sources=sources, limit=3)
     assert list(tmp_path.iterdir()) == []

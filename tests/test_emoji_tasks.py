@@ -7,8 +7,10 @@ import pytest
 import torch
 
 from vlmerge.core.errors import ConfigError
-from vlmerge.data.emoji import SPLITS, EmojiDataset, EmojiRecord, EmojiSources, build_emoji_dataset
-from vlmerge.data.emoji_tasks import NLVR2_TEMPLATES, VQAExample, VQASet, build_nlvr2, build_vqa
+from vlmerge.data.datasets.emoji.dataset import EmojiDataset, build_emoji_dataset
+from vlmerge.data.datasets.emoji.records import EmojiRecord, EmojiSources
+from vlmerge.data.datasets.emoji.tasks import NLVR2_TEMPLATES, VQAExample, VQASet, build_nlvr2, build_vqa
+from vlmerge.data.splits import SPLITS
 
 ROWS = [  # name, keywords, group, subgroup, split
     ("grinning face", ("face", "grin", "Grinning"), "Smileys & Emotion", "face-smiling", "train"),

@@ -4,6 +4,7 @@ files: counts, captions, answers, labels and pixels re-derived here independentl
 import collections
 import gzip
 import hashlib
+import importlib.util
 import json
 import re
 import struct
@@ -15,7 +16,7 @@ import torch
 from PIL import Image
 
 from vlmerge.core.errors import ConfigError
-from vlmerge.data import easy_vqa, fashion_mnist, tuxpaint, wordnet
+from vlmerge.data.datasets import easy_vqa, fashion_mnist, tuxpaint, wordnet
 from vlmerge.data.config import DataConfig
 from vlmerge.data.formats import ResizedImages, read_image
 from vlmerge.data.sources import SOURCES, load_source
@@ -60,7 +61,7 @@ def test_each_source_documents_its_splits_and_names_its_package_when_absent(name
     with pytest.raises(ConfigError, match=message):
         getattr(broken, PACKAGED[name])("test")
     if name == "easy_vqa":  # the package itself absent
-        monkeypatch.setattr(easy_vqa.importlib.util, "find_spec", lambda name: None)
+        monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
         with pytest.raises(ConfigError, match=re.escape("needs the PyPI package easy-vqa (not installed in this "
                                                         "Python): pip install --no-deps easy-vqa")):
             cls(DataConfig(dataset=name)).questions("test")

@@ -11,7 +11,7 @@ from PIL import Image
 
 from vlmerge.cli.main import main
 from vlmerge.core.errors import ConfigError
-from vlmerge.data import paper_sources
+from vlmerge.data.datasets import vqav2
 from vlmerge.data.config import DataConfig
 from vlmerge.data.sources import ConcatImages, check_data, load_pairs, load_source, pool_pairs
 from vlmerge.data.vqa_score import vqa_score
@@ -102,7 +102,7 @@ def test_karpathy_pairs_keep_every_caption_and_read_images_on_demand(paper_files
 def test_vqav2_soft_scores_vocabulary_and_question_kinds(paper_files, monkeypatch):
     # The first 10 train questions ask about 3 red and 2 green pictures: 'red' 24 times, 'green' 16, 'dark' 10,
     # 'yes' 30, 'no' 20.
-    monkeypatch.setattr(paper_sources, "VQA_MIN_ANSWER_COUNT", 20)
+    monkeypatch.setattr(vqav2, "VQA_MIN_ANSWER_COUNT", 20)
     vqa = source(paper_files, "vqav2", limit=10)
     assert vqa.answer_vocabulary() == ("no", "red", "yes")
     questions = vqa.questions("test")

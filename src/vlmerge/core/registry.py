@@ -1,4 +1,4 @@
-"""A small name -> object registry, used for model sizes and merge methods."""
+"""A small name -> object registry, used for model sizes, merge methods, datasets and tasks."""
 
 from collections.abc import Callable, Iterator
 from difflib import get_close_matches
@@ -22,6 +22,14 @@ class Registry(Generic[T]):
             return obj
 
         return decorator
+
+    def register_class(self, cls: T) -> T:
+        """Class decorator: registers `cls` under its own `name` attribute, so the name is written once."""
+        name = getattr(cls, "name", None)
+        if not isinstance(name, str):
+            raise TypeError(f"{cls!r} has no `name` to be registered as a {self.kind} under")
+        self.add(name, cls)
+        return cls
 
     def add(self, name: str, obj: T) -> None:
         if name in self._entries:

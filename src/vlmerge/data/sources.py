@@ -127,7 +127,7 @@ class DataSource(ABC):
     examples a source builds itself (questions or statements generated from metadata).
     Label vocabularies (answers, classes) belong to the whole dataset, so indices agree across splits."""
 
-    name: ClassVar[str]
+    name: ClassVar[str]  # its name in SOURCES: register with @SOURCES.register_class
     splits: ClassVar[tuple[str, ...]] = ("train", "val", "test")
     path_keys: ClassVar[tuple[str, ...]] = ()  # the local files it reads, keys of DataConfig.paths
     optional_path_keys: ClassVar[tuple[str, ...]] = ()
@@ -159,7 +159,7 @@ class DataSource(ABC):
     @classmethod
     def unsupported(cls, use: str) -> ConfigError:
         return ConfigError(f"dataset {cls.name!r} provides no {use}; datasets with {use}: "
-                           f"{[name for name in SOURCES if use in SOURCES.get(name).provides()]}")
+                           f"{sorted(name for name in SOURCES if use in SOURCES.get(name).provides())}")
 
     def pairs(self, split: str) -> CaptionPairs:
         raise self.unsupported("pairs")

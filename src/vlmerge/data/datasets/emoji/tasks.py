@@ -12,7 +12,8 @@ from dataclasses import dataclass
 import torch
 
 from vlmerge.core.errors import ConfigError
-from vlmerge.data.emoji import EmojiDataset, EmojiRecord
+from vlmerge.data.datasets.emoji.dataset import EmojiDataset
+from vlmerge.data.datasets.emoji.records import EmojiRecord
 from vlmerge.data.statements import LabelLevel, StatementExample, build_statements
 
 YES, NO = "yes", "no"

@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 
 from vlmerge.core.errors import ConfigError
-from vlmerge.data.emoji import SPLITS, assign_split
 from vlmerge.data.installed import debian
 from vlmerge.data.sources import SOURCES, DataSource, LabelledTexts
+from vlmerge.data.splits import SPLITS, assign_split
 
 PACKAGE = debian("wordnet-base")
 DEFAULT_DIR = Path("/usr/share/wordnet")
@@ -64,7 +64,7 @@ def read_synsets(path: Path, label: int, ss_types: str) -> list[Synset]:
     return synsets
 
 
-@SOURCES.register("wordnet")
+@SOURCES.register_class
 class WordNet(DataSource):
     """WordNet glosses: `texts` (every definition and example sentence) and `text_classes` (a definition ->
     its part of speech: noun, verb, adjective or adverb, the file it came from; adjective satellites count as

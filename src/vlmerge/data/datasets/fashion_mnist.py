@@ -18,8 +18,9 @@ import torch
 
 from vlmerge.core.errors import ConfigError
 from vlmerge.data.formats import ResizedImages
-from vlmerge.data.installed import debian, train_or_val
+from vlmerge.data.installed import debian
 from vlmerge.data.sources import SOURCES, CaptionPairs, DataSource, LabelledImages
+from vlmerge.data.splits import train_or_val
 
 PACKAGE = debian("dataset-fashion-mnist")
 DEFAULT_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -52,7 +53,7 @@ def read_idx(path: Path) -> np.ndarray:
     return np.frombuffer(data, dtype, offset=header).reshape(shape)
 
 
-@SOURCES.register("fashion_mnist")
+@SOURCES.register_class
 class FashionMNIST(DataSource):
     """Fashion-MNIST: `image_classes` (10 classes, CLASSES) and `pairs` (each picture with its class as a
     caption, "a photo of a sneaker."). Splits: `test` is its 10,000 test pictures; `train` and `val` divide its

@@ -5,13 +5,13 @@ import functools
 import torch
 
 from vlmerge.data.config import DataConfig
-from vlmerge.data.emoji import EmojiDataset, build_emoji_dataset
-from vlmerge.data.emoji_tasks import build_nlvr2, build_vqa, vqa_answers
+from vlmerge.data.datasets.emoji.dataset import EmojiDataset, build_emoji_dataset
+from vlmerge.data.datasets.emoji.tasks import build_nlvr2, build_vqa, vqa_answers
 from vlmerge.data.sources import (SOURCES, CaptionPairs, DataSource, LabelledImages, LabelledTexts, Questions,
                                   Statements)
 
 
-@SOURCES.register("emoji")
+@SOURCES.register_class
 class EmojiSource(DataSource):
     """Pictures of emoji (Noto Color Emoji) named by their CLDR names (Debian packages)."""
 

@@ -14,28 +14,25 @@ white) and resized, kept in memory as uint8 and cached on disk: reading all 785 
 """
 
 import functools
-import hashlib
-import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import PIL
 import torch
-from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from vlmerge.core.errors import ConfigError
-from vlmerge.data.emoji import SPLITS, assign_split
 from vlmerge.data.formats import read_image
+from vlmerge.data.image_cache import cache_entry
 from vlmerge.data.installed import debian
 from vlmerge.data.sources import SOURCES, CaptionPairs, DataSource, LabelledImages
-from vlmerge.io.atomic import atomic_path
+from vlmerge.data.splits import SPLITS, assign_split
 
 PACKAGE = debian("tuxpaint-stamps-default")
 DEFAULT_ROOT = Path("/usr/share/tuxpaint/stamps")
-DEFAULT_CACHE_DIR = Path("~/.cache/vlmerge/tuxpaint")
-FORMAT_VERSION = 1  # bump when reading or the cached layout changes
+FORMAT_VERSION = 1  # bump when reading the pictures changes
 TRANSLATION = re.compile(r"^[A-Za-z_@]+\.utf8=")  # `fr.utf8=...`, `zh_TW.utf8=...`
 
 
@@ -72,23 +69,23 @@ def find_stamps(root: Path) -> list[Stamp]:
     return stamps
 
 
-def stamp_images(stamps: list[Stamp], size: int, cache_dir: Path, progress: bool = False) -> torch.Tensor:
+def stamp_images(stamps: list[Stamp], size: int, cache_dir: str | os.PathLike | None = None,
+                 progress: bool = False) -> torch.Tensor:
     """uint8 (len(stamps), 3, size, size), from a cache keyed by the files, the size and Pillow's version."""
     stats = [(stamp.relative, stamp.path.stat().st_size, stamp.path.stat().st_mtime_ns) for stamp in stamps]
-    key = hashlib.sha256(json.dumps([FORMAT_VERSION, size, PIL.__version__, stats]).encode()).hexdigest()[:16]
-    path = cache_dir.expanduser() / f"tuxpaint-v{FORMAT_VERSION}-{size}px-{len(stamps)}-{key}.safetensors"
-    if path.is_file():
-        images = load_file(str(path))["images"]
+    entry = cache_entry("tuxpaint", FORMAT_VERSION, size, f"{len(stamps)}stamps", [PIL.__version__, stats],
+                        cache_dir)
+    if entry.complete():
+        images = entry.load_images()
         if images.shape == (len(stamps), 3, size, size):
             return images
     images = torch.stack([read_image(stamp.path, size, square=True)
                           for stamp in tqdm(stamps, desc="reading stamps", disable=not progress)])
-    with atomic_path(path) as tmp:
-        save_file({"images": images}, str(tmp), metadata={"format_version": str(FORMAT_VERSION)})
+    entry.save(images, FORMAT_VERSION)
     return images
 
 
-@SOURCES.register("tuxpaint")
+@SOURCES.register_class
 class TuxPaintStamps(DataSource):
     """Tux Paint stamps: `pairs` (the stamp and its English sentence) and `image_classes` (its top-level
     folder, 16 classes). Splits train / val / test (about 80 / 10 / 10) from a hash of the stamp's path under
@@ -119,8 +116,7 @@ class TuxPaintStamps(DataSource):
 
     @functools.cached_property
     def images(self) -> torch.Tensor:
-        cache_dir = Path(self.config.cache_dir) if self.config.cache_dir else DEFAULT_CACHE_DIR
-        return stamp_images(self.chosen, self.config.image_size, cache_dir, self.progress)
+        return stamp_images(self.chosen, self.config.image_size, self.config.cache_dir, self.progress)
 
     @functools.cache
     def split(self, split: str) -> tuple[list[Stamp], torch.Tensor]:

@@ -15,7 +15,6 @@ settled on one of the two (e.g. only asked "is there a red shape?" -> no); they 
 """
 
 import functools
-import importlib.util
 import json
 import re
 from collections import defaultdict
@@ -27,11 +26,13 @@ import torch
 
 from vlmerge.core.errors import ConfigError
 from vlmerge.data.formats import ResizedImages, read_image
-from vlmerge.data.installed import Package, train_or_val
+from vlmerge.data.installed import pypi
 from vlmerge.data.sources import SOURCES, DataSource, Questions, Statements
+from vlmerge.data.splits import train_or_val
 from vlmerge.data.statements import LabelLevel, build_statements
+from vlmerge.io.packaged import package_roots
 
-PACKAGE = Package("easy-vqa", "PyPI", "pip install --no-deps easy-vqa")
+PACKAGE = pypi("easy-vqa")
 NATIVE_SIZE = 64  # every easy-VQA picture is 64 x 64
 SHAPES = ("circle", "rectangle", "triangle")
 YES_NO = ("yes", "no")
@@ -63,10 +64,10 @@ class EasyPart:
 
 def package_data_dir() -> Path:
     """The installed package's data folder, found without importing the package."""
-    spec = importlib.util.find_spec("easy_vqa")
-    if spec is None or not spec.submodule_search_locations:
+    roots = package_roots("easy_vqa")
+    if not roots:
         raise PACKAGE.missing("easy_vqa", "not installed in this Python", "data")
-    return Path(next(iter(spec.submodule_search_locations))) / "data"
+    return roots[0] / "data"
 
 
 def read_answers(path: Path) -> tuple[str, ...]:
@@ -132,7 +133,7 @@ def image_attributes(questions: Sequence[EasyQuestion], colors: Sequence[str]) -
     return attributes
 
 
-@SOURCES.register("easy_vqa")
+@SOURCES.register_class
 class EasyVQA(DataSource):
     """easy-VQA: `questions` (13 answers, one per question, soft score 1.0; kinds color / shape / yes/no) and
     `statements` (two pictures, true or false, balanced overall and per kind; see STATEMENT_TEMPLATES). Splits:
