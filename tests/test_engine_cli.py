@@ -7,13 +7,22 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from pydantic import Field
+
 from conftest import make_inputs
 from vlmerge.cli.main import main
+from vlmerge.core.config import StrictConfig
+from vlmerge.data.config import DataConfig
+from vlmerge.inspection import format_summary, summarize
 from vlmerge.io.checkpoint import open_checkpoint, save_checkpoint
 from vlmerge.io.grams import open_grams, save_grams
-from vlmerge.merging import build_merge_plan, merge_checkpoint
+from vlmerge.merging import (MERGE_METHODS, MergeInputs, build_merge_plan, merge_checkpoint, register_method,
+                             unregister_method)
 from vlmerge.merging.grams import collect_grams
+from vlmerge.metrics import mergeability
 from vlmerge.models import VLTransformer, count_parameters, load_model, model_config, save_model
+from vlmerge.tasks.finetune import run_checkpoint
+from vlmerge.training.setup import resolve_data
 
 
 @pytest.fixture
@@ -42,7 +51,7 @@ def test_cli_merge_writes_a_strictly_loadable_self_describing_checkpoint(files, 
     assert not merged.config.is_multiway
     with safe_open(str(files["out"]), "pt") as handle:
         record = json.loads(handle.metadata()["merge"])
-    assert record["method"] == method and record["experts"] == "all"
+    assert record["method"] == method and record["selection"] == "all"
     assert len(record["inputs"]["source"]["sha256"]) == 64
     assert "parameters:" in capsys.readouterr().out
 
@@ -63,8 +72,8 @@ def test_task_selection_picks_the_experts_each_task_uses(files):
     source = open_checkpoint(files["source"])
     fusion = 2  # micro: the last two of four layers
     vqa_out, retrieval_out = files["out"].with_name("vqa.safetensors"), files["out"].with_name("retrieval.safetensors")
-    merge_checkpoint(files["source"], "interpolation", {"ratio": 0.5}, out=vqa_out, experts="vqa")
-    retrieval = merge_checkpoint(files["source"], "interpolation", {"ratio": 0.5}, out=retrieval_out, experts="retrieval")
+    merge_checkpoint(files["source"], "interpolation", {"ratio": 0.5}, out=vqa_out, selection="vqa")
+    retrieval = merge_checkpoint(files["source"], "interpolation", {"ratio": 0.5}, out=retrieval_out, selection="retrieval")
     key = f"blocks.{fusion}.mlp.fc1.weight"
     assert torch.equal(open_checkpoint(vqa_out).get(key), source.get(f"blocks.{fusion}.mlp.vl.fc1.weight"))
     expected = 0.5 * source.get(f"blocks.{fusion}.mlp.v.fc1.weight") + 0.5 * source.get(f"blocks.{fusion}.mlp.l.fc1.weight")
@@ -229,3 +238,132 @@ def test_streamed_file_equals_the_in_memory_merge_and_records_late_warnings(file
         assert torch.equal(streamed.get(key), tensor), key
     record = json.loads(streamed.metadata["merge"])
     assert record["warnings"] == result.warnings == expected.warnings and len(record["warnings"]) > 0
+
+
+# ----------------------------------------------------------------------------- methods from the registry
+class OffsetOptions(StrictConfig):
+    offset: float = Field(0.0, description="added to every entry of the plain average")
+    scales: dict[str, float] = Field(default_factory=dict, description="per-expert factor before averaging")
+
+
+def offset_mean(inputs: MergeInputs, options: OffsetOptions) -> torch.Tensor:
+    """Plain average of the (scaled) experts, plus an offset."""
+    scaled = [options.scales.get(m.value, 1.0) * w for m, w in inputs.experts.items()]
+    return sum(scaled) / len(scaled) + options.offset
+
+
+@pytest.fixture
+def offset_method():
+    """A method registered the way a user would; removed again so other tests see the built-in registry."""
+    register_method("offset_mean", OffsetOptions)(offset_mean)
+    yield "offset_mean"
+    unregister_method("offset_mean")
+    assert "offset_mean" not in MERGE_METHODS
+
+
+def test_a_registered_method_is_usable_through_its_derived_flag_and_through_option(files, offset_method, capsys):
+    source = open_checkpoint(files["source"])
+    key, experts = "blocks.0.mlp.fc1.weight", ("v", "l")  # below the fusion layer: v and l only
+    weights = {m: source.get(f"blocks.0.mlp.{m}.fc1.weight") for m in experts}
+    for args, offset, scales in [(["--offset", "0.25"], 0.25, {}),
+                                 (["--option", "offset=-1.5", "--option", 'scales={"v": 3}'], -1.5, {"v": 3.0})]:
+        assert cli("merge", files["source"], "--method", offset_method, *args, "--out", files["out"], "--quiet") == 0
+        merged = open_checkpoint(files["out"])
+        expected = sum(scales.get(m, 1.0) * w for m, w in weights.items()) / 2 + offset
+        torch.testing.assert_close(merged.get(key), expected)
+        record = json.loads(merged.metadata["merge"])
+        assert record["method"] == offset_method and record["options"] == {"offset": offset, "scales": scales}
+    capsys.readouterr()
+    assert cli("merge", files["source"], "--method", "interpolation", "--offset", "1", "--out", files["out"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["vlmerge merge: error: interpolation options: unknown field 'offset' (valid: ratio)"]
+
+
+def test_merge_help_lists_every_option_of_every_registered_method(offset_method, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli("merge", "--help")
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    text = " ".join(out.split())  # argparse wraps the flags' help
+    for name in MERGE_METHODS:
+        method = MERGE_METHODS.get(name)
+        assert f" {name} {method.summary}" in text
+        for option, field in method.options.model_fields.items():
+            flag = "--" + option.replace("_", "-")
+            default = field.get_default(call_default_factory=True)
+            assert f"{flag} {field.description} (default {default})" in text, (name, option)
+            assert f"[{flag} " in text  # a flag of its own in the usage line
+    assert "--option NAME=VALUE" in text
+
+
+class IntLam(StrictConfig):
+    lam: int = 1
+
+
+class OutOption(StrictConfig):
+    out: float = 1.0
+
+
+@pytest.mark.parametrize("options, message", [
+    (IntLam, "merge option 'lam' is float for arithmetic, ties, dare but int for unflaggable"),
+    (OutOption, "merge option 'out' of unflaggable clashes with `vlmerge merge --out`"),
+])
+def test_an_option_the_command_line_cannot_express_fails_when_the_parser_is_built(options, message, capsys):
+    register_method("unflaggable", options)(offset_mean)
+    try:
+        assert cli("inspect", "x.safetensors") == 2  # every command: the parser is built first
+    finally:
+        unregister_method("unflaggable")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+
+
+def test_option_values_reach_the_method_and_only_given_ones_are_recorded(files, capsys):
+    """--random-seed is DARE's random seed; `--option` and the flag name one option; what is left out is the default."""
+    merged = {}
+    for name, args in [("flag", ["--random-seed", "7"]), ("option", ["--option", "random_seed=7"]),
+                       ("default", []), ("other", ["--option", "random-seed=8"])]:
+        out = files["out"].with_name(f"{name}.safetensors")
+        assert cli("merge", files["source"], "--method", "dare", "--drop", "0.5", *args,
+                   "--seed-checkpoint", files["seed"], "--out", out, "--quiet") == 0
+        merged[name] = open_checkpoint(out)
+    key = "blocks.0.mlp.fc1.weight"
+    assert json.loads(merged["flag"].metadata["merge"])["options"] == {"drop": 0.5, "lam": 0.5, "random_seed": 7}
+    assert torch.equal(merged["flag"].get(key), merged["option"].get(key))
+    assert json.loads(merged["default"].metadata["merge"])["options"]["random_seed"] == 0
+    assert not torch.equal(merged["flag"].get(key), merged["other"].get(key))
+
+
+def test_global_ties_records_its_cutoffs_apart_from_the_options(files, capsys):
+    assert cli("merge", files["source"], "--method", "ties", "--scope", "global", "--density", "0.3",
+               "--seed-checkpoint", files["seed"], "--out", files["out"], "--quiet") == 0
+    merged = open_checkpoint(files["out"])
+    record = json.loads(merged.metadata["merge"])
+    assert record["options"] == {"density": 0.3, "lam": 1.0, "scope": "global"}
+    assert set(record["prepared"]["thresholds"]) == {"v", "l", "vl"}
+    result = merge_checkpoint(files["source"], "ties", {"scope": "global", "density": 0.3},
+                              seed_checkpoint=files["seed"], out=files["out"].with_name("again.safetensors"))
+    assert {m.value: t for m, t in result.prepared.thresholds.items()} == record["prepared"]["thresholds"]
+    assert "selection=all" in format_summary(summarize(merged))
+
+
+def test_metrics_table_is_the_reports_own(files, capsys):
+    assert cli("metrics", files["source"], "--selection", "retrieval", "--per-tensor") == 0
+    table = capsys.readouterr().out
+    report = mergeability(open_checkpoint(files["source"]), selection="retrieval")
+    assert table == report.format_table(per_tensor=True) + "\n"
+    header, *rows = table.splitlines()
+    assert header.split() == list(report.model) and rows[-1].split()[0] == "model"
+    assert len(rows) == len(report.tensors) + len(report.per_layer) + 1
+    assert [float(v) for v in rows[-1].split()[1:]] == pytest.approx(list(report.model.values()), abs=1e-4)
+
+
+def test_data_names_and_yaml_configs_resolve_at_the_checkpoints_image_size(files, tmp_path):
+    image_size = open_checkpoint(files["source"]).config["image_size"]
+    assert resolve_data(None, files["source"]) == DataConfig(dataset="emoji", image_size=image_size)
+    assert resolve_data("emoji", files["source"], limit=5).limit == 5
+    config = tmp_path / "data.yaml"
+    config.write_text("dataset: emoji\nimage_size: 64\n")
+    assert resolve_data(config, files["source"]) == DataConfig(dataset="emoji", image_size=64)
+    assert run_checkpoint(tmp_path) == tmp_path / "model.safetensors"
+    assert run_checkpoint(files["source"]) == files["source"]

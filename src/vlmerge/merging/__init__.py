@@ -1,10 +1,14 @@
 """Merging modality-specific experts into one modality-agnostic model."""
 
+from vlmerge.merging import methods  # noqa: F401  (registers the built-in methods)
 from vlmerge.merging.engine import MergeResult, merge, merge_checkpoint, merge_state_dict
-from vlmerge.merging.methods import MERGE_METHODS, MergeInputs, MergeMethod, MergeWarning, register_method
+from vlmerge.merging.registry import (MERGE_METHODS, MergeInputs, MergeMethod, MergeWarning, MethodOption,
+                                     describe_methods, method_options, options_from_text, register_method,
+                                     unregister_method)
 from vlmerge.merging.plan import ExpertSelection, MergeGroup, MergePlan, build_merge_plan
 
 __all__ = [
     "ExpertSelection", "MERGE_METHODS", "MergeGroup", "MergeInputs", "MergeMethod", "MergePlan", "MergeResult",
-    "MergeWarning", "build_merge_plan", "merge", "merge_checkpoint", "merge_state_dict", "register_method",
+    "MergeWarning", "MethodOption", "build_merge_plan", "describe_methods", "merge", "merge_checkpoint",
+    "merge_state_dict", "method_options", "options_from_text", "register_method", "unregister_method",
 ]

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import BaseModel
 from tqdm import tqdm
 
 from vlmerge import __version__
@@ -28,7 +29,7 @@ from vlmerge.io.checkpoint import (CARRIED_METADATA, PICKLE_SUFFIXES, Checkpoint
 from vlmerge.io.grams import GramSet, open_grams
 from vlmerge.io.layout import Layout, to_reference_key
 from vlmerge.io.streaming import stream_safetensors
-from vlmerge.merging.methods import MERGE_METHODS, MergeInputs, MergeMethod, MergeWarning
+from vlmerge.merging.registry import MERGE_METHODS, MergeInputs, MergeMethod, MergeWarning
 from vlmerge.merging.plan import ExpertSelection, MergeGroup, MergePlan, build_merge_plan
 from vlmerge.models.checkpoint import head_names
 from vlmerge.models.config import ModelConfig
@@ -47,6 +48,7 @@ class MergeResult:
     source_parameters: int = 0
     merged_parameters: int = 0
     path: Path | None = None
+    prepared: BaseModel | None = None  # what the method's pre-pass found, e.g. global TIES' cut-offs
 
     @property
     def parameter_ratio(self) -> float:
@@ -63,6 +65,7 @@ class PreparedMerge:
     options: StrictConfig
     origin: CheckpointReader | None
     grams: GramSet | None
+    prepared: BaseModel | None = None
     warnings: list[str] = field(default_factory=list)
 
     def output_layout(self) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
@@ -77,18 +80,20 @@ class PreparedMerge:
         for group in tqdm(self.plan.groups, desc=f"merge ({self.method.name})", disable=not progress, unit="tensor"):
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always", MergeWarning)
-                merged = _merge_group(group, self.reader, self.method, self.options, self.origin, self.grams)
+                merged = _merge_group(group, self.reader, self.method, self.options, self.origin, self.grams,
+                                      self.prepared)
             self.warnings += [str(w.message) for w in caught if issubclass(w.category, MergeWarning)]
             yield group.target, merged
 
     def result(self, tensors: dict[str, torch.Tensor] | None = None) -> MergeResult:
         return MergeResult(tensors or {}, self.plan, self.method.name, self.options.model_dump(mode="json"),
                            self.warnings, sum(self.reader.numel(k) for k in self.reader.keys),
-                           sum(int(torch.Size(shape).numel()) for _, _, shape in self.output_layout()))
+                           sum(int(torch.Size(shape).numel()) for _, _, shape in self.output_layout()),
+                           prepared=self.prepared)
 
 
 def merge_checkpoint(source: str | os.PathLike, method: str, options: Mapping[str, Any] | None = None, *,
-                     out: str | os.PathLike, experts: str = "all", seed_checkpoint: str | os.PathLike | None = None,
+                     out: str | os.PathLike, selection: str = "all", seed_checkpoint: str | os.PathLike | None = None,
                      grams: str | os.PathLike | None = None, layout: Layout | str = Layout.NATIVE,
                      progress: bool = False) -> MergeResult:
     """Merge a modality-specific checkpoint file into a modality-agnostic one written to `out`.
@@ -98,7 +103,7 @@ def merge_checkpoint(source: str | os.PathLike, method: str, options: Mapping[st
     reader = open_checkpoint(source)
     origin = open_checkpoint(seed_checkpoint) if seed_checkpoint is not None else None
     gram_set = open_grams(grams) if grams is not None else None
-    prepared = prepare_merge(reader, method, options, experts=experts, origin=origin, grams=gram_set)
+    prepared = prepare_merge(reader, method, options, selection=selection, origin=origin, grams=gram_set)
     rename = (lambda k: k) if Layout(layout) is Layout.NATIVE else to_reference_key
     if Path(out).suffix in PICKLE_SUFFIXES:
         tensors = dict(prepared.tensors(progress))
@@ -120,17 +125,17 @@ def merge_checkpoint(source: str | os.PathLike, method: str, options: Mapping[st
 
 
 def merge_state_dict(state: Mapping[str, torch.Tensor], method: str, options: Mapping[str, Any] | None = None, *,
-                     experts: str = "all", seed_state: Mapping[str, torch.Tensor] | None = None,
+                     selection: str = "all", seed_state: Mapping[str, torch.Tensor] | None = None,
                      grams: GramSet | None = None) -> MergeResult:
     """In-memory merge, for notebooks and the study runner."""
     origin = reader_from_state_dict(seed_state, "<seed>") if seed_state is not None else None
-    return merge(reader_from_state_dict(state), method, options, experts=experts, origin=origin, grams=grams)
+    return merge(reader_from_state_dict(state), method, options, selection=selection, origin=origin, grams=grams)
 
 
 def merge(reader: CheckpointReader, method_name: str, options: Mapping[str, Any] | None = None, *,
-          experts: str = "all", origin: CheckpointReader | None = None, grams: GramSet | None = None,
+          selection: str = "all", origin: CheckpointReader | None = None, grams: GramSet | None = None,
           progress: bool = False) -> MergeResult:
-    prepared = prepare_merge(reader, method_name, options, experts=experts, origin=origin, grams=grams)
+    prepared = prepare_merge(reader, method_name, options, selection=selection, origin=origin, grams=grams)
     result = prepared.result(dict(prepared.tensors(progress)))
     for note in result.warnings:
         warnings.warn(note, MergeWarning, stacklevel=2)
@@ -138,23 +143,25 @@ def merge(reader: CheckpointReader, method_name: str, options: Mapping[str, Any]
 
 
 def prepare_merge(reader: CheckpointReader, method_name: str, options: Mapping[str, Any] | None = None, *,
-                  experts: str = "all", origin: CheckpointReader | None = None,
+                  selection: str = "all", origin: CheckpointReader | None = None,
                   grams: GramSet | None = None) -> PreparedMerge:
-    """Validate and plan; run the method's pre-pass if it has one. Reads no tensor otherwise."""
+    """Validate and plan; run the method's pre-pass if it has one. Reads no tensor otherwise.
+    `selection`: which experts are merged (all, retrieval, vqa, nlvr2)."""
     method = MERGE_METHODS.get(method_name)
     parsed_options = method.options.parse(dict(options or {}), where=f"{method_name} options")
-    plan = build_merge_plan({k: reader.shape(k) for k in reader.keys}, ExpertSelection.parse(experts))
+    plan = build_merge_plan({k: reader.shape(k) for k in reader.keys}, ExpertSelection.parse(selection))
     _validate_layout(reader)
     _validate_inputs(plan, method, origin, grams)
+    prepared = None
     if method.prepare is not None:  # a pre-pass over every merged group, e.g. TIES' global top-k
         multi = [g for g in plan.groups if len(g.experts) > 1]
-        parsed_options = method.prepare((_group_inputs(g, reader, method, origin, grams) for g in multi), parsed_options)
-    return PreparedMerge(reader, plan, method, parsed_options, origin, grams)
+        prepared = method.prepare((_group_inputs(g, reader, method, origin, grams) for g in multi), parsed_options)
+    return PreparedMerge(reader, plan, method, parsed_options, origin, grams, prepared)
 
 
-def _merge_group(group: MergeGroup, reader: CheckpointReader, method: MergeMethod, options,
-                 origin: CheckpointReader | None, grams: GramSet | None) -> torch.Tensor:
-    inputs = _group_inputs(group, reader, method, origin, grams)
+def _merge_group(group: MergeGroup, reader: CheckpointReader, method: MergeMethod, options: StrictConfig,
+                 origin: CheckpointReader | None, grams: GramSet | None, prepared: BaseModel | None) -> torch.Tensor:
+    inputs = _group_inputs(group, reader, method, origin, grams, prepared)
     if len(inputs.experts) == 1:  # a layer with a single selected expert just copies it
         return next(iter(inputs.experts.values()))
     result = method.fn(inputs, options).to(_dtype(inputs.experts))
@@ -163,8 +170,8 @@ def _merge_group(group: MergeGroup, reader: CheckpointReader, method: MergeMetho
     return result
 
 
-def _group_inputs(group: MergeGroup, reader: CheckpointReader, method: MergeMethod,
-                  origin: CheckpointReader | None, grams: GramSet | None) -> MergeInputs:
+def _group_inputs(group: MergeGroup, reader: CheckpointReader, method: MergeMethod, origin: CheckpointReader | None,
+                  grams: GramSet | None, prepared: BaseModel | None = None) -> MergeInputs:
     experts = {m: _read_finite(reader, e.key) for m, e in group.experts.items()}
     if len(experts) == 1:
         return MergeInputs(group.target, experts)
@@ -173,6 +180,7 @@ def _group_inputs(group: MergeGroup, reader: CheckpointReader, method: MergeMeth
         experts=experts,
         origin=_read_finite(origin, group.target).to(_dtype(experts)) if method.needs_origin else None,
         grams=_group_grams(group, grams) if method.needs_grams and group.is_linear_weight else None,
+        prepared=prepared,
     )
 
 
@@ -257,7 +265,8 @@ def _provenance(prepared: PreparedMerge, inputs: dict[str, dict[str, str]]) -> d
     record = {
         "method": prepared.method.name,
         "options": prepared.options.model_dump(mode="json"),
-        "experts": prepared.plan.selection.value,
+        "prepared": prepared.prepared.model_dump(mode="json") if prepared.prepared is not None else None,
+        "selection": prepared.plan.selection.value,
         "inputs": inputs,
         "warnings": prepared.warnings,
         "vlmerge_version": __version__,
@@ -265,6 +274,7 @@ def _provenance(prepared: PreparedMerge, inputs: dict[str, dict[str, str]]) -> d
     metadata = {"format": "vlmerge", "merge": json.dumps(record, sort_keys=True)}
     config = prepared.reader.config
     if config is not None:
-        metadata["config"] = json.dumps({**config, "experts": "none"}, sort_keys=True)
+        agnostic = {key: value for key, value in config.items() if key != "experts"}  # the field's old name
+        metadata["config"] = json.dumps({**agnostic, "placement": "none"}, sort_keys=True)
     metadata.update({key: prepared.reader.metadata[key] for key in CARRIED_METADATA if key in prepared.reader.metadata})
     return metadata

@@ -1,17 +1,17 @@
 """Merge methods: small pure functions from expert tensors to one merged tensor.
 
 Each method takes a `MergeInputs` (the experts of one merged tensor, and where needed the
-seed checkpoint's tensor as origin and the experts' Gram matrices) plus its validated
-options, and returns a new tensor; inputs are never modified. The walk over parameters
-lives in the engine, written once. Register a new method with `@register_method`.
+seed checkpoint's tensor as origin, the experts' Gram matrices and what the method's own
+pre-pass found over the whole model) plus its validated options, and returns a new tensor;
+inputs are never modified. The walk over parameters lives in the engine, written once.
+Register a new method with `@register_method` (merging/registry.py).
 """
 
 import hashlib
 import math
 import warnings
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
 from typing import Literal
 
 import torch
@@ -20,48 +20,7 @@ from pydantic import Field
 from vlmerge.core.config import StrictConfig
 from vlmerge.core.errors import MergeError
 from vlmerge.core.modality import Modality
-from vlmerge.core.registry import Registry
-
-
-class MergeWarning(UserWarning):
-    """A merge went ahead with a documented fallback (missing or singular Gram matrix)."""
-
-
-@dataclass(frozen=True)
-class MergeInputs:
-    target: str
-    experts: Mapping[Modality, torch.Tensor]
-    origin: torch.Tensor | None = None  # seed checkpoint tensor, for task-vector methods
-    grams: Mapping[Modality, torch.Tensor | None] | None = None  # per expert, for linear weights only
-
-    def modality_vectors(self) -> dict[Modality, torch.Tensor]:
-        """theta_m - theta_0: what each modality's training added to the seed."""
-        return {m: w - self.origin for m, w in self.experts.items()}
-
-
-@dataclass(frozen=True)
-class MergeMethod:
-    name: str
-    fn: Callable[[MergeInputs, StrictConfig], torch.Tensor]
-    options: type[StrictConfig]
-    needs_origin: bool = False
-    needs_grams: bool = False
-    summary: str = ""
-    # Optional pre-pass over the inputs of every merged tensor, returning updated options.
-    prepare: Callable[[Iterable[MergeInputs], StrictConfig], StrictConfig] | None = None
-
-
-MERGE_METHODS: Registry[MergeMethod] = Registry("merge method")
-
-
-def register_method(name: str, options: type[StrictConfig], *, needs_origin: bool = False, needs_grams: bool = False,
-                    prepare=None):
-    def decorator(fn):
-        summary = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
-        MERGE_METHODS.add(name, MergeMethod(name, fn, options, needs_origin, needs_grams, summary, prepare))
-        return fn
-
-    return decorator
+from vlmerge.merging.registry import MergeInputs, MergeWarning, register_method
 
 
 # --------------------------------------------------------------------------- interpolation
@@ -155,7 +114,12 @@ class TiesOptions(StrictConfig):
     density: float = Field(0.2, gt=0.0, le=1.0, description="fraction of each modality vector kept")
     lam: float = Field(1.0, description="scale of the merged modality vector")
     scope: Literal["tensor", "global"] = Field("tensor", description="trim top-k per tensor (streams) or over the model")
-    thresholds: dict[str, float] | None = Field(None, description="per-modality magnitude cut-offs of the global trim")
+
+
+class TiesThresholds(StrictConfig):
+    """What the pre-pass of TIES with scope=global finds: per modality, the magnitude cut-off of its trim."""
+
+    thresholds: dict[Modality, float]
 
 
 def kept_count(numel: int, density: float) -> int:
@@ -173,10 +137,10 @@ def trim_to_top_k(vector: torch.Tensor, density: float) -> torch.Tensor:
     return torch.where(mask, flat, torch.zeros_like(flat)).view_as(vector)
 
 
-def ties_global_thresholds(all_inputs: Iterable[MergeInputs], options: TiesOptions) -> TiesOptions:
+def ties_global_thresholds(all_inputs: Iterable[MergeInputs], options: TiesOptions) -> TiesThresholds | None:
     """For scope=global: the magnitude of the k-th largest entry of each modality's whole vector."""
     if options.scope == "tensor":
-        return options
+        return None
     magnitudes: dict[Modality, list[torch.Tensor]] = defaultdict(list)
     for inputs in all_inputs:
         for modality, vector in inputs.modality_vectors().items():
@@ -185,20 +149,23 @@ def ties_global_thresholds(all_inputs: Iterable[MergeInputs], options: TiesOptio
     for modality, parts in magnitudes.items():
         values = torch.cat(parts)
         rank = values.numel() - kept_count(values.numel(), options.density) + 1  # k-th largest = rank-th smallest
-        thresholds[modality.value] = float(values.kthvalue(rank).values)
-    return options.model_copy(update={"thresholds": thresholds})
+        thresholds[modality] = float(values.kthvalue(rank).values)
+    return TiesThresholds(thresholds=thresholds)
 
 
-def trim(vector: torch.Tensor, modality: Modality, options: TiesOptions) -> torch.Tensor:
-    if options.thresholds is None:
-        return trim_to_top_k(vector, options.density)
-    return torch.where(vector.abs() >= options.thresholds[modality.value], vector, torch.zeros_like(vector))
+def trim(vector: torch.Tensor, modality: Modality, density: float, cutoffs: TiesThresholds | None) -> torch.Tensor:
+    if cutoffs is None:
+        return trim_to_top_k(vector, density)
+    return torch.where(vector.abs() >= cutoffs.thresholds[modality], vector, torch.zeros_like(vector))
 
 
 @register_method("ties", TiesOptions, needs_origin=True, prepare=ties_global_thresholds)
 def ties(inputs: MergeInputs, options: TiesOptions) -> torch.Tensor:
     """TIES on modality vectors: trim, elect the sign by total mass, mean of the agreeing entries."""
-    trimmed = torch.stack([trim(v, m, options) for m, v in inputs.modality_vectors().items()])
+    if options.scope == "global" and inputs.prepared is None:
+        raise MergeError(f"{inputs.target}: TIES with scope=global needs the cut-offs of its pre-pass over the whole "
+                         "model (merge through vlmerge.merging.merge, which runs it)")
+    trimmed = torch.stack([trim(v, m, options.density, inputs.prepared) for m, v in inputs.modality_vectors().items()])
     elected = torch.sign(trimmed.sum(dim=0))
     agrees = (torch.sign(trimmed) == elected) & (trimmed != 0)
     count = agrees.sum(dim=0).clamp(min=1)
@@ -210,12 +177,12 @@ def ties(inputs: MergeInputs, options: TiesOptions) -> torch.Tensor:
 class DareOptions(StrictConfig):
     drop: float = Field(0.5, ge=0.0, lt=1.0, description="probability of dropping each entry")
     lam: float = Field(0.5, description="scale of the summed rescaled modality vectors")
-    seed: int = Field(0, description="seed of the drop masks")
+    random_seed: int = Field(0, description="random seed of the drop masks")
 
 
-def dare_generator(seed: int, target: str, modality: Modality) -> torch.Generator:
-    """A generator per (seed, tensor, expert): masks do not depend on merge order."""
-    digest = hashlib.sha256(f"{seed}:{target}:{modality.value}".encode()).digest()
+def dare_generator(random_seed: int, target: str, modality: Modality) -> torch.Generator:
+    """A generator per (random seed, tensor, expert): masks do not depend on merge order."""
+    digest = hashlib.sha256(f"{random_seed}:{target}:{modality.value}".encode()).digest()
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
 
 
@@ -224,7 +191,7 @@ def dare(inputs: MergeInputs, options: DareOptions) -> torch.Tensor:
     """DARE: drop entries of each modality vector at random, rescale by 1/(1-p), then add."""
     total = torch.zeros_like(inputs.origin)
     for modality, vector in inputs.modality_vectors().items():
-        generator = dare_generator(options.seed, inputs.target, modality)
+        generator = dare_generator(options.random_seed, inputs.target, modality)
         keep = torch.rand(vector.shape, generator=generator) >= options.drop
         total = total + torch.where(keep, vector, torch.zeros_like(vector)) / (1.0 - options.drop)
     return inputs.origin + options.lam * total

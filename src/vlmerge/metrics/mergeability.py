@@ -39,13 +39,25 @@ class MergeabilityReport:
             "tensors": [vars(t) for t in self.tensors],
         }
 
+    def format_table(self, per_tensor: bool = False) -> str:
+        """One row per layer and one for the model (first every tensor, if `per_tensor`), a column per metric."""
+        names = list(self.model)
+        rows = [(f"layer {layer}", values) for layer, values in self.per_layer.items()] + [("model", self.model)]
+        if per_tensor:
+            rows = [(t.target, t.values) for t in self.tensors] + rows
+        lines = [f"{'':<36}" + "".join(f"{n:>14}" for n in names)]
+        lines += [f"{label:<36}" + "".join(f"{values[n]:>14.4f}" for n in names) for label, values in rows]
+        return "\n".join(lines)
+
 
 def mergeability(reader: CheckpointReader, *, reference: CheckpointReader | None = None,
-                 experts: str = "all", metrics: list[str] | None = None, top_k: float = DEFAULT_TOP_K) -> MergeabilityReport:
-    """Distances between the experts of every merged tensor, before any merge."""
+                 selection: str = "all", metrics: list[str] | None = None,
+                 top_k: float = DEFAULT_TOP_K) -> MergeabilityReport:
+    """Distances between the experts of every merged tensor, before any merge; `selection`: which
+    experts a merge would combine (all, retrieval, vqa, nlvr2)."""
     names = metrics or METRICS.names()
     functions = {name: metric_fn(name, top_k) for name in names}
-    plan = build_merge_plan({k: reader.shape(k) for k in reader.keys}, ExpertSelection.parse(experts))
+    plan = build_merge_plan({k: reader.shape(k) for k in reader.keys}, ExpertSelection.parse(selection))
     rows = []
     for group in plan.groups:
         if len(group.experts) < 2:

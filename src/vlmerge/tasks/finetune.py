@@ -16,10 +16,10 @@ from vlmerge.models.transformer import VLTransformer
 from vlmerge.data.config import DataConfig
 from vlmerge.data.sources import check_data, load_source
 from vlmerge.tasks.base import TASKS, Task
-from vlmerge.training.config import FinetuneConfig, claim_run_dir
+from vlmerge.training.config import CONFIG_FILE, FinetuneConfig, claim_run_dir, read_yaml
 from vlmerge.training.distributed import DistributedContext, init_distributed
 from vlmerge.training.pretrain import HEADS, MODEL_FILE
-from vlmerge.training.setup import checkpoint_data, checkpoint_tokenizer, make_optimizer
+from vlmerge.training.setup import checkpoint_data, checkpoint_tokenizer, make_optimizer, resolve_data
 from vlmerge.training.trainer import Trainer, batch_indices
 
 TASK_HEAD = "head"
@@ -56,8 +56,8 @@ def run_finetune(config: FinetuneConfig, run_dir: str | os.PathLike, progress: b
     dist = dist or init_distributed()
     run_dir = claim_run_dir(run_dir, config) if dist.is_main else Path(run_dir)
     dist.barrier()
-    model, task = load_task(config.task, config.init, config.data, config.seed, progress and dist.is_main)
-    torch.manual_seed(config.seed)
+    model, task = load_task(config.task, config.init, config.data, config.random_seed, progress and dist.is_main)
+    torch.manual_seed(config.random_seed)
     head = task.make_head(model.config)
     task.init_head(head, load_head_state(config.init, HEADS))
     model, head = model.to(dist.device), head.to(dist.device)
@@ -69,7 +69,7 @@ def run_finetune(config: FinetuneConfig, run_dir: str | os.PathLike, progress: b
     optimizer, scheduler = make_optimizer([model], config.optimizer, config.steps, head=head)
 
     def step_fn(step: int) -> dict[str, torch.Tensor]:
-        rows = batch_indices(size, config.optimizer.batch_size, step, config.seed)
+        rows = batch_indices(size, config.optimizer.batch_size, step, config.random_seed)
         local = rows[dist.rows(len(rows))]
         return objective({name: tensor.to(dist.device) for name, tensor in task.batch("train", local).items()})
 
@@ -107,6 +107,25 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, task_name: str | None = N
         raise CheckpointError(f"{checkpoint}: has no head for {task_name!r}; fine-tune it first with `vlmerge train "
                               "finetune` (zero-shot evaluation is retrieval with the pre-training heads)")
     return task.evaluate(model, head, split, batch_size)
+
+
+def run_checkpoint(path: str | os.PathLike) -> Path:
+    """The model a path names: a checkpoint file, or a run directory's model.safetensors."""
+    path = Path(path)
+    return path / MODEL_FILE if path.is_dir() else path
+
+
+def evaluate_path(path: str | os.PathLike, task_name: str | None = None, split: str = "test",
+                  data: str | os.PathLike | None = None, limit: int | None = None) -> dict[str, float]:
+    """`evaluate_checkpoint` of a checkpoint or a run directory. Without `data`, a run directory is
+    evaluated on the data in its config; otherwise `data` is a dataset name (default emoji) or a
+    YAML data config (see `resolve_data`), cut to the first `limit` records."""
+    path, checkpoint = Path(path), run_checkpoint(path)
+    if data is None and path.is_dir() and (path / CONFIG_FILE).is_file():  # a run directory: the run's data
+        data_config = DataConfig.parse(read_yaml(path / CONFIG_FILE).get("data", {}), where=str(path / CONFIG_FILE))
+    else:
+        data_config = resolve_data(data, checkpoint, limit)
+    return evaluate_checkpoint(checkpoint, task_name, split, data_config)
 
 
 def write_results(path: Path, results: dict) -> None:

@@ -1,6 +1,7 @@
 """What every stage builds the same way: data, tokenizer, optimiser and schedule."""
 
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -12,8 +13,8 @@ from vlmerge.data.config import DataConfig
 from vlmerge.data.sources import CaptionPairs
 from vlmerge.data.tokenizer import TextTokenizer, TokenBatch
 from vlmerge.data.transforms import model_images
-from vlmerge.io.checkpoint import CheckpointReader
-from vlmerge.training.config import OptimizerConfig, TokenizerConfig
+from vlmerge.io.checkpoint import CheckpointReader, open_checkpoint
+from vlmerge.training.config import OptimizerConfig, TokenizerConfig, read_yaml
 from vlmerge.training.objectives import PairBatch
 
 EMBEDDING_NAMES = ("cls_token", "pos_embed", "text_embed", "token_type_embed")  # tables, not maps: no decay
@@ -23,6 +24,16 @@ def checkpoint_data(reader: CheckpointReader, **fields) -> DataConfig:
     """Data at the image size the checkpoint's model takes, unless `fields` say otherwise."""
     image_size = (reader.config or {}).get("image_size", DataConfig().image_size)
     return DataConfig.parse({"image_size": image_size, **fields}, where="data config")
+
+
+def resolve_data(data: str | os.PathLike | None, checkpoint: str | os.PathLike, limit: int | None = None) -> DataConfig:
+    """`data`: a dataset name (default emoji), or a YAML data config for datasets read from local
+    paths; at the image size of the checkpoint's model unless the YAML says otherwise."""
+    data = str(data) if data is not None else None
+    fields = read_yaml(data) if data and data.endswith((".yaml", ".yml")) else {"dataset": data or "emoji"}
+    if limit is not None:
+        fields["limit"] = limit
+    return checkpoint_data(open_checkpoint(checkpoint), **fields)
 
 
 @dataclass(frozen=True, eq=False)
