@@ -1,6 +1,6 @@
-"""The study report on a hand-made results.json: numbers from results, verdicts, escaping, images, HTML."""
+"""The study report on hand-made study results: numbers from results, verdicts, escaping, images, HTML."""
 
-import copy
+import dataclasses
 import re
 import sys
 from html.parser import HTMLParser
@@ -11,74 +11,80 @@ from PIL import Image
 
 from vlmerge.core.errors import ConfigError
 from vlmerge.study.report import fmt, write_report
+from vlmerge.study.results import (Claim, GalleryEntry, GalleryHit, Group, Mergeability, MergeabilityPoint, ModelKind,
+                                   ModelResult, StudyResults, SweepPoint, Sweeps, Timing)
 
 pytest.importorskip("matplotlib")
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-def _model(label, groups, kind, fraction, method, options, params, zero_shot, retrieval, vqa, score):
-    return {"label": label, "groups": groups, "kind": kind, "seed_fraction": fraction, "experts": "all",
-            "method": method, "options": options, "parameters": params, "zero_shot": zero_shot,
-            "tasks": {"retrieval": {"i2t_r1": retrieval / 2, "mean_recall": retrieval},
-                      "vqa": {"vqa_score": vqa, "accuracy": vqa + 0.01}}, "score": score}
+def _model(model_id, label, groups, kind, fraction, method, options, params, zero_shot, retrieval, vqa, score):
+    tasks = {"retrieval": {"i2t_r1": retrieval / 2, "mean_recall": retrieval},
+             "vqa": {"vqa_score": vqa, "accuracy": vqa + 0.01}}
+    return ModelResult(id=model_id, label=label, kind=ModelKind(kind), groups=tuple(map(Group, groups)),
+                       seed_fraction=fraction, placement="all", method=method, options=options,
+                       checkpoint=f"cache/{model_id}/model.safetensors", parameters=params, zero_shot=zero_shot,
+                       tasks=tasks, score=score)
 
 
-RESULTS = {
-    "name": "micro-study",
-    "recipe": {"name": "micro-study", "total_steps": 40, "seed_fraction": 0.5, "seed_fractions": [0.0, 0.5]},
-    "tasks": ["retrieval", "vqa"],
-    "primary_metrics": {"retrieval": "mean_recall", "vqa": "vqa_score"},
-    "models": {
-        "agnostic-scratch": _model("modality-agnostic from scratch", ["baselines"], "agnostic", 1.0, None, {},
-                                   98469, {"mean_recall": 0.081}, 0.123, 0.404, 0.2634),
-        "specific": _model("modality-specific (not merged)", ["baselines"], "specific", 0.5, None, {},
-                           174501, None, 0.131, 0.422, 0.2766),
-        "naive-merge": _model("naive merge (no seed)", ["baselines", "seed_length"], "merged", 0.0, "interpolation",
-                              {"ratio": 0.5}, 98469, {"mean_recall": 0.032}, 0.051, 0.303, 0.177),
-        "seed-merge": _model("interpolation r=0.5", ["baselines", "methods", "seed_length"], "merged", 0.5,
-                             "interpolation", {"ratio": 0.5}, 98469, {"mean_recall": 0.072}, 0.114, 0.391, 0.2527),
-        "regmean": _model("RegMean alpha=0.9", ["methods"], "merged", 0.5, "regmean", {"alpha": 0.9}, 98469,
-                          {"mean_recall": 0.077}, 0.117, 0.396, 0.2567),
-        "seed-merge-r0.25": _model("interpolation r=0.25", ["methods"], "merged", 0.5, "interpolation",
-                                   {"ratio": 0.25}, 98469, {"mean_recall": 0.066}, 0.108, 0.377, 0.2426),
-    },
-    "sweeps": {
+MODELS = [
+    _model("agnostic-scratch", "modality-agnostic from scratch", ["baselines"], "agnostic", 1.0, None, {},
+           98469, {"mean_recall": 0.081}, 0.123, 0.404, 0.2634),
+    _model("specific", "modality-specific (not merged)", ["baselines"], "specific", 0.5, None, {},
+           174501, None, 0.131, 0.422, 0.2766),
+    _model("naive-merge", "naive merge (no seed)", ["baselines", "seed_length"], "merged", 0.0, "interpolation",
+           {"ratio": 0.5}, 98469, {"mean_recall": 0.032}, 0.051, 0.303, 0.177),
+    _model("seed-merge", "interpolation r=0.5", ["baselines", "methods", "seed_length"], "merged", 0.5,
+           "interpolation", {"ratio": 0.5}, 98469, {"mean_recall": 0.072}, 0.114, 0.391, 0.2527),
+    _model("regmean", "RegMean alpha=0.9", ["methods"], "merged", 0.5, "regmean", {"alpha": 0.9}, 98469,
+           {"mean_recall": 0.077}, 0.117, 0.396, 0.2567),
+    _model("seed-merge-r0.25", "interpolation r=0.25", ["methods"], "merged", 0.5, "interpolation",
+           {"ratio": 0.25}, 98469, {"mean_recall": 0.066}, 0.108, 0.377, 0.2426),
+]
+
+RESULTS = StudyResults(
+    name="micro-study",
+    recipe={"name": "micro-study", "total_steps": 40, "seed_fraction": 0.5, "seed_fractions": [0.0, 0.5]},
+    tasks=("retrieval", "vqa"),
+    primary_metrics={"retrieval": "mean_recall", "vqa": "vqa_score"},
+    models={model.id: model for model in MODELS},
+    sweeps=Sweeps(
         # deliberately out of order: the report sorts numeric sweeps by x
-        "seed_fraction": [{"x": 0.5, "model": "seed-merge"}, {"x": 0.0, "model": "naive-merge"}],
-        "interpolation_ratio": [{"x": 0.25, "model": "seed-merge-r0.25"}, {"x": 0.5, "model": "seed-merge"}],
-    },
-    "mergeability": {
-        "points": [
-            {"specific": "specific", "merged": "seed-merge", "seed_fraction": 0.5, "experts": "all",
-             "metrics": {"l2": 3.14, "cosine": 0.052, "ssd": 0.301}, "score": 0.2527},
-            {"specific": "specific-seed0", "merged": "naive-merge", "seed_fraction": 0.0, "experts": "all",
-             "metrics": {"l2": 9.02, "cosine": 0.41, "ssd": 0.452}, "score": 0.177},
-        ],
-        "spearman": {"l2": -0.987, "cosine": -0.5, "ssd": None},
-    },
-    "claims": [
-        {"id": "seed", "paper": "Seed pre-training + merge beats naive merging.", "compare": ["seed-merge", "naive-merge"],
-         "holds": True, "finding": "seed + merge scored 0.253 vs 0.177 for naive merging"},
-        {"id": "parity", "paper": "The merged model matches one pre-trained from scratch.",
-         "compare": ["seed-merge", "agnostic-scratch"], "holds": False,
-         "finding": "merged 0.253 vs from scratch 0.264"},
-        {"id": "seed_length", "paper": "Longer seed pre-training gives a better merged model.",
-         "compare": ["naive-merge", "seed-merge"], "holds": None, "finding": "two points; Spearman rho n/a"},
-    ],
-    "gallery": [
-        {"image": "gallery/query-0.png", "caption": "grinning face",
-         "top": [{"caption": "grinning face", "score": 0.912, "correct": True},
-                 {"caption": "smiling face", "score": 0.803, "correct": False},
-                 {"caption": "cat face", "score": 0.5, "correct": False}]},
-        {"image": "gallery/query-1.png", "caption": "red heart",
-         "top": [{"caption": "blue heart", "score": 0.7, "correct": False}]},
-    ],
-    "timing": {"seconds": 61.23, "stages_run": 14, "stages_cached": 3},
-}
+        seed_fraction=(SweepPoint(0.5, "seed-merge"), SweepPoint(0.0, "naive-merge")),
+        interpolation_ratio=(SweepPoint(0.25, "seed-merge-r0.25"), SweepPoint(0.5, "seed-merge")),
+    ),
+    mergeability=Mergeability(
+        points=(MergeabilityPoint("specific", "seed-merge", 0.5, "all", {"l2": 3.14, "cosine": 0.052, "ssd": 0.301},
+                                  0.2527),
+                MergeabilityPoint("specific-seed0", "naive-merge", 0.0, "all", {"l2": 9.02, "cosine": 0.41, "ssd": 0.452},
+                                  0.177)),
+        spearman={"l2": -0.987, "cosine": -0.5, "ssd": None},
+    ),
+    claims=(
+        Claim("seed", "Seed pre-training + merge beats naive merging.", ("seed-merge", "naive-merge"), True,
+              "seed + merge scored 0.253 vs 0.177 for naive merging"),
+        Claim("parity", "The merged model matches one pre-trained from scratch.", ("seed-merge", "agnostic-scratch"),
+              False, "merged 0.253 vs from scratch 0.264"),
+        Claim("seed_length", "Longer seed pre-training gives a better merged model.", ("naive-merge", "seed-merge"),
+              None, "two points; Spearman rho n/a"),
+    ),
+    gallery=(
+        GalleryEntry("gallery/query-0.png", "grinning face",
+                     (GalleryHit("grinning face", 0.912, True), GalleryHit("smiling face", 0.803, False),
+                      GalleryHit("cat face", 0.5, False))),
+        GalleryEntry("gallery/query-1.png", "red heart", (GalleryHit("blue heart", 0.7, False),)),
+    ),
+    timing=Timing(seconds=61.23, stages_run=14, stages_cached=3, stage_seconds=58.4),
+)
 
 
-def _study(tmp_path: Path, results: dict) -> tuple[dict[str, Path], str, str]:
+def _with_model(results: StudyResults, model_id: str, **changes) -> StudyResults:
+    models = {**results.models, model_id: dataclasses.replace(results.models[model_id], **changes)}
+    return dataclasses.replace(results, models=models)
+
+
+def _study(tmp_path: Path, results: StudyResults) -> tuple[dict[str, Path], str, str]:
     (tmp_path / "gallery").mkdir()
     for i, color in enumerate(["yellow", "red"]):
         Image.new("RGB", (16, 16), color).save(tmp_path / "gallery" / f"query-{i}.png")
@@ -90,7 +96,7 @@ def _study(tmp_path: Path, results: dict) -> tuple[dict[str, Path], str, str]:
 def report(tmp_path_factory):
     """One report of RESULTS shared by the tests that only read it (plots take a second or two)."""
     study_dir = tmp_path_factory.mktemp("study")
-    return (study_dir, *_study(study_dir, copy.deepcopy(RESULTS)))
+    return (study_dir, *_study(study_dir, RESULTS))
 
 
 def _row(markdown: str, first_cell: str, after: str = "") -> str:
@@ -101,10 +107,10 @@ def _row(markdown: str, first_cell: str, after: str = "") -> str:
 
 def test_markdown_has_every_model_and_its_numbers(report):
     _, _, markdown, _ = report
-    for model in RESULTS["models"].values():
-        full_row = _row(markdown, model["label"], "## Full results")
-        assert full_row.endswith(f"| {fmt(model['score'])} |")
-        assert f"| {fmt(model['tasks']['vqa']['accuracy'])} |" in full_row
+    for model in RESULTS.models.values():
+        full_row = _row(markdown, model.label, "## Full results")
+        assert full_row.endswith(f"| {fmt(model.score)} |")
+        assert f"| {fmt(model.tasks['vqa']['accuracy'])} |" in full_row
     scratch = _row(markdown, "modality-agnostic from scratch", "## Baselines")
     assert scratch == "| modality-agnostic from scratch | agnostic | 0.123 | 0.404 | 0.263 | 98,469 |"
     regmean = _row(markdown, "RegMean alpha=0.9", "## Merging methods")
@@ -126,7 +132,7 @@ def test_every_number_in_a_table_comes_from_results(report):
         elif isinstance(value, int | float) and not isinstance(value, bool):
             allowed.add(fmt(value))
 
-    collect(RESULTS)
+    collect(RESULTS.to_json())
     cells = [c.strip() for line in markdown.splitlines() if line.startswith("| ") for c in line.strip("|").split(" | ")]
     numbers = [c for c in cells if re.fullmatch(r"-?[\d,]+(\.\d+)?", c)]
     assert numbers and set(numbers) <= allowed
@@ -134,15 +140,15 @@ def test_every_number_in_a_table_comes_from_results(report):
 
 def test_claim_verdicts_and_where_the_run_differs(report):
     _, _, markdown, html = report
-    verdicts = {c["id"]: _row(markdown, c["paper"]).rsplit("|", 2)[1].strip() for c in RESULTS["claims"]}
+    verdicts = {c.id: _row(markdown, c.paper).rsplit("|", 2)[1].strip() for c in RESULTS.claims}
     assert verdicts == {"seed": "reproduced", "parity": "not reproduced", "seed_length": "inconclusive"}
     assert "This run differs from the paper on: parity (merged 0.253 vs from scratch 0.264)." in markdown
     assert "<td>not reproduced</td>" in html
 
 
 def test_numeric_sweeps_are_sorted_and_unknown_models_named(tmp_path):
-    results = copy.deepcopy(RESULTS)
-    results["sweeps"]["interpolation_ratio"].append({"x": 0.75, "model": "never-ran"})
+    ratios = (*RESULTS.sweeps.interpolation_ratio, SweepPoint(0.75, "never-ran"))
+    results = dataclasses.replace(RESULTS, sweeps=dataclasses.replace(RESULTS.sweeps, interpolation_ratio=ratios))
     _, markdown, _ = _study(tmp_path, results)
     section = markdown[markdown.index("## Seed pre-training length"):markdown.index("## Interpolation ratio")]
     assert section.index("| 0.000 | naive merge") < section.index("| 0.500 | interpolation r=0.5")
@@ -156,8 +162,7 @@ def test_mergeability_null_rho_is_na(report):
 
 
 def test_labels_are_escaped(tmp_path):
-    results = copy.deepcopy(RESULTS)
-    results["models"]["regmean"]["label"] = "<b>& | x"
+    results = _with_model(RESULTS, "regmean", label="<b>& | x")
     _, markdown, html = _study(tmp_path, results)
     assert "&lt;b&gt;&amp; | x" in html and "<b>" not in html
     assert "\\<b\\>& \\| x" in markdown
@@ -222,9 +227,9 @@ def test_html_is_a_well_formed_standalone_page(report):
 
 
 def test_absent_sections_are_said_absent(tmp_path):
-    results = {key: copy.deepcopy(RESULTS[key]) for key in ["name", "tasks", "primary_metrics", "models"]}
-    for model in results["models"].values():
-        model["groups"] = [g for g in model["groups"] if g == "baselines"]
+    models = {m.id: dataclasses.replace(m, groups=tuple(g for g in m.groups if g is Group.BASELINES))
+              for m in RESULTS.models.values()}
+    results = StudyResults(RESULTS.name, {"name": RESULTS.name}, RESULTS.tasks, RESULTS.primary_metrics, models)
     paths, markdown, html = _study(tmp_path, results)
     for what in ["claims", "merging methods", "seed fraction sweep", "interpolation ratio sweep",
                  "architecture sweep", "mergeability points", "retrieval gallery"]:
@@ -235,8 +240,8 @@ def test_absent_sections_are_said_absent(tmp_path):
 
 
 def test_missing_gallery_image_is_reported(tmp_path):
-    results = copy.deepcopy(RESULTS)
-    results["gallery"][1]["image"] = "gallery/lost.png"
+    lost = dataclasses.replace(RESULTS.gallery[1], image="gallery/lost.png")
+    results = dataclasses.replace(RESULTS, gallery=(RESULTS.gallery[0], lost))
     _, markdown, _ = _study(tmp_path, results)
     assert "Query images not found in the study directory: gallery/lost.png." in markdown
     assert "| gallery/lost.png | red heart | blue heart (0.700, wrong) | - | - |" in markdown
@@ -245,14 +250,14 @@ def test_missing_gallery_image_is_reported(tmp_path):
 def test_without_matplotlib_plots_ask_for_the_extra(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` raise ImportError
     with pytest.raises(ConfigError, match=r"vlmerge\[report\]"):
-        write_report(tmp_path, copy.deepcopy(RESULTS))
+        write_report(tmp_path, RESULTS)
 
 
 def test_the_scale_note_names_the_datasets_and_the_start_the_recipe_used(tmp_path):
-    results = copy.deepcopy(RESULTS)
-    results["recipe"].update({"init": "pretrained", "data": {"dataset": ["tuxpaint", "emoji"]},
-                              "task_data": {"vqa": {"dataset": "easy_vqa"}}, "finetune": {"steps": 20}})
-    results["tasks"] = ["retrieval", "vqa"]
+    recipe = {**RESULTS.recipe, "init": "pretrained", "model": {"size": "small-p14"}, "tasks": ["retrieval", "vqa"],
+              "data": {"dataset": ["tuxpaint", "emoji"]}, "finetune": {"steps": 20},
+              "task_data": {"retrieval": {"dataset": "tuxpaint"}, "vqa": {"dataset": "easy_vqa"}}}
+    results = dataclasses.replace(RESULTS, recipe=recipe)
     markdown = _study(tmp_path, results)[1]
     assert ("starting from the pretrained ViT-S/14, pre-trained for 40 steps in all on tuxpaint + emoji image-text "
             "pairs, then fine-tuned for 20 steps per task (retrieval on tuxpaint, vqa on easy_vqa)") in markdown

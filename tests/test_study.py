@@ -12,8 +12,10 @@ import yaml
 
 from vlmerge.cli.main import main
 from vlmerge.models.factory import model_config
+from vlmerge.study.plan import StageKind, plan_study
 from vlmerge.study.recipe import load_recipe
-from vlmerge.study.runner import run_study
+from vlmerge.study.results import Group, ModelKind
+from vlmerge.study.runner import load_results, run_study
 
 RECIPES = Path(__file__).parent.parent / "recipes"
 
@@ -26,28 +28,50 @@ def study(emoji_sources, tmp_path_factory):
 
 def test_micro_study_writes_results_and_a_report_built_from_them(study):
     out, results = study
-    assert json.loads((out / "results.json").read_text()) == results
+    assert load_results(out) == results
     assert {"agnostic-scratch", "specific", "naive-merge", "seed-merge", "merge-regmean-alpha0.9",
-            "merge-arithmetic-lam0.5", "arch-ffn-merge"} == set(results["models"])
-    for model in results["models"].values():
-        assert set(model["tasks"]) == set(results["tasks"])
-        primary = [model["tasks"][t][results["primary_metrics"][t]] for t in results["tasks"]]
-        assert model["score"] == pytest.approx(sum(primary) / len(primary))
+            "merge-arithmetic-lam0.5", "arch-ffn-merge"} == set(results.models)
+    for model in results.models.values():
+        assert set(model.tasks) == set(results.tasks)
+        primary = [model.tasks[t][results.primary_metrics[t]] for t in results.tasks]
+        assert model.score == pytest.approx(sum(primary) / len(primary))
     report = (out / "report.md").read_text()
-    for model in results["models"].values():
-        assert model["label"] in report
-    assert f"{results['models']['seed-merge']['score']:.3f}" in report
-    assert [claim["id"] for claim in results["claims"]] == ["seed", "parity", "seed_length", "metrics", "size"]
+    for model in results.models.values():
+        assert model.label in report
+    assert f"{results.score('seed-merge'):.3f}" in report
+    assert [claim.id for claim in results.claims] == ["seed", "parity", "seed_length", "metrics", "size"]
     assert (out / "report.html").read_text().startswith("<!DOCTYPE html>")
-    assert len(results["gallery"]) == 3 and all((out / g["image"]).is_file() for g in results["gallery"])
-    assert results["models"]["seed-merge"]["parameters"] < results["models"]["specific"]["parameters"]
+    assert len(results.gallery) == 3 and all((out / g.image).is_file() for g in results.gallery)
+    assert results.model("seed-merge").parameters < results.model("specific").parameters
 
 
 def test_running_the_study_again_does_no_work_twice(study):
     out, first = study
     again = run_study(load_recipe(RECIPES / "micro-test.yaml"), out, progress=False)
-    assert again["timing"]["stages_run"] == 0 and again["timing"]["stages_cached"] > 0
-    assert again["models"] == first["models"]
+    assert again.timing.stages_run == 0 and again.timing.stages_cached == first.timing.stages
+    assert again.models == first.models
+
+
+def test_the_plan_shares_stages_and_orders_inputs_before_their_readers():
+    recipe = load_recipe(RECIPES / "micro-test.yaml")
+    plan, again = plan_study(recipe), plan_study(recipe)
+    assert [s.key for s in plan.stages] == [s.key for s in again.stages]  # planning is deterministic
+    assert len({s.key for s in plan.stages}) == len(plan.stages)  # every stage once
+    position = {s.key: i for i, s in enumerate(plan.stages)}
+    assert all(position[s.key] < position[stage.key] for stage in plan.stages for s in stage.inputs.values())
+    merges = {m.checkpoint.key for m in plan.models.values() if m.kind is ModelKind.MERGED}
+    assert len(merges) == sum(s.kind is StageKind.MERGE for s in plan.stages)  # one merge per merged model
+    seed_merge = plan.model("seed-merge")
+    assert set(seed_merge.groups) == set(Group)  # the main merge serves every comparison
+    assert seed_merge.checkpoint.inputs["source"] is plan.model("specific").checkpoint
+
+
+def test_a_dry_run_never_touches_the_study_directory(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["study", str(RECIPES / "micro-test.yaml"), "--dry-run"]) == 0
+    assert main(["study", str(RECIPES / "micro-test.yaml"), "--dry-run", "--out", "here"]) == 0
+    assert list(tmp_path.iterdir()) == []
+    assert "fine-tuning runs" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("recipe", sorted(p.name for p in RECIPES.glob("*.yaml")))
@@ -111,7 +135,7 @@ def test_report_html_opens_in_headless_chromium_without_errors(study):
     page_errors = [line for line in result.stderr.splitlines()
                    if "CONSOLE" in line or "Failed to load resource" in line or "Uncaught" in line]
     assert page_errors == []
-    assert "<h1" in result.stdout and results["models"]["seed-merge"]["label"] in result.stdout
+    assert "<h1" in result.stdout and results.model("seed-merge").label in result.stdout
     assert result.stdout.count("<img") == (out / "report.html").read_text().count("<img") > 0
 
 
@@ -150,8 +174,8 @@ def test_a_pretrained_study_starts_every_run_from_the_imported_vit(emoji_sources
     specifics = [name for name in configs if name.startswith("specific-")]
     assert seeds and all(init_kind[name] == "pretrained" for name in seeds)
     assert sorted(init_kind[name] for name in specifics) == ["pretrained", "seed"]  # naive, then seed + merge
-    assert {"naive-merge", "seed-merge", "merge-arithmetic-lam0.5"} <= set(results["models"])
-    assert results["models"]["agnostic-scratch"]["label"] == "modality-agnostic from the pretrained ViT"
+    assert {"naive-merge", "seed-merge", "merge-arithmetic-lam0.5"} <= set(results.models)
+    assert results.model("agnostic-scratch").label == "modality-agnostic from the pretrained ViT"
 
 
 def test_task_data_inherits_the_recipe_data_and_may_cap_its_examples():

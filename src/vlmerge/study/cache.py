@@ -1,64 +1,52 @@
-"""Content-addressed stage cache: a stage's directory is named by the hash of its full spec
-(which names its inputs by their own hashed paths), and a `done.json` written last marks it
-complete. A stage whose marker exists is never run again; an interrupted one resumes from
-its own checkpoints."""
+"""Content-addressed stage cache: a stage's directory is named by its key (the hash of its kind, its
+settings and its inputs' keys), and a `done.json` written last marks it complete. A complete stage is
+never run again; an interrupted one resumes from its own checkpoints."""
 
-import hashlib
 import json
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from vlmerge.io.atomic import atomic_path
+from vlmerge.study.plan import Stage
 
 DONE = "done.json"
 
 
-def spec_hash(kind: str, spec: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps({"kind": kind, "spec": spec}, sort_keys=True, default=str).encode()).hexdigest()
+@dataclass(frozen=True)
+class StageOutput:
+    directory: Path
+    result: dict[str, Any]  # the stage's JSON result, as its work function returned it
+    seconds: float  # how long the stage took when it ran
+    cached: bool  # taken from an earlier run
 
 
 class StageCache:
-    def __init__(self, root: Path, progress: bool = True, dry_run: bool = False) -> None:
+    def __init__(self, root: Path, progress: bool = True) -> None:
         self.root = root
         self.progress = progress
-        self.dry_run = dry_run  # plan only: record each stage, run none
-        self.ran: list[str] = []
-        self.cached: list[str] = []
-        self.planned: list[tuple[str, str]] = []
-        self.seconds: dict[str, float] = {}  # per distinct stage: how long it took when it ran
 
-    def directory(self, kind: str, spec: dict[str, Any]) -> Path:
-        return self.root / "cache" / f"{kind}-{spec_hash(kind, spec)[:16]}"
-
-    def run(self, kind: str, spec: dict[str, Any], work: Callable[[Path], dict[str, Any]],
-            label: str = "") -> tuple[Path, dict[str, Any]]:
-        """The stage's directory and result: from the cache, or by running `work(directory)`."""
-        directory = self.directory(kind, spec)
+    def run(self, stage: Stage, work: Callable[[Path], dict[str, Any]]) -> StageOutput:
+        """The stage's output: from the cache, or by running `work(directory)`."""
+        directory = self.root / stage.name
         marker = directory / DONE
-        if self.dry_run:
-            if (kind, label) not in self.planned:
-                self.planned.append((kind, label))
-            return directory, {}
         if marker.is_file():
-            self.cached.append(directory.name)
             done = json.loads(marker.read_text())
-            self.seconds[directory.name] = done.get("seconds", 0.0)
-            return directory, done["result"]
+            return StageOutput(directory, done["result"], done.get("seconds", 0.0), cached=True)
         directory.mkdir(parents=True, exist_ok=True)
-        self._say(f"{kind:<10} {label} ...")
+        self._say(f"{stage.kind.value:<10} {stage.label} ...")
         start = time.perf_counter()
         result = work(directory)
-        seconds = time.perf_counter() - start
+        seconds = round(time.perf_counter() - start, 2)
+        record = {"kind": stage.kind.value, "settings": stage.settings,
+                  "inputs": {role: s.name for role, s in stage.inputs.items()}, "seconds": seconds, "result": result}
         with atomic_path(marker) as tmp:
-            tmp.write_text(json.dumps({"kind": kind, "spec": spec, "seconds": round(seconds, 2), "result": result},
-                                      indent=1, sort_keys=True, default=str))
-        self.ran.append(directory.name)
-        self.seconds[directory.name] = round(seconds, 2)
-        self._say(f"{kind:<10} {label} done in {seconds:.1f} s")
-        return directory, result
+            tmp.write_text(json.dumps(record, indent=1, sort_keys=True, default=str))
+        self._say(f"{stage.kind.value:<10} {stage.label} done in {seconds:.1f} s")
+        return StageOutput(directory, result, seconds, cached=False)
 
     def _say(self, line: str) -> None:
         if self.progress:

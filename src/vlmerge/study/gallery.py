@@ -15,16 +15,14 @@ TOP = 3
 UPSCALE = 3
 
 
-def retrieval_gallery(checkpoint: str | os.PathLike, data: DataConfig, size: int, study_dir: Path,
+def retrieval_gallery(checkpoint: str | os.PathLike, data: DataConfig, size: int, out: Path,
                       split: str = "test") -> list[dict[str, Any]]:
-    """`size` evenly spaced test queries: their picture (PNG under study_dir/gallery) and top captions."""
+    """`size` evenly spaced test queries: their picture (a PNG in `out`, named relative to it) and top captions."""
     model, task = load_task("retrieval", checkpoint, data)
     head = task.make_head(model.config)
     head.load_state_dict(load_head_state(checkpoint, TASK_HEAD), strict=True)
     similarity = task.similarity(model, head, split)
     pairs = task.source.pairs(split)
-    out = study_dir / "gallery"
-    out.mkdir(parents=True, exist_ok=True)
     gallery = []
     count = len(pairs.images)
     for rank, query in enumerate(torch.linspace(0, count - 1, min(size, count)).round().long().tolist()):
@@ -33,7 +31,7 @@ def retrieval_gallery(checkpoint: str | os.PathLike, data: DataConfig, size: int
         picture.resize((picture.width * UPSCALE, picture.height * UPSCALE), Image.NEAREST).save(path)
         own = (pairs.image_of == query).nonzero().squeeze(1).tolist()
         scores, indices = similarity[query].topk(min(TOP, similarity.shape[1]))
-        gallery.append({"image": str(path.relative_to(study_dir)), "caption": pairs.captions[own[0]] if own else "",
+        gallery.append({"image": path.name, "caption": pairs.captions[own[0]] if own else "",
                         "top": [{"caption": pairs.captions[i], "score": round(s, 4), "correct": i in own}
                                 for s, i in zip(scores.tolist(), indices.tolist())]})
     return gallery

@@ -1,15 +1,16 @@
-"""The study's figures, drawn from plain numbers the report hands over (it owns results.json).
+"""The study's figures, drawn from the numbers and typed results the report hands over.
 
 matplotlib is an optional dependency (`vlmerge[report]`), imported only when a figure is drawn,
 always with the Agg backend so a report renders on a machine without a display.
 """
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from vlmerge.core.errors import ConfigError
+from vlmerge.study.results import GalleryEntry, MergeabilityPoint
 
 DPI = 110
 Number = float | int | None
@@ -74,23 +75,20 @@ def sweep_lines(path: Path, title: str, xlabel: str, xs: Sequence[float],
     return _save(fig, path)
 
 
-def metric_scatter(path: Path, title: str, metrics: Sequence[str], points: Sequence[dict[str, Any]],
-                   rhos: dict[str, Number]) -> Path:
-    """One small panel per metric: each point is a specific model, its distance against its merged score.
-
-    `points` items: {"label": str, "metrics": {name: value}, "score": value}.
-    """
+def metric_scatter(path: Path, title: str, metrics: Sequence[str], points: Sequence[MergeabilityPoint],
+                   rhos: Mapping[str, Number]) -> Path:
+    """One small panel per metric: each point is a specific model, its distance against its merged score."""
     plt = _pyplot()
     columns = min(3, max(1, len(metrics)))
     rows = math.ceil(len(metrics) / columns)
     fig, axes = plt.subplots(rows, columns, figsize=(3.6 * columns, 3.2 * rows), squeeze=False)
     for ax, metric in zip(axes.flat, metrics):
-        xs = _values([p["metrics"].get(metric) for p in points])
-        ys = _values([p["score"] for p in points])
+        xs = _values([p.metrics.get(metric) for p in points])
+        ys = _values([p.score for p in points])
         ax.scatter(xs, ys, color="tab:blue", zorder=3)
         for x, y, point in zip(xs, ys, points):
             if not (math.isnan(x) or math.isnan(y)):
-                ax.annotate(point["label"], (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+                ax.annotate(point.specific, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
         rho = rhos.get(metric)
         ax.set(title=f"{metric} (rho {'n/a' if rho is None else f'{rho:+.2f}'})", xlabel=metric,
                ylabel="merged score")
@@ -101,11 +99,9 @@ def metric_scatter(path: Path, title: str, metrics: Sequence[str], points: Seque
     return _save(fig, path)
 
 
-def retrieval_gallery(path: Path, entries: Sequence[dict[str, Any]], top: int = 3) -> Path:
-    """Each query image beside its top captions, correct ones marked; a missing image is said so.
-
-    `entries` items: {"image": Path, "caption": str, "top": [{"caption", "score", "correct"}]}.
-    """
+def retrieval_gallery(path: Path, entries: Sequence[GalleryEntry], root: Path, top: int = 3) -> Path:
+    """Each query image (a path under `root`) beside its top captions, correct ones marked; a missing
+    image is said so."""
     plt = _pyplot()
     from matplotlib.image import imread
 
@@ -114,15 +110,15 @@ def retrieval_gallery(path: Path, entries: Sequence[dict[str, Any]], top: int = 
     for (image_ax, text_ax), entry in zip(axes, entries):
         image_ax.axis("off")
         text_ax.axis("off")
-        if entry["image"].is_file():
-            image_ax.imshow(imread(entry["image"]), interpolation="nearest")
+        image = root / entry.image
+        if image.is_file():
+            image_ax.imshow(imread(image), interpolation="nearest")
         else:
             image_ax.text(0.5, 0.5, "image not found", ha="center", va="center", fontsize=8)
-        text_ax.text(0, 0.92, f"true: {entry['caption']}", fontsize=9, weight="bold", va="top")
-        for rank, hit in enumerate(entry["top"][:top], start=1):
-            mark = "correct" if hit["correct"] else "wrong"
-            score = "n/a" if hit.get("score") is None else f"{hit['score']:.3f}"
-            text_ax.text(0, 0.92 - 0.24 * rank, f"{rank}. {hit['caption']} ({score}, {mark})",
-                         fontsize=9, va="top", color="tab:green" if hit["correct"] else "tab:red")
+        text_ax.text(0, 0.92, f"true: {entry.caption}", fontsize=9, weight="bold", va="top")
+        for rank, hit in enumerate(entry.top[:top], start=1):
+            mark = "correct" if hit.correct else "wrong"
+            text_ax.text(0, 0.92 - 0.24 * rank, f"{rank}. {hit.caption} ({hit.score:.3f}, {mark})",
+                         fontsize=9, va="top", color="tab:green" if hit.correct else "tab:red")
     fig.suptitle("Retrieval gallery: top captions per query image")
     return _save(fig, path)

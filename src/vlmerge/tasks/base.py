@@ -46,8 +46,9 @@ def encode_text(tokenizer: TextTokenizer, texts: list[str], prefix: str = "text"
 class Task(ABC):
     """A task over one data source; examples are built once per split."""
 
-    name: ClassVar[str]
+    name: ClassVar[str]  # its name in TASKS: register with @TASKS.register_class
     use: ClassVar[str]  # what it reads from its data source (see vlmerge.data.sources.USES)
+    primary_metric: ClassVar[str]  # the metric a study scores the task by
     image_fields: ClassVar[tuple[str, ...]] = ("images",)  # example fields that are rows of the image store
 
     def __init__(self, source: DataSource, tokenizer: TextTokenizer, seed: int = 0) -> None:

@@ -15,12 +15,13 @@ def top_k_accuracy(logits: torch.Tensor, labels: torch.Tensor, k: int) -> float:
     return (logits.topk(k, dim=-1).indices == labels[:, None]).any(dim=-1).float().mean().item()
 
 
-@TASKS.register("classify_image")
+@TASKS.register_class
 class ImageClassification(ClassifierTask):
     """Vision-only: which class a picture belongs to."""
 
     name = "classify_image"
     use = "image_classes"
+    primary_metric = "accuracy"
 
     def build_examples(self, split: str) -> tuple[ImageStore, Examples]:
         labelled = self.source.image_classes(split)
@@ -37,12 +38,13 @@ class ImageClassification(ClassifierTask):
         return {"accuracy": accuracy(logits, labels), "top5_accuracy": top_k_accuracy(logits, labels, 5)}
 
 
-@TASKS.register("classify_text")
+@TASKS.register_class
 class TextClassification(ClassifierTask):
     """Text-only: which class a text belongs to."""
 
     name = "classify_text"
     use = "text_classes"
+    primary_metric = "accuracy"
     image_fields = ()
 
     def build_examples(self, split: str) -> tuple[None, Examples]:

@@ -13,10 +13,11 @@ from vlmerge.models.transformer import VLTransformer
 from vlmerge.tasks.base import TASKS, ClassifierTask, Examples, accuracy, encode_text, mlp_head
 
 
-@TASKS.register("nlvr2")
+@TASKS.register_class
 class VisualReasoning(ClassifierTask):
     name = "nlvr2"
     use = "statements"
+    primary_metric = "accuracy"
     image_fields = ("left", "right")
 
     def build_examples(self, split: str) -> tuple[ImageStore, Examples]:

@@ -57,12 +57,13 @@ def retrieval_metrics(similarity: torch.Tensor, image_of: torch.Tensor | None = 
     return metrics
 
 
-@TASKS.register("retrieval")
+@TASKS.register_class
 class Retrieval(Task):
     """Trained on (image, caption) pairs, one row per caption."""
 
     name = "retrieval"
     use = "pairs"
+    primary_metric = "mean_recall"
 
     def build_examples(self, split: str) -> tuple[ImageStore, Examples]:
         pairs = self.source.pairs(split)

@@ -38,10 +38,11 @@ def soft_targets(answers: tuple[dict[str, float], ...], vocabulary: tuple[str, .
     return targets
 
 
-@TASKS.register("vqa")
+@TASKS.register_class
 class VisualQuestionAnswering(ClassifierTask):
     name = "vqa"
     use = "questions"
+    primary_metric = "vqa_score"
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
