@@ -37,7 +37,7 @@ def anchor_vit(config: ModelConfig) -> nn.Module:
 def image_encoders(config: ModelConfig) -> dict[str, tuple[nn.Module, Callable]]:
     """name -> (model, images -> final hidden states)."""
     agnostic = create_model(config.agnostic())
-    specific = create_model(config.with_experts("all"))
+    specific = create_model(config.with_placement("all"))
     anchor = anchor_vit(config)
     return {"ours, agnostic": (agnostic, lambda x: agnostic(images=x).hidden),
             "ours, specific (all)": (specific, lambda x: specific(images=x).hidden),

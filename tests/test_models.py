@@ -26,7 +26,7 @@ def test_every_registered_size_builds_with_any_depth(size):
 @pytest.mark.parametrize("placement", [p.value for p in ExpertPlacement])
 def test_base_backbone_sizes_match_the_paper(placement):
     with torch.device("meta"):
-        model = VLTransformer(model_config("base", experts=placement))
+        model = VLTransformer(model_config("base", placement=placement))
     assert count_parameters(model, backbone_only=True) / 1e6 == pytest.approx(PAPER_BACKBONE_M[placement], rel=0.01)
 
 
@@ -48,7 +48,7 @@ def identical_experts_state(agnostic: VLTransformer, config) -> dict:
 @pytest.mark.parametrize("placement", ["all", "attention", "ffn", "norms"])
 @pytest.mark.parametrize("route", list(ROUTES))
 def test_identical_experts_equal_the_agnostic_model(micro_config, placement, route):
-    config = micro_config.with_experts(placement)
+    config = micro_config.with_placement(placement)
     torch.manual_seed(1)
     agnostic = VLTransformer(config.agnostic()).eval()
     specific = VLTransformer(config).eval()

@@ -104,7 +104,7 @@ def graph():
 
 
 def test_imported_config_is_the_registered_vit_s14(vit):
-    assert ModelConfig.parse(vit.config) == model_config("small-p14", experts="none")
+    assert ModelConfig.parse(vit.config) == model_config("small-p14", placement="none")
     assert vit.config["norm_eps"] == 1e-6 and vit.config["mlp_ratio"] == 4.0
     params = sum(t.numel() for k, t in vit.state_dict.items() if k != "pos_embed")
     assert params + 1370 * 384 == pytest.approx(22.06e6, rel=0.01)  # ViT-S/14 with its 37x37 grid
@@ -196,7 +196,7 @@ def test_minilm_text_embeddings_compute_bert_embedding_output():
     ids = torch.tensor([[101, 1037, 6302, 1997, 1037, 4937, 1012, 102]])
     hidden = bert["embeddings.word_embeddings.weight"][ids] + bert["embeddings.position_embeddings.weight"][:8] \
         + bert["embeddings.token_type_embeddings.weight"][0]
-    model = VLTransformer(model_config("small-p14", experts="none", max_text_len=16))
+    model = VLTransformer(model_config("small-p14", placement="none", max_text_len=16))
     model.load_state_dict({**model.state_dict(), **minilm_text_embeddings(384, 16),
                            "token_type_embed.weight": torch.zeros(2, 384)})
     with torch.no_grad():

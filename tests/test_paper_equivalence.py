@@ -29,7 +29,7 @@ def reference_state(model: VLTransformer) -> dict[str, torch.Tensor]:
 @pytest.fixture(params=["all", "ffn"], ids=["no-sharing", "custom-ffn"])
 def paper_files(request, micro_config, tmp_path):
     """A modality-specific checkpoint, its seed and its Gram matrices, saved as the paper saves them."""
-    config = micro_config.with_experts(request.param)
+    config = micro_config.with_placement(request.param)
     torch.manual_seed(3)
     model, seed = VLTransformer(config), VLTransformer(config.agnostic())
     text = make_inputs(config, seed=4)
@@ -48,7 +48,7 @@ def paper_files(request, micro_config, tmp_path):
 
 def our_merge(files, tmp_path, method, options, selection):
     out = tmp_path / f"merged-{method}-{selection}.pt"
-    merge_checkpoint(files["source"][0], method, options, out=out, experts=selection, layout="reference",
+    merge_checkpoint(files["source"][0], method, options, out=out, selection=selection, layout="reference",
                      seed_checkpoint=files["seed"][0], grams=files["grams"][0])
     return torch.load(out, weights_only=True)
 

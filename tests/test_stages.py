@@ -85,7 +85,7 @@ def test_each_pretraining_stage_writes_a_complete_run_directory_and_its_loss_fal
         fell, (before, after) = pretraining_loss_falls(run)
         assert fell, (run.name, before, after)
     assert not load_model(seed / "model.safetensors").config.is_multiway
-    assert load_model(specific / "model.safetensors").config.experts.value == "all"
+    assert load_model(specific / "model.safetensors").config.placement.value == "all"
 
 
 def test_rerunning_a_finished_stage_does_no_work_and_a_changed_config_is_refused(recipe, capsys):
@@ -144,7 +144,7 @@ def test_naive_specific_experts_share_one_random_init():
 
 @pytest.mark.parametrize("fields, message", [
     ({"optimizer": {"lrr": 1}}, "did you mean 'lr'"),
-    ({"model": {"experts": "all"}}, "modality-agnostic"),
+    ({"model": {"placement": "all"}}, "modality-agnostic"),
     ({"init": "x.safetensors"}, "init x.safetensors: no such checkpoint"),
     ({"stage": "specific"}, "is run as 'seed'"),
 ])

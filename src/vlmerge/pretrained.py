@@ -44,19 +44,19 @@ class PretrainedSeed:
 
 
 def pretrained_seed(image_size: int | None = None, max_text_len: int = 40, vocab_file: str | os.PathLike | None = None,
-                    onnx_path: str | os.PathLike | None = None, seed: int = 0) -> PretrainedSeed:
+                    onnx_path: str | os.PathLike | None = None, random_seed: int = 0) -> PretrainedSeed:
     """The agnostic model with the ViT's image path and blocks and MiniLM's text embeddings."""
     vit = import_onnx_vit(onnx_path, image_size, MODEL_PIXEL_MEAN, MODEL_PIXEL_STD)
     text, tokenizer, text_source = _text_side(vit.config["width"], max_text_len, vocab_file)
     config = ModelConfig.parse({**vit.config, "vocab_size": tokenizer.vocab_size, "max_text_len": max_text_len},
                                where="imported ViT")
     with torch.random.fork_rng():
-        torch.manual_seed(seed)
+        torch.manual_seed(random_seed)
         model = VLTransformer(config)
     model.load_state_dict({**model.state_dict(), **vit.state_dict, **text}, strict=True)
     provenance = {"vision": f"{vit.source.name} from {_package(VIT_PIP)} (sha256 {file_sha256(vit.source)}): "
                             f"{UNKNOWN_PROVENANCE}",
-                  "text": text_source, "random": f"pooler{'' if text else ', text embeddings'} (seed {seed})"}
+                  "text": text_source, "random": f"pooler{'' if text else ', text embeddings'} (random seed {random_seed})"}
     return PretrainedSeed(model, tokenizer, provenance)
 
 

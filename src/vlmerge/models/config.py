@@ -3,7 +3,7 @@
 from enum import Enum
 from typing import Self
 
-from pydantic import model_validator
+from pydantic import AliasChoices, Field, model_validator
 
 from vlmerge.core.config import StrictConfig
 from vlmerge.core.modality import Modality
@@ -38,7 +38,8 @@ class ModelConfig(StrictConfig):
     heads: int
     mlp_ratio: float = 4.0
     fusion_layer: int | None = None  # first layer with a vl expert; default: the last two layers
-    experts: ExpertPlacement = ExpertPlacement.ALL
+    # Where the experts sit; checkpoints written before the rename call it `experts`.
+    placement: ExpertPlacement = Field(ExpertPlacement.ALL, validation_alias=AliasChoices("placement", "experts"))
     image_size: int = 224
     patch_size: int = 16
     channels: int = 3
@@ -63,7 +64,7 @@ class ModelConfig(StrictConfig):
 
     @property
     def is_multiway(self) -> bool:
-        return self.experts is not ExpertPlacement.NONE
+        return self.placement is not ExpertPlacement.NONE
 
     @property
     def num_patches(self) -> int:
@@ -77,7 +78,7 @@ class ModelConfig(StrictConfig):
 
     def agnostic(self) -> "ModelConfig":
         """The modality-agnostic twin: same graph, one set of weights per layer."""
-        return self.model_copy(update={"experts": ExpertPlacement.NONE})
+        return self.model_copy(update={"placement": ExpertPlacement.NONE})
 
-    def with_experts(self, experts: ExpertPlacement | str) -> "ModelConfig":
-        return self.model_copy(update={"experts": ExpertPlacement(experts)})
+    def with_placement(self, placement: ExpertPlacement | str) -> "ModelConfig":
+        return self.model_copy(update={"placement": ExpertPlacement(placement)})

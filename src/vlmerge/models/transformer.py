@@ -46,7 +46,7 @@ class Block(nn.Module):
 
     def __init__(self, config: ModelConfig, layer: int) -> None:
         super().__init__()
-        width, slots = config.width, config.experts.slots
+        width, slots = config.width, config.placement.slots
         modalities = config.modalities_at(layer)
 
         def per_modality(slot: str, factory):

@@ -35,7 +35,8 @@ class OptimizerConfig(StrictConfig):
 
 class ModelSpec(StrictConfig):
     size: str = "micro"
-    experts: ExpertPlacement | None = Field(None, description="default: none for seed, all for specific")
+    placement: ExpertPlacement | None = Field(None, description="where the experts sit; default: none for seed, "
+                                                                 "all for specific")
     fusion_layer: int | None = None
     layer_scale_init: float | None = Field(None, gt=0)
 
@@ -60,7 +61,7 @@ class TokenizerConfig(StrictConfig):
 
 
 class RunConfig(StrictConfig):
-    seed: int = 0
+    random_seed: int = Field(0, description="seeds initialisation, batch order and masking")
     steps: int = Field(100, ge=1)
     checkpoint_every: int = Field(50, ge=1)
     data: DataConfig = DataConfig()
@@ -79,15 +80,15 @@ class PretrainConfig(RunConfig):
 
     @model_validator(mode="after")
     def _stage_rules(self) -> Self:
-        if self.stage == "seed" and self.model.experts not in (None, ExpertPlacement.NONE):
-            raise ValueError("seed pre-training trains the modality-agnostic model: drop model.experts")
-        if self.stage == "specific" and self.model.experts is ExpertPlacement.NONE:
-            raise ValueError("modality-specific pre-training needs experts: model.experts cannot be 'none'")
+        if self.stage == "seed" and self.model.placement not in (None, ExpertPlacement.NONE):
+            raise ValueError("seed pre-training trains the modality-agnostic model: drop model.placement")
+        if self.stage == "specific" and self.model.placement is ExpertPlacement.NONE:
+            raise ValueError("modality-specific pre-training needs experts: model.placement cannot be 'none'")
         return self
 
     @property
-    def experts(self) -> ExpertPlacement:
-        return self.model.experts or (ExpertPlacement.NONE if self.stage == "seed" else ExpertPlacement.ALL)
+    def placement(self) -> ExpertPlacement:
+        return self.model.placement or (ExpertPlacement.NONE if self.stage == "seed" else ExpertPlacement.ALL)
 
 
 class FinetuneConfig(RunConfig):

@@ -38,10 +38,10 @@ HEADS = "heads"
 def build_pretraining_model(config: PretrainConfig, vocab_size: int, max_text_len: int
                             ) -> tuple[VLTransformer, PretrainingHeads]:
     """The stage's model and heads at step 0 (seeded): scratch, or experts copied from a shared model."""
-    torch.manual_seed(config.seed)
+    torch.manual_seed(config.random_seed)
     shape = model_config(config.model.size, image_size=config.data.image_size, vocab_size=vocab_size,
                          max_text_len=max_text_len, **config.model.overrides())
-    shape = shape.with_experts(config.experts)
+    shape = shape.with_placement(config.placement)
     if config.stage == "seed":
         if config.init:
             return _load_agnostic(config.init, shape)
@@ -59,7 +59,7 @@ def _load_agnostic(path: str, shape: ModelConfig) -> tuple[VLTransformer, Pretra
     """A modality-agnostic checkpoint and its pre-training heads (fresh, seeded, if it has none)."""
     seed = load_model(path)
     if seed.config.is_multiway:
-        raise ConfigError(f"{path}: the init checkpoint has experts ({seed.config.experts.value}); "
+        raise ConfigError(f"{path}: the init checkpoint has experts ({seed.config.placement.value}); "
                           "pre-training starts from a modality-agnostic checkpoint")
     if seed.config != shape.agnostic():
         changed = sorted(k for k, v in shape.agnostic() if getattr(seed.config, k) != v)
@@ -99,8 +99,8 @@ def run_pretraining(config: PretrainConfig, run_dir: str | os.PathLike, progress
     optimizer, scheduler = make_optimizer([model, heads], config.optimizer, config.steps)
 
     def step_fn(step: int) -> dict[str, torch.Tensor]:
-        rows = batch_indices(len(pairs), config.optimizer.batch_size, step, config.seed)
-        return objective(pairs[rows].to(dist.device), step_generator(config.seed, step, device=dist.device))
+        rows = batch_indices(len(pairs), config.optimizer.batch_size, step, config.random_seed)
+        return objective(pairs[rows].to(dist.device), step_generator(config.random_seed, step, device=dist.device))
 
     trainer = Trainer(run_dir, {"model": model, "heads": heads}, optimizer, config.steps, config.checkpoint_every,
                       scheduler, progress=progress, grad_clip=config.optimizer.grad_clip, dist=dist)
