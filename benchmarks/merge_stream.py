@@ -14,7 +14,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -44,8 +43,12 @@ print(json.dumps({{"seconds": elapsed, "peak_rss_bytes": {PEAK_RSS}}}))
 
 
 def measure(task: str, source: Path, out: Path, method: str, grams: Path) -> dict:
-    result = subprocess.run([sys.executable, "-c", CHILD, task, str(source), str(out), method, str(grams)],
-                            capture_output=True, text=True, check=True)
+    result = subprocess.run(
+        [sys.executable, "-c", CHILD, task, str(source), str(out), method, str(grams)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
@@ -58,7 +61,9 @@ def baseline_rss() -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", default="base")
-    parser.add_argument("--methods", nargs="+", default=["interpolation", "regmean"], choices=["interpolation", "regmean"])
+    parser.add_argument(
+        "--methods", nargs="+", default=["interpolation", "regmean"], choices=["interpolation", "regmean"]
+    )
     parser.add_argument("--workdir", default=None)
     args = parser.parse_args()
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="vlmerge-bench-"))
@@ -67,9 +72,12 @@ def main() -> None:
     torch.manual_seed(0)
     model = VLTransformer(model_config(args.size))
     source = save_model(model, workdir / "specific.safetensors")
-    grams = save_grams(workdir / "grams.safetensors",
-                       {name: torch.eye(linear.in_features, dtype=torch.float64) for name, (linear, _) in gram_modules(model).items()},
-                       {}, {"data": "identity (benchmark)"})
+    grams = save_grams(
+        workdir / "grams.safetensors",
+        {name: torch.eye(linear.in_features, dtype=torch.float64) for name, (linear, _) in gram_modules(model).items()},
+        {},
+        {"data": "identity (benchmark)"},
+    )
     del model
     file_bytes = source.stat().st_size
 
@@ -82,10 +90,12 @@ def main() -> None:
     for method in args.methods:
         merge = measure("merge", source, workdir / f"merged-{method}.safetensors", method, grams)
         extra = merge["peak_rss_bytes"] - base
-        print(f"{method}: {merge['seconds']:.2f} s, ratio to the plain copy {merge['seconds'] / copy['seconds']:.2f}x, "
-              f"to the durable copy {merge['seconds'] / durable['seconds']:.2f}x (goal <= 1.5x); peak RSS "
-              f"{extra / 2**20:.0f} MiB above the interpreter + torch baseline ({base / 2**20:.0f} MiB), "
-              f"{extra / file_bytes:.2f}x the file (goal <= 0.25)")
+        print(
+            f"{method}: {merge['seconds']:.2f} s, ratio to the plain copy {merge['seconds'] / copy['seconds']:.2f}x, "
+            f"to the durable copy {merge['seconds'] / durable['seconds']:.2f}x (goal <= 1.5x); peak RSS "
+            f"{extra / 2**20:.0f} MiB above the interpreter + torch baseline ({base / 2**20:.0f} MiB), "
+            f"{extra / file_bytes:.2f}x the file (goal <= 0.25)"
+        )
     shutil.rmtree(workdir) if args.workdir is None else None
 
 

@@ -26,7 +26,7 @@ def make_inputs(config, batch: int = 2, text_len: int = 6, seed: int = 0) -> dic
     images = torch.randn(batch, config.channels, config.image_size, config.image_size, generator=generator)
     ids = torch.randint(1, config.vocab_size, (batch, text_len), generator=generator)
     mask = torch.ones(batch, text_len, dtype=torch.bool)
-    mask[0, text_len // 2:] = False
+    mask[0, text_len // 2 :] = False
     return {"images": images, "text_ids": ids, "text_mask": mask}
 
 
@@ -45,6 +45,8 @@ def emoji_sources():
     found = EmojiSources.default()
     missing = [str(path) for path in found.files() if not path.is_file()]
     if missing:
-        pytest.skip(f"Debian emoji sources absent ({', '.join(missing)}); "
-                    "apt-get install fonts-noto-color-emoji unicode-cldr-core unicode-data")
+        pytest.skip(
+            f"Debian emoji sources absent ({', '.join(missing)}); "
+            "apt-get install fonts-noto-color-emoji unicode-cldr-core unicode-data"
+        )
     return found

@@ -20,12 +20,15 @@ FINETUNE_TASKS = ("retrieval", "classify_image")  # contrastive over gathered fe
 def main(out: str, tokenizer: str) -> None:
     torch.set_num_threads(1)
     dist = init_distributed()
-    seed_config = parse_stage_config("seed", {"steps": 3, "checkpoint_every": 2, "data": DATA, "optimizer": OPTIMIZER,
-                                              "tokenizer": {"path": tokenizer}})
+    seed_config = parse_stage_config(
+        "seed",
+        {"steps": 3, "checkpoint_every": 2, "data": DATA, "optimizer": OPTIMIZER, "tokenizer": {"path": tokenizer}},
+    )
     seed = run_pretraining(seed_config, f"{out}/seed", progress=False, dist=dist)
     for task in FINETUNE_TASKS:
-        config = parse_stage_config("finetune", {"task": task, "init": str(seed), "steps": 3, "data": DATA,
-                                                 "optimizer": OPTIMIZER})
+        config = parse_stage_config(
+            "finetune", {"task": task, "init": str(seed), "steps": 3, "data": DATA, "optimizer": OPTIMIZER}
+        )
         run_finetune(config, f"{out}/{task}", progress=False, dist=dist)
 
 

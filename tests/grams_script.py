@@ -5,8 +5,8 @@ import sys
 
 import torch
 import torch.distributed as dist
-
 from conftest import make_inputs
+
 from vlmerge.merging.grams import collect_grams
 from vlmerge.models import VLTransformer, model_config
 

@@ -82,7 +82,8 @@ Quirks reproduced (all on purpose):
 
 from __future__ import annotations
 
-from typing import Dict, List, Mapping, NamedTuple, Optional
+from collections.abc import Mapping
+from typing import NamedTuple
 
 import torch
 
@@ -97,7 +98,7 @@ _TASKS = ("all", "retrieval", "vqa", "nlvr2")
 class _Slot(NamedTuple):
     merged: str  # modality-agnostic (merged) name; also the shared-module name
     expert: str  # format string with {m} for the per-expert source name
-    gram: Optional[str]  # format string with {m} for the gram key, None = not RegMean'd
+    gram: str | None  # format string with {m} for the gram key, None = not RegMean'd
 
 
 def _check_task(task: str) -> None:
@@ -105,7 +106,7 @@ def _check_task(task: str) -> None:
         raise ValueError(f"task must be one of {_TASKS}, got {task!r}")
 
 
-def _slots(i: int) -> List[_Slot]:
+def _slots(i: int) -> list[_Slot]:
     """Merged parameter slots of block ``i``, in the paper's order."""
     b = f"transformer.blocks.{i}"
     return [
@@ -125,13 +126,9 @@ def _slots(i: int) -> List[_Slot]:
     ]
 
 
-def _passthrough(state_dict: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+def _passthrough(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Quirk 1: keep keys outside the blocks plus every ``gamma`` key."""
-    return {
-        k: v
-        for k, v in state_dict.items()
-        if "transformer.blocks." not in k or "gamma" in k
-    }
+    return {k: v for k, v in state_dict.items() if "transformer.blocks." not in k or "gamma" in k}
 
 
 def _experts_present(state_dict, slot: _Slot, modalities):
@@ -151,7 +148,7 @@ def _experts_present(state_dict, slot: _Slot, modalities):
     return present, False
 
 
-def _experts_interp_arith(layer: int, fusion_layer: int, task: str) -> List[str]:
+def _experts_interp_arith(layer: int, fusion_layer: int, task: str) -> list[str]:
     """Quirk 4 (merge_weights / sum_task_vectors)."""
     if layer < fusion_layer:
         return ["v", "l"]
@@ -162,7 +159,7 @@ def _experts_interp_arith(layer: int, fusion_layer: int, task: str) -> List[str]
     return ["vl"]  # loss_names["vqa"] > 0 or loss_names["nlvr2"] > 0
 
 
-def _experts_regmean(layer: int, fusion_layer: int, task: str) -> List[str]:
+def _experts_regmean(layer: int, fusion_layer: int, task: str) -> list[str]:
     """Quirk 8: the paper's regmean never checks only_activate_used_experts.
 
     Its rule is: below the fusion layer [v, l]; elif loss_names["irtr"] -> [v, l];
@@ -184,7 +181,7 @@ def _experts_regmean(layer: int, fusion_layer: int, task: str) -> List[str]:
 # ---------------------------------------------------------------------------
 
 
-def _interp_ratios(modalities: List[str], ratio: float) -> Dict[str, float]:
+def _interp_ratios(modalities: list[str], ratio: float) -> dict[str, float]:
     """Quirk 5."""
     if len(modalities) == 1:
         return {modalities[0]: 1}
@@ -200,7 +197,7 @@ def paper_interpolation(
     fusion_layer: int,
     ratio: float,
     task: str,
-) -> Dict[str, torch.Tensor]:
+) -> dict[str, torch.Tensor]:
     """Paper's ``merge_weights``: a weighted sum of the experts for each slot."""
     _check_task(task)
     out = _passthrough(state_dict)
@@ -224,7 +221,7 @@ def paper_interpolation(
 # ---------------------------------------------------------------------------
 
 
-def _arith_ratios(modalities: List[str], lam: float) -> Dict[str, float]:
+def _arith_ratios(modalities: list[str], lam: float) -> dict[str, float]:
     """Quirk 6: a lone expert gets ratio 1, not lam."""
     if len(modalities) == 1:
         return {modalities[0]: 1}
@@ -240,7 +237,7 @@ def paper_arithmetic(
     lam: float,
     task: str,
     alias_bug: bool = False,
-) -> Dict[str, torch.Tensor]:
+) -> dict[str, torch.Tensor]:
     """Paper's ``sum_task_vectors``: theta0 + sum_m r_m (theta_m - theta0).
 
     ``central`` is the seed (modality-agnostic) state dict, keyed by merged
@@ -322,7 +319,7 @@ def paper_regmean(
     fusion_layer: int,
     alpha: float,
     task: str,
-) -> Dict[str, torch.Tensor]:
+) -> dict[str, torch.Tensor]:
     """Paper's ``regmean``: Gram-weighted linear weights, averaged the rest.
 
     ``grams`` is keyed like the paper's gram files (quirk 9); linear weights

@@ -10,18 +10,33 @@ from vlmerge.cli.main import main
 
 TYPOS = {  # case: (command, config text, what the one error line says)
     "stage-field": ("train", "stepz: 10\n", "unknown field 'stepz'; did you mean 'steps'?"),
-    "stage-model": ("train", "model: {size: micro, fusion_layr: 1}\n",
-                    "unknown field 'model.fusion_layr'; did you mean 'fusion_layer'?"),
+    "stage-model": (
+        "train",
+        "model: {size: micro, fusion_layr: 1}\n",
+        "unknown field 'model.fusion_layr'; did you mean 'fusion_layer'?",
+    ),
     "stage-data": ("train", "data: {image_sise: 32}\n", "unknown field 'data.image_sise'; did you mean 'image_size'?"),
-    "recipe-nested": ("study", "name: x\nfinetune: {stepz: 4}\n",
-                      "unknown field 'finetune.stepz'; did you mean 'steps'?"),
-    "recipe-list-item": ("study", "name: x\nmerges: [{method: regmean, optoins: {alpha: 0.9}}]\n",
-                         "unknown field 'merges.0.optoins'; did you mean 'options'?"),
-    "recipe-method": ("study", "name: x\nmain_merge: {method: interpolaton}\n",
-                      "unknown merge method 'interpolaton'; did you mean 'interpolation'?"),
+    "recipe-nested": (
+        "study",
+        "name: x\nfinetune: {stepz: 4}\n",
+        "unknown field 'finetune.stepz'; did you mean 'steps'?",
+    ),
+    "recipe-list-item": (
+        "study",
+        "name: x\nmerges: [{method: regmean, optoins: {alpha: 0.9}}]\n",
+        "unknown field 'merges.0.optoins'; did you mean 'options'?",
+    ),
+    "recipe-method": (
+        "study",
+        "name: x\nmain_merge: {method: interpolaton}\n",
+        "unknown merge method 'interpolaton'; did you mean 'interpolation'?",
+    ),
     "recipe-task": ("study", "name: x\ntasks: [retreival]\n", "unknown task 'retreival'; did you mean 'retrieval'?"),
-    "recipe-merge-option": ("study", "name: x\nmain_merge: {method: interpolation, options: {raito: 0.5}}\n",
-                            "did you mean 'ratio'?"),
+    "recipe-merge-option": (
+        "study",
+        "name: x\nmain_merge: {method: interpolation, options: {raito: 0.5}}\n",
+        "did you mean 'ratio'?",
+    ),
 }
 
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from grams_script import all_batches, model
+
 from vlmerge.merging.grams import collect_grams
 
 SCRIPT = Path(__file__).parent / "grams_script.py"
@@ -16,8 +16,17 @@ SCRIPT = Path(__file__).parent / "grams_script.py"
 @pytest.mark.slow
 def test_two_process_gram_collection_matches_one_process(tmp_path):
     out = tmp_path / "grams.pt"
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-               str(SCRIPT), str(out)]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29517",
+        str(SCRIPT),
+        str(out),
+    ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=180, cwd=SCRIPT.parent)
     assert result.returncode == 0, result.stderr[-2000:]
     distributed = torch.load(out, weights_only=True)

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from ddp_stage_script import DATA, FINETUNE_TASKS
+
 from vlmerge.data.datasets.emoji.dataset import build_emoji_dataset
 from vlmerge.data.tokenizer import TextTokenizer
 from vlmerge.io.checkpoint import open_checkpoint
@@ -21,8 +21,18 @@ SCRIPT = Path(__file__).parent / "ddp_stage_script.py"
 
 
 def launch(processes: int, out: Path, tokenizer: Path, port: int) -> None:
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
-               "--master_port", str(port), str(SCRIPT), str(out), str(tokenizer)]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(processes),
+        "--master_port",
+        str(port),
+        str(SCRIPT),
+        str(out),
+        str(tokenizer),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=SCRIPT.parent, env=env)
     assert result.returncode == 0, result.stderr[-3000:]

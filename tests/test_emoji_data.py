@@ -11,8 +11,14 @@ from vlmerge.core.errors import ConfigError
 from vlmerge.data import image_cache
 from vlmerge.data.datasets.emoji import dataset as emoji
 from vlmerge.data.datasets.emoji.dataset import build_emoji_dataset
-from vlmerge.data.datasets.emoji.records import (EmojiSources, base_emoji, emoji_records, lookup_cldr, parse_cldr,
-                                                 parse_emoji_test)
+from vlmerge.data.datasets.emoji.records import (
+    EmojiSources,
+    base_emoji,
+    emoji_records,
+    lookup_cldr,
+    parse_cldr,
+    parse_emoji_test,
+)
 from vlmerge.data.datasets.emoji.render import load_font, render_emoji
 from vlmerge.data.splits import SPLITS, assign_split
 
@@ -46,8 +52,12 @@ def test_emoji_test_counts(sources):
     assert len(groups) in (9, 10) and "Component" not in groups
     assert len({entry.subgroup for entry in entries}) >= 90
     first = entries[0]
-    assert (first.emoji, first.name, first.group, first.subgroup) == ("😀", "grinning face", "Smileys & Emotion",
-                                                                      "face-smiling")
+    assert (first.emoji, first.name, first.group, first.subgroup) == (
+        "😀",
+        "grinning face",
+        "Smileys & Emotion",
+        "face-smiling",
+    )
     assert all(chr(code) in entry.emoji for entry in entries[:50] for code in entry.codepoints)
 
 
@@ -132,6 +142,7 @@ def test_second_build_reuses_the_cache(sources, tmp_path, monkeypatch):
 
     def fail(*args, **kwargs):
         raise AssertionError("re-rendered despite a valid cache")
+
     monkeypatch.setattr(emoji, "render_emoji", fail)
     second = build_emoji_dataset(cache_dir=tmp_path, sources=sources, limit=LIMIT)
     assert torch.equal(first.images, second.images) and first.records == second.records
@@ -153,6 +164,7 @@ def test_failed_cache_write_leaves_nothing(sources, tmp_path, monkeypatch):
     def write_half_then_crash(tensors, path, metadata=None):
         open(path, "wb").write(b"half a safetensors file")
         raise OSError("disk full")
+
     monkeypatch.setattr(image_cache, "save_file", write_half_then_crash)
     with pytest.raises(OSError, match="disk full"):
         build_emoji_dataset(cache_dir=tmp_path, sources=sources, limit=3)

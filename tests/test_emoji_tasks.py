@@ -25,13 +25,17 @@ ROWS = [  # name, keywords, group, subgroup, split
     ("chequered flag", ("checkered", "chequered", "racing"), "Flags", "flag", "test"),  # only group of its split
 ]
 KEYWORD = re.compile(r"is this emoji about (.+)\?")
-STATEMENT = re.compile(r"both emoji are in the same (group|subgroup)\."
-                       r"|the (left|right) emoji is in the (group|subgroup) (.+)\.")
+STATEMENT = re.compile(
+    r"both emoji are in the same (group|subgroup)\."
+    r"|the (left|right) emoji is in the (group|subgroup) (.+)\."
+)
 
 
 def make_dataset(rows) -> EmojiDataset:
-    records = [EmojiRecord(chr(0x1F600 + i), (0x1F600 + i,), name, keywords, group, subgroup, chr(0x1F600 + i), split)
-               for i, (name, keywords, group, subgroup, split) in enumerate(rows)]
+    records = [
+        EmojiRecord(chr(0x1F600 + i), (0x1F600 + i,), name, keywords, group, subgroup, chr(0x1F600 + i), split)
+        for i, (name, keywords, group, subgroup, split) in enumerate(rows)
+    ]
     return EmojiDataset.from_records(records, torch.zeros(len(records), 3, 2, 2, dtype=torch.uint8))
 
 
@@ -44,8 +48,10 @@ def tiny() -> EmojiDataset:
 def real() -> EmojiDataset:
     missing = [str(path) for path in EmojiSources.default().files() if not path.is_file()]
     if missing:
-        pytest.skip(f"Debian emoji sources absent ({', '.join(missing)}); "
-                    f"apt-get install fonts-noto-color-emoji unicode-cldr-core unicode-data")
+        pytest.skip(
+            f"Debian emoji sources absent ({', '.join(missing)}); "
+            f"apt-get install fonts-noto-color-emoji unicode-cldr-core unicode-data"
+        )
     return build_emoji_dataset(image_size=32)  # cached in ~/.cache/vlmerge/emoji after the first build
 
 
@@ -66,8 +72,11 @@ def check_vqa(dataset: EmojiDataset, vqa: VQASet) -> collections.Counter:
             assert keyword in own
         else:
             assert answer == "no" and keyword not in own and keyword not in record.name.lower().split()
-            assert any(keyword in map(str.lower, other.keywords) for other in dataset.records
-                       if other.subgroup != record.subgroup)
+            assert any(
+                keyword in map(str.lower, other.keywords)
+                for other in dataset.records
+                if other.subgroup != record.subgroup
+            )
         keyword_answers[example.image, answer] += 1
     return keyword_answers
 
@@ -112,8 +121,13 @@ def test_vqa_asks_several_distinct_keywords(tiny):
             asked = [e.question for e in vqa.examples if e.image == image and e.answers == {answer: 1.0}]
             assert len(asked) == len(set(asked)) == len(record.keywords)
     assert all(e.kind != "keyword" for e in build_vqa(tiny, keyword_questions_per_image=0).examples)
-    scarce = make_dataset([("a", ("x", "y", "z"), "G", "s1", "train"), ("b", ("w",), "G", "s2", "train"),
-                           ("c", ("w", "v"), "G", "s2", "train")])  # only "w" and "v" are foreign to "a"
+    scarce = make_dataset(
+        [
+            ("a", ("x", "y", "z"), "G", "s1", "train"),
+            ("b", ("w",), "G", "s2", "train"),
+            ("c", ("w", "v"), "G", "s2", "train"),
+        ]
+    )  # only "w" and "v" are foreign to "a"
     counted = check_vqa(scarce, build_vqa(scarce, keyword_questions_per_image=3))
     assert counted == {(0, "yes"): 2, (0, "no"): 2, (1, "yes"): 1, (1, "no"): 1, (2, "yes"): 2, (2, "no"): 2}
     with pytest.raises(ConfigError, match="keyword_questions_per_image"):
@@ -126,8 +140,22 @@ def test_vqa_is_deterministic_for_a_seed(tiny):
 
 
 def test_vqa_vocabulary_is_the_builds_in_every_split(tiny):
-    expected = tuple(sorted({"smileys & emotion", "food & drink", "flags", "face-smiling", "face-hand",
-                             "food-fruit", "food-prepared", "flag", "yes", "no"}))
+    expected = tuple(
+        sorted(
+            {
+                "smileys & emotion",
+                "food & drink",
+                "flags",
+                "face-smiling",
+                "face-hand",
+                "food-fruit",
+                "food-prepared",
+                "flag",
+                "yes",
+                "no",
+            }
+        )
+    )
     parts = {name: build_vqa(tiny.split(name)) for name in SPLITS}
     assert all(vqa.answers == expected for vqa in parts.values())
     assert not any("flags" in e.answers for e in parts["train"].examples)  # in the vocabulary all the same
@@ -205,8 +233,9 @@ def test_real_build(real):
     for name in ("train", "test"):
         vqa = build_vqa(parts[name], seed=7)
         counted = check_vqa(parts[name], vqa)
-        assert sum(counted[key] for key in counted if key[1] == "yes") == sum(counted[key] for key in counted
-                                                                             if key[1] == "no")
+        assert sum(counted[key] for key in counted if key[1] == "yes") == sum(
+            counted[key] for key in counted if key[1] == "no"
+        )
         assert len(counted) > 1.9 * len(parts[name])  # nearly every emoji has keywords
     test = parts["test"]
     examples = build_nlvr2(test, seed=7)

@@ -5,19 +5,24 @@ import pickle
 
 import pytest
 import torch
+from conftest import make_inputs
+from pydantic import Field
 from safetensors import safe_open
 
-from pydantic import Field
-
-from conftest import make_inputs
 from vlmerge.cli.main import main
 from vlmerge.core.config import StrictConfig
 from vlmerge.data.config import DataConfig
 from vlmerge.inspection import format_summary, summarize
 from vlmerge.io.checkpoint import open_checkpoint, save_checkpoint
 from vlmerge.io.grams import open_grams, save_grams
-from vlmerge.merging import (MERGE_METHODS, MergeInputs, build_merge_plan, merge_checkpoint, register_method,
-                             unregister_method)
+from vlmerge.merging import (
+    MERGE_METHODS,
+    MergeInputs,
+    build_merge_plan,
+    merge_checkpoint,
+    register_method,
+    unregister_method,
+)
 from vlmerge.merging.grams import collect_grams
 from vlmerge.metrics import mergeability
 from vlmerge.models import VLTransformer, count_parameters, load_model, model_config, save_model
@@ -29,8 +34,10 @@ from vlmerge.training.setup import resolve_data
 def files(specific_model, tmp_path):
     seed = VLTransformer(specific_model.config.agnostic())
     inputs = make_inputs(specific_model.config)
-    grams, info = collect_grams(specific_model, [inputs, {"images": inputs["images"]},
-                                                 {"text_ids": inputs["text_ids"], "text_mask": inputs["text_mask"]}])
+    grams, info = collect_grams(
+        specific_model,
+        [inputs, {"images": inputs["images"]}, {"text_ids": inputs["text_ids"], "text_mask": inputs["text_mask"]}],
+    )
     return {
         "source": save_model(specific_model, tmp_path / "specific.safetensors"),
         "seed": save_model(seed, tmp_path / "seed.safetensors"),
@@ -45,8 +52,22 @@ def cli(*args) -> int:
 
 @pytest.mark.parametrize("method", ["interpolation", "arithmetic", "regmean", "ties", "dare"])
 def test_cli_merge_writes_a_strictly_loadable_self_describing_checkpoint(files, method, capsys):
-    assert cli("merge", files["source"], "--method", method, "--seed-checkpoint", files["seed"],
-               "--grams", files["grams"], "--out", files["out"], "--quiet") == 0
+    assert (
+        cli(
+            "merge",
+            files["source"],
+            "--method",
+            method,
+            "--seed-checkpoint",
+            files["seed"],
+            "--grams",
+            files["grams"],
+            "--out",
+            files["out"],
+            "--quiet",
+        )
+        == 0
+    )
     merged = load_model(files["out"])  # strict: no missing or unexpected keys
     assert not merged.config.is_multiway
     with safe_open(str(files["out"]), "pt") as handle:
@@ -73,10 +94,14 @@ def test_task_selection_picks_the_experts_each_task_uses(files):
     fusion = 2  # micro: the last two of four layers
     vqa_out, retrieval_out = files["out"].with_name("vqa.safetensors"), files["out"].with_name("retrieval.safetensors")
     merge_checkpoint(files["source"], "interpolation", {"ratio": 0.5}, out=vqa_out, selection="vqa")
-    retrieval = merge_checkpoint(files["source"], "interpolation", {"ratio": 0.5}, out=retrieval_out, selection="retrieval")
+    retrieval = merge_checkpoint(
+        files["source"], "interpolation", {"ratio": 0.5}, out=retrieval_out, selection="retrieval"
+    )
     key = f"blocks.{fusion}.mlp.fc1.weight"
     assert torch.equal(open_checkpoint(vqa_out).get(key), source.get(f"blocks.{fusion}.mlp.vl.fc1.weight"))
-    expected = 0.5 * source.get(f"blocks.{fusion}.mlp.v.fc1.weight") + 0.5 * source.get(f"blocks.{fusion}.mlp.l.fc1.weight")
+    expected = 0.5 * source.get(f"blocks.{fusion}.mlp.v.fc1.weight") + 0.5 * source.get(
+        f"blocks.{fusion}.mlp.l.fc1.weight"
+    )
     torch.testing.assert_close(open_checkpoint(retrieval_out).get(key), expected)
     assert any(".vl." in k for k in retrieval.plan.dropped)
 
@@ -143,7 +168,7 @@ def corrupt(files, tmp_path, kind):
 def broken_header(raw: bytes, kind: str) -> bytes:
     """The file with a valid 8-byte length prefix but a broken header: not JSON, or offsets past the end."""
     length = int.from_bytes(raw[:8], "little")
-    header, body = json.loads(raw[8:8 + length]), raw[8 + length:]
+    header, body = json.loads(raw[8 : 8 + length]), raw[8 + length :]
     if kind == "garbage-header":
         encoded = b"{not json" + b" " * (length - 9)
     else:  # the last tensor's end offset points 4 KB past the end of the file
@@ -171,7 +196,7 @@ BAD_INPUTS = {
     "offsets-past-end": "not a readable safetensors file",
     "inf-gram": "Gram matrix blocks.3.mlp.l.fc2 contains NaN or Inf",
     "unknown-key": "unknown tensor 'pooler.dence.weight', not part of the model its config describes; "
-                   "did you mean 'pooler.dense.weight'?",
+    "did you mean 'pooler.dense.weight'?",
     "unknown-expert-key": "unknown tensor 'blocks.0.mlp.l.fc3.weight'",
     "missing-shared": "missing tensor 'pos_embed', which the model its config describes needs",
     "gram-size": "Gram matrix blocks.0.mlp.v.fc1 is [5, 5]",
@@ -201,8 +226,10 @@ def test_singular_grams_still_merge_with_one_warning_per_tensor(files, tmp_path,
         singular[key] = grams.get(key).clone()
         singular[key][0, :] = singular[key][:, 0] = 0
     singular_path = save_grams(tmp_path / "singular.safetensors", singular, {}, {})
-    assert cli("merge", files["source"], "--method", "regmean", "--grams", singular_path,
-               "--out", files["out"], "--quiet") == 0
+    assert (
+        cli("merge", files["source"], "--method", "regmean", "--grams", singular_path, "--out", files["out"], "--quiet")
+        == 0
+    )
 
     source = open_checkpoint(files["source"])
     plan = build_merge_plan({k: source.shape(k) for k in source.keys})
@@ -265,8 +292,10 @@ def test_a_registered_method_is_usable_through_its_derived_flag_and_through_opti
     source = open_checkpoint(files["source"])
     key, experts = "blocks.0.mlp.fc1.weight", ("v", "l")  # below the fusion layer: v and l only
     weights = {m: source.get(f"blocks.0.mlp.{m}.fc1.weight") for m in experts}
-    for args, offset, scales in [(["--offset", "0.25"], 0.25, {}),
-                                 (["--option", "offset=-1.5", "--option", 'scales={"v": 3}'], -1.5, {"v": 3.0})]:
+    for args, offset, scales in [
+        (["--offset", "0.25"], 0.25, {}),
+        (["--option", "offset=-1.5", "--option", 'scales={"v": 3}'], -1.5, {"v": 3.0}),
+    ]:
         assert cli("merge", files["source"], "--method", offset_method, *args, "--out", files["out"], "--quiet") == 0
         merged = open_checkpoint(files["out"])
         expected = sum(scales.get(m, 1.0) * w for m, w in weights.items()) / 2 + offset
@@ -304,10 +333,13 @@ class OutOption(StrictConfig):
     out: float = 1.0
 
 
-@pytest.mark.parametrize("options, message", [
-    (IntLam, "merge option 'lam' is float for arithmetic, ties, dare but int for unflaggable"),
-    (OutOption, "merge option 'out' of unflaggable clashes with `vlmerge merge --out`"),
-])
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (IntLam, "merge option 'lam' is float for arithmetic, ties, dare but int for unflaggable"),
+        (OutOption, "merge option 'out' of unflaggable clashes with `vlmerge merge --out`"),
+    ],
+)
 def test_an_option_the_command_line_cannot_express_fails_when_the_parser_is_built(options, message, capsys):
     register_method("unflaggable", options)(offset_mean)
     try:
@@ -321,11 +353,30 @@ def test_an_option_the_command_line_cannot_express_fails_when_the_parser_is_buil
 def test_option_values_reach_the_method_and_only_given_ones_are_recorded(files, capsys):
     """--random-seed is DARE's random seed; `--option` and the flag name one option; what is left out is the default."""
     merged = {}
-    for name, args in [("flag", ["--random-seed", "7"]), ("option", ["--option", "random_seed=7"]),
-                       ("default", []), ("other", ["--option", "random-seed=8"])]:
+    for name, args in [
+        ("flag", ["--random-seed", "7"]),
+        ("option", ["--option", "random_seed=7"]),
+        ("default", []),
+        ("other", ["--option", "random-seed=8"]),
+    ]:
         out = files["out"].with_name(f"{name}.safetensors")
-        assert cli("merge", files["source"], "--method", "dare", "--drop", "0.5", *args,
-                   "--seed-checkpoint", files["seed"], "--out", out, "--quiet") == 0
+        assert (
+            cli(
+                "merge",
+                files["source"],
+                "--method",
+                "dare",
+                "--drop",
+                "0.5",
+                *args,
+                "--seed-checkpoint",
+                files["seed"],
+                "--out",
+                out,
+                "--quiet",
+            )
+            == 0
+        )
         merged[name] = open_checkpoint(out)
     key = "blocks.0.mlp.fc1.weight"
     assert json.loads(merged["flag"].metadata["merge"])["options"] == {"drop": 0.5, "lam": 0.5, "random_seed": 7}
@@ -335,14 +386,35 @@ def test_option_values_reach_the_method_and_only_given_ones_are_recorded(files, 
 
 
 def test_global_ties_records_its_cutoffs_apart_from_the_options(files, capsys):
-    assert cli("merge", files["source"], "--method", "ties", "--scope", "global", "--density", "0.3",
-               "--seed-checkpoint", files["seed"], "--out", files["out"], "--quiet") == 0
+    assert (
+        cli(
+            "merge",
+            files["source"],
+            "--method",
+            "ties",
+            "--scope",
+            "global",
+            "--density",
+            "0.3",
+            "--seed-checkpoint",
+            files["seed"],
+            "--out",
+            files["out"],
+            "--quiet",
+        )
+        == 0
+    )
     merged = open_checkpoint(files["out"])
     record = json.loads(merged.metadata["merge"])
     assert record["options"] == {"density": 0.3, "lam": 1.0, "scope": "global"}
     assert set(record["prepared"]["thresholds"]) == {"v", "l", "vl"}
-    result = merge_checkpoint(files["source"], "ties", {"scope": "global", "density": 0.3},
-                              seed_checkpoint=files["seed"], out=files["out"].with_name("again.safetensors"))
+    result = merge_checkpoint(
+        files["source"],
+        "ties",
+        {"scope": "global", "density": 0.3},
+        seed_checkpoint=files["seed"],
+        out=files["out"].with_name("again.safetensors"),
+    )
     assert {m.value: t for m, t in result.prepared.thresholds.items()} == record["prepared"]["thresholds"]
     assert "selection=all" in format_summary(summarize(merged))
 

@@ -54,8 +54,18 @@ def stop_mid_merge(source: Path, out: Path) -> tuple[subprocess.Popen, Path] | N
     small a checkpoint for this machine). SIGSTOP makes what follows race-free: the process is
     frozen while we check that it is mid-merge (temporary present, destination absent).
     """
-    command = [sys.executable, "-m", "vlmerge", "merge", str(source), "--method", "interpolation",
-               "--out", str(out), "--quiet"]
+    command = [
+        sys.executable,
+        "-m",
+        "vlmerge",
+        "merge",
+        str(source),
+        "--method",
+        "interpolation",
+        "--out",
+        str(out),
+        "--quiet",
+    ]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + TIMEOUT_S
     while process.poll() is None and time.monotonic() < deadline:
@@ -78,8 +88,10 @@ def stop_mid_merge(source: Path, out: Path) -> tuple[subprocess.Popen, Path] | N
 def test_sigkill_mid_merge_leaves_no_output_and_the_source_untouched(tmp_path):
     for depth in DEPTHS:
         torch.manual_seed(0)
-        source = save_model(VLTransformer(model_config("tiny", depth=depth, vocab_size=1000)),
-                            tmp_path / f"specific-{depth}.safetensors")
+        source = save_model(
+            VLTransformer(model_config("tiny", depth=depth, vocab_size=1000)),
+            tmp_path / f"specific-{depth}.safetensors",
+        )
         source_sha = file_sha256(source)
         out = tmp_path / f"merged-{depth}" / "merged.safetensors"
         stopped = stop_mid_merge(source, out)
@@ -87,8 +99,10 @@ def test_sigkill_mid_merge_leaves_no_output_and_the_source_untouched(tmp_path):
             break
         out.unlink()
     else:
-        pytest.fail(f"every merge (tiny, depths {DEPTHS}) finished before its output was seen streaming into "
-                    f"a temporary .{out.name}.*.tmp; make the checkpoint bigger, or has the temporary's name changed?")
+        pytest.fail(
+            f"every merge (tiny, depths {DEPTHS}) finished before its output was seen streaming into "
+            f"a temporary .{out.name}.*.tmp; make the checkpoint bigger, or has the temporary's name changed?"
+        )
 
     process, tmp = stopped
     try:

@@ -12,10 +12,18 @@ from vlmerge.data.vqa_score import vqa_score
 
 
 def test_karpathy_split_json(tmp_path):
-    data = {"dataset": "coco", "images": [
-        {"filepath": "val2014", "filename": "a.jpg", "split": "test", "sentences": [{"raw": "A cat."}, {"raw": "A pet."}]},
-        {"filepath": "train2014", "filename": "b.jpg", "split": "restval", "sentences": [{"raw": "A dog."}]},
-    ]}
+    data = {
+        "dataset": "coco",
+        "images": [
+            {
+                "filepath": "val2014",
+                "filename": "a.jpg",
+                "split": "test",
+                "sentences": [{"raw": "A cat."}, {"raw": "A pet."}],
+            },
+            {"filepath": "train2014", "filename": "b.jpg", "split": "restval", "sentences": [{"raw": "A dog."}]},
+        ],
+    }
     (tmp_path / "dataset_coco.json").write_text(json.dumps(data))
     train = load_karpathy_captions(tmp_path / "dataset_coco.json", tmp_path / "coco", split="train")
     assert [(e.image.name, e.captions, e.split) for e in train] == [("b.jpg", ("A dog.",), "train")]
@@ -24,9 +32,13 @@ def test_karpathy_split_json(tmp_path):
 
 
 def test_vqav2_questions_and_annotations(tmp_path):
-    (tmp_path / "q.json").write_text(json.dumps({"questions": [{"image_id": 42, "question": "What color?", "question_id": 7}]}))
+    (tmp_path / "q.json").write_text(
+        json.dumps({"questions": [{"image_id": 42, "question": "What color?", "question_id": 7}]})
+    )
     answers = [{"answer": "red", "answer_id": i} for i in range(7)] + [{"answer": "blue", "answer_id": 9}] * 3
-    (tmp_path / "a.json").write_text(json.dumps({"annotations": [{"question_id": 7, "image_id": 42, "answers": answers}]}))
+    (tmp_path / "a.json").write_text(
+        json.dumps({"annotations": [{"question_id": 7, "image_id": 42, "answers": answers}]})
+    )
     (example,) = load_vqav2(tmp_path / "q.json", tmp_path / "a.json", tmp_path / "img")
     assert example.image.name == "COCO_val2014_000000000042.jpg" and example.answers.count("red") == 7
     (tmp_path / "a.json").write_text(json.dumps({"annotations": []}))
@@ -35,8 +47,10 @@ def test_vqav2_questions_and_annotations(tmp_path):
 
 
 def test_nlvr2_jsonl(tmp_path):
-    lines = [{"identifier": "dev-850-0-3", "sentence": "Two dogs.", "label": "True"},
-             {"identifier": "dev-851-1-0", "sentence": "No dogs.", "label": "False"}]
+    lines = [
+        {"identifier": "dev-850-0-3", "sentence": "Two dogs.", "label": "True"},
+        {"identifier": "dev-851-1-0", "sentence": "No dogs.", "label": "False"},
+    ]
     (tmp_path / "dev.json").write_text("\n".join(json.dumps(line) for line in lines) + "\n")
     first, second = load_nlvr2(tmp_path / "dev.json", tmp_path / "images")
     assert first.left.name == "dev-850-0-img0.png" and first.right.name == "dev-850-0-img1.png"

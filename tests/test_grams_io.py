@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from conftest import make_inputs
+
 from vlmerge.core.errors import CheckpointError
 from vlmerge.io.atomic import atomic_path
 from vlmerge.io.checkpoint import open_checkpoint, save_checkpoint
@@ -19,7 +19,9 @@ def test_gram_of_the_first_qkv_is_x_transpose_x_of_its_input(specific_model):
     x = block.norm1["v"](specific_model.embed_image(images)).reshape(-1, specific_model.config.width).double()
     expected = x.T @ x  # in float64; each batch's product is taken in float32, so agreement is to float32 rounding
     assert grams["blocks.0.attn.v.qkv"].dtype == torch.float64
-    torch.testing.assert_close(grams["blocks.0.attn.v.qkv"], expected, rtol=1e-4, atol=1e-6 * expected.abs().max().item())
+    torch.testing.assert_close(
+        grams["blocks.0.attn.v.qkv"], expected, rtol=1e-4, atol=1e-6 * expected.abs().max().item()
+    )
     assert info["blocks.0.attn.v.qkv"] == {"modality": "v", "tokens": x.shape[0], "normalized": False}
     assert "blocks.0.attn.l.qkv" not in grams  # the text expert saw no tokens
 
@@ -34,8 +36,9 @@ def test_padding_tokens_are_left_out_and_normalisation_divides_by_tokens(specifi
     torch.testing.assert_close(padded["blocks.0.mlp.l.fc2"], unpadded["blocks.0.mlp.l.fc2"])
     assert info["blocks.0.attn.l.qkv"]["tokens"] == int(inputs["text_mask"].sum())
     normalized, _ = collect_grams(specific_model, [text], normalize=True)
-    torch.testing.assert_close(normalized["blocks.0.attn.l.qkv"] * int(inputs["text_mask"].sum()),
-                               padded["blocks.0.attn.l.qkv"])
+    torch.testing.assert_close(
+        normalized["blocks.0.attn.l.qkv"] * int(inputs["text_mask"].sum()), padded["blocks.0.attn.l.qkv"]
+    )
 
 
 def test_gram_files_round_trip_in_both_layouts(specific_model, tmp_path):
@@ -48,13 +51,16 @@ def test_gram_files_round_trip_in_both_layouts(specific_model, tmp_path):
     torch.testing.assert_close(reference.get("blocks.3.attn.vl.qkv"), grams["blocks.3.attn.vl.qkv"])
 
 
-@pytest.mark.parametrize("native, reference", [
-    ("blocks.3.attn.v.qkv", "transformer.blocks.3.attn.v"),  # the attention module stands for its qkv input
-    ("blocks.3.attn.qkv", "transformer.blocks.3.attn"),
-    ("blocks.3.attn.vl.proj", "transformer.blocks.3.attn.vl.proj"),
-    ("blocks.3.mlp.l.fc1", "transformer.blocks.3.mlp.l.fc1"),
-    ("blocks.0.mlp.fc2", "transformer.blocks.0.mlp.fc2"),
-])
+@pytest.mark.parametrize(
+    "native, reference",
+    [
+        ("blocks.3.attn.v.qkv", "transformer.blocks.3.attn.v"),  # the attention module stands for its qkv input
+        ("blocks.3.attn.qkv", "transformer.blocks.3.attn"),
+        ("blocks.3.attn.vl.proj", "transformer.blocks.3.attn.vl.proj"),
+        ("blocks.3.mlp.l.fc1", "transformer.blocks.3.mlp.l.fc1"),
+        ("blocks.0.mlp.fc2", "transformer.blocks.0.mlp.fc2"),
+    ],
+)
 def test_gram_keys_convert_to_and_from_the_papers_layout(native, reference):
     assert gram_key_to_reference(native) == reference
     assert native_gram_key(from_reference_key(reference), Layout.REFERENCE) == native

@@ -16,33 +16,49 @@ from vlmerge.models.factory import state_keys
 V, L, VL = Modality.V, Modality.L, Modality.VL
 
 
-@pytest.mark.parametrize("key, parts", [
-    ("blocks.3.attn.v.qkv.weight", ("", 3, "attn", V, "qkv.weight")),
-    ("blocks.0.attn.vl.q_bias", ("", 0, "attn", VL, "q_bias")),
-    ("blocks.11.mlp.l.fc1.bias", ("", 11, "mlp", L, "fc1.bias")),
-    ("blocks.2.norm1.vl.weight", ("", 2, "norm1", VL, "weight")),
-    ("transformer.blocks.10.mlp.v.fc2.weight", ("transformer.", 10, "mlp", V, "fc2.weight")),
-    ("model.backbone.blocks.1.norm2.l.bias", ("model.backbone.", 1, "norm2", L, "bias")),
-    # shared sub-modules: no modality segment; `v_bias` is a tensor, not the v expert
-    ("blocks.3.attn.v_bias", ("", 3, "attn", None, "v_bias")),
-    ("blocks.3.mlp.fc1.weight", ("", 3, "mlp", None, "fc1.weight")),
-    ("blocks.5.gamma_1", ("", 5, "gamma_1", None, "")),
-    # module paths, as Gram matrices are keyed
-    ("blocks.3.attn.v.qkv", ("", 3, "attn", V, "qkv")),
-    ("transformer.blocks.3.attn.vl", ("transformer.", 3, "attn", VL, "")),
-    ("blocks.3.attn", ("", 3, "attn", None, "")),
-])
+@pytest.mark.parametrize(
+    "key, parts",
+    [
+        ("blocks.3.attn.v.qkv.weight", ("", 3, "attn", V, "qkv.weight")),
+        ("blocks.0.attn.vl.q_bias", ("", 0, "attn", VL, "q_bias")),
+        ("blocks.11.mlp.l.fc1.bias", ("", 11, "mlp", L, "fc1.bias")),
+        ("blocks.2.norm1.vl.weight", ("", 2, "norm1", VL, "weight")),
+        ("transformer.blocks.10.mlp.v.fc2.weight", ("transformer.", 10, "mlp", V, "fc2.weight")),
+        ("model.backbone.blocks.1.norm2.l.bias", ("model.backbone.", 1, "norm2", L, "bias")),
+        # shared sub-modules: no modality segment; `v_bias` is a tensor, not the v expert
+        ("blocks.3.attn.v_bias", ("", 3, "attn", None, "v_bias")),
+        ("blocks.3.mlp.fc1.weight", ("", 3, "mlp", None, "fc1.weight")),
+        ("blocks.5.gamma_1", ("", 5, "gamma_1", None, "")),
+        # module paths, as Gram matrices are keyed
+        ("blocks.3.attn.v.qkv", ("", 3, "attn", V, "qkv")),
+        ("transformer.blocks.3.attn.vl", ("transformer.", 3, "attn", VL, "")),
+        ("blocks.3.attn", ("", 3, "attn", None, "")),
+    ],
+)
 def test_a_block_path_has_its_parts_and_formats_back_unchanged(key, parts):
     path = parse_block_path(key)
     assert path == BlockPath(*parts)
     assert path.key == str(path) == key
 
 
-@pytest.mark.parametrize("key", [
-    "pooler.dense.weight", "cls_token", "norm.weight", "text_embed.word.weight", "blocks", "blocks.3",
-    "blocks.x.attn.v.weight", "blocks.03.attn.v.weight", "myblocks.3.attn.v.weight", "blocks.3.attn.v.",
-    "blocks.3.attn.v..weight", "blocks.3..weight", ".blocks.3.attn.weight",
-])
+@pytest.mark.parametrize(
+    "key",
+    [
+        "pooler.dense.weight",
+        "cls_token",
+        "norm.weight",
+        "text_embed.word.weight",
+        "blocks",
+        "blocks.3",
+        "blocks.x.attn.v.weight",
+        "blocks.03.attn.v.weight",
+        "myblocks.3.attn.v.weight",
+        "blocks.3.attn.v.",
+        "blocks.3.attn.v..weight",
+        "blocks.3..weight",
+        ".blocks.3.attn.weight",
+    ],
+)
 def test_keys_outside_the_blocks_or_malformed_are_not_block_paths(key):
     assert parse_block_path(key) is None
 
@@ -64,8 +80,14 @@ def test_merged_module_and_child_paths():
 @pytest.fixture(scope="module")
 def model_keys() -> list[str]:
     """Every state-dict key of every registered size and expert placement."""
-    return sorted({key for size in MODEL_SIZES.names() for placement in ExpertPlacement
-                   for key in state_keys(model_config(size, placement=placement.value))})
+    return sorted(
+        {
+            key
+            for size in MODEL_SIZES.names()
+            for placement in ExpertPlacement
+            for key in state_keys(model_config(size, placement=placement.value))
+        }
+    )
 
 
 @pytest.mark.parametrize("layout", [str, to_reference_key], ids=["native", "reference"])
@@ -90,8 +112,22 @@ def test_expert_keys_merge_to_the_agnostic_models_keys(size, placement):
 # --- no module but core/keys.py parses `blocks.{i}...` key strings ------------------------------------
 
 PARSER = Path(vlmerge.__file__).parent / "core" / "keys.py"
-STRING_METHODS = {"split", "rsplit", "partition", "rpartition", "startswith", "endswith", "removeprefix",
-                  "removesuffix", "find", "rfind", "index", "rindex", "count", "replace"}
+STRING_METHODS = {
+    "split",
+    "rsplit",
+    "partition",
+    "rpartition",
+    "startswith",
+    "endswith",
+    "removeprefix",
+    "removesuffix",
+    "find",
+    "rfind",
+    "index",
+    "rindex",
+    "count",
+    "replace",
+}
 REGEX_FUNCTIONS = {"compile", "match", "fullmatch", "search", "sub", "subn", "split", "findall", "finditer"}
 
 
@@ -107,7 +143,9 @@ def key_parsing(source: str) -> list[int]:
             found.append(node.lineno)  # regex text, wherever it is used
         elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
             regex = isinstance(node.func.value, ast.Name) and node.func.value.id == "re"
-            if node.func.attr in (REGEX_FUNCTIONS if regex else STRING_METHODS) and any(map(_mentions_blocks, node.args)):
+            if node.func.attr in (REGEX_FUNCTIONS if regex else STRING_METHODS) and any(
+                map(_mentions_blocks, node.args)
+            ):
                 found.append(node.lineno)
         elif isinstance(node, ast.Compare) and any(isinstance(op, (ast.In, ast.NotIn)) for op in node.ops):
             if _mentions_blocks(node.left) or any(map(_mentions_blocks, node.comparators)):
@@ -115,20 +153,26 @@ def key_parsing(source: str) -> list[int]:
     return sorted(set(found))
 
 
-@pytest.mark.parametrize("snippet", [
-    'layers = {int(k.split("blocks.", 1)[1].split(".")[0]) for k in keys if "blocks." in k}',
-    'skip = ".blocks." not in f".{name}"',
-    'KEY = re.compile(r"^(?:.*\\.)?blocks\\.(\\d+)\\.attn$")',
-    'KEY = re.compile("blocks[.]([0-9]+)")',
-    'ref = any(k.startswith("transformer.blocks.") for k in keys)',
-    'ref = key.startswith(("blocks.", "transformer.blocks."))',
-])
+@pytest.mark.parametrize(
+    "snippet",
+    [
+        'layers = {int(k.split("blocks.", 1)[1].split(".")[0]) for k in keys if "blocks." in k}',
+        'skip = ".blocks." not in f".{name}"',
+        'KEY = re.compile(r"^(?:.*\\.)?blocks\\.(\\d+)\\.attn$")',
+        'KEY = re.compile("blocks[.]([0-9]+)")',
+        'ref = any(k.startswith("transformer.blocks.") for k in keys)',
+        'ref = key.startswith(("blocks.", "transformer.blocks."))',
+    ],
+)
 def test_the_scan_finds_hand_written_key_parsing(snippet):
     assert key_parsing(snippet) == [1]
 
 
 def test_no_module_parses_block_keys_but_the_parser():
-    offenders = [f"{path.relative_to(PARSER.parents[2])}:{line}"
-                 for path in sorted(PARSER.parents[1].rglob("*.py")) if path != PARSER
-                 for line in key_parsing(path.read_text())]
+    offenders = [
+        f"{path.relative_to(PARSER.parents[2])}:{line}"
+        for path in sorted(PARSER.parents[1].rglob("*.py"))
+        if path != PARSER
+        for line in key_parsing(path.read_text())
+    ]
     assert offenders == [], "parse keys with vlmerge.core.keys.parse_block_path instead"

@@ -32,10 +32,15 @@ def gram(n, rows, seed):
 @pytest.mark.parametrize("ratio", [0.0, 0.3, 1.0])
 def test_interpolation_two_and_three_experts(ratio):
     two, three = experts(), experts((V, L, VL))
-    np.testing.assert_allclose(run("interpolation", MergeInputs("w", two), ratio=ratio).numpy(),
-                               ratio * two[V].numpy() + (1 - ratio) * two[L].numpy(), rtol=1e-6)
+    np.testing.assert_allclose(
+        run("interpolation", MergeInputs("w", two), ratio=ratio).numpy(),
+        ratio * two[V].numpy() + (1 - ratio) * two[L].numpy(),
+        rtol=1e-6,
+    )
     expected = 2 / 3 * ratio * three[V].numpy() + 2 / 3 * (1 - ratio) * three[L].numpy() + three[VL].numpy() / 3
-    np.testing.assert_allclose(run("interpolation", MergeInputs("w", three), ratio=ratio).numpy(), expected, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(
+        run("interpolation", MergeInputs("w", three), ratio=ratio).numpy(), expected, rtol=1e-5, atol=1e-7
+    )
 
 
 def test_interpolation_ratio_one_returns_the_vision_expert():
@@ -123,8 +128,10 @@ def test_ties_on_a_hand_worked_example():
 
 def test_dare_without_drops_is_modality_arithmetic():
     ws, origin = experts(), rand(5, 4, seed=7)
-    torch.testing.assert_close(run("dare", MergeInputs("w", ws, origin=origin), drop=0.0, lam=0.3),
-                               run("arithmetic", MergeInputs("w", ws, origin=origin), lam=0.3))
+    torch.testing.assert_close(
+        run("dare", MergeInputs("w", ws, origin=origin), drop=0.0, lam=0.3),
+        run("arithmetic", MergeInputs("w", ws, origin=origin), lam=0.3),
+    )
 
 
 def test_dare_drops_and_rescales_reproducibly():
@@ -199,7 +206,9 @@ def test_global_ties_trims_over_the_whole_model():
     state |= {f"blocks.0.mlp.{m.value}.fc2.weight": small[m] for m in (V, L)}
     seed = {"blocks.0.mlp.fc1.weight": torch.zeros(8, 4), "blocks.0.mlp.fc2.weight": torch.zeros(8, 4)}
     merged = merge_state_dict(state, "ties", {"density": 0.3, "scope": "global"}, seed_state=seed)
-    expected = numpy_ties_global({"fc1": {m: big[m].numpy() for m in big}, "fc2": {m: small[m].numpy() for m in small}}, 0.3)
+    expected = numpy_ties_global(
+        {"fc1": {m: big[m].numpy() for m in big}, "fc2": {m: small[m].numpy() for m in small}}, 0.3
+    )
     np.testing.assert_allclose(merged.tensors["blocks.0.mlp.fc1.weight"].numpy(), expected["fc1"], rtol=1e-6)
     assert torch.count_nonzero(merged.tensors["blocks.0.mlp.fc2.weight"]) == 0  # all below the global cut-off
     per_tensor = merge_state_dict(state, "ties", {"density": 0.3}, seed_state=seed)

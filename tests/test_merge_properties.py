@@ -101,8 +101,9 @@ def test_regmean_on_copies_returns_them_for_any_nonsingular_grams(data, alpha, s
     """(sum_m W G~_m)(sum_m G~_m)^-1 = W whatever the grams, as long as their sum is invertible."""
     experts, w, _ = data
     grams = spd_grams(experts, w.shape[1], seed)
-    torch.testing.assert_close(run("regmean", MergeInputs("w", experts, grams=grams), alpha=alpha), w,
-                               rtol=1e-8, atol=1e-8)
+    torch.testing.assert_close(
+        run("regmean", MergeInputs("w", experts, grams=grams), alpha=alpha), w, rtol=1e-8, atol=1e-8
+    )
 
 
 @FAST
@@ -148,8 +149,9 @@ def test_dare_on_copies_adds_whole_rescaled_copies_of_the_modality_vector(data, 
     counts = (merged - origin)[live] * (1 - drop) / (lam * delta[live])
     torch.testing.assert_close(counts, counts.round().clamp(0, n), rtol=0, atol=1e-6)
     assert torch.equal(merged[~live], origin[~live])
-    torch.testing.assert_close(run("dare", MergeInputs("w", experts, origin=origin), drop=0.0, lam=1 / n), w,
-                               rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(
+        run("dare", MergeInputs("w", experts, origin=origin), drop=0.0, lam=1 / n), w, rtol=1e-9, atol=1e-9
+    )
 
 
 # --------------------------------------------------------------------------- symmetry
@@ -190,11 +192,14 @@ def test_interpolation_swapping_v_and_l_mirrors_the_ratio(data, ratio):
     experts, _ = data
     swapped = {**experts, V: experts[L], L: experts[V]}
     mirrored = run("interpolation", MergeInputs("w", swapped), ratio=1 - ratio)
-    torch.testing.assert_close(mirrored, run("interpolation", MergeInputs("w", experts), ratio=ratio),
-                               rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(
+        mirrored, run("interpolation", MergeInputs("w", experts), ratio=ratio), rtol=1e-9, atol=1e-9
+    )
     if len(experts) == 2:
-        assert torch.equal(run("interpolation", MergeInputs("w", swapped), ratio=0.5),
-                           run("interpolation", MergeInputs("w", experts), ratio=0.5))
+        assert torch.equal(
+            run("interpolation", MergeInputs("w", swapped), ratio=0.5),
+            run("interpolation", MergeInputs("w", experts), ratio=0.5),
+        )
 
 
 @FAST
@@ -268,10 +273,13 @@ def test_regmean_with_alpha_zero_keeps_every_entry_between_the_experts(data, see
 def test_regmean_alpha_only_scales_off_diagonal_terms(data, alpha, other_alpha, seed):
     """Diagonal Gram matrices have nothing off the diagonal to shrink: alpha makes no difference."""
     experts, _ = data
-    grams = {m: torch.diag(torch.diag(g)) for m, g in spd_grams(experts, next(iter(experts.values())).shape[1], seed).items()}
+    grams = {
+        m: torch.diag(torch.diag(g)) for m, g in spd_grams(experts, next(iter(experts.values())).shape[1], seed).items()
+    }
     inputs = MergeInputs("w", experts, grams=grams)
-    torch.testing.assert_close(run("regmean", inputs, alpha=alpha), run("regmean", inputs, alpha=other_alpha),
-                               rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(
+        run("regmean", inputs, alpha=alpha), run("regmean", inputs, alpha=other_alpha), rtol=1e-9, atol=1e-9
+    )
 
 
 @FAST
@@ -281,8 +289,12 @@ def test_regmean_ignores_a_common_scale_of_the_grams(data, alpha, scale, seed):
     experts, _ = data
     grams = spd_grams(experts, next(iter(experts.values())).shape[1], seed)
     scaled = {m: scale * g for m, g in grams.items()}
-    torch.testing.assert_close(run("regmean", MergeInputs("w", experts, grams=scaled), alpha=alpha),
-                               run("regmean", MergeInputs("w", experts, grams=grams), alpha=alpha), rtol=1e-8, atol=1e-8)
+    torch.testing.assert_close(
+        run("regmean", MergeInputs("w", experts, grams=scaled), alpha=alpha),
+        run("regmean", MergeInputs("w", experts, grams=grams), alpha=alpha),
+        rtol=1e-8,
+        atol=1e-8,
+    )
 
 
 # --------------------------------------------------------------------------- TIES sign election
@@ -310,7 +322,9 @@ def test_ties_of_exactly_opposite_vectors_cancels_to_the_seed(data, density, lam
     """v and l move the seed by +d and -d: the elected sign is 0 everywhere, so nothing is added."""
     experts, origin = data
     delta = experts[V] - origin
-    merged = run("ties", MergeInputs("w", {V: origin + delta, L: origin - delta}, origin=origin), density=density, lam=lam)
+    merged = run(
+        "ties", MergeInputs("w", {V: origin + delta, L: origin - delta}, origin=origin), density=density, lam=lam
+    )
     assert torch.equal(merged, origin)
 
 
@@ -337,8 +351,10 @@ def independent_report(state: dict, names: list[str]) -> tuple[dict, dict, dict]
         if ".v." in key or ".l." in key or ".vl." in key:
             target = key.replace(".vl.", ".").replace(".v.", ".").replace(".l.", ".")
             groups.setdefault(target, []).append(value)
-    per_tensor = {target: {n: float(np.mean([metric_fn(n)(x, y) for x, y in combinations(ts, 2)])) for n in names}
-                  for target, ts in groups.items()}
+    per_tensor = {
+        target: {n: float(np.mean([metric_fn(n)(x, y) for x, y in combinations(ts, 2)])) for n in names}
+        for target, ts in groups.items()
+    }
 
     def weighted(targets):
         total = sum(groups[t][0].numel() for t in targets)
@@ -380,7 +396,8 @@ def test_mergeability_does_not_depend_on_which_expert_is_v_and_which_l(state):
         key = key.replace(".v.", ".tmp.").replace(".l.", ".v.").replace(".tmp.", ".l.")
         swapped[key] = value
     assert mergeability(reader_from_state_dict(swapped)).model == pytest.approx(
-        mergeability(reader_from_state_dict(state)).model, rel=1e-12, abs=1e-12)
+        mergeability(reader_from_state_dict(state)).model, rel=1e-12, abs=1e-12
+    )
 
 
 @FEWER
@@ -388,8 +405,9 @@ def test_mergeability_does_not_depend_on_which_expert_is_v_and_which_l(state):
 def test_mergeability_against_a_reference_compares_the_differences(state):
     reference = {key: torch.full_like(value, 0.5) for key, value in state.items() if ".v." in key}
     reference = {key.replace(".v.", "."): value for key, value in reference.items()}
-    relative = {key: value - 0.5 if any(f".{m}." in key for m in ("v", "l", "vl")) else value
-                for key, value in state.items()}
+    relative = {
+        key: value - 0.5 if any(f".{m}." in key for m in ("v", "l", "vl")) else value for key, value in state.items()
+    }
     report = mergeability(reader_from_state_dict(state), reference=reader_from_state_dict(reference))
     assert report.relative_to_reference
     assert report.model == pytest.approx(mergeability(reader_from_state_dict(relative)).model, rel=1e-9, abs=1e-12)

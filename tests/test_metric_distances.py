@@ -41,61 +41,76 @@ def t(*values: float) -> torch.Tensor:
 X, Y = t(1, -2, 0, 3), t(1, 2, 0, -1)
 
 
-@pytest.mark.parametrize(("metric", "expected"), [
-    (l2_distance, math.sqrt(32)),
-    (normalized_l2_distance, math.sqrt(32) / (math.sqrt(14) + math.sqrt(6))),
-    (cosine_dissimilarity, 1 + 6 / math.sqrt(84)),
-    (soft_sign_dissimilarity, 0.5),
-    (partial(truncated_soft_sign_dissimilarity, top_k=1.0), 0.5),  # top_k=1 keeps everything: SSD
-    # default top_k=0.2 keeps ceil(0.8) = 1 entry each: x -> [0, 0, 0, 3], y -> [0, 2, 0, 0] -> [0, 0]
-    (truncated_soft_sign_dissimilarity, 0.0),
-])
+@pytest.mark.parametrize(
+    ("metric", "expected"),
+    [
+        (l2_distance, math.sqrt(32)),
+        (normalized_l2_distance, math.sqrt(32) / (math.sqrt(14) + math.sqrt(6))),
+        (cosine_dissimilarity, 1 + 6 / math.sqrt(84)),
+        (soft_sign_dissimilarity, 0.5),
+        (partial(truncated_soft_sign_dissimilarity, top_k=1.0), 0.5),  # top_k=1 keeps everything: SSD
+        # default top_k=0.2 keeps ceil(0.8) = 1 entry each: x -> [0, 0, 0, 3], y -> [0, 2, 0, 0] -> [0, 0]
+        (truncated_soft_sign_dissimilarity, 0.0),
+    ],
+)
 def test_hand_computed_example(metric, expected):
     assert metric(X, Y) == pytest.approx(expected, rel=1e-12)
 
 
-@pytest.mark.parametrize(("x", "y", "expected"), [
-    (t(1, 0), t(0, 1), 1.0),         # orthogonal
-    (t(1, 2), t(-2, -4), 2.0),       # opposite directions
-    (t(3, 4), t(6, 8), 0.0),         # same direction, different length
-    (t(0, 0), t(0, 0), 0.0),         # both zero: defined as 0
-    (t(0, 0), t(1, -1), 1.0),        # exactly one zero: defined as 1
-    (t(1, -1), t(0, 0), 1.0),
-])
+@pytest.mark.parametrize(
+    ("x", "y", "expected"),
+    [
+        (t(1, 0), t(0, 1), 1.0),  # orthogonal
+        (t(1, 2), t(-2, -4), 2.0),  # opposite directions
+        (t(3, 4), t(6, 8), 0.0),  # same direction, different length
+        (t(0, 0), t(0, 0), 0.0),  # both zero: defined as 0
+        (t(0, 0), t(1, -1), 1.0),  # exactly one zero: defined as 1
+        (t(1, -1), t(0, 0), 1.0),
+    ],
+)
 def test_cosine_special_cases(x, y, expected):
     assert cosine_dissimilarity(x, y) == pytest.approx(expected, abs=1e-15)
 
 
-@pytest.mark.parametrize(("x", "y", "expected"), [
-    (t(1, -2), t(-1, 2), 1.0),       # ||2x|| / (2 ||x||)
-    (t(0, 0), t(0, 0), 0.0),         # both zero: defined as 0
-    (t(0, 0), t(3, 4), 1.0),         # 5 / (0 + 5)
-    (t(3, 4), t(6, 8), 1 / 3),       # ||(-3, -4)|| / (5 + 10) = 5 / 15
-])
+@pytest.mark.parametrize(
+    ("x", "y", "expected"),
+    [
+        (t(1, -2), t(-1, 2), 1.0),  # ||2x|| / (2 ||x||)
+        (t(0, 0), t(0, 0), 0.0),  # both zero: defined as 0
+        (t(0, 0), t(3, 4), 1.0),  # 5 / (0 + 5)
+        (t(3, 4), t(6, 8), 1 / 3),  # ||(-3, -4)|| / (5 + 10) = 5 / 15
+    ],
+)
 def test_normalized_l2_special_cases(x, y, expected):
     assert normalized_l2_distance(x, y) == pytest.approx(expected, rel=1e-15)
 
 
-@pytest.mark.parametrize(("x", "y", "expected"), [
-    (t(2, 3), t(1, 5), 0.0),                 # signs agree everywhere
-    (t(2, -3), t(-2, 3), 1.0),               # exactly opposite everywhere
-    (t(0, 0), t(0, 0), 0.0),                 # every entry skipped
-    (t(0, 5), t(0, -5), 1.0),                # the (0, 0) entry is skipped, not counted as 0
-    (t(4, 0), t(0, -1), 0.0),                # one side zero: no disagreement
-    (t(3, 1), t(-1, 1), 0.25),               # [1 - 2/4, 0] -> 1/4
-])
+@pytest.mark.parametrize(
+    ("x", "y", "expected"),
+    [
+        (t(2, 3), t(1, 5), 0.0),  # signs agree everywhere
+        (t(2, -3), t(-2, 3), 1.0),  # exactly opposite everywhere
+        (t(0, 0), t(0, 0), 0.0),  # every entry skipped
+        (t(0, 5), t(0, -5), 1.0),  # the (0, 0) entry is skipped, not counted as 0
+        (t(4, 0), t(0, -1), 0.0),  # one side zero: no disagreement
+        (t(3, 1), t(-1, 1), 0.25),  # [1 - 2/4, 0] -> 1/4
+    ],
+)
 def test_ssd_special_cases(x, y, expected):
     assert soft_sign_dissimilarity(x, y) == pytest.approx(expected, abs=1e-15)
 
 
-@pytest.mark.parametrize(("metric", "x", "y", "expected"), [
-    (l2_distance, t(3e-200, 0), t(0, -4e-200), 5e-200),
-    (l2_distance, t(3e200, 0), t(0, -4e200), 5e200),
-    (cosine_dissimilarity, t(1e-200, 0), t(0, 1e-200), 1.0),       # squares would underflow to 0
-    (cosine_dissimilarity, t(1e200, 1e200), t(1e200, 1e200), 0.0),  # squares would overflow to inf
-    (normalized_l2_distance, t(1e-200, 0), t(-1e-200, 0), 1.0),
-    (normalized_l2_distance, t(1e200, 0), t(0, 1e200), 2 ** 0.5 / 2),
-])
+@pytest.mark.parametrize(
+    ("metric", "x", "y", "expected"),
+    [
+        (l2_distance, t(3e-200, 0), t(0, -4e-200), 5e-200),
+        (l2_distance, t(3e200, 0), t(0, -4e200), 5e200),
+        (cosine_dissimilarity, t(1e-200, 0), t(0, 1e-200), 1.0),  # squares would underflow to 0
+        (cosine_dissimilarity, t(1e200, 1e200), t(1e200, 1e200), 0.0),  # squares would overflow to inf
+        (normalized_l2_distance, t(1e-200, 0), t(-1e-200, 0), 1.0),
+        (normalized_l2_distance, t(1e200, 0), t(0, 1e200), 2**0.5 / 2),
+    ],
+)
 def test_extreme_magnitudes(metric, x, y, expected):
     assert metric(x, y) == pytest.approx(expected, rel=1e-12, abs=1e-15)
 

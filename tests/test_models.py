@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from conftest import ROUTES, make_inputs
+
 from vlmerge.core.errors import ConfigError
 from vlmerge.core.modality import Modality
 from vlmerge.merging import merge_state_dict
@@ -65,11 +65,14 @@ def _perturb(model: VLTransformer, fragment: str) -> VLTransformer:
     return model
 
 
-@pytest.mark.parametrize("fragment, changes", [
-    (".v.", {"image": True, "text": False, "pair": True}),
-    (".l.", {"image": False, "text": True, "pair": True}),
-    (".vl.", {"image": False, "text": False, "pair": True}),
-])
+@pytest.mark.parametrize(
+    "fragment, changes",
+    [
+        (".v.", {"image": True, "text": False, "pair": True}),
+        (".l.", {"image": False, "text": True, "pair": True}),
+        (".vl.", {"image": False, "text": False, "pair": True}),
+    ],
+)
 def test_routing_uses_the_expert_of_each_modality(specific_model, fragment, changes):
     inputs = make_inputs(specific_model.config)
     before = {r: specific_model(**f(inputs)).hidden for r, f in ROUTES.items()}

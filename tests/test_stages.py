@@ -10,8 +10,8 @@ import yaml
 from vlmerge.cli.main import main
 from vlmerge.core.errors import ConfigError
 from vlmerge.data.sources import load_pairs
-from vlmerge.merging.plan import merged_key, parse_expert_key
 from vlmerge.data.tokenizer import TextTokenizer
+from vlmerge.merging.plan import merged_key, parse_expert_key
 from vlmerge.models.checkpoint import load_head_state, load_model
 from vlmerge.models.heads import PretrainingHeads
 from vlmerge.tasks import TASKS
@@ -24,8 +24,13 @@ from vlmerge.training.trainer import read_metrics
 LIMIT = 400  # the first 400 emoji: two groups, ~30 subgroups; renders in a few seconds
 DATA = {"image_size": 32, "limit": LIMIT}
 OPTIMIZER = {"batch_size": 16, "lr": 2e-3, "warmup_steps": 2}
-TASK_METRICS = {"retrieval": "i2t_r1", "vqa": "vqa_score", "nlvr2": "accuracy", "classify_image": "top5_accuracy",
-                "classify_text": "accuracy"}
+TASK_METRICS = {
+    "retrieval": "i2t_r1",
+    "vqa": "vqa_score",
+    "nlvr2": "accuracy",
+    "classify_image": "top5_accuracy",
+    "classify_text": "accuracy",
+}
 
 
 def write_config(path, **fields):
@@ -53,8 +58,9 @@ def pretraining_loss(config, tokenizer, model, heads):
     """The stage's loss on one fixed batch and fixed masks (training losses are too noisy over a few steps)."""
     pairs = PairData.of(load_pairs(config.data, "train"), tokenizer)[:64]
     with torch.no_grad():
-        losses = pretraining_losses(model.eval(), heads.eval(), pairs, config.objectives, tokenizer.mask_id,
-                                    torch.Generator().manual_seed(0))
+        losses = pretraining_losses(
+            model.eval(), heads.eval(), pairs, config.objectives, tokenizer.mask_id, torch.Generator().manual_seed(0)
+        )
     return losses["loss"].item()
 
 
@@ -81,7 +87,8 @@ def test_each_pretraining_stage_writes_a_complete_run_directory_and_its_loss_fal
     _, seed, specific = recipe
     for run in (seed, specific):
         assert {"config.yaml", "metrics.jsonl", "checkpoint.pt", "model.safetensors", "tokenizer.json"} <= {
-            p.name for p in run.iterdir()}
+            p.name for p in run.iterdir()
+        }
         fell, (before, after) = pretraining_loss_falls(run)
         assert fell, (run.name, before, after)
     assert not load_model(seed / "model.safetensors").config.is_multiway
@@ -101,10 +108,25 @@ def test_rerunning_a_finished_stage_does_no_work_and_a_changed_config_is_refused
 def test_merge_with_collected_grams_then_finetune_and_evaluate_every_task(recipe, capsys):
     tmp, seed, specific = recipe
     grams, merged = tmp / "grams.safetensors", tmp / "merged.safetensors"
-    assert main(["grams", str(specific / "model.safetensors"), "--limit", str(LIMIT), "--out", str(grams),
-                 "--quiet"]) == 0
-    assert main(["merge", str(specific / "model.safetensors"), "--method", "regmean", "--grams", str(grams),
-                 "--out", str(merged), "--quiet"]) == 0
+    assert (
+        main(["grams", str(specific / "model.safetensors"), "--limit", str(LIMIT), "--out", str(grams), "--quiet"]) == 0
+    )
+    assert (
+        main(
+            [
+                "merge",
+                str(specific / "model.safetensors"),
+                "--method",
+                "regmean",
+                "--grams",
+                str(grams),
+                "--out",
+                str(merged),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     assert main(["evaluate", str(merged), "--limit", str(LIMIT), "--json"]) == 0  # zero-shot retrieval
     assert set(json.loads(capsys.readouterr().out)) >= {"i2t_r1", "t2i_r10"}
@@ -142,12 +164,15 @@ def test_naive_specific_experts_share_one_random_init():
     assert shared and all(torch.equal(values[0], other) for values in shared for other in values[1:])
 
 
-@pytest.mark.parametrize("fields, message", [
-    ({"optimizer": {"lrr": 1}}, "did you mean 'lr'"),
-    ({"model": {"placement": "all"}}, "modality-agnostic"),
-    ({"init": "x.safetensors"}, "init x.safetensors: no such checkpoint"),
-    ({"stage": "specific"}, "is run as 'seed'"),
-])
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"optimizer": {"lrr": 1}}, "did you mean 'lr'"),
+        ({"model": {"placement": "all"}}, "modality-agnostic"),
+        ({"init": "x.safetensors"}, "init x.safetensors: no such checkpoint"),
+        ({"stage": "specific"}, "is run as 'seed'"),
+    ],
+)
 def test_bad_stage_configs_get_one_named_error(tmp_path, capsys, fields, message):
     config = write_config(tmp_path / "bad.yaml", **fields)
     assert main(["train", "seed", "--config", config, "--run-dir", str(tmp_path / "run"), "--quiet"]) == 2
@@ -165,5 +190,8 @@ def test_seed_pretraining_can_continue_a_modality_agnostic_checkpoint(recipe):
         torch.testing.assert_close(value, seed_state[key], rtol=0, atol=0)
     torch.testing.assert_close(heads.state_dict(), load_head_state(seed / "model.safetensors", "heads"))
     with pytest.raises(ConfigError, match="has experts"):
-        build_pretraining_model(parse_stage_config("seed", {"init": str(specific / "model.safetensors"), "data": DATA}),
-                                len(seed_state["text_embed.word.weight"]), 24)
+        build_pretraining_model(
+            parse_stage_config("seed", {"init": str(specific / "model.safetensors"), "data": DATA}),
+            len(seed_state["text_embed.word.weight"]),
+            24,
+        )

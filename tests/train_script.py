@@ -13,7 +13,16 @@ from vlmerge.models.heads import PretrainingHeads
 from vlmerge.training.objectives import ObjectiveWeights, PairBatch, pretraining_losses
 from vlmerge.training.trainer import Trainer, batch_indices, step_generator
 
-CAPTIONS = ["grinning face", "red heart", "slice of pizza", "smiling cat", "blue car", "green tree", "yellow sun", "dog"]
+CAPTIONS = [
+    "grinning face",
+    "red heart",
+    "slice of pizza",
+    "smiling cat",
+    "blue car",
+    "green tree",
+    "yellow sun",
+    "dog",
+]
 
 
 def main(run_dir: str, steps: int, tokenizer_path: str, delay: float) -> None:
@@ -33,8 +42,15 @@ def main(run_dir: str, steps: int, tokenizer_path: str, delay: float) -> None:
         batch = PairBatch(images[rows], type(text)(text.ids[rows], text.mask[rows], text.word_ids[rows]))
         return pretraining_losses(model, heads, batch, ObjectiveWeights(), tokenizer.mask_id, step_generator(0, step))
 
-    Trainer(run_dir, {"model": model, "heads": heads}, optimizer, steps, checkpoint_every=3,
-            scheduler=scheduler, progress=False).fit(step_fn)
+    Trainer(
+        run_dir,
+        {"model": model, "heads": heads},
+        optimizer,
+        steps,
+        checkpoint_every=3,
+        scheduler=scheduler,
+        progress=False,
+    ).fit(step_fn)
 
 
 if __name__ == "__main__":

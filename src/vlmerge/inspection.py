@@ -44,9 +44,18 @@ def summarize(reader: CheckpointReader) -> CheckpointSummary:
     fusion = min((layer for layer, mods in layer_experts.items() if "vl" in mods), default=None)
     merge_record = reader.metadata.get("merge")
     return CheckpointSummary(
-        str(reader.path), reader.layout.value, len(keys), len(layers), fusion,
-        sorted({e.slot for e in experts}), layer_experts, total, backbone, merged,
-        reader.config, json.loads(merge_record) if merge_record else None,
+        str(reader.path),
+        reader.layout.value,
+        len(keys),
+        len(layers),
+        fusion,
+        sorted({e.slot for e in experts}),
+        layer_experts,
+        total,
+        backbone,
+        merged,
+        reader.config,
+        json.loads(merge_record) if merge_record else None,
     )
 
 
@@ -68,6 +77,8 @@ def format_summary(summary: CheckpointSummary) -> str:
         ]
         lines += [f"  layer {layer:>2}      experts {', '.join(mods)}" for layer, mods in summary.layer_experts.items()]
     if summary.provenance:
-        lines.append(f"  merged by     {summary.provenance['method']} {json.dumps(summary.provenance['options'])} "
-                     f"selection={summary.provenance.get('selection', summary.provenance.get('experts'))}")
+        lines.append(
+            f"  merged by     {summary.provenance['method']} {json.dumps(summary.provenance['options'])} "
+            f"selection={summary.provenance.get('selection', summary.provenance.get('experts'))}"
+        )
     return "\n".join(lines)

@@ -26,8 +26,10 @@ import torch
 from vlmerge.core.errors import ConfigError
 from vlmerge.data.tokenizer import TextTokenizer
 from vlmerge.io.checkpoint import file_sha256
-from vlmerge.io.minilm import PIP_NAME as MINILM_PIP, minilm_text_embeddings, minilm_vocab_file
-from vlmerge.io.onnx_vit import PIP_NAME as VIT_PIP, import_onnx_vit
+from vlmerge.io.minilm import PIP_NAME as MINILM_PIP
+from vlmerge.io.minilm import minilm_text_embeddings, minilm_vocab_file
+from vlmerge.io.onnx_vit import PIP_NAME as VIT_PIP
+from vlmerge.io.onnx_vit import import_onnx_vit
 from vlmerge.models.checkpoint import save_model
 from vlmerge.models.config import ModelConfig
 from vlmerge.models.transformer import VLTransformer
@@ -43,33 +45,46 @@ class PretrainedSeed:
     provenance: dict[str, str]
 
 
-def pretrained_seed(image_size: int | None = None, max_text_len: int = 40, vocab_file: str | os.PathLike | None = None,
-                    onnx_path: str | os.PathLike | None = None, random_seed: int = 0) -> PretrainedSeed:
+def pretrained_seed(
+    image_size: int | None = None,
+    max_text_len: int = 40,
+    vocab_file: str | os.PathLike | None = None,
+    onnx_path: str | os.PathLike | None = None,
+    random_seed: int = 0,
+) -> PretrainedSeed:
     """The agnostic model with the ViT's image path and blocks and MiniLM's text embeddings."""
     vit = import_onnx_vit(onnx_path, image_size, MODEL_PIXEL_MEAN, MODEL_PIXEL_STD)
     text, tokenizer, text_source = _text_side(vit.config["width"], max_text_len, vocab_file)
-    config = ModelConfig.parse({**vit.config, "vocab_size": tokenizer.vocab_size, "max_text_len": max_text_len},
-                               where="imported ViT")
+    config = ModelConfig.parse(
+        {**vit.config, "vocab_size": tokenizer.vocab_size, "max_text_len": max_text_len}, where="imported ViT"
+    )
     with torch.random.fork_rng():
         torch.manual_seed(random_seed)
         model = VLTransformer(config)
     model.load_state_dict({**model.state_dict(), **vit.state_dict, **text}, strict=True)
-    provenance = {"vision": f"{vit.source.name} from {_package(VIT_PIP)} (sha256 {file_sha256(vit.source)}): "
-                            f"{UNKNOWN_PROVENANCE}",
-                  "text": text_source, "random": f"pooler{'' if text else ', text embeddings'} (random seed {random_seed})"}
+    provenance = {
+        "vision": f"{vit.source.name} from {_package(VIT_PIP)} (sha256 {file_sha256(vit.source)}): "
+        f"{UNKNOWN_PROVENANCE}",
+        "text": text_source,
+        "random": f"pooler{'' if text else ', text embeddings'} (random seed {random_seed})",
+    }
     return PretrainedSeed(model, tokenizer, provenance)
 
 
 def save_pretrained_seed(out: str | os.PathLike, **options) -> Path:
     """Write `pretrained_seed(**options)` as a checkpoint carrying its tokenizer and provenance."""
     seed = pretrained_seed(**options)
-    extra = {"stage": "pretrained", "tokenizer": seed.tokenizer.to_json(),
-             "provenance": json.dumps(seed.provenance, sort_keys=True)}
+    extra = {
+        "stage": "pretrained",
+        "tokenizer": seed.tokenizer.to_json(),
+        "provenance": json.dumps(seed.provenance, sort_keys=True),
+    }
     return save_model(seed.model, out, step=0, extra_metadata=extra)
 
 
-def _text_side(width: int, max_text_len: int, vocab_file: str | os.PathLike | None
-               ) -> tuple[dict[str, torch.Tensor], TextTokenizer, str]:
+def _text_side(
+    width: int, max_text_len: int, vocab_file: str | os.PathLike | None
+) -> tuple[dict[str, torch.Tensor], TextTokenizer, str]:
     """MiniLM's embeddings with its vocabulary; another vocabulary gets no pretrained embeddings."""
     if vocab_file is None or _is_minilm_vocab(Path(vocab_file)):
         vocab = minilm_vocab_file()

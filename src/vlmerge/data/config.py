@@ -43,5 +43,9 @@ class DataConfig(StrictConfig):
         if len(self.names) == 1:
             return self
         prefix = f"{name}."
-        return self.model_copy(update={"dataset": name, "paths": {
-            key[len(prefix):]: path for key, path in self.paths.items() if key.startswith(prefix)}})
+        return self.model_copy(
+            update={
+                "dataset": name,
+                "paths": {key[len(prefix) :]: path for key, path in self.paths.items() if key.startswith(prefix)},
+            }
+        )

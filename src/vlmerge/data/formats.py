@@ -60,7 +60,9 @@ def _field(record: dict, key: str, path: Path) -> Any:
     return record[key]
 
 
-def load_karpathy_captions(path: str | os.PathLike, image_root: str | os.PathLike, split: str | None = None) -> list[CaptionExample]:
+def load_karpathy_captions(
+    path: str | os.PathLike, image_root: str | os.PathLike, split: str | None = None
+) -> list[CaptionExample]:
     """Karpathy split JSON; `restval` counts as train, as is customary."""
     path, root = Path(path), Path(image_root)
     images = _field(_read_json(path), "images", path)
@@ -70,12 +72,19 @@ def load_karpathy_captions(path: str | os.PathLike, image_root: str | os.PathLik
         if split is not None and entry_split != split:
             continue
         captions = tuple(_field(s, "raw", path) for s in _field(entry, "sentences", path))
-        examples.append(CaptionExample(root / entry.get("filepath", "") / _field(entry, "filename", path), captions, entry_split))
+        examples.append(
+            CaptionExample(root / entry.get("filepath", "") / _field(entry, "filename", path), captions, entry_split)
+        )
     return examples
 
 
-def load_vqav2(questions_path: str | os.PathLike, annotations_path: str | os.PathLike, image_dir: str | os.PathLike,
-               image_name: str = "COCO_{subset}_{image_id:012d}.jpg", subset: str = "val2014") -> list[VqaExample]:
+def load_vqav2(
+    questions_path: str | os.PathLike,
+    annotations_path: str | os.PathLike,
+    image_dir: str | os.PathLike,
+    image_name: str = "COCO_{subset}_{image_id:012d}.jpg",
+    subset: str = "val2014",
+) -> list[VqaExample]:
     qpath, apath = Path(questions_path), Path(annotations_path)
     questions = _field(_read_json(qpath), "questions", qpath)
     annotations = {_field(a, "question_id", apath): a for a in _field(_read_json(apath), "annotations", apath)}
@@ -107,8 +116,15 @@ def load_nlvr2(path: str | os.PathLike, image_dir: str | os.PathLike) -> list[Nl
         if label not in ("true", "false"):
             raise ConfigError(f"{path}:{number}: label must be True or False, got {record['label']!r}")
         stem = identifier.rsplit("-", 1)[0]  # train-10171-0-3 -> images train-10171-0-img{0,1}.png
-        examples.append(Nlvr2Example(Path(image_dir) / f"{stem}-img0.png", Path(image_dir) / f"{stem}-img1.png",
-                                     _field(record, "sentence", path), label == "true", identifier))
+        examples.append(
+            Nlvr2Example(
+                Path(image_dir) / f"{stem}-img0.png",
+                Path(image_dir) / f"{stem}-img1.png",
+                _field(record, "sentence", path),
+                label == "true",
+                identifier,
+            )
+        )
     return examples
 
 
@@ -171,13 +187,20 @@ class ResizedImages:
         if not len(chosen):
             chosen = chosen.new_empty(0, chosen.shape[1], self.size, self.size)
         elif chosen.shape[-2:] != (self.size, self.size):
-            resized = torch.nn.functional.interpolate(chosen.float(), size=(self.size, self.size), mode="bicubic",
-                                                      align_corners=False, antialias=self.size < chosen.shape[-1])
+            resized = torch.nn.functional.interpolate(
+                chosen.float(),
+                size=(self.size, self.size),
+                mode="bicubic",
+                align_corners=False,
+                antialias=self.size < chosen.shape[-1],
+            )
             chosen = resized.round_().clamp_(0, 255).to(torch.uint8)
         return chosen.expand(-1, 3, -1, -1).contiguous()
 
 
-def image_folder(directory: str | os.PathLike, extensions: tuple[str, ...] = (".png", ".jpg", ".jpeg")) -> Iterator[Path]:
+def image_folder(
+    directory: str | os.PathLike, extensions: tuple[str, ...] = (".png", ".jpg", ".jpeg")
+) -> Iterator[Path]:
     directory = Path(directory)
     if not directory.is_dir():
         raise ConfigError(f"{directory}: no such image folder")

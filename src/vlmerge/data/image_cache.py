@@ -47,13 +47,15 @@ class CacheEntry:
                 tmp.write_text(json.dumps(manifest, ensure_ascii=False, indent=1), encoding="utf-8")
 
 
-def cache_entry(dataset: str, version: int, image_size: int, part: str, made_from: Any,
-                directory: str | os.PathLike | None = None) -> CacheEntry:
+def cache_entry(
+    dataset: str, version: int, image_size: int, part: str, made_from: Any, directory: str | os.PathLike | None = None
+) -> CacheEntry:
     """The entry for `part` of a dataset (e.g. "all", "first12") in `directory`, else ~/.cache/vlmerge/<dataset>.
     `made_from` is every input of the pictures besides the size, as JSON (file sizes and times, renderer
     versions); `version` is the dataset's own, bumped when how it makes pictures changes."""
-    key = hashlib.sha256(json.dumps([LAYOUT_VERSION, dataset, version, image_size, part, made_from],
-                                    ensure_ascii=False).encode()).hexdigest()[:16]
+    key = hashlib.sha256(
+        json.dumps([LAYOUT_VERSION, dataset, version, image_size, part, made_from], ensure_ascii=False).encode()
+    ).hexdigest()[:16]
     folder = Path(directory if directory else DEFAULT_ROOT / dataset).expanduser()
     stem = f"{dataset}-{image_size}px-{part}-{key}"  # no `-v1-` after the name: never an old cache's name
     return CacheEntry(folder / f"{stem}.safetensors", folder / f"{stem}.json")

@@ -16,8 +16,9 @@ class Package:
 
     def missing(self, dataset: str, what: str, path_key: str | None = None) -> ConfigError:
         elsewhere = f" (or point data.paths.{path_key} at a copy)" if path_key else ""
-        return ConfigError(f"dataset {dataset!r} needs the {self.manager} package {self.name} ({what}): "
-                           f"{self.install}{elsewhere}")
+        return ConfigError(
+            f"dataset {dataset!r} needs the {self.manager} package {self.name} ({what}): {self.install}{elsewhere}"
+        )
 
     def require(self, dataset: str, path: Path, path_key: str | None = None) -> Path:
         """`path` when it exists, else an error naming the package, the command and the override."""

@@ -7,15 +7,18 @@ from vlmerge.data.tokenizer import TokenBatch
 IGNORE_INDEX = -100
 
 
-def whole_word_mask(batch: TokenBatch, probability: float, mask_id: int, vocab_size: int,
-                    generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def whole_word_mask(
+    batch: TokenBatch, probability: float, mask_id: int, vocab_size: int, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Mask every sub-token of a chosen word together; return (input ids, labels).
 
     Each word is chosen with `probability`; its tokens become [MASK] 80 % of the time, a
     random token 10 %, unchanged 10 %. Labels are the original ids there and -100 elsewhere.
     """
     words = batch.word_ids
-    chosen_word = torch.rand(words.shape[0], int(words.max().item()) + 2, generator=generator, device=words.device) < probability
+    chosen_word = (
+        torch.rand(words.shape[0], int(words.max().item()) + 2, generator=generator, device=words.device) < probability
+    )
     chosen = torch.gather(chosen_word, 1, words.clamp(min=0) + 1) & (words >= 0)  # (B, T)
     labels = torch.where(chosen, batch.ids, torch.full_like(batch.ids, IGNORE_INDEX))
     draw = torch.rand(batch.ids.shape, generator=generator, device=words.device)

@@ -58,8 +58,9 @@ class Questions:
     def __post_init__(self) -> None:
         _check_rows("questions", len(self.questions), {"image_of": self.image_of}, len(self.images))
         if not len(self.answers) == len(self.kinds) == len(self.questions):
-            raise ConfigError(f"{len(self.questions)} questions but {len(self.answers)} answer sets and "
-                              f"{len(self.kinds)} kinds")
+            raise ConfigError(
+                f"{len(self.questions)} questions but {len(self.answers)} answer sets and {len(self.kinds)} kinds"
+            )
 
     def __len__(self) -> int:
         return len(self.questions)
@@ -74,8 +75,12 @@ class Statements:
     labels: torch.Tensor  # (statements,) bool: is the statement true of the two images
 
     def __post_init__(self) -> None:
-        _check_rows("statements", len(self.statements), {"left": self.left, "right": self.right,
-                                                         "labels": self.labels}, len(self.images))
+        _check_rows(
+            "statements",
+            len(self.statements),
+            {"left": self.left, "right": self.right, "labels": self.labels},
+            len(self.images),
+        )
 
     def __len__(self) -> int:
         return len(self.statements)
@@ -146,8 +151,10 @@ class DataSource(ABC):
         allowed = (*cls.path_keys, *cls.optional_path_keys)
         for key in config.paths:
             if key not in allowed:
-                raise ConfigError(f"data.paths.{key}: not a file of dataset {cls.name!r}"
-                                  f"{suggest(key, list(allowed)) if allowed else ' (it reads no paths)'}")
+                raise ConfigError(
+                    f"data.paths.{key}: not a file of dataset {cls.name!r}"
+                    f"{suggest(key, list(allowed)) if allowed else ' (it reads no paths)'}"
+                )
         missing = [key for key in cls.path_keys if key not in config.paths]
         if missing:
             raise ConfigError(f"dataset {cls.name!r} needs data.paths {missing}")
@@ -158,8 +165,10 @@ class DataSource(ABC):
 
     @classmethod
     def unsupported(cls, use: str) -> ConfigError:
-        return ConfigError(f"dataset {cls.name!r} provides no {use}; datasets with {use}: "
-                           f"{sorted(name for name in SOURCES if use in SOURCES.get(name).provides())}")
+        return ConfigError(
+            f"dataset {cls.name!r} provides no {use}; datasets with {use}: "
+            f"{sorted(name for name in SOURCES if use in SOURCES.get(name).provides())}"
+        )
 
     def pairs(self, split: str) -> CaptionPairs:
         raise self.unsupported("pairs")
@@ -194,8 +203,10 @@ def check_data(config: DataConfig, uses: Sequence[str] = ()) -> None:
         for key in config.paths:
             owner = key.split(".", 1)[0]
             if "." not in key or owner not in config.names:
-                raise ConfigError(f"data.paths.{key}: with several datasets, path keys start with the dataset's "
-                                  f"name, one of {list(config.names)} (e.g. coco.karpathy_json)")
+                raise ConfigError(
+                    f"data.paths.{key}: with several datasets, path keys start with the dataset's "
+                    f"name, one of {list(config.names)} (e.g. coco.karpathy_json)"
+                )
     for name in config.names:
         source = SOURCES.get(name)
         source.check_config(config.part(name))
@@ -226,9 +237,11 @@ def load_pairs(config: DataConfig, split: str, progress: bool = False) -> Captio
 
 def pool_pairs(parts: Sequence[CaptionPairs]) -> CaptionPairs:
     offsets = torch.tensor([0, *(len(part.images) for part in parts)]).cumsum(0)
-    return CaptionPairs(ConcatImages([part.images for part in parts]),
-                        tuple(caption for part in parts for caption in part.captions),
-                        torch.cat([part.image_of + offset for part, offset in zip(parts, offsets)]))
+    return CaptionPairs(
+        ConcatImages([part.images for part in parts]),
+        tuple(caption for part in parts for caption in part.captions),
+        torch.cat([part.image_of + offset for part, offset in zip(parts, offsets)]),
+    )
 
 
 class ConcatImages:

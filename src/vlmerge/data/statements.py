@@ -52,9 +52,14 @@ class LabelLevel:
         return [i for i, own in enumerate(self.labels) if (len(self.members[own]) >= 2 if label else self.others[own])]
 
 
-def build_statements(levels: Mapping[str, LabelLevel], templates: Mapping[str, tuple[str, str, str]],
-                     num_examples: int | None = None, seed: int = 0, kinds: Sequence[str] | None = None,
-                     noun: str = "images") -> tuple[StatementExample, ...]:
+def build_statements(
+    levels: Mapping[str, LabelLevel],
+    templates: Mapping[str, tuple[str, str, str]],
+    num_examples: int | None = None,
+    seed: int = 0,
+    kinds: Sequence[str] | None = None,
+    noun: str = "images",
+) -> tuple[StatementExample, ...]:
     """Statements about two different images (default 2 per image), kinds in turn, each kind true then false, so
     labels are balanced overall and within each kind (within one example when num_examples is odd). `noun` names
     the images in errors."""
@@ -72,19 +77,30 @@ def build_statements(levels: Mapping[str, LabelLevel], templates: Mapping[str, t
         side, level, _ = templates[kind]
         if side not in SIDES or level not in levels:
             raise ConfigError(f"NLVR2 template {kind!r}: side must be one of {SIDES} and level one of {list(levels)}")
-    lefts = {(kind, label): levels[templates[kind][1]].lefts(templates[kind][0], label)
-             for kind in kinds for label in (True, False)}
+    lefts = {
+        (kind, label): levels[templates[kind][1]].lefts(templates[kind][0], label)
+        for kind in kinds
+        for label in (True, False)
+    }
     impossible = [f"{str(label).lower()} {kind!r}" for (kind, label), images in lefts.items() if not images]
     if impossible:
-        raise ConfigError(f"{count} {noun} cannot give a {', '.join(impossible)} example (too few images or "
-                          f"labels); pass kinds= without those kinds")
+        raise ConfigError(
+            f"{count} {noun} cannot give a {', '.join(impossible)} example (too few images or "
+            f"labels); pass kinds= without those kinds"
+        )
     rng = random.Random(seed)
     plan = [(kinds[(j // 2) % len(kinds)], j % 2 == 0) for j in range(num_examples)]
     return tuple(_statement(rng, levels, templates[kind], kind, label, lefts[kind, label]) for kind, label in plan)
 
 
-def _statement(rng: random.Random, levels: Mapping[str, LabelLevel], template: tuple[str, str, str], kind: str,
-               label: bool, lefts: Sequence[int]) -> StatementExample:
+def _statement(
+    rng: random.Random,
+    levels: Mapping[str, LabelLevel],
+    template: tuple[str, str, str],
+    kind: str,
+    label: bool,
+    lefts: Sequence[int],
+) -> StatementExample:
     side, level_name, text = template
     level = levels[level_name]
     left = rng.choice(lefts)

@@ -44,10 +44,13 @@ class TextTokenizer:
         self.tokenizer.enable_truncation(max_len)
 
     @classmethod
-    def train(cls, texts: Iterable[str], vocab_size: int = 1000, max_len: int = 24, min_frequency: int = 1) -> "TextTokenizer":
+    def train(
+        cls, texts: Iterable[str], vocab_size: int = 1000, max_len: int = 24, min_frequency: int = 1
+    ) -> "TextTokenizer":
         tokenizer = _bert_pipeline(models.WordPiece(unk_token=UNK))
-        trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
-                                            special_tokens=SPECIAL_TOKENS, show_progress=False)
+        trainer = trainers.WordPieceTrainer(
+            vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=SPECIAL_TOKENS, show_progress=False
+        )
         tokenizer.train_from_iterator(texts, trainer)
         return cls(_with_template(tokenizer), max_len)
 
@@ -104,7 +107,9 @@ class TextTokenizer:
         word_ids = torch.full((len(texts), length), -1, dtype=torch.long)
         for row, encoding in enumerate(encodings):
             ids[row, : len(encoding.ids)] = torch.tensor(encoding.ids)
-            words = [-1 if w is None or special else w for w, special in zip(encoding.word_ids, encoding.special_tokens_mask)]
+            words = [
+                -1 if w is None or special else w for w, special in zip(encoding.word_ids, encoding.special_tokens_mask)
+            ]
             word_ids[row, : len(words)] = torch.tensor(words)
         return TokenBatch(ids, ids != self.pad_id, word_ids)
 
@@ -122,5 +127,6 @@ def _bert_pipeline(model) -> Tokenizer:
 
 def _with_template(tokenizer: Tokenizer) -> Tokenizer:
     tokenizer.post_processor = processors.TemplateProcessing(
-        single=f"{CLS} $A {SEP}", special_tokens=[(CLS, tokenizer.token_to_id(CLS)), (SEP, tokenizer.token_to_id(SEP))])
+        single=f"{CLS} $A {SEP}", special_tokens=[(CLS, tokenizer.token_to_id(CLS)), (SEP, tokenizer.token_to_id(SEP))]
+    )
     return tokenizer

@@ -29,8 +29,16 @@ CARRIED_METADATA = ("heads", "tokenizer")
 class CheckpointReader:
     """Tensors of one checkpoint under native key names, read one at a time on request."""
 
-    def __init__(self, path: Path, layout: Layout, keys: dict[str, str], shapes: dict[str, tuple[int, ...]],
-                 dtypes: dict[str, torch.dtype], metadata: dict[str, str], fetch) -> None:
+    def __init__(
+        self,
+        path: Path,
+        layout: Layout,
+        keys: dict[str, str],
+        shapes: dict[str, tuple[int, ...]],
+        dtypes: dict[str, torch.dtype],
+        metadata: dict[str, str],
+        fetch,
+    ) -> None:
         self.path = path
         self.layout = layout
         self._stored_key = keys  # native key -> key as stored in the file
@@ -61,7 +69,9 @@ class CheckpointReader:
         try:
             return self._fetch(self._stored_key[key])
         except (OSError, RuntimeError) as error:
-            raise CheckpointError(f"{self.path}: cannot read tensor {key!r} ({error}); the file is corrupt or truncated") from error
+            raise CheckpointError(
+                f"{self.path}: cannot read tensor {key!r} ({error}); the file is corrupt or truncated"
+            ) from error
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {key: self.get(key) for key in self.keys}
@@ -97,8 +107,14 @@ def _open_safetensors(path: Path) -> CheckpointReader:
         file = SafetensorsFile(path)
     except OSError as error:
         raise CheckpointError(f"{path}: not a readable safetensors file ({error})") from error
-    return _reader(path, file.keys(), {k: e.shape for k, e in file.entries.items()},
-                   {k: e.dtype for k, e in file.entries.items()}, file.metadata, file.read)
+    return _reader(
+        path,
+        file.keys(),
+        {k: e.shape for k, e in file.entries.items()},
+        {k: e.dtype for k, e in file.entries.items()},
+        file.metadata,
+        file.read,
+    )
 
 
 def _open_torch(path: Path) -> CheckpointReader:
@@ -113,7 +129,9 @@ def _open_torch(path: Path) -> CheckpointReader:
         raise CheckpointError(f"{path}: not a readable torch checkpoint ({error})") from error
     state = loaded.get("state_dict", loaded) if isinstance(loaded, dict) else None
     if not isinstance(state, dict) or not state:
-        raise CheckpointError(f"{path}: expected a state dict (or a dict with 'state_dict'), found {type(loaded).__name__}")
+        raise CheckpointError(
+            f"{path}: expected a state dict (or a dict with 'state_dict'), found {type(loaded).__name__}"
+        )
     tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
     skipped = sorted(set(state) - set(tensors))
     if skipped:
@@ -124,8 +142,14 @@ def _open_torch(path: Path) -> CheckpointReader:
 def reader_from_state_dict(state: Mapping[str, torch.Tensor], name: str = "<memory>") -> CheckpointReader:
     """Serve an in-memory state dict through the same interface as a file."""
     tensors = dict(state)
-    return _reader(Path(name), list(tensors), {k: tuple(v.shape) for k, v in tensors.items()},
-                   {k: v.dtype for k, v in tensors.items()}, {}, tensors.__getitem__)
+    return _reader(
+        Path(name),
+        list(tensors),
+        {k: tuple(v.shape) for k, v in tensors.items()},
+        {k: v.dtype for k, v in tensors.items()},
+        {},
+        tensors.__getitem__,
+    )
 
 
 def _reader(path, stored_keys, shapes, dtypes, metadata, fetch) -> CheckpointReader:
@@ -134,15 +158,19 @@ def _reader(path, stored_keys, shapes, dtypes, metadata, fetch) -> CheckpointRea
     to_native = rename_keys(stored_keys, rename)
     native_to_stored = {native: stored for stored, native in to_native.items()}
     return CheckpointReader(
-        path, layout, native_to_stored,
+        path,
+        layout,
+        native_to_stored,
         {to_native[k]: s for k, s in shapes.items()},
         {to_native[k]: d for k, d in dtypes.items()},
-        metadata, fetch,
+        metadata,
+        fetch,
     )
 
 
-def save_checkpoint(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor],
-                    metadata: Mapping[str, str] | None = None) -> Path:
+def save_checkpoint(
+    path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
+) -> Path:
     """Write tensors atomically: safetensors for `.safetensors`, a plain state dict otherwise."""
     path = Path(path)
     bad = [k for k, v in metadata.items() if not isinstance(v, str)] if metadata else []

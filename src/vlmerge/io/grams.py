@@ -53,15 +53,24 @@ def open_grams(path: str | os.PathLike) -> GramSet:
     keys = {native_gram_key(key, reader.layout): key for key in reader.keys}
     bad = [k for k in reader.keys if len(reader.shape(k)) != 2 or reader.shape(k)[0] != reader.shape(k)[1]]
     if bad:
-        raise CheckpointError(f"{path}: not a Gram file: {bad[0]} has shape {list(reader.shape(bad[0]))}, expected square")
+        raise CheckpointError(
+            f"{path}: not a Gram file: {bad[0]} has shape {list(reader.shape(bad[0]))}, expected square"
+        )
     info = json.loads(reader.metadata.get("grams", "{}"))
     provenance = json.loads(reader.metadata.get("provenance", "{}"))
     return GramSet(reader, keys, info, provenance)
 
 
-def save_grams(path: str | os.PathLike, grams: Mapping[str, torch.Tensor], info: Mapping[str, Mapping[str, Any]],
-               provenance: Mapping[str, Any]) -> Path:
+def save_grams(
+    path: str | os.PathLike,
+    grams: Mapping[str, torch.Tensor],
+    info: Mapping[str, Mapping[str, Any]],
+    provenance: Mapping[str, Any],
+) -> Path:
     """Write Gram matrices (float64) with per-matrix modality/token counts and their provenance."""
-    metadata = {"format": "vlmerge-grams", "grams": json.dumps(info, sort_keys=True),
-                "provenance": json.dumps(provenance, sort_keys=True)}
+    metadata = {
+        "format": "vlmerge-grams",
+        "grams": json.dumps(info, sort_keys=True),
+        "provenance": json.dumps(provenance, sort_keys=True),
+    }
     return save_checkpoint(path, {k: g.to(torch.float64) for k, g in grams.items()}, metadata)

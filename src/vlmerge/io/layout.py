@@ -37,7 +37,7 @@ REFERENCE_BLOCKS_PREFIX = "transformer."  # where the paper's checkpoints nest t
 def _rename(key: str, pairs: tuple[tuple[str, str], ...]) -> str:
     for source, target in pairs:
         if source.endswith(".") and key.startswith(source):
-            return target + key[len(source):]
+            return target + key[len(source) :]
         if key == source:
             return target
     return key

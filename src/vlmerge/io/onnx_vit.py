@@ -55,19 +55,26 @@ NAMED = {
 }
 LAYER_INITIALIZER = re.compile(r"backbone\.encoder\.layer\.(\d+)\.(.+)")
 LAYER_NAMED = {
-    "norm1.weight": "norm1.weight", "norm1.bias": "norm1.bias",
+    "norm1.weight": "norm1.weight",
+    "norm1.bias": "norm1.bias",
     "attention.attention.query.bias": "attn.q_bias",
     "attention.attention.value.bias": "attn.v_bias",
     "attention.output.dense.bias": "attn.proj.bias",
     "layer_scale1.lambda1": "gamma_1",
-    "norm2.weight": "norm2.weight", "norm2.bias": "norm2.bias",
-    "mlp.fc1.bias": "mlp.fc1.bias", "mlp.fc2.bias": "mlp.fc2.bias",
+    "norm2.weight": "norm2.weight",
+    "norm2.bias": "norm2.bias",
+    "mlp.fc1.bias": "mlp.fc1.bias",
+    "mlp.fc2.bias": "mlp.fc2.bias",
     "layer_scale2.lambda1": "gamma_2",
 }
 LAYER_MATMUL = re.compile(r"/backbone/encoder/layer\.(\d+)/(.+)/MatMul")
 MATMUL_WEIGHTS = {  # node path -> our weight; q, k and v are fused into attn.qkv.weight
-    "attention/attention/query": "q", "attention/attention/key": "k", "attention/attention/value": "v",
-    "attention/output/dense": "attn.proj.weight", "mlp/fc1": "mlp.fc1.weight", "mlp/fc2": "mlp.fc2.weight",
+    "attention/attention/query": "q",
+    "attention/attention/key": "k",
+    "attention/attention/value": "v",
+    "attention/output/dense": "attn.proj.weight",
+    "mlp/fc1": "mlp.fc1.weight",
+    "mlp/fc2": "mlp.fc2.weight",
 }
 
 
@@ -81,9 +88,12 @@ def default_onnx_path() -> Path:
     return packaged_file(PACKAGE, ONNX_FILE, PIP_NAME)
 
 
-def import_onnx_vit(path: str | Path | None = None, image_size: int | None = None,
-                    pixel_mean: tuple[float, ...] = IMAGENET_MEAN, pixel_std: tuple[float, ...] = IMAGENET_STD
-                    ) -> ImportedViT:
+def import_onnx_vit(
+    path: str | Path | None = None,
+    image_size: int | None = None,
+    pixel_mean: tuple[float, ...] = IMAGENET_MEAN,
+    pixel_std: tuple[float, ...] = IMAGENET_STD,
+) -> ImportedViT:
     """The ViT in the ONNX file as our config + state dict, for images of `image_size` (default:
     the graph's input size) normalised as (pixels/255 - pixel_mean) / pixel_std.
 
@@ -104,12 +114,21 @@ def import_onnx_vit(path: str | Path | None = None, image_size: int | None = Non
     graph.check_interpolation()
     state["pos_embed"] = interpolate_position_embeddings(graph.position_embeddings(width), image_size // patch)
     state["token_type_embed.weight"] = torch.zeros(2, width)
-    weight, bias = refit_patch_embedding(state["patch_embed.proj.weight"], state["patch_embed.proj.bias"],
-                                         pixel_mean, pixel_std)
+    weight, bias = refit_patch_embedding(
+        state["patch_embed.proj.weight"], state["patch_embed.proj.bias"], pixel_mean, pixel_std
+    )
     state["patch_embed.proj.weight"], state["patch_embed.proj.bias"] = weight, bias
-    config = {"width": width, "depth": depth, "heads": graph.heads(width), "placement": "none",
-              "mlp_ratio": state[block_key(0, "mlp.fc1.weight")].shape[0] / width, "image_size": image_size,
-              "patch_size": patch, "channels": channels, "norm_eps": graph.norm_eps()}
+    config = {
+        "width": width,
+        "depth": depth,
+        "heads": graph.heads(width),
+        "placement": "none",
+        "mlp_ratio": state[block_key(0, "mlp.fc1.weight")].shape[0] / width,
+        "image_size": image_size,
+        "patch_size": patch,
+        "channels": channels,
+        "norm_eps": graph.norm_eps(),
+    }
     return ImportedViT(config, state, source)
 
 
@@ -125,15 +144,17 @@ def interpolate_position_embeddings(pos_embed: torch.Tensor, grid: int) -> torch
     return torch.cat([cls, patches.permute(0, 2, 3, 1).reshape(1, grid * grid, dim)], dim=1)
 
 
-def refit_patch_embedding(weight: torch.Tensor, bias: torch.Tensor, pixel_mean: tuple[float, ...],
-                          pixel_std: tuple[float, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+def refit_patch_embedding(
+    weight: torch.Tensor, bias: torch.Tensor, pixel_mean: tuple[float, ...], pixel_std: tuple[float, ...]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The patch convolution for pixels normalised by (pixel_mean, pixel_std) instead of ImageNet's.
 
     ImageNet-normalised x_in = (std / std_in) * x + (mean - mean_in) / std_in per channel; the
     convolution has no padding, so every output sees whole patches and the change folds exactly.
     """
-    mean, std, mean_in, std_in = (torch.tensor(v, dtype=torch.float64)
-                                  for v in (pixel_mean, pixel_std, IMAGENET_MEAN, IMAGENET_STD))
+    mean, std, mean_in, std_in = (
+        torch.tensor(v, dtype=torch.float64) for v in (pixel_mean, pixel_std, IMAGENET_MEAN, IMAGENET_STD)
+    )
     scale, shift = std / std_in, (mean - mean_in) / std_in
     weight64 = weight.double()
     new_bias = bias.double() + (weight64.sum(dim=(2, 3)) * shift).sum(dim=1)
@@ -207,12 +228,22 @@ class _Graph:
         """(1, 1 + M*M, D): a named table, or the class row and grid the embedding nodes consume."""
         if "backbone.embeddings.position_embeddings" in self.initializers:
             return _tensor(self.initializers["backbone.embeddings.position_embeddings"])
-        consumers = {name: node.op_type for node in self.nodes.values()
-                     if node.name.startswith(EMBEDDING_NODES) for name in node.input}
+        consumers = {
+            name: node.op_type
+            for node in self.nodes.values()
+            if node.name.startswith(EMBEDDING_NODES)
+            for name in node.input
+        }
         anonymous = {n: a for n, a in self.initializers.items() if not n.startswith(("backbone.", "decoder."))}
         cls = [a for n, a in anonymous.items() if consumers.get(n) == "Concat" and a.shape == (1, 1, width)]
-        grid = [a for n, a in anonymous.items() if consumers.get(n) == "Reshape" and a.ndim == 3
-                and a.shape[2] == width and math.isqrt(a.shape[1]) ** 2 == a.shape[1]]
+        grid = [
+            a
+            for n, a in anonymous.items()
+            if consumers.get(n) == "Reshape"
+            and a.ndim == 3
+            and a.shape[2] == width
+            and math.isqrt(a.shape[1]) ** 2 == a.shape[1]
+        ]
         if len(cls) != 1 or len(grid) != 1:
             raise self.fail(f"no single position table (class rows {len(cls)}, grids {len(grid)})")
         return _tensor(np.concatenate([cls[0], grid[0]], axis=1))
@@ -230,8 +261,8 @@ class _Graph:
         """From the attention scale: the export multiplies q and k each by head_dim ** -1/4."""
         node = self.nodes.get("/backbone/encoder/layer.0/attention/attention/Mul")
         scale = float(self.values[node.input[1]]) if node is not None and node.input[1] in self.values else None
-        head_dim = round(scale ** -4) if scale else 0
-        if not head_dim or width % head_dim or abs(head_dim ** -0.25 - scale) > 1e-6:
+        head_dim = round(scale**-4) if scale else 0
+        if not head_dim or width % head_dim or abs(head_dim**-0.25 - scale) > 1e-6:
             raise self.fail(f"attention scale {scale} does not give a head size dividing {width}")
         return width // head_dim
 

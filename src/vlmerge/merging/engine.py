@@ -21,16 +21,23 @@ from pydantic import BaseModel
 from tqdm import tqdm
 
 from vlmerge import __version__
-from vlmerge.core.numerics import all_finite
 from vlmerge.core.config import StrictConfig
 from vlmerge.core.errors import CheckpointError, MergeError
-from vlmerge.io.checkpoint import (CARRIED_METADATA, PICKLE_SUFFIXES, CheckpointReader, file_sha256, open_checkpoint,
-                                    reader_from_state_dict, save_checkpoint)
+from vlmerge.core.numerics import all_finite
+from vlmerge.io.checkpoint import (
+    CARRIED_METADATA,
+    PICKLE_SUFFIXES,
+    CheckpointReader,
+    file_sha256,
+    open_checkpoint,
+    reader_from_state_dict,
+    save_checkpoint,
+)
 from vlmerge.io.grams import GramSet, open_grams
 from vlmerge.io.layout import Layout, to_reference_key
 from vlmerge.io.streaming import stream_safetensors
-from vlmerge.merging.registry import MERGE_METHODS, MergeInputs, MergeMethod, MergeWarning
 from vlmerge.merging.plan import ExpertSelection, MergeGroup, MergePlan, build_merge_plan
+from vlmerge.merging.registry import MERGE_METHODS, MergeInputs, MergeMethod, MergeWarning
 from vlmerge.models.checkpoint import head_names
 from vlmerge.models.config import ModelConfig
 from vlmerge.models.factory import state_keys
@@ -80,22 +87,37 @@ class PreparedMerge:
         for group in tqdm(self.plan.groups, desc=f"merge ({self.method.name})", disable=not progress, unit="tensor"):
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always", MergeWarning)
-                merged = _merge_group(group, self.reader, self.method, self.options, self.origin, self.grams,
-                                      self.prepared)
+                merged = _merge_group(
+                    group, self.reader, self.method, self.options, self.origin, self.grams, self.prepared
+                )
             self.warnings += [str(w.message) for w in caught if issubclass(w.category, MergeWarning)]
             yield group.target, merged
 
     def result(self, tensors: dict[str, torch.Tensor] | None = None) -> MergeResult:
-        return MergeResult(tensors or {}, self.plan, self.method.name, self.options.model_dump(mode="json"),
-                           self.warnings, sum(self.reader.numel(k) for k in self.reader.keys),
-                           sum(int(torch.Size(shape).numel()) for _, _, shape in self.output_layout()),
-                           prepared=self.prepared)
+        return MergeResult(
+            tensors or {},
+            self.plan,
+            self.method.name,
+            self.options.model_dump(mode="json"),
+            self.warnings,
+            sum(self.reader.numel(k) for k in self.reader.keys),
+            sum(int(torch.Size(shape).numel()) for _, _, shape in self.output_layout()),
+            prepared=self.prepared,
+        )
 
 
-def merge_checkpoint(source: str | os.PathLike, method: str, options: Mapping[str, Any] | None = None, *,
-                     out: str | os.PathLike, selection: str = "all", seed_checkpoint: str | os.PathLike | None = None,
-                     grams: str | os.PathLike | None = None, layout: Layout | str = Layout.NATIVE,
-                     progress: bool = False) -> MergeResult:
+def merge_checkpoint(
+    source: str | os.PathLike,
+    method: str,
+    options: Mapping[str, Any] | None = None,
+    *,
+    out: str | os.PathLike,
+    selection: str = "all",
+    seed_checkpoint: str | os.PathLike | None = None,
+    grams: str | os.PathLike | None = None,
+    layout: Layout | str = Layout.NATIVE,
+    progress: bool = False,
+) -> MergeResult:
     """Merge a modality-specific checkpoint file into a modality-agnostic one written to `out`.
 
     A `.safetensors` output is streamed (header first, one merge group in memory at a time).
@@ -108,8 +130,9 @@ def merge_checkpoint(source: str | os.PathLike, method: str, options: Mapping[st
     if Path(out).suffix in PICKLE_SUFFIXES:
         tensors = dict(prepared.tensors(progress))
         result = prepared.result(tensors)
-        result.path = save_checkpoint(out, {rename(k): v for k, v in tensors.items()},
-                                      _provenance(prepared, _input_hashes(prepared)))
+        result.path = save_checkpoint(
+            out, {rename(k): v for k, v in tensors.items()}, _provenance(prepared, _input_hashes(prepared))
+        )
         return result
     layout_out = [(rename(k), dtype, shape) for k, dtype, shape in prepared.output_layout()]
     with ThreadPoolExecutor(max_workers=1) as hasher:  # the inputs are hashed beside the merge, not before it
@@ -124,17 +147,30 @@ def merge_checkpoint(source: str | os.PathLike, method: str, options: Mapping[st
     return result
 
 
-def merge_state_dict(state: Mapping[str, torch.Tensor], method: str, options: Mapping[str, Any] | None = None, *,
-                     selection: str = "all", seed_state: Mapping[str, torch.Tensor] | None = None,
-                     grams: GramSet | None = None) -> MergeResult:
+def merge_state_dict(
+    state: Mapping[str, torch.Tensor],
+    method: str,
+    options: Mapping[str, Any] | None = None,
+    *,
+    selection: str = "all",
+    seed_state: Mapping[str, torch.Tensor] | None = None,
+    grams: GramSet | None = None,
+) -> MergeResult:
     """In-memory merge, for notebooks and the study runner."""
     origin = reader_from_state_dict(seed_state, "<seed>") if seed_state is not None else None
     return merge(reader_from_state_dict(state), method, options, selection=selection, origin=origin, grams=grams)
 
 
-def merge(reader: CheckpointReader, method_name: str, options: Mapping[str, Any] | None = None, *,
-          selection: str = "all", origin: CheckpointReader | None = None, grams: GramSet | None = None,
-          progress: bool = False) -> MergeResult:
+def merge(
+    reader: CheckpointReader,
+    method_name: str,
+    options: Mapping[str, Any] | None = None,
+    *,
+    selection: str = "all",
+    origin: CheckpointReader | None = None,
+    grams: GramSet | None = None,
+    progress: bool = False,
+) -> MergeResult:
     prepared = prepare_merge(reader, method_name, options, selection=selection, origin=origin, grams=grams)
     result = prepared.result(dict(prepared.tensors(progress)))
     for note in result.warnings:
@@ -142,9 +178,15 @@ def merge(reader: CheckpointReader, method_name: str, options: Mapping[str, Any]
     return result
 
 
-def prepare_merge(reader: CheckpointReader, method_name: str, options: Mapping[str, Any] | None = None, *,
-                  selection: str = "all", origin: CheckpointReader | None = None,
-                  grams: GramSet | None = None) -> PreparedMerge:
+def prepare_merge(
+    reader: CheckpointReader,
+    method_name: str,
+    options: Mapping[str, Any] | None = None,
+    *,
+    selection: str = "all",
+    origin: CheckpointReader | None = None,
+    grams: GramSet | None = None,
+) -> PreparedMerge:
     """Validate and plan; run the method's pre-pass if it has one. Reads no tensor otherwise.
     `selection`: which experts are merged (all, retrieval, vqa, nlvr2)."""
     method = MERGE_METHODS.get(method_name)
@@ -159,8 +201,15 @@ def prepare_merge(reader: CheckpointReader, method_name: str, options: Mapping[s
     return PreparedMerge(reader, plan, method, parsed_options, origin, grams, prepared)
 
 
-def _merge_group(group: MergeGroup, reader: CheckpointReader, method: MergeMethod, options: StrictConfig,
-                 origin: CheckpointReader | None, grams: GramSet | None, prepared: BaseModel | None) -> torch.Tensor:
+def _merge_group(
+    group: MergeGroup,
+    reader: CheckpointReader,
+    method: MergeMethod,
+    options: StrictConfig,
+    origin: CheckpointReader | None,
+    grams: GramSet | None,
+    prepared: BaseModel | None,
+) -> torch.Tensor:
     inputs = _group_inputs(group, reader, method, origin, grams, prepared)
     if len(inputs.experts) == 1:  # a layer with a single selected expert just copies it
         return next(iter(inputs.experts.values()))
@@ -170,8 +219,14 @@ def _merge_group(group: MergeGroup, reader: CheckpointReader, method: MergeMetho
     return result
 
 
-def _group_inputs(group: MergeGroup, reader: CheckpointReader, method: MergeMethod, origin: CheckpointReader | None,
-                  grams: GramSet | None, prepared: BaseModel | None = None) -> MergeInputs:
+def _group_inputs(
+    group: MergeGroup,
+    reader: CheckpointReader,
+    method: MergeMethod,
+    origin: CheckpointReader | None,
+    grams: GramSet | None,
+    prepared: BaseModel | None = None,
+) -> MergeInputs:
     experts = {m: _read_finite(reader, e.key) for m, e in group.experts.items()}
     if len(experts) == 1:
         return MergeInputs(group.target, experts)
@@ -202,15 +257,19 @@ def _validate_layout(reader: CheckpointReader) -> None:
         close = get_close_matches(unknown[0], list(expected), n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
         more = f" ({len(unknown) - 1} more unknown)" if len(unknown) > 1 else ""
-        raise CheckpointError(f"{reader.path}: unknown tensor {unknown[0]!r}, not part of the model its config "
-                              f"describes{hint}{more}")
+        raise CheckpointError(
+            f"{reader.path}: unknown tensor {unknown[0]!r}, not part of the model its config describes{hint}{more}"
+        )
     if missing:
         more = f" ({len(missing) - 1} more missing)" if len(missing) > 1 else ""
-        raise CheckpointError(f"{reader.path}: missing tensor {missing[0]!r}, which the model its config describes "
-                              f"needs{more}")
+        raise CheckpointError(
+            f"{reader.path}: missing tensor {missing[0]!r}, which the model its config describes needs{more}"
+        )
 
 
-def _validate_inputs(plan: MergePlan, method: MergeMethod, origin: CheckpointReader | None, grams: GramSet | None) -> None:
+def _validate_inputs(
+    plan: MergePlan, method: MergeMethod, origin: CheckpointReader | None, grams: GramSet | None
+) -> None:
     if method.needs_origin:
         if origin is None:
             raise MergeError(f"method {method.name!r} needs the seed checkpoint as origin (--seed-checkpoint)")
@@ -218,8 +277,10 @@ def _validate_inputs(plan: MergePlan, method: MergeMethod, origin: CheckpointRea
             if group.target not in origin:
                 raise MergeError(f"seed checkpoint {origin.path} has no tensor {group.target}")
             if tuple(origin.shape(group.target)) != group.shape:
-                raise MergeError(f"seed checkpoint {group.target} has shape {list(origin.shape(group.target))}, "
-                                 f"experts have {list(group.shape)}")
+                raise MergeError(
+                    f"seed checkpoint {group.target} has shape {list(origin.shape(group.target))}, "
+                    f"experts have {list(group.shape)}"
+                )
     if method.needs_grams:
         if grams is None:
             raise MergeError(f"method {method.name!r} needs Gram matrices (--grams)")
@@ -234,8 +295,10 @@ def _validate_grams(plan: MergePlan, grams: GramSet) -> None:
         if module in grams:
             inputs = group.shape[1]
             if tuple(grams.shape(module)) != (inputs, inputs):
-                raise MergeError(f"Gram matrix {module} is {list(grams.shape(module))} but {group.target} "
-                                 f"takes {inputs} inputs (expected [{inputs}, {inputs}])")
+                raise MergeError(
+                    f"Gram matrix {module} is {list(grams.shape(module))} but {group.target} "
+                    f"takes {inputs} inputs (expected [{inputs}, {inputs}])"
+                )
 
 
 def _read_finite(reader: CheckpointReader, key: str) -> torch.Tensor:
@@ -257,8 +320,9 @@ def _input_hashes(prepared: PreparedMerge, pending: bool = False) -> dict[str, d
         inputs["seed_checkpoint"] = prepared.origin.path
     if prepared.grams is not None:
         inputs["grams"] = prepared.grams.path
-    return {role: {"path": str(path), "sha256": "0" * 64 if pending else file_sha256(path)}
-            for role, path in inputs.items()}
+    return {
+        role: {"path": str(path), "sha256": "0" * 64 if pending else file_sha256(path)} for role, path in inputs.items()
+    }
 
 
 def _provenance(prepared: PreparedMerge, inputs: dict[str, dict[str, str]]) -> dict[str, str]:

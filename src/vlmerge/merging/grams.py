@@ -86,7 +86,9 @@ class GramCollector:
             linear = self.modules[name][0]
             gram = self.sums.get(name)
             if gram is None:
-                gram = torch.zeros(linear.in_features, linear.in_features, dtype=torch.float64, device=linear.weight.device)
+                gram = torch.zeros(
+                    linear.in_features, linear.in_features, dtype=torch.float64, device=linear.weight.device
+                )
             count = torch.tensor([float(self.tokens[name])], dtype=torch.float64, device=gram.device)
             dist.all_reduce(gram)
             dist.all_reduce(count)
@@ -99,8 +101,9 @@ class GramCollector:
         return grams, info
 
 
-def collect_grams(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]], *, normalize: bool = False,
-                  progress: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, Any]]]:
+def collect_grams(
+    model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]], *, normalize: bool = False, progress: bool = False
+) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, Any]]]:
     """Run `model(**batch)` over the batches and return the Gram matrices and their token counts."""
     was_training = model.training
     model.eval()

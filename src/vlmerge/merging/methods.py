@@ -34,7 +34,9 @@ def interpolation_weights(modalities: frozenset[Modality], ratio: float) -> dict
         return {Modality.V: ratio, Modality.L: 1.0 - ratio}
     if modalities == {Modality.V, Modality.L, Modality.VL}:
         return {Modality.V: 2 / 3 * ratio, Modality.L: 2 / 3 * (1.0 - ratio), Modality.VL: 1 / 3}
-    raise MergeError(f"interpolation is defined for experts {{v, l}} or {{v, l, vl}}, got {sorted(m.value for m in modalities)}")
+    raise MergeError(
+        f"interpolation is defined for experts {{v, l}} or {{v, l, vl}}, got {sorted(m.value for m in modalities)}"
+    )
 
 
 @register_method("interpolation", InterpolationOptions)
@@ -101,7 +103,9 @@ def solve_right(weighted: torch.Tensor, gram_sum: torch.Tensor, target: str) -> 
     factor, info = torch.linalg.cholesky_ex(gram_sum)
     if int(info) == 0:
         return torch.cholesky_solve(weighted.T, factor).T
-    warnings.warn(f"{target}: summed Gram matrix is singular; using the minimum-norm least-squares solution", MergeWarning)
+    warnings.warn(
+        f"{target}: summed Gram matrix is singular; using the minimum-norm least-squares solution", MergeWarning
+    )
     return torch.linalg.lstsq(gram_sum, weighted.T, driver="gelsd").solution.T
 
 
@@ -113,7 +117,9 @@ def plain_mean(experts: Mapping[Modality, torch.Tensor]) -> torch.Tensor:
 class TiesOptions(StrictConfig):
     density: float = Field(0.2, gt=0.0, le=1.0, description="fraction of each modality vector kept")
     lam: float = Field(1.0, description="scale of the merged modality vector")
-    scope: Literal["tensor", "global"] = Field("tensor", description="trim top-k per tensor (streams) or over the model")
+    scope: Literal["tensor", "global"] = Field(
+        "tensor", description="trim top-k per tensor (streams) or over the model"
+    )
 
 
 class TiesThresholds(StrictConfig):
@@ -163,8 +169,10 @@ def trim(vector: torch.Tensor, modality: Modality, density: float, cutoffs: Ties
 def ties(inputs: MergeInputs, options: TiesOptions) -> torch.Tensor:
     """TIES on modality vectors: trim, elect the sign by total mass, mean of the agreeing entries."""
     if options.scope == "global" and inputs.prepared is None:
-        raise MergeError(f"{inputs.target}: TIES with scope=global needs the cut-offs of its pre-pass over the whole "
-                         "model (merge through vlmerge.merging.merge, which runs it)")
+        raise MergeError(
+            f"{inputs.target}: TIES with scope=global needs the cut-offs of its pre-pass over the whole "
+            "model (merge through vlmerge.merging.merge, which runs it)"
+        )
     trimmed = torch.stack([trim(v, m, options.density, inputs.prepared) for m, v in inputs.modality_vectors().items()])
     elected = torch.sign(trimmed.sum(dim=0))
     agrees = (torch.sign(trimmed) == elected) & (trimmed != 0)

@@ -90,15 +90,19 @@ class MergePlan:
         return self.passthrough + [g.target for g in self.groups]
 
     def describe(self) -> str:
-        lines = [f"selection {self.selection.value}: {len(self.groups)} merged tensors, "
-                 f"{len(self.passthrough)} passed through, {len(self.dropped)} expert tensors dropped"]
+        lines = [
+            f"selection {self.selection.value}: {len(self.groups)} merged tensors, "
+            f"{len(self.passthrough)} passed through, {len(self.dropped)} expert tensors dropped"
+        ]
         for layer, available in sorted(self.layer_experts.items()):
             used = self.selection.choose(available)
             lines.append(f"  layer {layer:>2}: experts {_names(available)} -> merge {_names(used)}")
         return "\n".join(lines)
 
 
-def build_merge_plan(shapes: dict[str, tuple[int, ...]], selection: ExpertSelection | str = ExpertSelection.ALL) -> MergePlan:
+def build_merge_plan(
+    shapes: dict[str, tuple[int, ...]], selection: ExpertSelection | str = ExpertSelection.ALL
+) -> MergePlan:
     """Group expert keys by merged key and check that every group is complete and consistent."""
     selection = ExpertSelection.parse(selection)
     by_target: dict[str, dict[Modality, BlockPath]] = defaultdict(dict)
@@ -110,8 +114,10 @@ def build_merge_plan(shapes: dict[str, tuple[int, ...]], selection: ExpertSelect
         else:
             by_target[parsed.merged().key][parsed.modality] = parsed
     if not by_target:
-        raise MergeError("no modality experts found (keys like blocks.0.attn.v.qkv.weight); "
-                         "is this already a modality-agnostic checkpoint?")
+        raise MergeError(
+            "no modality experts found (keys like blocks.0.attn.v.qkv.weight); "
+            "is this already a modality-agnostic checkpoint?"
+        )
     clash = sorted(set(by_target) & set(passthrough))
     if clash:
         raise MergeError(f"{clash[0]} exists both as a shared tensor and as per-modality experts")
@@ -124,8 +130,9 @@ def build_merge_plan(shapes: dict[str, tuple[int, ...]], selection: ExpertSelect
         chosen = selection.choose(layer_experts[any_expert.layer])
         dropped += [e.key for m, e in experts.items() if m not in chosen]
         selected = {m: experts[m] for m in sorted(chosen, key=_modality_order)}
-        groups.append(MergeGroup(target, any_expert.layer, any_expert.slot, selected,
-                                 _common_shape(target, selected, shapes)))
+        groups.append(
+            MergeGroup(target, any_expert.layer, any_expert.slot, selected, _common_shape(target, selected, shapes))
+        )
     num_layers = 1 + max(layer_experts)
     return MergePlan(groups, passthrough, dropped, selection, num_layers, layer_experts)
 
@@ -146,11 +153,15 @@ def _check_complete(target: str, experts: dict[Modality, BlockPath], expected: f
     missing = expected - set(experts)
     if missing:
         have = next(iter(experts.values())).key
-        raise MergeError(f"missing expert for {target}: no {_names(missing)} tensor beside {have} "
-                         f"(layer experts: {_names(expected)})")
+        raise MergeError(
+            f"missing expert for {target}: no {_names(missing)} tensor beside {have} "
+            f"(layer experts: {_names(expected)})"
+        )
 
 
-def _common_shape(target: str, experts: dict[Modality, BlockPath], shapes: dict[str, tuple[int, ...]]) -> tuple[int, ...]:
+def _common_shape(
+    target: str, experts: dict[Modality, BlockPath], shapes: dict[str, tuple[int, ...]]
+) -> tuple[int, ...]:
     found = {m: tuple(shapes[e.key]) for m, e in experts.items()}
     if len(set(found.values())) > 1:
         detail = ", ".join(f"{m.value} {list(s)}" for m, s in found.items())
@@ -168,7 +179,6 @@ def _names(modalities: Iterable[Modality]) -> str:
 
 def _natural(key: str) -> list:
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", key)]
-
 
 
 def expand_to_experts(agnostic: Mapping[str, torch.Tensor], expert_keys: Iterable[str]) -> dict[str, torch.Tensor]:

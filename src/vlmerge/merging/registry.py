@@ -53,8 +53,9 @@ class MergeMethod:
 
     def describe(self) -> str:
         """The method, what it needs, and each option with its default and description (`vlmerge merge --help`)."""
-        needs = [flag for flag, needed in (("--seed-checkpoint", self.needs_origin), ("--grams", self.needs_grams))
-                 if needed]
+        needs = [
+            flag for flag, needed in (("--seed-checkpoint", self.needs_origin), ("--grams", self.needs_grams)) if needed
+        ]
         lines = [f"  {self.name:<15} {self.summary}" + (f" [needs {', '.join(needs)}]" if needs else "")]
         for name, field in self.options.model_fields.items():
             default = "required" if field.is_required() else f"default {field.get_default(call_default_factory=True)}"
@@ -65,8 +66,14 @@ class MergeMethod:
 MERGE_METHODS: Registry[MergeMethod] = Registry("merge method")
 
 
-def register_method(name: str, options: type[StrictConfig], *, needs_origin: bool = False, needs_grams: bool = False,
-                    prepare: Callable[[Iterable[MergeInputs], StrictConfig], BaseModel | None] | None = None):
+def register_method(
+    name: str,
+    options: type[StrictConfig],
+    *,
+    needs_origin: bool = False,
+    needs_grams: bool = False,
+    prepare: Callable[[Iterable[MergeInputs], StrictConfig], BaseModel | None] | None = None,
+):
     def decorator(fn):
         summary = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
         MERGE_METHODS.add(name, MergeMethod(name, fn, options, needs_origin, needs_grams, summary, prepare))
@@ -115,9 +122,11 @@ def method_options() -> dict[str, MethodOption]:
         for name, field in MERGE_METHODS.get(method).options.model_fields.items():
             known = found.get(name)
             if known is not None and known.annotation != field.annotation:
-                raise ConfigError(f"merge option {name!r} is {_type_label(known.annotation)} for "
-                                  f"{', '.join(known.methods)} but {_type_label(field.annotation)} for {method}; "
-                                  "one name must have one type across methods to be one command-line flag")
+                raise ConfigError(
+                    f"merge option {name!r} is {_type_label(known.annotation)} for "
+                    f"{', '.join(known.methods)} but {_type_label(field.annotation)} for {method}; "
+                    "one name must have one type across methods to be one command-line flag"
+                )
             found[name] = MethodOption(name, field.annotation, (*known.methods, method) if known else (method,))
     return found
 
@@ -156,7 +165,8 @@ def _unwrap_optional(annotation: Any) -> Any:
 def _structured(annotation: Any) -> bool:
     """Lists, dicts, tuples, sets and models: options written as JSON on the command line."""
     return (get_origin(annotation) or annotation) in (list, dict, tuple, set, frozenset) or (
-        isinstance(annotation, type) and issubclass(annotation, BaseModel))
+        isinstance(annotation, type) and issubclass(annotation, BaseModel)
+    )
 
 
 def _type_label(annotation: Any) -> str:

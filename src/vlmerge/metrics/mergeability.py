@@ -50,9 +50,14 @@ class MergeabilityReport:
         return "\n".join(lines)
 
 
-def mergeability(reader: CheckpointReader, *, reference: CheckpointReader | None = None,
-                 selection: str = "all", metrics: list[str] | None = None,
-                 top_k: float = DEFAULT_TOP_K) -> MergeabilityReport:
+def mergeability(
+    reader: CheckpointReader,
+    *,
+    reference: CheckpointReader | None = None,
+    selection: str = "all",
+    metrics: list[str] | None = None,
+    top_k: float = DEFAULT_TOP_K,
+) -> MergeabilityReport:
     """Distances between the experts of every merged tensor, before any merge; `selection`: which
     experts a merge would combine (all, retrieval, vqa, nlvr2)."""
     names = metrics or METRICS.names()
@@ -70,9 +75,14 @@ def mergeability(reader: CheckpointReader, *, reference: CheckpointReader | None
             tensors = {m: t - origin for m, t in tensors.items()}
         pairs = list(combinations(tensors.values(), 2))
         values = {name: sum(fn(x, y) for x, y in pairs) / len(pairs) for name, fn in functions.items()}
-        rows.append(TensorDistances(group.target, group.layer, tensors[next(iter(tensors))].numel(),
-                                    [m.value for m in tensors], values))
-    return MergeabilityReport(rows, _aggregate_by_layer(rows, names), _weighted_mean(rows, names), reference is not None)
+        rows.append(
+            TensorDistances(
+                group.target, group.layer, tensors[next(iter(tensors))].numel(), [m.value for m in tensors], values
+            )
+        )
+    return MergeabilityReport(
+        rows, _aggregate_by_layer(rows, names), _weighted_mean(rows, names), reference is not None
+    )
 
 
 def _weighted_mean(rows: list[TensorDistances], names: list[str]) -> dict[str, float]:

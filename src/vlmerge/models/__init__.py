@@ -7,6 +7,17 @@ from vlmerge.models.multiway import Multiway, multiway, select_expert
 from vlmerge.models.transformer import EncoderOutput, VLTransformer
 
 __all__ = [
-    "EncoderOutput", "ExpertPlacement", "MODEL_SIZES", "ModelConfig", "Multiway", "VLTransformer",
-    "count_parameters", "create_model", "load_model", "save_model", "model_config", "multiway", "select_expert",
+    "EncoderOutput",
+    "ExpertPlacement",
+    "MODEL_SIZES",
+    "ModelConfig",
+    "Multiway",
+    "VLTransformer",
+    "count_parameters",
+    "create_model",
+    "load_model",
+    "save_model",
+    "model_config",
+    "multiway",
+    "select_expert",
 ]

@@ -18,8 +18,14 @@ from vlmerge.io.checkpoint import CheckpointReader, open_checkpoint, save_checkp
 from vlmerge.models.config import ModelConfig
 from vlmerge.models.transformer import VLTransformer
 
-def save_model(model: VLTransformer, path: str | os.PathLike, step: int | None = None,
-               extra_metadata: dict[str, str] | None = None, heads: Mapping[str, nn.Module] | None = None) -> Path:
+
+def save_model(
+    model: VLTransformer,
+    path: str | os.PathLike,
+    step: int | None = None,
+    extra_metadata: dict[str, str] | None = None,
+    heads: Mapping[str, nn.Module] | None = None,
+) -> Path:
     heads = dict(heads or {})
     state = dict(model.state_dict())
     for name, head in heads.items():
@@ -50,8 +56,10 @@ def load_model(path: str | os.PathLike) -> VLTransformer:
     expected, found = set(model.state_dict()), set(backbone)
     if expected != found:
         missing, unexpected = sorted(expected - found), sorted(found - expected)
-        raise CheckpointError(f"{path}: weights do not fit the config: missing {missing[:3]}{'...' if len(missing) > 3 else ''}"
-                              f", unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}")
+        raise CheckpointError(
+            f"{path}: weights do not fit the config: missing {missing[:3]}{'...' if len(missing) > 3 else ''}"
+            f", unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}"
+        )
     model.load_state_dict({key: reader.get(key) for key in backbone}, strict=True)
     return model
 
@@ -62,4 +70,4 @@ def load_head_state(path: str | os.PathLike, name: str) -> dict[str, torch.Tenso
     if name not in head_names(reader):
         return None
     prefix = f"{name}."
-    return {key[len(prefix):]: reader.get(key) for key in reader.keys if key.startswith(prefix)}
+    return {key[len(prefix) :]: reader.get(key) for key in reader.keys if key.startswith(prefix)}

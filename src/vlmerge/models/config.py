@@ -12,11 +12,11 @@ from vlmerge.core.modality import Modality
 class ExpertPlacement(str, Enum):
     """Which block sub-modules hold one copy per modality (the paper's architecture study)."""
 
-    ALL = "all"            # attention + norm1 and FFN + norm2 (the paper's main model)
+    ALL = "all"  # attention + norm1 and FFN + norm2 (the paper's main model)
     ATTENTION = "attention"  # attention + norm1; FFN shared
-    FFN = "ffn"            # FFN + norm2; attention shared (VLMo-like)
-    NORMS = "norms"        # only the two layer norms
-    NONE = "none"          # modality-agnostic: one set of weights
+    FFN = "ffn"  # FFN + norm2; attention shared (VLMo-like)
+    NORMS = "norms"  # only the two layer norms
+    NONE = "none"  # modality-agnostic: one set of weights
 
     @property
     def slots(self) -> frozenset[str]:

@@ -39,6 +39,7 @@ def state_keys(config: ModelConfig) -> list[str]:
     """The state-dict keys of the model `config` describes. Names depend on depth, experts and
     the fusion layer but not on widths or sizes, so a miniature of the model is built: tens of
     milliseconds at any size, where the meta device costs a second of torch imports."""
-    miniature = config.model_copy(update={"width": 2 * config.heads, "image_size": config.patch_size,
-                                          "vocab_size": 2, "max_text_len": 2})
+    miniature = config.model_copy(
+        update={"width": 2 * config.heads, "image_size": config.patch_size, "vocab_size": 2, "max_text_len": 2}
+    )
     return list(VLTransformer(miniature).state_dict())

@@ -7,7 +7,9 @@ from torch import nn
 
 
 class PretrainingHeads(nn.Module):
-    def __init__(self, width: int, vocab_size: int, embed_dim: int | None = None, init_temperature: float = 0.07) -> None:
+    def __init__(
+        self, width: int, vocab_size: int, embed_dim: int | None = None, init_temperature: float = 0.07
+    ) -> None:
         super().__init__()
         embed_dim = embed_dim or width
         self.itc_image = nn.Linear(width, embed_dim)

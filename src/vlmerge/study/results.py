@@ -57,17 +57,38 @@ class ModelResult:
         return self.tasks.get(task, {}).get(metric)
 
     def to_json(self) -> dict[str, Any]:
-        return {"label": self.label, "kind": self.kind.value, "groups": [g.value for g in self.groups],
-                "seed_fraction": self.seed_fraction, "placement": self.placement, "method": self.method,
-                "options": dict(self.options), "checkpoint": self.checkpoint, "parameters": self.parameters,
-                "zero_shot": None if self.zero_shot is None else dict(self.zero_shot),
-                "tasks": {task: dict(metrics) for task, metrics in self.tasks.items()}, "score": self.score}
+        return {
+            "label": self.label,
+            "kind": self.kind.value,
+            "groups": [g.value for g in self.groups],
+            "seed_fraction": self.seed_fraction,
+            "placement": self.placement,
+            "method": self.method,
+            "options": dict(self.options),
+            "checkpoint": self.checkpoint,
+            "parameters": self.parameters,
+            "zero_shot": None if self.zero_shot is None else dict(self.zero_shot),
+            "tasks": {task: dict(metrics) for task, metrics in self.tasks.items()},
+            "score": self.score,
+        }
 
     @classmethod
     def from_json(cls, model_id: str, data: Mapping[str, Any]) -> "ModelResult":
-        return cls(model_id, data["label"], ModelKind(data["kind"]), tuple(map(Group, data["groups"])),
-                   data["seed_fraction"], data["placement"], data["method"], dict(data["options"]),
-                   data["checkpoint"], data["parameters"], data["zero_shot"], data["tasks"], data["score"])
+        return cls(
+            model_id,
+            data["label"],
+            ModelKind(data["kind"]),
+            tuple(map(Group, data["groups"])),
+            data["seed_fraction"],
+            data["placement"],
+            data["method"],
+            dict(data["options"]),
+            data["checkpoint"],
+            data["parameters"],
+            data["zero_shot"],
+            data["tasks"],
+            data["score"],
+        )
 
 
 @dataclass(frozen=True)
@@ -113,14 +134,27 @@ class Mergeability:
     spearman: Mapping[str, float | None] = field(default_factory=dict)  # metric -> rho with the merged score
 
     def to_json(self) -> dict[str, Any]:
-        return {"points": [{"specific": p.specific, "merged": p.merged, "seed_fraction": p.seed_fraction,
-                            "placement": p.placement, "metrics": dict(p.metrics), "score": p.score}
-                           for p in self.points], "spearman": dict(self.spearman)}
+        return {
+            "points": [
+                {
+                    "specific": p.specific,
+                    "merged": p.merged,
+                    "seed_fraction": p.seed_fraction,
+                    "placement": p.placement,
+                    "metrics": dict(p.metrics),
+                    "score": p.score,
+                }
+                for p in self.points
+            ],
+            "spearman": dict(self.spearman),
+        }
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> "Mergeability":
-        points = tuple(MergeabilityPoint(p["specific"], p["merged"], p["seed_fraction"], p["placement"],
-                                         p["metrics"], p["score"]) for p in data["points"])
+        points = tuple(
+            MergeabilityPoint(p["specific"], p["merged"], p["seed_fraction"], p["placement"], p["metrics"], p["score"])
+            for p in data["points"]
+        )
         return cls(points, dict(data["spearman"]))
 
 
@@ -133,8 +167,13 @@ class Claim:
     finding: str
 
     def to_json(self) -> dict[str, Any]:
-        return {"id": self.id, "paper": self.paper, "compare": list(self.compare), "holds": self.holds,
-                "finding": self.finding}
+        return {
+            "id": self.id,
+            "paper": self.paper,
+            "compare": list(self.compare),
+            "holds": self.holds,
+            "finding": self.finding,
+        }
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> "Claim":
@@ -155,13 +194,19 @@ class GalleryEntry:
     top: tuple[GalleryHit, ...]
 
     def to_json(self) -> dict[str, Any]:
-        return {"image": self.image, "caption": self.caption,
-                "top": [{"caption": h.caption, "score": h.score, "correct": h.correct} for h in self.top]}
+        return {
+            "image": self.image,
+            "caption": self.caption,
+            "top": [{"caption": h.caption, "score": h.score, "correct": h.correct} for h in self.top],
+        }
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> "GalleryEntry":
-        return cls(data["image"], data["caption"], tuple(GalleryHit(h["caption"], h["score"], h["correct"])
-                                                         for h in data["top"]))
+        return cls(
+            data["image"],
+            data["caption"],
+            tuple(GalleryHit(h["caption"], h["score"], h["correct"]) for h in data["top"]),
+        )
 
 
 @dataclass(frozen=True)
@@ -201,24 +246,44 @@ class StudyResults:
         return [m for m in self.models.values() if group in m.groups]
 
     def to_json(self) -> dict[str, Any]:
-        timing = None if self.timing is None else {
-            "seconds": self.timing.seconds, "stages_run": self.timing.stages_run,
-            "stages_cached": self.timing.stages_cached, "stage_seconds": self.timing.stage_seconds}
-        return {"name": self.name, "recipe": dict(self.recipe), "tasks": list(self.tasks),
-                "primary_metrics": dict(self.primary_metrics),
-                "models": {model_id: model.to_json() for model_id, model in self.models.items()},
-                "sweeps": self.sweeps.to_json(), "mergeability": self.mergeability.to_json(),
-                "gallery": [entry.to_json() for entry in self.gallery], "timing": timing,
-                "claims": [claim.to_json() for claim in self.claims]}
+        timing = (
+            None
+            if self.timing is None
+            else {
+                "seconds": self.timing.seconds,
+                "stages_run": self.timing.stages_run,
+                "stages_cached": self.timing.stages_cached,
+                "stage_seconds": self.timing.stage_seconds,
+            }
+        )
+        return {
+            "name": self.name,
+            "recipe": dict(self.recipe),
+            "tasks": list(self.tasks),
+            "primary_metrics": dict(self.primary_metrics),
+            "models": {model_id: model.to_json() for model_id, model in self.models.items()},
+            "sweeps": self.sweeps.to_json(),
+            "mergeability": self.mergeability.to_json(),
+            "gallery": [entry.to_json() for entry in self.gallery],
+            "timing": timing,
+            "claims": [claim.to_json() for claim in self.claims],
+        }
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> "StudyResults":
         try:
             timing = data["timing"] and Timing(**data["timing"])
-            return cls(data["name"], data["recipe"], tuple(data["tasks"]), data["primary_metrics"],
-                       {model_id: ModelResult.from_json(model_id, model) for model_id, model in data["models"].items()},
-                       Sweeps.from_json(data["sweeps"]), Mergeability.from_json(data["mergeability"]),
-                       tuple(map(GalleryEntry.from_json, data["gallery"])), timing,
-                       tuple(map(Claim.from_json, data["claims"])))
+            return cls(
+                data["name"],
+                data["recipe"],
+                tuple(data["tasks"]),
+                data["primary_metrics"],
+                {model_id: ModelResult.from_json(model_id, model) for model_id, model in data["models"].items()},
+                Sweeps.from_json(data["sweeps"]),
+                Mergeability.from_json(data["mergeability"]),
+                tuple(map(GalleryEntry.from_json, data["gallery"])),
+                timing,
+                tuple(map(Claim.from_json, data["claims"])),
+            )
         except (KeyError, TypeError, ValueError) as error:
             raise ConfigError(f"not a study results file: {type(error).__name__} {error}") from None

@@ -18,8 +18,9 @@ from vlmerge.study.results import StudyResults
 RESULTS = "results.json"
 
 
-def run_study(recipe: StudyRecipe, study_dir: str | os.PathLike, progress: bool = True,
-              report: bool = True) -> StudyResults:
+def run_study(
+    recipe: StudyRecipe, study_dir: str | os.PathLike, progress: bool = True, report: bool = True
+) -> StudyResults:
     """Run (or complete) the study and write results.json and, by default, the report."""
     start = time.perf_counter()
     study_dir = Path(study_dir)
@@ -31,6 +32,7 @@ def run_study(recipe: StudyRecipe, study_dir: str | os.PathLike, progress: bool 
         tmp.write_text(json.dumps(results.to_json(), indent=1))
     if report:
         from vlmerge.study.report import write_report
+
         write_report(study_dir, results)
     return results
 

@@ -88,17 +88,19 @@ class Task(ABC):
     @abstractmethod
     def make_head(self, config: ModelConfig) -> nn.Module: ...
 
-    def init_head(self, head: nn.Module, pretraining_heads: dict[str, torch.Tensor] | None) -> None:
+    def init_head(self, head: nn.Module, pretraining_heads: dict[str, torch.Tensor] | None) -> None:  # noqa: B027
         """Start from the pre-training heads where they fit the task (retrieval); else keep the random init."""
 
     @abstractmethod
-    def loss(self, model: VLTransformer, head: nn.Module, batch: Examples,
-             dist: DistributedContext = SINGLE_PROCESS) -> dict[str, torch.Tensor]:
+    def loss(
+        self, model: VLTransformer, head: nn.Module, batch: Examples, dist: DistributedContext = SINGLE_PROCESS
+    ) -> dict[str, torch.Tensor]:
         """Losses on this rank's rows of a batch, the total under 'loss'."""
 
     @abstractmethod
-    def evaluate(self, model: VLTransformer, head: nn.Module, split: str = "test",
-                 batch_size: int = 128) -> dict[str, float]: ...
+    def evaluate(
+        self, model: VLTransformer, head: nn.Module, split: str = "test", batch_size: int = 128
+    ) -> dict[str, float]: ...
 
 
 class ClassifierTask(Task):
@@ -111,17 +113,22 @@ class ClassifierTask(Task):
     def metrics(self, logits: torch.Tensor, split: str) -> dict[str, float]:
         """Scores of a whole split's logits (in example order) against its labels."""
 
-    def loss(self, model: VLTransformer, head: nn.Module, batch: Examples,
-             dist: DistributedContext = SINGLE_PROCESS) -> dict[str, torch.Tensor]:
+    def loss(
+        self, model: VLTransformer, head: nn.Module, batch: Examples, dist: DistributedContext = SINGLE_PROCESS
+    ) -> dict[str, torch.Tensor]:
         """Cross-entropy on this rank's rows (DDP's average makes it the global mean)."""
         return {"loss": nn.functional.cross_entropy(self.logits(model, head, batch), batch["labels"])}
 
     @torch.no_grad()
-    def evaluate(self, model: VLTransformer, head: nn.Module, split: str = "test", batch_size: int = 128) -> dict[str, float]:
+    def evaluate(
+        self, model: VLTransformer, head: nn.Module, split: str = "test", batch_size: int = 128
+    ) -> dict[str, float]:
         device = next(model.parameters()).device
         with evaluation_mode(model, head):
-            chunks = [self.logits(model, head, to_device(self.batch(split, slice(start, start + batch_size)), device))
-                      for start in range(0, self.num_examples(split), batch_size)]
+            chunks = [
+                self.logits(model, head, to_device(self.batch(split, slice(start, start + batch_size)), device))
+                for start in range(0, self.num_examples(split), batch_size)
+            ]
         chunks = [chunk.cpu() for chunk in chunks]
         return self.metrics(torch.cat(chunks), split)
 
@@ -148,5 +155,6 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
 
 def mlp_head(width_in: int, classes: int) -> nn.Module:
     """The classifier on fused outputs used by VLMo/BEiT-3 style VQA and NLVR2 heads."""
-    return nn.Sequential(nn.Linear(width_in, 2 * width_in), nn.GELU(), nn.LayerNorm(2 * width_in),
-                         nn.Linear(2 * width_in, classes))
+    return nn.Sequential(
+        nn.Linear(width_in, 2 * width_in), nn.GELU(), nn.LayerNorm(2 * width_in), nn.Linear(2 * width_in, classes)
+    )

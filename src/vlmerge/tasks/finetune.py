@@ -9,12 +9,12 @@ import torch
 from torch import nn
 
 from vlmerge.core.errors import CheckpointError, ConfigError
+from vlmerge.data.config import DataConfig
+from vlmerge.data.sources import check_data, load_source
 from vlmerge.io.atomic import atomic_path
 from vlmerge.io.checkpoint import open_checkpoint
 from vlmerge.models.checkpoint import load_head_state, load_model, save_model
 from vlmerge.models.transformer import VLTransformer
-from vlmerge.data.config import DataConfig
-from vlmerge.data.sources import check_data, load_source
 from vlmerge.tasks.base import TASKS, Task
 from vlmerge.training.config import CONFIG_FILE, FinetuneConfig, claim_run_dir, read_yaml
 from vlmerge.training.distributed import DistributedContext, init_distributed
@@ -37,21 +37,25 @@ class TaskObjective(nn.Module):
         return self.task.loss(self.model, self.head, batch, self.dist)
 
 
-def load_task(name: str, checkpoint: str | os.PathLike, data: DataConfig, seed: int = 0,
-              progress: bool = False) -> tuple[VLTransformer, Task]:
+def load_task(
+    name: str, checkpoint: str | os.PathLike, data: DataConfig, seed: int = 0, progress: bool = False
+) -> tuple[VLTransformer, Task]:
     """The checkpoint's model and the task over the data, checked against each other."""
     task_class = TASKS.get(name)
     check_data(data, [task_class.use])
     model = load_model(checkpoint)
     if model.config.image_size != data.image_size:
-        raise ConfigError(f"{checkpoint}: the model takes {model.config.image_size}px images but the data is "
-                          f"{data.image_size}px; set data.image_size: {model.config.image_size}")
+        raise ConfigError(
+            f"{checkpoint}: the model takes {model.config.image_size}px images but the data is "
+            f"{data.image_size}px; set data.image_size: {model.config.image_size}"
+        )
     tokenizer = checkpoint_tokenizer(open_checkpoint(checkpoint), model.config.max_text_len)
     return model, task_class(load_source(data, progress), tokenizer, seed)
 
 
-def run_finetune(config: FinetuneConfig, run_dir: str | os.PathLike, progress: bool = True,
-                 dist: DistributedContext | None = None) -> dict[str, float]:
+def run_finetune(
+    config: FinetuneConfig, run_dir: str | os.PathLike, progress: bool = True, dist: DistributedContext | None = None
+) -> dict[str, float]:
     """Fine-tune (or resume), evaluate on `eval_split`; write the model and results.json."""
     dist = dist or init_distributed()
     run_dir = claim_run_dir(run_dir, config) if dist.is_main else Path(run_dir)
@@ -73,21 +77,43 @@ def run_finetune(config: FinetuneConfig, run_dir: str | os.PathLike, progress: b
         local = rows[dist.rows(len(rows))]
         return objective({name: tensor.to(dist.device) for name, tensor in task.batch("train", local).items()})
 
-    Trainer(run_dir, {"model": model, "head": head}, optimizer, config.steps, config.checkpoint_every, scheduler,
-            progress=progress, grad_clip=config.optimizer.grad_clip, dist=dist).fit(step_fn)
+    Trainer(
+        run_dir,
+        {"model": model, "head": head},
+        optimizer,
+        config.steps,
+        config.checkpoint_every,
+        scheduler,
+        progress=progress,
+        grad_clip=config.optimizer.grad_clip,
+        dist=dist,
+    ).fit(step_fn)
     metrics = {}
     if dist.is_main:
         metrics = task.evaluate(model, head, config.eval_split, config.eval_batch_size)
         metadata = {"stage": "finetune", "task": config.task, "tokenizer": task.tokenizer.to_json()}
         save_model(model, run_dir / MODEL_FILE, step=config.steps, extra_metadata=metadata, heads={TASK_HEAD: head})
-        write_results(run_dir / RESULTS_FILE, {"task": config.task, "split": config.eval_split, "init": config.init,
-                                               "steps": config.steps, "metrics": metrics})
+        write_results(
+            run_dir / RESULTS_FILE,
+            {
+                "task": config.task,
+                "split": config.eval_split,
+                "init": config.init,
+                "steps": config.steps,
+                "metrics": metrics,
+            },
+        )
     dist.barrier()
     return metrics
 
 
-def evaluate_checkpoint(checkpoint: str | os.PathLike, task_name: str | None = None, split: str = "test",
-                        data: DataConfig | None = None, batch_size: int = 128) -> dict[str, float]:
+def evaluate_checkpoint(
+    checkpoint: str | os.PathLike,
+    task_name: str | None = None,
+    split: str = "test",
+    data: DataConfig | None = None,
+    batch_size: int = 128,
+) -> dict[str, float]:
     """A fine-tuned checkpoint on its task, or a pre-trained / merged one zero-shot (retrieval
     with its contrastive heads: the only task that needs no task head)."""
     reader = open_checkpoint(checkpoint)
@@ -104,8 +130,10 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, task_name: str | None = N
     elif task_name == "retrieval" and (pretraining := load_head_state(checkpoint, HEADS)) is not None:
         task.init_head(head, pretraining)
     else:
-        raise CheckpointError(f"{checkpoint}: has no head for {task_name!r}; fine-tune it first with `vlmerge train "
-                              "finetune` (zero-shot evaluation is retrieval with the pre-training heads)")
+        raise CheckpointError(
+            f"{checkpoint}: has no head for {task_name!r}; fine-tune it first with `vlmerge train "
+            "finetune` (zero-shot evaluation is retrieval with the pre-training heads)"
+        )
     return task.evaluate(model, head, split, batch_size)
 
 
@@ -115,8 +143,13 @@ def run_checkpoint(path: str | os.PathLike) -> Path:
     return path / MODEL_FILE if path.is_dir() else path
 
 
-def evaluate_path(path: str | os.PathLike, task_name: str | None = None, split: str = "test",
-                  data: str | os.PathLike | None = None, limit: int | None = None) -> dict[str, float]:
+def evaluate_path(
+    path: str | os.PathLike,
+    task_name: str | None = None,
+    split: str = "test",
+    data: str | os.PathLike | None = None,
+    limit: int | None = None,
+) -> dict[str, float]:
     """`evaluate_checkpoint` of a checkpoint or a run directory. Without `data`, a run directory is
     evaluated on the data in its config; otherwise `data` is a dataset name (default emoji) or a
     YAML data config (see `resolve_data`), cut to the first `limit` records."""

@@ -33,8 +33,10 @@ class VisualReasoning(ClassifierTask):
         return mlp_head(2 * config.width, 2)
 
     def logits(self, model: VLTransformer, head: nn.Module, batch: Examples) -> torch.Tensor:
-        pooled = [model.pool(model(images=batch[side], text_ids=batch["text_ids"], text_mask=batch["text_mask"]))
-                  for side in ("left", "right")]
+        pooled = [
+            model.pool(model(images=batch[side], text_ids=batch["text_ids"], text_mask=batch["text_mask"]))
+            for side in ("left", "right")
+        ]
         return head(torch.cat(pooled, dim=-1))
 
     def metrics(self, logits: torch.Tensor, split: str) -> dict[str, float]:

@@ -51,8 +51,11 @@ def recall_at_k(similarity: torch.Tensor, image_of: torch.Tensor, k: int, direct
 def retrieval_metrics(similarity: torch.Tensor, image_of: torch.Tensor | None = None) -> dict[str, float]:
     """(images x captions) similarities; caption j describes image image_of[j] (default: image j)."""
     image_of = torch.arange(similarity.shape[1]) if image_of is None else image_of
-    metrics = {f"{direction}_r{k}": recall_at_k(similarity, image_of, k, direction)
-               for direction in ("i2t", "t2i") for k in RECALL_AT}
+    metrics = {
+        f"{direction}_r{k}": recall_at_k(similarity, image_of, k, direction)
+        for direction in ("i2t", "t2i")
+        for k in RECALL_AT
+    }
     metrics["mean_recall"] = sum(metrics.values()) / len(metrics)
     return metrics
 
@@ -76,23 +79,30 @@ class Retrieval(Task):
         if pretraining_heads is not None:
             head.load_state_dict({key: pretraining_heads[key] for key in head.state_dict()}, strict=True)
 
-    def loss(self, model: VLTransformer, head: nn.Module, batch: Examples,
-             dist: DistributedContext = SINGLE_PROCESS) -> dict[str, torch.Tensor]:
+    def loss(
+        self, model: VLTransformer, head: nn.Module, batch: Examples, dist: DistributedContext = SINGLE_PROCESS
+    ) -> dict[str, torch.Tensor]:
         image = dist.gather(head.embed_images(model, batch["images"]))
         text = dist.gather(head.embed_text(model, batch["text_ids"], batch["text_mask"]))
         return {"loss": contrastive_loss(contrastive_logits(image, text, head.logit_scale))}
 
-    def evaluate(self, model: VLTransformer, head: nn.Module, split: str = "test", batch_size: int = 128) -> dict[str, float]:
+    def evaluate(
+        self, model: VLTransformer, head: nn.Module, split: str = "test", batch_size: int = 128
+    ) -> dict[str, float]:
         return retrieval_metrics(self.similarity(model, head, split, batch_size), self.examples(split)["images"])
 
     @torch.no_grad()
-    def similarity(self, model: VLTransformer, head: nn.Module, split: str = "test", batch_size: int = 128) -> torch.Tensor:
+    def similarity(
+        self, model: VLTransformer, head: nn.Module, split: str = "test", batch_size: int = 128
+    ) -> torch.Tensor:
         """(images x captions) cosine similarities over a whole split, each image embedded once."""
         store, examples = self.image_store(split), self.examples(split)
         device = next(model.parameters()).device
         with evaluation_mode(model, head):
-            images = [head.embed_images(model, model_images(store[slice(start, start + batch_size)]).to(device)).cpu()
-                      for start in range(0, len(store), batch_size)]
+            images = [
+                head.embed_images(model, model_images(store[slice(start, start + batch_size)]).to(device)).cpu()
+                for start in range(0, len(store), batch_size)
+            ]
             texts = []
             for start in range(0, num_examples(examples), batch_size):
                 batch = to_device(take(examples, slice(start, start + batch_size)), device)

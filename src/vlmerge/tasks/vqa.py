@@ -16,8 +16,10 @@ from vlmerge.models.transformer import VLTransformer
 from vlmerge.tasks.base import TASKS, ClassifierTask, Examples, encode_text, mlp_head
 from vlmerge.training.distributed import SINGLE_PROCESS, DistributedContext
 
-def vqa_metrics(logits: torch.Tensor, targets: torch.Tensor, kinds: torch.Tensor,
-                kind_names: tuple[str, ...]) -> dict[str, float]:
+
+def vqa_metrics(
+    logits: torch.Tensor, targets: torch.Tensor, kinds: torch.Tensor, kind_names: tuple[str, ...]
+) -> dict[str, float]:
     scores = targets.gather(1, logits.argmax(dim=-1, keepdim=True)).squeeze(1)
     metrics = {"vqa_score": scores.mean().item(), "accuracy": (scores > 0).float().mean().item()}
     for index, kind in enumerate(kind_names):
@@ -65,8 +67,9 @@ class VisualQuestionAnswering(ClassifierTask):
         fused = model(images=batch["images"], text_ids=batch["text_ids"], text_mask=batch["text_mask"])
         return head(model.pool(fused))
 
-    def loss(self, model: VLTransformer, head: nn.Module, batch: Examples,
-             dist: DistributedContext = SINGLE_PROCESS) -> dict[str, torch.Tensor]:
+    def loss(
+        self, model: VLTransformer, head: nn.Module, batch: Examples, dist: DistributedContext = SINGLE_PROCESS
+    ) -> dict[str, torch.Tensor]:
         targets = batch["targets"] / batch["targets"].sum(dim=-1, keepdim=True).clamp(min=1e-6)
         log_probs = self.logits(model, head, batch).log_softmax(dim=-1)
         return {"loss": -(targets * log_probs).sum(dim=-1).mean()}

@@ -35,8 +35,9 @@ class OptimizerConfig(StrictConfig):
 
 class ModelSpec(StrictConfig):
     size: str = "micro"
-    placement: ExpertPlacement | None = Field(None, description="where the experts sit; default: none for seed, "
-                                                                 "all for specific")
+    placement: ExpertPlacement | None = Field(
+        None, description="where the experts sit; default: none for seed, all for specific"
+    )
     fusion_layer: int | None = None
     layer_scale_init: float | None = Field(None, gt=0)
 
@@ -75,8 +76,11 @@ class PretrainConfig(RunConfig):
     model: ModelSpec = ModelSpec()
     tokenizer: TokenizerConfig = TokenizerConfig()
     objectives: ObjectiveWeights = ObjectiveWeights()
-    init: str | None = Field(None, description="a modality-agnostic checkpoint to start from (seed: e.g. a pretrained "
-                                               "ViT; specific: the seed); none = random (naive merging for specific)")
+    init: str | None = Field(
+        None,
+        description="a modality-agnostic checkpoint to start from (seed: e.g. a pretrained "
+        "ViT; specific: the seed); none = random (naive merging for specific)",
+    )
 
     @model_validator(mode="after")
     def _stage_rules(self) -> Self:
@@ -140,8 +144,9 @@ def claim_run_dir(run_dir: str | os.PathLike, config: StageConfig) -> Path:
         existing = read_yaml(path)
         if existing != resolved:
             changed = sorted(k for k in set(existing) | set(resolved) if existing.get(k) != resolved.get(k))
-            raise ConfigError(f"{run_dir} holds a run with a different config (fields {changed} differ); "
-                              "use a new run directory")
+            raise ConfigError(
+                f"{run_dir} holds a run with a different config (fields {changed} differ); use a new run directory"
+            )
         return run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:

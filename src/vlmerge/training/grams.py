@@ -13,12 +13,12 @@ from pathlib import Path
 
 import torch
 
+from vlmerge.data.config import DataConfig
+from vlmerge.data.sources import load_pairs
 from vlmerge.io.checkpoint import file_sha256, open_checkpoint
 from vlmerge.io.grams import save_grams
 from vlmerge.merging.grams import collect_grams
 from vlmerge.models.checkpoint import load_model
-from vlmerge.data.config import DataConfig
-from vlmerge.data.sources import load_pairs
 from vlmerge.training.distributed import DistributedContext, init_distributed
 from vlmerge.training.setup import PairData, checkpoint_data, checkpoint_tokenizer
 
@@ -26,7 +26,7 @@ from vlmerge.training.setup import PairData, checkpoint_data, checkpoint_tokeniz
 def gram_batches(pairs: PairData, batch_size: int, dist: DistributedContext) -> Iterator[dict[str, torch.Tensor]]:
     """This rank's share of the model inputs, in order: images, text, pairs per data batch."""
     starts = range(0, len(pairs), batch_size)
-    for start in list(starts)[dist.rank::dist.world_size]:
+    for start in list(starts)[dist.rank :: dist.world_size]:
         batch = pairs[slice(start, start + batch_size)].to(dist.device)
         text = {"text_ids": batch.text.ids, "text_mask": batch.text.mask}
         yield {"images": batch.images}
@@ -34,21 +34,33 @@ def gram_batches(pairs: PairData, batch_size: int, dist: DistributedContext) -> 
         yield {"images": batch.images, **text}
 
 
-def collect_checkpoint_grams(checkpoint: str | os.PathLike, out: str | os.PathLike, data: DataConfig | None = None,
-                             split: str = "train", batch_size: int = 64, normalize: bool = False,
-                             progress: bool = True, dist: DistributedContext | None = None) -> Path:
+def collect_checkpoint_grams(
+    checkpoint: str | os.PathLike,
+    out: str | os.PathLike,
+    data: DataConfig | None = None,
+    split: str = "train",
+    batch_size: int = 64,
+    normalize: bool = False,
+    progress: bool = True,
+    dist: DistributedContext | None = None,
+) -> Path:
     """Collect and save the Gram file, recording where it came from (checkpoint and data)."""
     dist = dist or init_distributed()
     reader = open_checkpoint(checkpoint)
     model = load_model(checkpoint).to(dist.device)
     data = data or checkpoint_data(reader)
-    pairs = PairData.of(load_pairs(data, split, progress=progress and dist.is_main),
-                        checkpoint_tokenizer(reader, model.config.max_text_len))
-    grams, info = collect_grams(model, gram_batches(pairs, batch_size, dist), normalize=normalize,
-                                progress=progress and dist.is_main)
-    provenance = {"checkpoint": {"path": str(checkpoint), "sha256": file_sha256(checkpoint)},
-                  "data": {**data.model_dump(mode="json"), "split": split, "examples": len(pairs)},
-                  "inputs": "images, text and image-text pairs of each batch"}
+    pairs = PairData.of(
+        load_pairs(data, split, progress=progress and dist.is_main),
+        checkpoint_tokenizer(reader, model.config.max_text_len),
+    )
+    grams, info = collect_grams(
+        model, gram_batches(pairs, batch_size, dist), normalize=normalize, progress=progress and dist.is_main
+    )
+    provenance = {
+        "checkpoint": {"path": str(checkpoint), "sha256": file_sha256(checkpoint)},
+        "data": {**data.model_dump(mode="json"), "split": split, "examples": len(pairs)},
+        "inputs": "images, text and image-text pairs of each batch",
+    }
     if dist.is_main:
         save_grams(out, grams, info, provenance)
     dist.barrier()

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 from pydantic import Field
+from torch import nn
 
 from vlmerge.core.config import StrictConfig
 from vlmerge.data.masking import IGNORE_INDEX, whole_word_mask
@@ -60,7 +60,9 @@ def contrastive_loss(logits: torch.Tensor) -> torch.Tensor:
     return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
 
 
-def sample_hard_negatives(logits: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_hard_negatives(
+    logits: torch.Tensor, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """For each image a non-matching text, and for each text a non-matching image, drawn in
     proportion to their similarity (harder negatives more often); never the positive."""
     eye = torch.eye(logits.shape[0], dtype=torch.bool, device=logits.device)
@@ -71,8 +73,14 @@ def sample_hard_negatives(logits: torch.Tensor, generator: torch.Generator | Non
     return text_for_image, image_for_text
 
 
-def itm_loss(model: VLTransformer, heads: PretrainingHeads, batch: PairBatch, logits: torch.Tensor,
-             generator: torch.Generator | None = None, dist: DistributedContext = SINGLE_PROCESS) -> torch.Tensor:
+def itm_loss(
+    model: VLTransformer,
+    heads: PretrainingHeads,
+    batch: PairBatch,
+    logits: torch.Tensor,
+    generator: torch.Generator | None = None,
+    dist: DistributedContext = SINGLE_PROCESS,
+) -> torch.Tensor:
     """This rank's positives plus one hard negative text per image and one hard negative image
     per text, drawn from the global batch (`logits` is global; every rank draws the same)."""
     text_for_image, image_for_text = sample_hard_negatives(logits, generator)
@@ -87,8 +95,15 @@ def itm_loss(model: VLTransformer, heads: PretrainingHeads, batch: PairBatch, lo
     return F.cross_entropy(heads.itm(model.pool(fused)), labels)
 
 
-def mlm_loss(model: VLTransformer, heads: PretrainingHeads, batch: PairBatch, mask_probability: float, mask_id: int,
-             generator: torch.Generator | None = None, dist: DistributedContext = SINGLE_PROCESS) -> torch.Tensor:
+def mlm_loss(
+    model: VLTransformer,
+    heads: PretrainingHeads,
+    batch: PairBatch,
+    mask_probability: float,
+    mask_id: int,
+    generator: torch.Generator | None = None,
+    dist: DistributedContext = SINGLE_PROCESS,
+) -> torch.Tensor:
     """Masks are drawn for the global batch, so they do not depend on the number of ranks."""
     vocab_size = heads.mlm[-1].out_features
     inputs, labels = whole_word_mask(batch.text, mask_probability, mask_id, vocab_size, generator)
@@ -96,27 +111,38 @@ def mlm_loss(model: VLTransformer, heads: PretrainingHeads, batch: PairBatch, ma
     inputs, labels = inputs[rows], labels[rows]
     fused = model(images=batch.images[rows], text_ids=inputs, text_mask=batch.text.mask[rows])
     text_hidden = fused.hidden[:, : fused.num_text_tokens]  # text leads the fused sequence
-    total = F.cross_entropy(heads.mlm(text_hidden).flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
-                            reduction="sum")
+    total = F.cross_entropy(
+        heads.mlm(text_hidden).flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
     return dist.global_mean(total, (labels != IGNORE_INDEX).sum())
 
 
-def pretraining_losses(model: VLTransformer, heads: PretrainingHeads, batch: PairBatch, weights: ObjectiveWeights,
-                       mask_id: int, generator: torch.Generator | None = None,
-                       dist: DistributedContext = SINGLE_PROCESS) -> dict[str, torch.Tensor]:
+def pretraining_losses(
+    model: VLTransformer,
+    heads: PretrainingHeads,
+    batch: PairBatch,
+    weights: ObjectiveWeights,
+    mask_id: int,
+    generator: torch.Generator | None = None,
+    dist: DistributedContext = SINGLE_PROCESS,
+) -> dict[str, torch.Tensor]:
     """Every enabled objective on one global batch (this rank computes its rows), plus their
     weighted sum under 'loss'."""
     local = batch[dist.rows(len(batch))]
     image_out = model(images=local.images)
     text_out = model(text_ids=local.text.ids, text_mask=local.text.mask)
-    logits = contrastive_logits(dist.gather(heads.itc_image(image_out.cls)), dist.gather(heads.itc_text(text_out.cls)),
-                                heads.logit_scale)
+    logits = contrastive_logits(
+        dist.gather(heads.itc_image(image_out.cls)), dist.gather(heads.itc_text(text_out.cls)), heads.logit_scale
+    )
     losses = {"itc": contrastive_loss(logits)}
     if weights.itc_vl:
         image_vl = model(images=local.images, unimodal_through_vl=True)
         text_vl = model(text_ids=local.text.ids, text_mask=local.text.mask, unimodal_through_vl=True)
-        vl_logits = contrastive_logits(dist.gather(heads.itc_vl_image(image_vl.cls)),
-                                       dist.gather(heads.itc_vl_text(text_vl.cls)), heads.vl_logit_scale)
+        vl_logits = contrastive_logits(
+            dist.gather(heads.itc_vl_image(image_vl.cls)),
+            dist.gather(heads.itc_vl_text(text_vl.cls)),
+            heads.vl_logit_scale,
+        )
         losses["itc_vl"] = contrastive_loss(vl_logits)
     if weights.itm:
         losses["itm"] = itm_loss(model, heads, batch, logits, generator, dist)
@@ -129,8 +155,14 @@ def pretraining_losses(model: VLTransformer, heads: PretrainingHeads, batch: Pai
 class PretrainingObjective(nn.Module):
     """Model, heads and losses as one module, so DistributedDataParallel sees one forward per step."""
 
-    def __init__(self, model: VLTransformer, heads: PretrainingHeads, weights: ObjectiveWeights, mask_id: int,
-                 dist: DistributedContext = SINGLE_PROCESS) -> None:
+    def __init__(
+        self,
+        model: VLTransformer,
+        heads: PretrainingHeads,
+        weights: ObjectiveWeights,
+        mask_id: int,
+        dist: DistributedContext = SINGLE_PROCESS,
+    ) -> None:
         super().__init__()
         self.model, self.heads = model, heads
         self.weights, self.mask_id, self.dist = weights, mask_id, dist

@@ -35,12 +35,18 @@ TOKENIZER_FILE = "tokenizer.json"
 HEADS = "heads"
 
 
-def build_pretraining_model(config: PretrainConfig, vocab_size: int, max_text_len: int
-                            ) -> tuple[VLTransformer, PretrainingHeads]:
+def build_pretraining_model(
+    config: PretrainConfig, vocab_size: int, max_text_len: int
+) -> tuple[VLTransformer, PretrainingHeads]:
     """The stage's model and heads at step 0 (seeded): scratch, or experts copied from a shared model."""
     torch.manual_seed(config.random_seed)
-    shape = model_config(config.model.size, image_size=config.data.image_size, vocab_size=vocab_size,
-                         max_text_len=max_text_len, **config.model.overrides())
+    shape = model_config(
+        config.model.size,
+        image_size=config.data.image_size,
+        vocab_size=vocab_size,
+        max_text_len=max_text_len,
+        **config.model.overrides(),
+    )
     shape = shape.with_placement(config.placement)
     if config.stage == "seed":
         if config.init:
@@ -59,8 +65,10 @@ def _load_agnostic(path: str, shape: ModelConfig) -> tuple[VLTransformer, Pretra
     """A modality-agnostic checkpoint and its pre-training heads (fresh, seeded, if it has none)."""
     seed = load_model(path)
     if seed.config.is_multiway:
-        raise ConfigError(f"{path}: the init checkpoint has experts ({seed.config.placement.value}); "
-                          "pre-training starts from a modality-agnostic checkpoint")
+        raise ConfigError(
+            f"{path}: the init checkpoint has experts ({seed.config.placement.value}); "
+            "pre-training starts from a modality-agnostic checkpoint"
+        )
     if seed.config != shape.agnostic():
         changed = sorted(k for k, v in shape.agnostic() if getattr(seed.config, k) != v)
         raise ConfigError(f"{path}: the init model differs from this stage's model in {changed}")
@@ -71,7 +79,9 @@ def _load_agnostic(path: str, shape: ModelConfig) -> tuple[VLTransformer, Pretra
     return seed, heads
 
 
-def run_tokenizer(run_dir: Path, config: PretrainConfig, train: CaptionPairs, dist: DistributedContext) -> TextTokenizer:
+def run_tokenizer(
+    run_dir: Path, config: PretrainConfig, train: CaptionPairs, dist: DistributedContext
+) -> TextTokenizer:
     """The run's tokenizer, fixed once in the run directory: a resumed run and every rank read
     the same file (WordPiece training is not deterministic across processes)."""
     path = run_dir / TOKENIZER_FILE
@@ -82,8 +92,9 @@ def run_tokenizer(run_dir: Path, config: PretrainConfig, train: CaptionPairs, di
     return TextTokenizer.load(path, config.tokenizer.max_len)
 
 
-def run_pretraining(config: PretrainConfig, run_dir: str | os.PathLike, progress: bool = True,
-                    dist: DistributedContext | None = None) -> Path:
+def run_pretraining(
+    config: PretrainConfig, run_dir: str | os.PathLike, progress: bool = True, dist: DistributedContext | None = None
+) -> Path:
     """Train (or resume) the stage in `run_dir`; return the path of its final checkpoint."""
     dist = dist or init_distributed()
     run_dir = claim_run_dir(run_dir, config) if dist.is_main else Path(run_dir)
@@ -102,13 +113,25 @@ def run_pretraining(config: PretrainConfig, run_dir: str | os.PathLike, progress
         rows = batch_indices(len(pairs), config.optimizer.batch_size, step, config.random_seed)
         return objective(pairs[rows].to(dist.device), step_generator(config.random_seed, step, device=dist.device))
 
-    trainer = Trainer(run_dir, {"model": model, "heads": heads}, optimizer, config.steps, config.checkpoint_every,
-                      scheduler, progress=progress, grad_clip=config.optimizer.grad_clip, dist=dist)
+    trainer = Trainer(
+        run_dir,
+        {"model": model, "heads": heads},
+        optimizer,
+        config.steps,
+        config.checkpoint_every,
+        scheduler,
+        progress=progress,
+        grad_clip=config.optimizer.grad_clip,
+        dist=dist,
+    )
     trainer.fit(step_fn)
     out = run_dir / MODEL_FILE
     if dist.is_main:
-        metadata = {"stage": config.stage, "tokenizer": tokenizer.to_json(),
-                    "run_config": json.dumps(config.model_dump(mode="json"), sort_keys=True)}
+        metadata = {
+            "stage": config.stage,
+            "tokenizer": tokenizer.to_json(),
+            "run_config": json.dumps(config.model_dump(mode="json"), sort_keys=True),
+        }
         save_model(model, out, step=config.steps, extra_metadata=metadata, heads={HEADS: heads})
     dist.barrier()
     return out

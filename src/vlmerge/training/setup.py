@@ -70,8 +70,9 @@ def resolve_tokenizer(config: TokenizerConfig, captions: Sequence[str], init: Ch
 
 def checkpoint_tokenizer(reader: CheckpointReader, max_len: int) -> TextTokenizer:
     if "tokenizer" not in reader.metadata:
-        raise CheckpointError(f"{reader.path}: carries no tokenizer; train it with `vlmerge train` or merge a "
-                              "checkpoint that has one")
+        raise CheckpointError(
+            f"{reader.path}: carries no tokenizer; train it with `vlmerge train` or merge a checkpoint that has one"
+        )
     return TextTokenizer.from_json(reader.metadata["tokenizer"], max_len)
 
 
@@ -84,13 +85,16 @@ def parameter_groups(modules: list[nn.Module], weight_decay: float, lr: float) -
                 continue
             plain = parameter.ndim < 2 or any(part in name for part in EMBEDDING_NAMES)
             (no_decay if plain else decay).append(parameter)
-    groups = [{"params": decay, "weight_decay": weight_decay, "lr": lr},
-              {"params": no_decay, "weight_decay": 0.0, "lr": lr}]
+    groups = [
+        {"params": decay, "weight_decay": weight_decay, "lr": lr},
+        {"params": no_decay, "weight_decay": 0.0, "lr": lr},
+    ]
     return [group for group in groups if group["params"]]
 
 
-def make_optimizer(modules: list[nn.Module], config: OptimizerConfig, steps: int, head: nn.Module | None = None
-                   ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+def make_optimizer(
+    modules: list[nn.Module], config: OptimizerConfig, steps: int, head: nn.Module | None = None
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
     """AdamW (or SGD) with linear warm-up, then cosine decay to 10 % of the peak rate. A task
     head, new and randomly initialised, learns `head_lr_multiplier` times faster."""
     groups = parameter_groups(modules, config.weight_decay, config.lr)

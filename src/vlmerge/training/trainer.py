@@ -35,14 +35,22 @@ def batch_indices(num_examples: int, batch_size: int, step: int, seed: int) -> t
     per_epoch = max(num_examples // batch_size, 1)
     epoch, position = divmod(step, per_epoch)
     order = torch.randperm(num_examples, generator=step_generator(seed, epoch, "epoch"))
-    return order[position * batch_size:(position + 1) * batch_size]
+    return order[position * batch_size : (position + 1) * batch_size]
 
 
 class Trainer:
-    def __init__(self, run_dir: str | os.PathLike, modules: dict[str, nn.Module], optimizer: torch.optim.Optimizer,
-                 steps: int, checkpoint_every: int, scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
-                 progress: bool = True, grad_clip: float | None = None,
-                 dist: DistributedContext = SINGLE_PROCESS) -> None:
+    def __init__(
+        self,
+        run_dir: str | os.PathLike,
+        modules: dict[str, nn.Module],
+        optimizer: torch.optim.Optimizer,
+        steps: int,
+        checkpoint_every: int,
+        scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+        progress: bool = True,
+        grad_clip: float | None = None,
+        dist: DistributedContext = SINGLE_PROCESS,
+    ) -> None:
         self.run_dir = Path(run_dir)
         self.grad_clip = grad_clip
         self.dist = dist
@@ -63,8 +71,14 @@ class Trainer:
         start = self.resume()
         for module in self.modules.values():
             module.train()
-        bar = tqdm(range(start, self.steps), initial=start, total=self.steps, desc=self.run_dir.name,
-                   disable=not (self.progress and self.dist.is_main), unit="step")
+        bar = tqdm(
+            range(start, self.steps),
+            initial=start,
+            total=self.steps,
+            desc=self.run_dir.name,
+            disable=not (self.progress and self.dist.is_main),
+            unit="step",
+        )
         for step in bar:
             losses = step_fn(step)
             self.optimizer.zero_grad(set_to_none=True)

@@ -86,8 +86,13 @@ def read_questions(path: Path, answers: Sequence[str]) -> list[EasyQuestion]:
         raise ConfigError(f"{path}: not readable JSON ({error})") from error
     known, questions = set(answers), []
     for number, entry in enumerate(entries if isinstance(entries, list) else [None]):
-        if not (isinstance(entry, list) and len(entry) == 3 and isinstance(entry[0], str)
-                and isinstance(entry[1], str) and isinstance(entry[2], int)):
+        if not (
+            isinstance(entry, list)
+            and len(entry) == 3
+            and isinstance(entry[0], str)
+            and isinstance(entry[1], str)
+            and isinstance(entry[2], int)
+        ):
             raise ConfigError(f"{path}: entry {number} is not [question, answer, image id]: {entry!r}")
         if entry[1] not in known:
             raise ConfigError(f"{path}: entry {number} answers {entry[1]!r}, not one of answers.txt")
@@ -96,7 +101,7 @@ def read_questions(path: Path, answers: Sequence[str]) -> list[EasyQuestion]:
 
 
 def question_kind(question: str) -> str:
-    """"color", "shape" or "yes/no", from the question's opening words."""
+    """ "color", "shape" or "yes/no", from the question's opening words."""
     text = question.lower()
     if text.startswith(("what color", "what is the color")):
         return "color"
@@ -125,8 +130,10 @@ def image_attributes(questions: Sequence[EasyQuestion], colors: Sequence[str]) -
         for level, words in vocabulary.items():
             said = asserted[image][level]
             if len(said) > 1 or said & excluded[image]:
-                raise ConfigError(f"easy-VQA image {image}: its questions contradict each other on its {level} "
-                                  f"({sorted(said)} asserted, {sorted(excluded[image])} excluded)")
+                raise ConfigError(
+                    f"easy-VQA image {image}: its questions contradict each other on its {level} "
+                    f"({sorted(said)} asserted, {sorted(excluded[image])} excluded)"
+                )
             possible = said or set(words) - excluded[image]
             if len(possible) == 1:
                 attributes[image][level] = possible.pop()
@@ -161,28 +168,37 @@ class EasyVQA(DataSource):
     def split(self, split: str) -> EasyPart:
         self.check_split(split)
         folder = self.data_dir / ("test" if split == "test" else "train")
-        questions = read_questions(PACKAGE.require(self.name, folder / "questions.json", "data"),
-                                   self.answer_vocabulary())
+        questions = read_questions(
+            PACKAGE.require(self.name, folder / "questions.json", "data"), self.answer_vocabulary()
+        )
         every = sorted(int(path.stem) for path in (folder / "images").glob("*.png") if path.stem.isdigit())
         unknown = sorted({question.image for question in questions} - set(every))
         if unknown:
-            raise ConfigError(f"{folder / 'questions.json'}: questions about images {unknown[:5]} that "
-                              f"{folder / 'images'} lacks")
+            raise ConfigError(
+                f"{folder / 'questions.json'}: questions about images {unknown[:5]} that {folder / 'images'} lacks"
+            )
         ids = [image for image in every if split == "test" or train_or_val(f"train/{image}") == split]
-        ids = ids[:self.config.limit]
+        ids = ids[: self.config.limit]
         if not ids:
             raise ConfigError(f"{folder / 'images'}: no pictures for split {split!r}")
         row = {image: index for index, image in enumerate(ids)}
         pictures = torch.stack([read_image(folder / "images" / f"{image}.png", NATIVE_SIZE) for image in ids])
-        return EasyPart(tuple(ids), tuple(EasyQuestion(q.question, q.answer, row[q.image]) for q in questions
-                                          if q.image in row), ResizedImages(pictures, self.config.image_size))
+        return EasyPart(
+            tuple(ids),
+            tuple(EasyQuestion(q.question, q.answer, row[q.image]) for q in questions if q.image in row),
+            ResizedImages(pictures, self.config.image_size),
+        )
 
     def questions(self, split: str, seed: int = 0) -> Questions:
         """easy-VQA's own questions; `seed` changes nothing."""
         part = self.split(split)
-        return Questions(part.images, torch.tensor([q.image for q in part.questions], dtype=torch.long),
-                         tuple(q.question for q in part.questions), tuple({q.answer: 1.0} for q in part.questions),
-                         tuple(question_kind(q.question) for q in part.questions))
+        return Questions(
+            part.images,
+            torch.tensor([q.image for q in part.questions], dtype=torch.long),
+            tuple(q.question for q in part.questions),
+            tuple({q.answer: 1.0} for q in part.questions),
+            tuple(question_kind(q.question) for q in part.questions),
+        )
 
     def attributes(self, split: str) -> dict[int, dict[str, str]]:
         """Row of the split's images -> its settled "shape" and "color"."""
@@ -193,9 +209,16 @@ class EasyVQA(DataSource):
         part = self.split(split)
         known = {row: found for row, found in self.attributes(split).items() if len(found) == 2}
         rows = sorted(known)
-        levels = {"shape": LabelLevel.of((known[row]["shape"] for row in rows), SHAPES),
-                  "color": LabelLevel.of((known[row]["color"] for row in rows), self.colors)}
+        levels = {
+            "shape": LabelLevel.of((known[row]["shape"] for row in rows), SHAPES),
+            "color": LabelLevel.of((known[row]["color"] for row in rows), self.colors),
+        }
         examples = build_statements(levels, STATEMENT_TEMPLATES, seed=seed, noun=f"easy-VQA {split} pictures")
         to_row = torch.tensor(rows, dtype=torch.long)
-        return Statements(part.images, to_row[[e.left for e in examples]], to_row[[e.right for e in examples]],
-                          tuple(e.statement for e in examples), torch.tensor([e.label for e in examples]))
+        return Statements(
+            part.images,
+            to_row[[e.left for e in examples]],
+            to_row[[e.right for e in examples]],
+            tuple(e.statement for e in examples),
+            torch.tensor([e.label for e in examples]),
+        )

@@ -26,11 +26,26 @@ PACKAGE = debian("dataset-fashion-mnist")
 DEFAULT_DIR = Path("/usr/share/datasets/fashion-mnist")
 FILES = {"train": "train", "test": "t10k"}  # split of the files -> their prefix
 CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
-CAPTIONS = ("a photo of a t-shirt or top.", "a photo of trousers.", "a photo of a pullover.", "a photo of a dress.",
-            "a photo of a coat.", "a photo of a sandal.", "a photo of a shirt.", "a photo of a sneaker.",
-            "a photo of a bag.", "a photo of an ankle boot.")
-IDX_TYPES = {0x08: np.dtype(np.uint8), 0x09: np.dtype(np.int8), 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"),
-             0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
+CAPTIONS = (
+    "a photo of a t-shirt or top.",
+    "a photo of trousers.",
+    "a photo of a pullover.",
+    "a photo of a dress.",
+    "a photo of a coat.",
+    "a photo of a sandal.",
+    "a photo of a shirt.",
+    "a photo of a sneaker.",
+    "a photo of a bag.",
+    "a photo of an ankle boot.",
+)
+IDX_TYPES = {
+    0x08: np.dtype(np.uint8),
+    0x09: np.dtype(np.int8),
+    0x0B: np.dtype(">i2"),
+    0x0C: np.dtype(">i4"),
+    0x0D: np.dtype(">f4"),
+    0x0E: np.dtype(">f8"),
+}
 
 
 def read_idx(path: Path) -> np.ndarray:
@@ -48,8 +63,9 @@ def read_idx(path: Path) -> np.ndarray:
     shape = struct.unpack(f">{data[3]}I", data[4:header])
     dtype = IDX_TYPES[data[2]]
     if len(data) - header != math.prod(shape) * dtype.itemsize:
-        raise ConfigError(f"{path}: {len(data) - header} bytes of data for shape {shape} of {dtype}; "
-                          f"truncated or corrupt")
+        raise ConfigError(
+            f"{path}: {len(data) - header} bytes of data for shape {shape} of {dtype}; truncated or corrupt"
+        )
     return np.frombuffer(data, dtype, offset=header).reshape(shape)
 
 
@@ -70,8 +86,9 @@ class FashionMNIST(DataSource):
         images = read_idx(PACKAGE.require(self.name, folder / f"{FILES[part]}-images-idx3-ubyte.gz", "dir"))
         labels = read_idx(PACKAGE.require(self.name, folder / f"{FILES[part]}-labels-idx1-ubyte.gz", "dir"))
         if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels) or images.dtype != np.uint8:
-            raise ConfigError(f"{folder}: {part} images {images.shape} {images.dtype} do not match labels "
-                              f"{labels.shape}")
+            raise ConfigError(
+                f"{folder}: {part} images {images.shape} {images.dtype} do not match labels {labels.shape}"
+            )
         if len(labels) and labels.max() >= len(CLASSES):
             raise ConfigError(f"{folder}: {part} labels reach {labels.max()}, beyond the {len(CLASSES)} classes")
         return images, labels
@@ -81,7 +98,7 @@ class FashionMNIST(DataSource):
         self.check_split(split)
         images, labels = self._file("test" if split == "test" else "train")
         rows = [row for row in range(len(labels)) if split == "test" or train_or_val(f"train/{row}") == split]
-        rows = rows[:self.config.limit]
+        rows = rows[: self.config.limit]
         pictures = torch.from_numpy(images[rows]).unsqueeze(1)  # (n, 1, 28, 28)
         return ResizedImages(pictures, self.config.image_size), torch.from_numpy(labels[rows].astype(np.int64))
 

@@ -33,9 +33,15 @@ class ImageFolder(DataSource):
     def image_classes(self, split: str) -> LabelledImages:
         self.check_split(split)
         root = Path(self.config.paths[split])
-        files = [(path, label) for label, name in enumerate(self.classes)
-                 for path in list(image_folder(root / name))[:self.config.limit]]
+        files = [
+            (path, label)
+            for label, name in enumerate(self.classes)
+            for path in list(image_folder(root / name))[: self.config.limit]
+        ]
         if not files:
             raise ConfigError(f"{root}: no images in the class folders {list(self.classes)[:5]}...")
-        return LabelledImages(FileImages([path for path, _ in files], self.config.image_size),
-                              torch.tensor([label for _, label in files], dtype=torch.long), self.classes)
+        return LabelledImages(
+            FileImages([path for path, _ in files], self.config.image_size),
+            torch.tensor([label for _, label in files], dtype=torch.long),
+            self.classes,
+        )

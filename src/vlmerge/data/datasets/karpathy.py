@@ -20,14 +20,17 @@ class KarpathyCaptions(DataSource):
     @functools.cache
     def pairs(self, split: str) -> CaptionPairs:
         self.check_split(split)
-        entries = load_karpathy_captions(self.config.paths["karpathy_json"], self.config.paths["images"],
-                                         split)[:self.config.limit]
+        entries = load_karpathy_captions(self.config.paths["karpathy_json"], self.config.paths["images"], split)[
+            : self.config.limit
+        ]
         if not entries:
             raise ConfigError(f"{self.config.paths['karpathy_json']}: no images in split {split!r}")
         image_of = [row for row, entry in enumerate(entries) for _ in entry.captions]
-        return CaptionPairs(FileImages([entry.image for entry in entries], self.config.image_size),
-                            tuple(caption for entry in entries for caption in entry.captions),
-                            torch.tensor(image_of, dtype=torch.long))
+        return CaptionPairs(
+            FileImages([entry.image for entry in entries], self.config.image_size),
+            tuple(caption for entry in entries for caption in entry.captions),
+            torch.tensor(image_of, dtype=torch.long),
+        )
 
 
 @SOURCES.register_class

@@ -17,11 +17,15 @@ class NLVR2(DataSource):
 
     def statements(self, split: str, seed: int = 0) -> Statements:
         self.check_split(split)
-        examples = load_nlvr2(self.config.paths[f"{split}_json"],
-                              self.config.paths[f"{split}_images"])[:self.config.limit]
+        examples = load_nlvr2(self.config.paths[f"{split}_json"], self.config.paths[f"{split}_images"])[
+            : self.config.limit
+        ]
         images = sorted({path for example in examples for path in (example.left, example.right)})
         row = {path: index for index, path in enumerate(images)}
-        return Statements(FileImages(images, self.config.image_size),
-                          torch.tensor([row[e.left] for e in examples], dtype=torch.long),
-                          torch.tensor([row[e.right] for e in examples], dtype=torch.long),
-                          tuple(e.sentence for e in examples), torch.tensor([e.label for e in examples]))
+        return Statements(
+            FileImages(images, self.config.image_size),
+            torch.tensor([row[e.left] for e in examples], dtype=torch.long),
+            torch.tensor([row[e.right] for e in examples], dtype=torch.long),
+            tuple(e.sentence for e in examples),
+            torch.tensor([e.label for e in examples]),
+        )

@@ -69,18 +69,22 @@ def find_stamps(root: Path) -> list[Stamp]:
     return stamps
 
 
-def stamp_images(stamps: list[Stamp], size: int, cache_dir: str | os.PathLike | None = None,
-                 progress: bool = False) -> torch.Tensor:
+def stamp_images(
+    stamps: list[Stamp], size: int, cache_dir: str | os.PathLike | None = None, progress: bool = False
+) -> torch.Tensor:
     """uint8 (len(stamps), 3, size, size), from a cache keyed by the files, the size and Pillow's version."""
     stats = [(stamp.relative, stamp.path.stat().st_size, stamp.path.stat().st_mtime_ns) for stamp in stamps]
-    entry = cache_entry("tuxpaint", FORMAT_VERSION, size, f"{len(stamps)}stamps", [PIL.__version__, stats],
-                        cache_dir)
+    entry = cache_entry("tuxpaint", FORMAT_VERSION, size, f"{len(stamps)}stamps", [PIL.__version__, stats], cache_dir)
     if entry.complete():
         images = entry.load_images()
         if images.shape == (len(stamps), 3, size, size):
             return images
-    images = torch.stack([read_image(stamp.path, size, square=True)
-                          for stamp in tqdm(stamps, desc="reading stamps", disable=not progress)])
+    images = torch.stack(
+        [
+            read_image(stamp.path, size, square=True)
+            for stamp in tqdm(stamps, desc="reading stamps", disable=not progress)
+        ]
+    )
     entry.save(images, FORMAT_VERSION)
     return images
 
@@ -111,8 +115,9 @@ class TuxPaintStamps(DataSource):
     @functools.cached_property
     def chosen(self) -> list[Stamp]:
         """The first `limit` stamps of each split, in path order."""
-        return [stamp for split in SPLITS
-                for stamp in [s for s in self.stamps if s.split == split][:self.config.limit]]
+        return [
+            stamp for split in SPLITS for stamp in [s for s in self.stamps if s.split == split][: self.config.limit]
+        ]
 
     @functools.cached_property
     def images(self) -> torch.Tensor:
@@ -131,5 +136,6 @@ class TuxPaintStamps(DataSource):
     def image_classes(self, split: str) -> LabelledImages:
         stamps, images = self.split(split)
         index = {name: label for label, name in enumerate(self.classes)}
-        return LabelledImages(images, torch.tensor([index[stamp.category] for stamp in stamps], dtype=torch.long),
-                              self.classes)
+        return LabelledImages(
+            images, torch.tensor([index[stamp.category] for stamp in stamps], dtype=torch.long), self.classes
+        )

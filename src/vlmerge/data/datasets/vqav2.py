@@ -21,17 +21,27 @@ class VQAv2(DataSource):
 
     name = "vqav2"
     splits = ("train", "test")
-    path_keys = ("train_questions", "train_annotations", "train_images",
-                 "test_questions", "test_annotations", "test_images")
+    path_keys = (
+        "train_questions",
+        "train_annotations",
+        "train_images",
+        "test_questions",
+        "test_annotations",
+        "test_images",
+    )
     subsets = {"train": "train2014", "test": "val2014"}
 
     @functools.cache
     def _examples(self, split: str) -> list[VqaExample]:
         self.check_split(split)
         paths = self.config.paths
-        examples = load_vqav2(paths[f"{split}_questions"], paths[f"{split}_annotations"], paths[f"{split}_images"],
-                              subset=self.subsets[split])
-        return examples[:self.config.limit]
+        examples = load_vqav2(
+            paths[f"{split}_questions"],
+            paths[f"{split}_annotations"],
+            paths[f"{split}_images"],
+            subset=self.subsets[split],
+        )
+        return examples[: self.config.limit]
 
     @functools.cache
     def answer_vocabulary(self) -> tuple[str, ...]:
@@ -42,11 +52,13 @@ class VQAv2(DataSource):
         examples = self._examples(split)
         images = sorted({example.image for example in examples})
         row = {path: index for index, path in enumerate(images)}
-        return Questions(FileImages(images, self.config.image_size),
-                         torch.tensor([row[example.image] for example in examples], dtype=torch.long),
-                         tuple(example.question for example in examples),
-                         tuple(_soft_scores(example.answers) for example in examples),
-                         tuple(_question_kind(example.question) for example in examples))
+        return Questions(
+            FileImages(images, self.config.image_size),
+            torch.tensor([row[example.image] for example in examples], dtype=torch.long),
+            tuple(example.question for example in examples),
+            tuple(_soft_scores(example.answers) for example in examples),
+            tuple(_question_kind(example.question) for example in examples),
+        )
 
 
 def _soft_scores(answers: tuple[str, ...]) -> dict[str, float]:

@@ -81,8 +81,9 @@ class WordNet(DataSource):
         chosen = []
         for label, (suffix, (_, ss_types)) in enumerate(PARTS_OF_SPEECH.items()):
             found = read_synsets(PACKAGE.require(self.name, folder / f"data.{suffix}", "dir"), label, ss_types)
-            chosen += [synset for split in SPLITS
-                       for synset in [s for s in found if s.split == split][:self.config.limit]]
+            chosen += [
+                synset for split in SPLITS for synset in [s for s in found if s.split == split][: self.config.limit]
+            ]
         return chosen
 
     @functools.cache
@@ -95,5 +96,8 @@ class WordNet(DataSource):
 
     def text_classes(self, split: str) -> LabelledTexts:
         synsets = self.split(split)
-        return LabelledTexts(tuple(synset.definition for synset in synsets),
-                             torch.tensor([synset.label for synset in synsets], dtype=torch.long), CLASSES)
+        return LabelledTexts(
+            tuple(synset.definition for synset in synsets),
+            torch.tensor([synset.label for synset in synsets], dtype=torch.long),
+            CLASSES,
+        )

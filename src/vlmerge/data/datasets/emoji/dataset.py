@@ -30,13 +30,19 @@ class EmojiDataset:
     skipped: tuple[str, ...] = ()  # emoji the font could not draw, left out of the whole build
 
     @classmethod
-    def from_records(cls, records: Iterable[EmojiRecord], images: torch.Tensor,
-                     skipped: Iterable[str] = ()) -> "EmojiDataset":
+    def from_records(
+        cls, records: Iterable[EmojiRecord], images: torch.Tensor, skipped: Iterable[str] = ()
+    ) -> "EmojiDataset":
         records = tuple(records)
         if len(records) != len(images):
             raise ConfigError(f"{len(records)} emoji records but {len(images)} images")
-        return cls(records, images, tuple(sorted({r.group for r in records})),
-                   tuple(sorted({r.subgroup for r in records})), tuple(skipped))
+        return cls(
+            records,
+            images,
+            tuple(sorted({r.group for r in records})),
+            tuple(sorted({r.subgroup for r in records})),
+            tuple(skipped),
+        )
 
     def __len__(self) -> int:
         return len(self.records)
@@ -66,17 +72,26 @@ class EmojiDataset:
         return torch.tensor([index[getattr(record, level)] for record in self.records], dtype=torch.long)
 
 
-
-def build_emoji_dataset(image_size: int = 32, cache_dir: str | os.PathLike | None = None,
-                        sources: EmojiSources | None = None, limit: int | None = None,
-                        progress: bool = False) -> EmojiDataset:
+def build_emoji_dataset(
+    image_size: int = 32,
+    cache_dir: str | os.PathLike | None = None,
+    sources: EmojiSources | None = None,
+    limit: int | None = None,
+    progress: bool = False,
+) -> EmojiDataset:
     """The dataset from its cache, rendered once when the sources, size, renderer or format version change."""
     if image_size < 1 or (limit is not None and limit < 1):
         raise ConfigError(f"image_size and limit must be positive, got {image_size} and {limit}")
     sources = sources or EmojiSources.default()
     sources.check()
-    entry = cache_entry("emoji", FORMAT_VERSION, image_size, "all" if limit is None else f"first{limit}",
-                        [sources.fingerprint(), renderer()], cache_dir)
+    entry = cache_entry(
+        "emoji",
+        FORMAT_VERSION,
+        image_size,
+        "all" if limit is None else f"first{limit}",
+        [sources.fingerprint(), renderer()],
+        cache_dir,
+    )
     if entry.complete(manifest=True):
         return _load_cache(entry)
     dataset = _render_dataset(sources, image_size, limit, progress)
@@ -100,17 +115,25 @@ def _render_dataset(sources: EmojiSources, image_size: int, limit: int | None, p
 
 
 def _manifest(dataset: EmojiDataset, sources: EmojiSources) -> dict:
-    return {"format_version": FORMAT_VERSION, "image_size": dataset.image_size, "renderer": renderer(),
-            "sources": {str(path): package for path, package in sources.files().items()},
-            "skipped": list(dataset.skipped), "records": [asdict(record) for record in dataset.records]}
+    return {
+        "format_version": FORMAT_VERSION,
+        "image_size": dataset.image_size,
+        "renderer": renderer(),
+        "sources": {str(path): package for path, package in sources.files().items()},
+        "skipped": list(dataset.skipped),
+        "records": [asdict(record) for record in dataset.records],
+    }
 
 
 def _load_cache(entry: CacheEntry) -> EmojiDataset:
     manifest = entry.load_manifest()
-    records = [EmojiRecord(**{**fields, "codepoints": tuple(fields["codepoints"]),
-                              "keywords": tuple(fields["keywords"])}) for fields in manifest["records"]]
+    records = [
+        EmojiRecord(**{**fields, "codepoints": tuple(fields["codepoints"]), "keywords": tuple(fields["keywords"])})
+        for fields in manifest["records"]
+    ]
     images = entry.load_images()
     if len(records) != len(images):
-        raise ConfigError(f"{entry.images_path}: {len(images)} images for {len(records)} records; "
-                          f"delete the cache entry")
+        raise ConfigError(
+            f"{entry.images_path}: {len(images)} images for {len(records)} records; delete the cache entry"
+        )
     return EmojiDataset.from_records(records, images, manifest["skipped"])

@@ -36,25 +36,36 @@ class EmojiSources:
     emoji_test: Path
 
     @classmethod
-    def default(cls, font: str | os.PathLike | None = None, cldr_dir: str | os.PathLike | None = None,
-                emoji_test: str | os.PathLike | None = None) -> "EmojiSources":
+    def default(
+        cls,
+        font: str | os.PathLike | None = None,
+        cldr_dir: str | os.PathLike | None = None,
+        emoji_test: str | os.PathLike | None = None,
+    ) -> "EmojiSources":
         """Each path from the argument, else its environment variable, else where Debian installs it."""
-        return cls(_pick(font, "VLMERGE_EMOJI_FONT", "/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf"),
-                   _pick(cldr_dir, "VLMERGE_CLDR_DIR", "/usr/share/unicode/cldr/common"),
-                   _pick(emoji_test, "VLMERGE_EMOJI_TEST", "/usr/share/unicode/emoji/emoji-test.txt"))
+        return cls(
+            _pick(font, "VLMERGE_EMOJI_FONT", "/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf"),
+            _pick(cldr_dir, "VLMERGE_CLDR_DIR", "/usr/share/unicode/cldr/common"),
+            _pick(emoji_test, "VLMERGE_EMOJI_TEST", "/usr/share/unicode/emoji/emoji-test.txt"),
+        )
 
     def files(self) -> dict[Path, str]:
         """Every file read, with the Debian package that provides it."""
-        return {self.font: "fonts-noto-color-emoji", **dict.fromkeys(cldr_files(self.cldr_dir), "unicode-cldr-core"),
-                self.emoji_test: "unicode-data"}
+        return {
+            self.font: "fonts-noto-color-emoji",
+            **dict.fromkeys(cldr_files(self.cldr_dir), "unicode-cldr-core"),
+            self.emoji_test: "unicode-data",
+        }
 
     def check(self) -> None:
         """Fail before any work, naming each missing file and the package to install."""
         missing = [f"{path} (Debian package {package})" for path, package in self.files().items() if not path.is_file()]
         if missing:
-            raise ConfigError(f"emoji dataset source missing: {'; '.join(missing)}. Install with "
-                              f"`apt-get install {DEBIAN_PACKAGES}`, or set VLMERGE_EMOJI_FONT, VLMERGE_CLDR_DIR, "
-                              f"VLMERGE_EMOJI_TEST to other copies")
+            raise ConfigError(
+                f"emoji dataset source missing: {'; '.join(missing)}. Install with "
+                f"`apt-get install {DEBIAN_PACKAGES}`, or set VLMERGE_EMOJI_FONT, VLMERGE_CLDR_DIR, "
+                f"VLMERGE_EMOJI_TEST to other copies"
+            )
 
     def fingerprint(self) -> str:
         """Changes whenever a source file is replaced or edited, so a stale cache is never reused."""
@@ -168,6 +179,13 @@ def emoji_records(sources: EmojiSources | None = None, limit: int | None = None)
 def _record(entry: EmojiTestEntry, cldr: dict[str, tuple[str, tuple[str, ...]]]) -> EmojiRecord:
     name, keywords = lookup_cldr(cldr, entry.emoji) or ("", ())
     base = base_emoji(entry.emoji)
-    return EmojiRecord(entry.emoji, entry.codepoints, name or entry.name, keywords, entry.group, entry.subgroup,
-                       base, assign_split(base))
-
+    return EmojiRecord(
+        entry.emoji,
+        entry.codepoints,
+        name or entry.name,
+        keywords,
+        entry.group,
+        entry.subgroup,
+        base,
+        assign_split(base),
+    )

@@ -16,8 +16,11 @@ MARGIN = 8  # px of transparent border around a drawn glyph, so nothing is clipp
 def load_font(path: str | os.PathLike) -> ImageFont.FreeTypeFont:
     """The emoji font at its one bitmap size; warns when Pillow cannot shape sequences."""
     if not features.check("raqm"):
-        warnings.warn("Pillow has no libraqm: emoji sequences (ZWJ, flags, skin tones) are drawn as several "
-                      "glyphs and will be skipped; install libraqm (and libfribidi) to keep them", stacklevel=2)
+        warnings.warn(
+            "Pillow has no libraqm: emoji sequences (ZWJ, flags, skin tones) are drawn as several "
+            "glyphs and will be skipped; install libraqm (and libfribidi) to keep them",
+            stacklevel=2,
+        )
     try:
         return ImageFont.truetype(str(path), FONT_SIZE)
     except OSError as error:

@@ -7,8 +7,7 @@ import torch
 from vlmerge.data.config import DataConfig
 from vlmerge.data.datasets.emoji.dataset import EmojiDataset, build_emoji_dataset
 from vlmerge.data.datasets.emoji.tasks import build_nlvr2, build_vqa, vqa_answers
-from vlmerge.data.sources import (SOURCES, CaptionPairs, DataSource, LabelledImages, LabelledTexts, Questions,
-                                  Statements)
+from vlmerge.data.sources import SOURCES, CaptionPairs, DataSource, LabelledImages, LabelledTexts, Questions, Statements
 
 
 @SOURCES.register_class
@@ -19,8 +18,7 @@ class EmojiSource(DataSource):
 
     def __init__(self, config: DataConfig, progress: bool = False) -> None:
         super().__init__(config, progress)
-        self.dataset = build_emoji_dataset(config.image_size, config.cache_dir, limit=config.limit,
-                                           progress=progress)
+        self.dataset = build_emoji_dataset(config.image_size, config.cache_dir, limit=config.limit, progress=progress)
 
     @functools.cache
     def split(self, split: str) -> EmojiDataset:
@@ -34,9 +32,13 @@ class EmojiSource(DataSource):
     def questions(self, split: str, seed: int = 0) -> Questions:
         part = self.split(split)
         examples = build_vqa(part, seed=seed).examples
-        return Questions(part.images, torch.tensor([e.image for e in examples], dtype=torch.long),
-                         tuple(e.question for e in examples), tuple(e.answers for e in examples),
-                         tuple(e.kind for e in examples))
+        return Questions(
+            part.images,
+            torch.tensor([e.image for e in examples], dtype=torch.long),
+            tuple(e.question for e in examples),
+            tuple(e.answers for e in examples),
+            tuple(e.kind for e in examples),
+        )
 
     def answer_vocabulary(self) -> tuple[str, ...]:
         return vqa_answers(self.dataset)
@@ -44,9 +46,13 @@ class EmojiSource(DataSource):
     def statements(self, split: str, seed: int = 0) -> Statements:
         part = self.split(split)
         examples = build_nlvr2(part, seed=seed)
-        return Statements(part.images, torch.tensor([e.left for e in examples], dtype=torch.long),
-                          torch.tensor([e.right for e in examples], dtype=torch.long),
-                          tuple(e.statement for e in examples), torch.tensor([e.label for e in examples]))
+        return Statements(
+            part.images,
+            torch.tensor([e.left for e in examples], dtype=torch.long),
+            torch.tensor([e.right for e in examples], dtype=torch.long),
+            tuple(e.statement for e in examples),
+            torch.tensor([e.label for e in examples]),
+        )
 
     def image_classes(self, split: str) -> LabelledImages:
         part = self.split(split)

@@ -88,11 +88,16 @@ def build_vqa(dataset: EmojiDataset, seed: int = 0, keyword_questions_per_image:
     rng, foreign = random.Random(seed), _foreign_keywords(dataset.records)
     examples = []
     for image, record in enumerate(dataset.records):
-        examples += [VQAExample(image, question, {getattr(record, kind).lower(): 1.0}, kind)
-                     for kind, question in LABEL_QUESTIONS.items()]
-        examples += [VQAExample(image, KEYWORD_QUESTION.format(keyword=keyword), {answer: 1.0}, "keyword")
-                     for keyword, answer in _keyword_questions(rng, record, foreign[record.subgroup],
-                                                               keyword_questions_per_image)]
+        examples += [
+            VQAExample(image, question, {getattr(record, kind).lower(): 1.0}, kind)
+            for kind, question in LABEL_QUESTIONS.items()
+        ]
+        examples += [
+            VQAExample(image, KEYWORD_QUESTION.format(keyword=keyword), {answer: 1.0}, "keyword")
+            for keyword, answer in _keyword_questions(
+                rng, record, foreign[record.subgroup], keyword_questions_per_image
+            )
+        ]
     return VQASet(tuple(examples), vqa_answers(dataset))
 
 
@@ -112,18 +117,21 @@ def _foreign_keywords(records: Sequence[EmojiRecord]) -> dict[str, list[str]]:
         for keyword in _keywords(record):
             owners.setdefault(keyword, set()).add(record.subgroup)
     ordered = sorted(owners)
-    return {subgroup: [keyword for keyword in ordered if owners[keyword] != {subgroup}]
-            for subgroup in dict.fromkeys(record.subgroup for record in records)}
+    return {
+        subgroup: [keyword for keyword in ordered if owners[keyword] != {subgroup}]
+        for subgroup in dict.fromkeys(record.subgroup for record in records)
+    }
 
 
-def _keyword_questions(rng: random.Random, record: EmojiRecord, foreign: Sequence[str],
-                       count: int) -> list[tuple[str, str]]:
+def _keyword_questions(
+    rng: random.Random, record: EmojiRecord, foreign: Sequence[str], count: int
+) -> list[tuple[str, str]]:
     """(keyword, answer) pairs: as many no as yes; a no keyword is never one of its keywords or words of its name."""
     own = _keywords(record)
     present = rng.sample(own, min(count, len(own)))
     name = record.name.lower()
     absent = _draw_outside(rng, foreign, {*own, name, *name.split()}, len(present))
-    return [(keyword, YES) for keyword in present[:len(absent)]] + [(keyword, NO) for keyword in absent]
+    return [(keyword, YES) for keyword in present[: len(absent)]] + [(keyword, NO) for keyword in absent]
 
 
 def _draw_outside(rng: random.Random, pool: Sequence[str], exclude: set[str], count: int) -> list[str]:
@@ -136,12 +144,17 @@ def _draw_outside(rng: random.Random, pool: Sequence[str], exclude: set[str], co
 NLVR2Example = StatementExample  # its kind is a key of NLVR2_TEMPLATES
 
 
-def build_nlvr2(dataset: EmojiDataset, num_examples: int | None = None, seed: int = 0,
-                kinds: Sequence[str] = tuple(NLVR2_TEMPLATES)) -> tuple[NLVR2Example, ...]:
+def build_nlvr2(
+    dataset: EmojiDataset, num_examples: int | None = None, seed: int = 0, kinds: Sequence[str] = tuple(NLVR2_TEMPLATES)
+) -> tuple[NLVR2Example, ...]:
     """Statements about two different emoji of `dataset` (default 2 per emoji) on their groups and subgroups,
     balanced true / false overall and within each kind (see `build_statements`)."""
     _check_not_empty(dataset)
-    levels = {level: LabelLevel.of((getattr(record, level).lower() for record in dataset.records),
-                                   (label.lower() for label in getattr(dataset, f"{level}s")))
-              for level in ("group", "subgroup")}
+    levels = {
+        level: LabelLevel.of(
+            (getattr(record, level).lower() for record in dataset.records),
+            (label.lower() for label in getattr(dataset, f"{level}s")),
+        )
+        for level in ("group", "subgroup")
+    }
     return build_statements(levels, NLVR2_TEMPLATES, num_examples, seed, kinds, noun="emoji")
