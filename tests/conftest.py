@@ -50,3 +50,12 @@ def emoji_sources():
             "apt-get install fonts-noto-color-emoji unicode-cldr-core unicode-data"
         )
     return found
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now, for a torchrun rendezvous (fixed ports collide with leftovers)."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]

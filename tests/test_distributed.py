@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import free_port
 from grams_script import all_batches, model
 
 from vlmerge.merging.grams import collect_grams
@@ -23,7 +24,7 @@ def test_two_process_gram_collection_matches_one_process(tmp_path):
         "--nproc_per_node",
         "2",
         "--master_port",
-        "29517",
+        str(free_port()),
         str(SCRIPT),
         str(out),
     ]

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import free_port
 from ddp_stage_script import DATA, FINETUNE_TASKS
 
 from vlmerge.data.datasets.emoji.dataset import build_emoji_dataset
@@ -20,7 +21,7 @@ from vlmerge.training.trainer import read_metrics
 SCRIPT = Path(__file__).parent / "ddp_stage_script.py"
 
 
-def launch(processes: int, out: Path, tokenizer: Path, port: int) -> None:
+def launch(processes: int, out: Path, tokenizer: Path) -> None:
     command = [
         sys.executable,
         "-m",
@@ -28,7 +29,7 @@ def launch(processes: int, out: Path, tokenizer: Path, port: int) -> None:
         "--nproc_per_node",
         str(processes),
         "--master_port",
-        str(port),
+        str(free_port()),
         str(SCRIPT),
         str(out),
         str(tokenizer),
@@ -43,8 +44,8 @@ def test_two_processes_train_the_same_weights_as_one(emoji_sources, tmp_path):
     train = build_emoji_dataset(DATA["image_size"], limit=DATA["limit"]).split("train")
     tokenizer = TextTokenizer.train([train.caption(i) for i in range(len(train))], vocab_size=300)
     tokenizer.save(tmp_path / "tokenizer.json")
-    launch(1, tmp_path / "one", tmp_path / "tokenizer.json", 29531)
-    launch(2, tmp_path / "two", tmp_path / "tokenizer.json", 29533)
+    launch(1, tmp_path / "one", tmp_path / "tokenizer.json")
+    launch(2, tmp_path / "two", tmp_path / "tokenizer.json")
     for run in ("seed", *FINETUNE_TASKS):
         one = open_checkpoint(tmp_path / "one" / run / "model.safetensors")
         two = open_checkpoint(tmp_path / "two" / run / "model.safetensors")
