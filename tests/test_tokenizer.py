@@ -1,5 +1,10 @@
 """Tokenizer (trained WordPiece and BERT vocab.txt) and whole-word masking."""
 
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -27,6 +32,41 @@ def test_trained_tokenizer_pads_and_wraps_with_cls_sep(tmp_path):
     assert batch.word_ids[0].tolist() == [-1, 0, 1, -1, -1, -1, -1, -1]
     reloaded = TextTokenizer.load(tokenizer.save(tmp_path / "tok.json"), max_len=8)
     assert torch.equal(reloaded.encode(["red heart"]).ids, tokenizer.encode(["red heart"]).ids)
+
+
+# Merges worked by hand: ##u+##g (20), ##u+##n (16), h+##ug (15), p+##un (12), then p+##ug and
+# hug+##s tie at 5 and the lower ids win (p=9, ##ug=16 before hug=18), then b+##un (4).
+HUG_PUN = ["hug"] * 10 + ["pug"] * 5 + ["pun"] * 12 + ["bun"] * 4 + ["hugs"] * 5
+HUG_PUN_VOCAB = SPECIAL_TOKENS + ["b", "g", "h", "n", "p", "s", "u", "##u", "##n", "##g", "##s"]
+HUG_PUN_MERGES = ["##ug", "##un", "hug", "pun", "pug", "hugs", "bun"]
+
+
+@pytest.mark.parametrize(
+    "vocab_size, min_frequency, merges", [(21, 1, 5), (100, 5, 6), (100, 1, 7)], ids=["size", "frequency", "all"]
+)
+def test_trained_vocabulary_is_the_wordpiece_merges_worked_by_hand(vocab_size, min_frequency, merges):
+    tokenizer = TextTokenizer.train(HUG_PUN, vocab_size=vocab_size, min_frequency=min_frequency)
+    vocab = tokenizer.tokenizer.get_vocab()
+    assert sorted(vocab, key=vocab.get) == HUG_PUN_VOCAB + HUG_PUN_MERGES[:merges]
+
+
+def test_training_writes_the_same_file_in_every_process(tmp_path):
+    """HF's trainer numbered pieces in a per-process hash order and learned a different vocabulary
+    in each process; the hash seed and thread count differ here, the bytes may not."""
+    script = (
+        "import json, sys; from vlmerge.data.tokenizer import TextTokenizer; "
+        "TextTokenizer.train(json.loads(sys.argv[2]), vocab_size=200).save(sys.argv[1])"
+    )
+    captions = CAPTIONS + [f"{a} {b} with {c}" for a in ("red", "blue") for b in ("cat", "car") for c in ("tie", "hat")]
+    files = []
+    for hash_seed, threads in [("1", "1"), ("2", "2")]:
+        path = tmp_path / f"tokenizer-{hash_seed}.json"
+        env = {**os.environ, "PYTHONHASHSEED": hash_seed, "RAYON_NUM_THREADS": threads, "OMP_NUM_THREADS": "1"}
+        command = [sys.executable, "-c", script, str(path), json.dumps(captions)]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
+        assert result.returncode == 0, result.stderr[-3000:]
+        files.append(path.read_bytes())
+    assert files[0] == files[1]
 
 
 def test_bert_vocab_splits_words_into_wordpieces(bert_vocab):

@@ -82,8 +82,8 @@ def _load_agnostic(path: str, shape: ModelConfig) -> tuple[VLTransformer, Pretra
 def run_tokenizer(
     run_dir: Path, config: PretrainConfig, train: CaptionPairs, dist: DistributedContext
 ) -> TextTokenizer:
-    """The run's tokenizer, fixed once in the run directory: a resumed run and every rank read
-    the same file (WordPiece training is not deterministic across processes)."""
+    """The run's tokenizer, fixed once in the run directory: a resumed run and every rank read the
+    same file instead of each training (or reading) it again."""
     path = run_dir / TOKENIZER_FILE
     if dist.is_main and not path.exists():
         init = open_checkpoint(config.init) if config.init else None
@@ -135,3 +135,20 @@ def run_pretraining(
         save_model(model, out, step=config.steps, extra_metadata=metadata, heads={HEADS: heads})
     dist.barrier()
     return out
+
+
+def save_untrained(config: PretrainConfig, out: str | os.PathLike) -> Path:
+    """The seed stage's model and heads at step 0, saved as a checkpoint: the no-pre-training control
+    (the same architecture, initialisation and tokenizer as the seed run of this config, never trained)."""
+    if config.stage != "seed" or config.init is not None or config.tokenizer.path is None:
+        raise ConfigError(
+            "an untrained model is the seed stage's step 0: a seed config without init, with tokenizer.path"
+        )
+    tokenizer = TextTokenizer.load(config.tokenizer.path, config.tokenizer.max_len)
+    model, heads = build_pretraining_model(config, tokenizer.vocab_size, tokenizer.max_len)
+    metadata = {
+        "stage": "untrained",
+        "tokenizer": tokenizer.to_json(),
+        "run_config": json.dumps(config.model_dump(mode="json"), sort_keys=True),
+    }
+    return save_model(model, out, step=0, extra_metadata=metadata, heads={HEADS: heads})
