@@ -15,7 +15,7 @@ from vlmerge.data.config import DataConfig
 from vlmerge.data.datasets import vqav2
 from vlmerge.data.sources import ConcatImages, check_data, load_pairs, load_source, pool_pairs
 from vlmerge.data.vqa_score import vqa_score
-from vlmerge.tasks.retrieval import retrieval_metrics
+from vlmerge.tasks.retrieval import Retrieval, retrieval_metrics, retrieval_samples
 
 COLOURS = [(255, 0, 0), (0, 160, 0), (0, 0, 255), (230, 200, 0), (120, 0, 160), (0, 180, 200)]
 NAMES = ["red", "green", "blue", "yellow", "purple", "teal"]
@@ -227,6 +227,11 @@ def test_retrieval_metrics_with_several_captions_per_image():
     # t2i: caption 0 -> image 1 (miss), 1 -> 0 (hit), 2 -> 0 (miss), 3 -> 1 (hit)
     assert metrics["t2i_r1"] == 0.5 and metrics["t2i_r5"] == 1.0
     assert retrieval_metrics(torch.eye(3))["mean_recall"] == 1.0
+    # per query, the mean of its hits at 1, 5 and 10 (k capped at the gallery size)
+    samples = retrieval_samples(similarity, image_of)
+    assert samples["i2t"] == pytest.approx([1, 2 / 3]) and samples["t2i"] == pytest.approx([2 / 3, 1, 2 / 3, 1])
+    assert metrics["mean_recall"] == pytest.approx(5 / 6)
+    assert Retrieval.primary_statistic(samples) == pytest.approx(metrics["mean_recall"], rel=1e-12)
 
 
 def test_the_paper_formats_run_through_every_stage(paper_files, tmp_path, capsys):

@@ -135,6 +135,8 @@ def test_merge_with_collected_grams_then_finetune_and_evaluate_every_task(recipe
         assert falls(run), (task, read_metrics(run))
         results = json.loads((run / "results.json").read_text())
         assert all(0.0 <= value <= 1.0 for value in results["metrics"].values())
+        primary = TASKS.get(task).primary_metric
+        assert TASKS.get(task).primary_statistic(results["samples"]) == pytest.approx(results["metrics"][primary])
         capsys.readouterr()
         assert main(["evaluate", str(run)]) == 0
         printed = capsys.readouterr().out

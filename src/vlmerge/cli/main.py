@@ -218,7 +218,7 @@ def run_train(args: argparse.Namespace) -> int:
 
     config = load_stage_config(args.stage, args.config)
     if args.stage == "finetune":
-        metrics = run_finetune(config, args.run_dir, progress=not args.quiet)
+        metrics = run_finetune(config, args.run_dir, progress=not args.quiet).metrics
         print(format_metrics(f"{config.task} ({config.eval_split})", metrics), end="")
     else:
         print(f"{args.stage} model -> {run_pretraining(config, args.run_dir, progress=not args.quiet)}")
@@ -228,7 +228,7 @@ def run_train(args: argparse.Namespace) -> int:
 def run_evaluate(args: argparse.Namespace) -> int:
     from vlmerge.tasks.finetune import evaluate_path, run_checkpoint
 
-    metrics = evaluate_path(args.checkpoint, args.task, args.split, args.data, args.limit)
+    metrics = evaluate_path(args.checkpoint, args.task, args.split, args.data, args.limit).metrics
     title = f"{run_checkpoint(args.checkpoint)} ({args.split})"
     print(json.dumps(metrics, indent=2) if args.json else format_metrics(title, metrics), end="")
     return 0

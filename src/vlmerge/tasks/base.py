@@ -5,13 +5,19 @@ model takes, plus labels), so batching, sharding over ranks and moving to a devi
 line each and the same for every task. Image fields hold rows of the split's image store
 until a batch is taken: a picture asked about many times is stored once, and a store may
 read its files only when a batch needs them.
+
+An evaluation returns, besides its metrics, the per-example values its primary metric is
+computed from, and each task has a pure `primary_statistic` that recomputes that metric from
+them, so the metric's test-set sampling error can be bootstrapped over examples.
 """
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import ClassVar
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -24,6 +30,33 @@ from vlmerge.models.transformer import VLTransformer
 from vlmerge.training.distributed import SINGLE_PROCESS, DistributedContext
 
 Examples = dict[str, torch.Tensor]
+Samples = Mapping[str, Sequence[float] | np.ndarray]
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """A split's scores: aggregate `metrics`, and `samples`, named per-example values in example
+    order from which the task's `primary_statistic` recomputes `metrics[primary_metric]`."""
+
+    metrics: dict[str, float]
+    samples: dict[str, list[float]]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"metrics": dict(self.metrics), "samples": {name: list(values) for name, values in self.samples.items()}}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "Evaluation":
+        """The inverse of `as_dict` (extra keys, such as those of results.json, are ignored)."""
+        return cls(
+            {name: float(value) for name, value in data["metrics"].items()},
+            {name: [float(value) for value in values] for name, values in data["samples"].items()},
+        )
+
+
+def sample_mean(values: Sequence[float] | np.ndarray, axis: int = -1) -> float | np.ndarray:
+    """The mean over examples (along `axis`): a float for one array of values, an array of
+    means for a stack of resamples."""
+    return np.asarray(values, dtype=np.float64).mean(axis=axis)
 
 
 def take(examples: Examples, rows: slice | torch.Tensor) -> Examples:
@@ -100,11 +133,22 @@ class Task(ABC):
     @abstractmethod
     def evaluate(
         self, model: VLTransformer, head: nn.Module, split: str = "test", batch_size: int = 128
-    ) -> dict[str, float]: ...
+    ) -> Evaluation: ...
+
+    @staticmethod
+    @abstractmethod
+    def primary_statistic(samples: Samples, axis: int = -1) -> float | np.ndarray:
+        """`metrics[primary_metric]` recomputed from an evaluation's samples (equal up to float
+        rounding). Pure: each sample array may be resampled first (bootstrap over examples).
+        Vectorised: per-example values lie along `axis` (default last); arrays with leading
+        axes (a stack of resamples, as scipy.stats.bootstrap passes with vectorized=True) give
+        an array of statistics of that leading shape."""
 
 
 class ClassifierTask(Task):
-    """A task scored from per-example logits: cross-entropy to train, metrics over a split."""
+    """A task scored from per-example logits: cross-entropy to train, metrics over a split.
+    Its samples are whether each prediction is right (1.0) or wrong (0.0); the primary metric,
+    accuracy, is their mean."""
 
     @abstractmethod
     def logits(self, model: VLTransformer, head: nn.Module, batch: Examples) -> torch.Tensor: ...
@@ -113,6 +157,14 @@ class ClassifierTask(Task):
     def metrics(self, logits: torch.Tensor, split: str) -> dict[str, float]:
         """Scores of a whole split's logits (in example order) against its labels."""
 
+    def samples(self, logits: torch.Tensor, split: str) -> dict[str, list[float]]:
+        """The per-example values the primary metric is the mean of (in example order)."""
+        return {"correct": correct(logits, self.examples(split)["labels"]).tolist()}
+
+    @staticmethod
+    def primary_statistic(samples: Samples, axis: int = -1) -> float | np.ndarray:
+        return sample_mean(samples["correct"], axis)
+
     def loss(
         self, model: VLTransformer, head: nn.Module, batch: Examples, dist: DistributedContext = SINGLE_PROCESS
     ) -> dict[str, torch.Tensor]:
@@ -120,17 +172,15 @@ class ClassifierTask(Task):
         return {"loss": nn.functional.cross_entropy(self.logits(model, head, batch), batch["labels"])}
 
     @torch.no_grad()
-    def evaluate(
-        self, model: VLTransformer, head: nn.Module, split: str = "test", batch_size: int = 128
-    ) -> dict[str, float]:
+    def evaluate(self, model: VLTransformer, head: nn.Module, split: str = "test", batch_size: int = 128) -> Evaluation:
         device = next(model.parameters()).device
         with evaluation_mode(model, head):
             chunks = [
                 self.logits(model, head, to_device(self.batch(split, slice(start, start + batch_size)), device))
                 for start in range(0, self.num_examples(split), batch_size)
             ]
-        chunks = [chunk.cpu() for chunk in chunks]
-        return self.metrics(torch.cat(chunks), split)
+        logits = torch.cat([chunk.cpu() for chunk in chunks])
+        return Evaluation(self.metrics(logits, split), self.samples(logits, split))
 
 
 @contextmanager
@@ -149,8 +199,13 @@ def evaluation_mode(*modules: nn.Module) -> Iterator[None]:
 TASKS: Registry[type[Task]] = Registry("task")
 
 
+def correct(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(N,) 1.0 where the top-scoring class is the label, else 0.0."""
+    return (logits.argmax(dim=-1) == labels).float()
+
+
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    return (logits.argmax(dim=-1) == labels).float().mean().item()
+    return correct(logits, labels).mean().item()
 
 
 def mlp_head(width_in: int, classes: int) -> nn.Module:

@@ -1,5 +1,10 @@
 """Stage 4 of the recipe: fine-tune a checkpoint (pre-trained, modality-specific or merged)
-on one task, then evaluate it; and evaluation of a saved checkpoint on its own."""
+on one task, or train a linear probe on it (the task head alone, the model frozen), then
+evaluate it; and evaluation of a saved checkpoint on its own.
+
+A run's results.json holds the task, split, init, steps and the evaluation: its `metrics` and
+its per-example `samples` (see `vlmerge.tasks.base.Evaluation`); `read_evaluation` reads it.
+"""
 
 import json
 import os
@@ -15,7 +20,7 @@ from vlmerge.io.atomic import atomic_path
 from vlmerge.io.checkpoint import open_checkpoint
 from vlmerge.models.checkpoint import load_head_state, load_model, save_model
 from vlmerge.models.transformer import VLTransformer
-from vlmerge.tasks.base import TASKS, Task
+from vlmerge.tasks.base import TASKS, Evaluation, Task
 from vlmerge.training.config import CONFIG_FILE, FinetuneConfig, claim_run_dir, read_yaml
 from vlmerge.training.distributed import DistributedContext, init_distributed
 from vlmerge.training.pretrain import HEADS, MODEL_FILE
@@ -55,8 +60,14 @@ def load_task(
 
 def run_finetune(
     config: FinetuneConfig, run_dir: str | os.PathLike, progress: bool = True, dist: DistributedContext | None = None
-) -> dict[str, float]:
-    """Fine-tune (or resume), evaluate on `eval_split`; write the model and results.json."""
+) -> Evaluation:
+    """Fine-tune (or resume), evaluate on `eval_split`; write the model and results.json. Returns
+    the evaluation on the main process, an empty one on the others.
+
+    With `freeze_backbone` (a linear probe) only the head trains, at the same rate as when
+    fine-tuning (lr x head_lr_multiplier): the model gets no gradient and no optimizer state,
+    and the saved checkpoint carries it unchanged. For retrieval the head is the contrastive
+    projections (and temperature)."""
     dist = dist or init_distributed()
     run_dir = claim_run_dir(run_dir, config) if dist.is_main else Path(run_dir)
     dist.barrier()
@@ -65,12 +76,16 @@ def run_finetune(
     head = task.make_head(model.config)
     task.init_head(head, load_head_state(config.init, HEADS))
     model, head = model.to(dist.device), head.to(dist.device)
+    if config.freeze_backbone:
+        model.requires_grad_(False).eval()  # DDP then syncs the head's gradients alone
+    trained = {"head": head} if config.freeze_backbone else {"model": model, "head": head}
     size = task.num_examples("train")
     if size < config.optimizer.batch_size:
         raise ConfigError(f"batch_size {config.optimizer.batch_size} exceeds the {size} training examples")
     # Tasks differ in which embeddings they use (e.g. no text for image classification).
     objective = dist.wrap(TaskObjective(model, head, task, dist), find_unused_parameters=True)
-    optimizer, scheduler = make_optimizer([model], config.optimizer, config.steps, head=head)
+    backbone = [] if config.freeze_backbone else [model]
+    optimizer, scheduler = make_optimizer(backbone, config.optimizer, config.steps, head=head)
 
     def step_fn(step: int) -> dict[str, torch.Tensor]:
         rows = batch_indices(size, config.optimizer.batch_size, step, config.random_seed)
@@ -79,7 +94,7 @@ def run_finetune(
 
     Trainer(
         run_dir,
-        {"model": model, "head": head},
+        trained,
         optimizer,
         config.steps,
         config.checkpoint_every,
@@ -88,9 +103,9 @@ def run_finetune(
         grad_clip=config.optimizer.grad_clip,
         dist=dist,
     ).fit(step_fn)
-    metrics = {}
+    evaluation = Evaluation({}, {})
     if dist.is_main:
-        metrics = task.evaluate(model, head, config.eval_split, config.eval_batch_size)
+        evaluation = task.evaluate(model, head, config.eval_split, config.eval_batch_size)
         metadata = {"stage": "finetune", "task": config.task, "tokenizer": task.tokenizer.to_json()}
         save_model(model, run_dir / MODEL_FILE, step=config.steps, extra_metadata=metadata, heads={TASK_HEAD: head})
         write_results(
@@ -100,11 +115,12 @@ def run_finetune(
                 "split": config.eval_split,
                 "init": config.init,
                 "steps": config.steps,
-                "metrics": metrics,
+                "freeze_backbone": config.freeze_backbone,
+                **evaluation.as_dict(),
             },
         )
     dist.barrier()
-    return metrics
+    return evaluation
 
 
 def evaluate_checkpoint(
@@ -113,7 +129,7 @@ def evaluate_checkpoint(
     split: str = "test",
     data: DataConfig | None = None,
     batch_size: int = 128,
-) -> dict[str, float]:
+) -> Evaluation:
     """A fine-tuned checkpoint on its task, or a pre-trained / merged one zero-shot (retrieval
     with its contrastive heads: the only task that needs no task head)."""
     reader = open_checkpoint(checkpoint)
@@ -149,7 +165,7 @@ def evaluate_path(
     split: str = "test",
     data: str | os.PathLike | None = None,
     limit: int | None = None,
-) -> dict[str, float]:
+) -> Evaluation:
     """`evaluate_checkpoint` of a checkpoint or a run directory. Without `data`, a run directory is
     evaluated on the data in its config; otherwise `data` is a dataset name (default emoji) or a
     YAML data config (see `resolve_data`), cut to the first `limit` records."""
@@ -159,6 +175,18 @@ def evaluate_path(
     else:
         data_config = resolve_data(data, checkpoint, limit)
     return evaluate_checkpoint(checkpoint, task_name, split, data_config)
+
+
+def read_evaluation(path: str | os.PathLike) -> Evaluation:
+    """The evaluation in a fine-tuning run's results.json (given the file or its run directory)."""
+    path = Path(path)
+    path = path / RESULTS_FILE if path.is_dir() else path
+    try:
+        return Evaluation.from_dict(json.loads(path.read_text()))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such results file; has the fine-tuning run finished?") from None
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
+        raise CheckpointError(f"{path}: not a fine-tuning results file ({error!r})") from None
 
 
 def write_results(path: Path, results: dict) -> None:

@@ -1,10 +1,17 @@
 """Image-text retrieval with the dual encoder: recall@1/5/10 both ways.
 
 An image may have several captions (five in COCO): image-to-text counts a hit when any of
-its captions is among the top k, text-to-image when the caption's image is."""
+its captions is among the top k, text-to-image when the caption's image is.
+
+The primary metric, `mean_recall`, is the mean of the six recalls. Its samples are, per
+image query ("i2t") and per caption query ("t2i"), the mean of the query's three hit
+indicators (at 1, 5, 10): the mean of each array is the mean of its direction's three
+recalls, so (mean(i2t) + mean(t2i)) / 2 is `mean_recall`. The two arrays differ in length
+(images, captions) and are resampled each on its own."""
 
 import math
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -12,7 +19,19 @@ from vlmerge.data.sources import ImageStore
 from vlmerge.data.transforms import model_images
 from vlmerge.models.config import ModelConfig
 from vlmerge.models.transformer import VLTransformer
-from vlmerge.tasks.base import TASKS, Examples, Task, encode_text, evaluation_mode, num_examples, take, to_device
+from vlmerge.tasks.base import (
+    TASKS,
+    Evaluation,
+    Examples,
+    Samples,
+    Task,
+    encode_text,
+    evaluation_mode,
+    num_examples,
+    sample_mean,
+    take,
+    to_device,
+)
 from vlmerge.training.distributed import SINGLE_PROCESS, DistributedContext
 from vlmerge.training.objectives import contrastive_logits, contrastive_loss
 
@@ -35,8 +54,8 @@ class RetrievalHead(nn.Module):
         return self.itc_text(model(text_ids=text_ids, text_mask=text_mask).cls)
 
 
-def recall_at_k(similarity: torch.Tensor, image_of: torch.Tensor, k: int, direction: str) -> float:
-    """(images x captions) similarities; the fraction of queries with a match among their top k."""
+def hits_at_k(similarity: torch.Tensor, image_of: torch.Tensor, k: int, direction: str) -> torch.Tensor:
+    """(images x captions) similarities; (queries,) whether each query has a match among its top k."""
     if direction == "i2t":
         k = min(k, similarity.shape[1])
         top = similarity.topk(k, dim=1).indices  # (images, k) caption indices
@@ -45,7 +64,12 @@ def recall_at_k(similarity: torch.Tensor, image_of: torch.Tensor, k: int, direct
         k = min(k, similarity.shape[0])
         top = similarity.T.topk(k, dim=1).indices  # (captions, k) image indices
         hits = top == image_of[:, None]
-    return hits.any(dim=1).float().mean().item()
+    return hits.any(dim=1)
+
+
+def recall_at_k(similarity: torch.Tensor, image_of: torch.Tensor, k: int, direction: str) -> float:
+    """(images x captions) similarities; the fraction of queries with a match among their top k."""
+    return hits_at_k(similarity, image_of, k, direction).float().mean().item()
 
 
 def retrieval_metrics(similarity: torch.Tensor, image_of: torch.Tensor | None = None) -> dict[str, float]:
@@ -58,6 +82,18 @@ def retrieval_metrics(similarity: torch.Tensor, image_of: torch.Tensor | None = 
     }
     metrics["mean_recall"] = sum(metrics.values()) / len(metrics)
     return metrics
+
+
+def retrieval_samples(similarity: torch.Tensor, image_of: torch.Tensor | None = None) -> dict[str, list[float]]:
+    """Per query of each direction, the mean of its hit indicators at 1, 5 and 10."""
+    image_of = torch.arange(similarity.shape[1]) if image_of is None else image_of
+    return {
+        direction: torch.stack([hits_at_k(similarity, image_of, k, direction) for k in RECALL_AT])
+        .double()
+        .mean(dim=0)
+        .tolist()
+        for direction in ("i2t", "t2i")
+    }
 
 
 @TASKS.register_class
@@ -86,10 +122,14 @@ class Retrieval(Task):
         text = dist.gather(head.embed_text(model, batch["text_ids"], batch["text_mask"]))
         return {"loss": contrastive_loss(contrastive_logits(image, text, head.logit_scale))}
 
-    def evaluate(
-        self, model: VLTransformer, head: nn.Module, split: str = "test", batch_size: int = 128
-    ) -> dict[str, float]:
-        return retrieval_metrics(self.similarity(model, head, split, batch_size), self.examples(split)["images"])
+    def evaluate(self, model: VLTransformer, head: nn.Module, split: str = "test", batch_size: int = 128) -> Evaluation:
+        similarity, image_of = self.similarity(model, head, split, batch_size), self.examples(split)["images"]
+        return Evaluation(retrieval_metrics(similarity, image_of), retrieval_samples(similarity, image_of))
+
+    @staticmethod
+    def primary_statistic(samples: Samples, axis: int = -1) -> float | np.ndarray:
+        """Mean recall: the mean of the two directions' mean per-query hit rates."""
+        return (sample_mean(samples["i2t"], axis) + sample_mean(samples["t2i"], axis)) / 2
 
     @torch.no_grad()
     def similarity(

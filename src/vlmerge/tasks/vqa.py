@@ -7,20 +7,26 @@ VQA score of a prediction is the target score of the predicted answer, which equ
 accuracy when one answer is valid.
 """
 
+import numpy as np
 import torch
 from torch import nn
 
 from vlmerge.data.sources import ImageStore
 from vlmerge.models.config import ModelConfig
 from vlmerge.models.transformer import VLTransformer
-from vlmerge.tasks.base import TASKS, ClassifierTask, Examples, encode_text, mlp_head
+from vlmerge.tasks.base import TASKS, ClassifierTask, Examples, Samples, encode_text, mlp_head, sample_mean
 from vlmerge.training.distributed import SINGLE_PROCESS, DistributedContext
+
+
+def answer_scores(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """(N,) the VQA score of each question's predicted answer: its soft target."""
+    return targets.gather(1, logits.argmax(dim=-1, keepdim=True)).squeeze(1)
 
 
 def vqa_metrics(
     logits: torch.Tensor, targets: torch.Tensor, kinds: torch.Tensor, kind_names: tuple[str, ...]
 ) -> dict[str, float]:
-    scores = targets.gather(1, logits.argmax(dim=-1, keepdim=True)).squeeze(1)
+    scores = answer_scores(logits, targets)
     metrics = {"vqa_score": scores.mean().item(), "accuracy": (scores > 0).float().mean().item()}
     for index, kind in enumerate(kind_names):
         chosen = kinds == index
@@ -77,3 +83,11 @@ class VisualQuestionAnswering(ClassifierTask):
     def metrics(self, logits: torch.Tensor, split: str) -> dict[str, float]:
         examples = self.examples(split)
         return vqa_metrics(logits, examples["targets"], examples["kinds"], self.kind_names[split])
+
+    def samples(self, logits: torch.Tensor, split: str) -> dict[str, list[float]]:
+        return {"score": answer_scores(logits, self.examples(split)["targets"]).tolist()}
+
+    @staticmethod
+    def primary_statistic(samples: Samples, axis: int = -1) -> float | np.ndarray:
+        """The VQA score: the mean over questions of the predicted answer's score."""
+        return sample_mean(samples["score"], axis)

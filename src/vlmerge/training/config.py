@@ -101,6 +101,9 @@ class FinetuneConfig(RunConfig):
     init: str = Field(description="checkpoint to fine-tune: pre-trained, modality-specific or merged")
     eval_split: Literal["val", "test"] = "test"
     eval_batch_size: int = Field(128, ge=1)
+    freeze_backbone: bool = Field(
+        False, description="linear probe: train the task head only, the pre-trained model frozen"
+    )
 
 
 StageConfig = PretrainConfig | FinetuneConfig
