@@ -10,9 +10,11 @@ import pytest
 from PIL import Image
 
 from vlmerge.core.errors import ConfigError
-from vlmerge.study.report import fmt, write_report
+from vlmerge.study.report import fmt, interval, write_report
 from vlmerge.study.results import (
+    MEAN,
     Claim,
+    Comparison,
     GalleryEntry,
     GalleryHit,
     Group,
@@ -23,19 +25,42 @@ from vlmerge.study.results import (
     StudyResults,
     SweepPoint,
     Sweeps,
+    TaskScore,
     Timing,
+    Trend,
+    Verdict,
 )
+from vlmerge.study.stats import Correlation, Estimate
 
 pytest.importorskip("matplotlib")
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-def _model(model_id, label, groups, kind, fraction, method, options, params, zero_shot, retrieval, vqa, score):
-    tasks = {
-        "retrieval": {"i2t_r1": retrieval / 2, "mean_recall": retrieval},
-        "vqa": {"vqa_score": vqa, "accuracy": vqa + 0.01},
+def _estimate(mean, half, seeds=3, source="seeds"):
+    seed_half, example_half = (half, half / 2) if source == "seeds" else (half / 2, half)
+    return Estimate(mean, mean - half, mean + half, seeds, seed_half, example_half)
+
+
+def _score(metric, values, half, metrics=None):
+    per_seed = dict(enumerate(values))
+    return TaskScore(metric, per_seed, _estimate(sum(values) / len(values), half, len(values)), metrics or {})
+
+
+def _model(model_id, label, groups, kind, fraction, method, options, params, zero_shot, retrieval, vqa):
+    finetune = {
+        "retrieval": _score(
+            "mean_recall",
+            [retrieval - 0.01, retrieval, retrieval + 0.01],
+            0.02,
+            {"i2t_r1": retrieval / 2, "mean_recall": retrieval},
+        ),
+        "vqa": _score("vqa_score", [vqa - 0.02, vqa, vqa + 0.02], 0.04, {"vqa_score": vqa, "accuracy": vqa + 0.01}),
     }
+    finetune[MEAN] = _score("mean of primary metrics", [(retrieval + vqa) / 2 + d for d in (-0.01, 0.0, 0.01)], 0.03)
+    scores = {"finetune": finetune}
+    if zero_shot is not None:
+        scores["zeroshot"] = {"retrieval": _score("mean_recall", [zero_shot] * 3, 0.01, {"mean_recall": zero_shot})}
     return ModelResult(
         id=model_id,
         label=label,
@@ -45,11 +70,9 @@ def _model(model_id, label, groups, kind, fraction, method, options, params, zer
         placement="all",
         method=method,
         options=options,
-        checkpoint=f"cache/{model_id}/model.safetensors",
+        checkpoints={seed: f"cache/{model_id}-{seed}/model.safetensors" for seed in range(3)},
         parameters=params,
-        zero_shot=zero_shot,
-        tasks=tasks,
-        score=score,
+        scores=scores,
     )
 
 
@@ -63,10 +86,9 @@ MODELS = [
         None,
         {},
         98469,
-        {"mean_recall": 0.081},
+        0.081,
         0.123,
         0.404,
-        0.2634,
     ),
     _model(
         "specific",
@@ -80,7 +102,6 @@ MODELS = [
         None,
         0.131,
         0.422,
-        0.2766,
     ),
     _model(
         "naive-merge",
@@ -91,10 +112,9 @@ MODELS = [
         "interpolation",
         {"ratio": 0.5},
         98469,
-        {"mean_recall": 0.032},
+        0.032,
         0.051,
         0.303,
-        0.177,
     ),
     _model(
         "seed-merge",
@@ -105,10 +125,22 @@ MODELS = [
         "interpolation",
         {"ratio": 0.5},
         98469,
-        {"mean_recall": 0.072},
+        0.072,
         0.114,
         0.391,
-        0.2527,
+    ),
+    _model(
+        "no-pretraining",
+        "no pre-training (random weights)",
+        ["control"],
+        "control",
+        0.0,
+        None,
+        {},
+        98469,
+        0.02,
+        0.09,
+        0.35,
     ),
     _model(
         "regmean",
@@ -119,10 +151,9 @@ MODELS = [
         "regmean",
         {"alpha": 0.9},
         98469,
-        {"mean_recall": 0.077},
+        0.077,
         0.117,
         0.396,
-        0.2567,
     ),
     _model(
         "seed-merge-r0.25",
@@ -133,19 +164,62 @@ MODELS = [
         "interpolation",
         {"ratio": 0.25},
         98469,
-        {"mean_recall": 0.066},
+        0.066,
         0.108,
         0.377,
-        0.2426,
     ),
 ]
 
+
+def _comparison(a, b, protocol, task, mean, half, verdict, paper=None, note=""):
+    return Comparison(
+        a,
+        b,
+        protocol,
+        task,
+        {0: mean - 0.01, 1: mean, 2: mean + 0.01},
+        _estimate(mean, half),
+        Verdict(verdict),
+        paper,
+        note,
+    )
+
+
+SEED_COMPARISONS = (
+    _comparison("seed-merge", "naive-merge", "finetune", "retrieval", 0.063, 0.02, "reproduced", "+7 (COCO)"),
+    _comparison("seed-merge", "naive-merge", "finetune", "vqa", 0.088, 0.05, "reproduced", "+3 (VQAv2)"),
+    _comparison("seed-merge", "naive-merge", "finetune", MEAN, 0.0755, 0.03, "reproduced"),
+    _comparison(
+        "seed-merge",
+        "naive-merge",
+        "zeroshot",
+        "retrieval",
+        0.04,
+        0.05,
+        "inconclusive",
+        note="the control shows no detectable gain",
+    ),
+)
+PARITY_COMPARISONS = (_comparison("seed-merge", "agnostic-scratch", "finetune", MEAN, -0.011, 0.004, "contradicted"),)
+CORRELATION = Correlation(-0.987, -1.0, -0.6, 6)
+
 RESULTS = StudyResults(
     name="micro-study",
-    recipe={"name": "micro-study", "total_steps": 40, "seed_fraction": 0.5, "seed_fractions": [0.0, 0.5]},
+    recipe={
+        "name": "micro-study",
+        "total_steps": 40,
+        "seed_fraction": 0.5,
+        "seed_fractions": [0.0, 0.5],
+        "random_seeds": [0, 1, 2],
+    },
     tasks=("retrieval", "vqa"),
     primary_metrics={"retrieval": "mean_recall", "vqa": "vqa_score"},
+    protocols=("finetune", "zeroshot"),
     models={model.id: model for model in MODELS},
+    control=(
+        _comparison("agnostic-scratch", "no-pretraining", "finetune", "vqa", 0.054, 0.02, "reproduced"),
+        _comparison("agnostic-scratch", "no-pretraining", "zeroshot", "retrieval", 0.061, 0.07, "inconclusive"),
+    ),
     sweeps=Sweeps(
         # deliberately out of order: the report sorts numeric sweeps by x
         seed_fraction=(SweepPoint(0.5, "seed-merge"), SweepPoint(0.0, "naive-merge")),
@@ -154,35 +228,57 @@ RESULTS = StudyResults(
     mergeability=Mergeability(
         points=(
             MergeabilityPoint(
-                "specific", "seed-merge", 0.5, "all", {"l2": 3.14, "cosine": 0.052, "ssd": 0.301}, 0.2527
+                "specific",
+                "seed-merge",
+                0,
+                0.5,
+                "all",
+                {"l2": 3.14, "cosine": 0.052, "ssd": 0.301},
+                {"finetune": -0.024},
             ),
             MergeabilityPoint(
-                "specific-seed0", "naive-merge", 0.0, "all", {"l2": 9.02, "cosine": 0.41, "ssd": 0.452}, 0.177
+                "specific-seed0-all",
+                "naive-merge",
+                0,
+                0.0,
+                "all",
+                {"l2": 9.02, "cosine": 0.41, "ssd": 0.452},
+                {"finetune": -0.107},
             ),
         ),
-        spearman={"l2": -0.987, "cosine": -0.5, "ssd": None},
+        correlations={
+            "finetune": {
+                "l2": CORRELATION,
+                "cosine": Correlation(-0.5, -1.0, 0.4, 6),
+                "ssd": Correlation(None, None, None, 6),
+            }
+        },
     ),
     claims=(
         Claim(
             "seed",
             "Seed pre-training + merge beats naive merging.",
-            ("seed-merge", "naive-merge"),
-            True,
-            "seed + merge scored 0.253 vs 0.177 for naive merging",
+            Verdict.REPRODUCED,
+            "seed + merge beats naive merging by 0.076 on the mean",
+            SEED_COMPARISONS,
         ),
         Claim(
             "parity",
             "The merged model matches one pre-trained from scratch.",
-            ("seed-merge", "agnostic-scratch"),
-            False,
-            "merged 0.253 vs from scratch 0.264",
+            Verdict.CONTRADICTED,
+            "merged is worse by more than the margin",
+            PARITY_COMPARISONS,
         ),
         Claim(
             "seed_length",
             "Longer seed pre-training gives a better merged model.",
-            ("naive-merge", "seed-merge"),
-            None,
-            "two points; Spearman rho n/a",
+            Verdict.INCONCLUSIVE,
+            "two points",
+            trends=(
+                Trend(
+                    "seed fraction vs mean score", "finetune", Correlation(None, None, None, 2), Verdict.INCONCLUSIVE
+                ),
+            ),
         ),
     ),
     gallery=(
@@ -221,6 +317,11 @@ def report(tmp_path_factory):
     return (study_dir, *_study(study_dir, RESULTS))
 
 
+def _md(text: str) -> str:
+    """Brackets as the markdown renderer escapes them."""
+    return text.replace("[", "\\[").replace("]", "\\]")
+
+
 def _row(markdown: str, first_cell: str, after: str = "") -> str:
     """The first table row starting with `first_cell` below the heading `after`."""
     text = markdown[markdown.index(after) :] if after else markdown
@@ -231,13 +332,19 @@ def test_markdown_has_every_model_and_its_numbers(report):
     _, _, markdown, _ = report
     for model in RESULTS.models.values():
         full_row = _row(markdown, model.label, "## Full results")
-        assert full_row.endswith(f"| {fmt(model.score)} |")
-        assert f"| {fmt(model.tasks['vqa']['accuracy'])} |" in full_row
-    scratch = _row(markdown, "modality-agnostic from scratch", "## Baselines")
-    assert scratch == "| modality-agnostic from scratch | agnostic | 0.123 | 0.404 | 0.263 | 98,469 |"
+        assert f"| {fmt(model.score('finetune', 'vqa').metrics['accuracy'])} |" in full_row
+    scratch = RESULTS.model("agnostic-scratch")
+    cells = [interval(scratch.score("finetune", t).estimate) for t in ("retrieval", "vqa", MEAN)]
+    assert _row(markdown, "modality-agnostic from scratch", "## Baselines") == _md(
+        f"| modality-agnostic from scratch | agnostic | 98,469 | {' | '.join(cells)} | 3 |"
+    )
+    assert cells[0] == "0.123 [0.103, 0.143]" and cells[1] == "0.404 [0.364, 0.444]"
     regmean = _row(markdown, "RegMean alpha=0.9", "## Merging methods")
-    assert regmean == "| RegMean alpha=0.9 | regmean | alpha=0.9 | 0.077 | 0.117 | 0.396 | 0.257 |"
+    assert regmean.startswith(_md("| RegMean alpha=0.9 | regmean | alpha=0.9 | 0.117 [0.097, 0.137] | 0.396 ["))
     assert "Wall time 61.2 s; stages run: 14, taken from the cache: 3." in markdown
+
+
+NUMBER = r"-?\d[\d,]*(?:\.\d+)?"
 
 
 def test_every_number_in_a_table_comes_from_results(report):
@@ -256,16 +363,30 @@ def test_every_number_in_a_table_comes_from_results(report):
 
     collect(RESULTS.to_json())
     cells = [c.strip() for line in markdown.splitlines() if line.startswith("| ") for c in line.strip("|").split(" | ")]
-    numbers = [c for c in cells if re.fullmatch(r"-?[\d,]+(\.\d+)?", c)]
-    assert numbers and set(numbers) <= allowed
+    numeric = [c for c in cells if re.fullmatch(rf"{NUMBER}( \\\[{NUMBER}, {NUMBER}\\\])?", c)]
+    numbers = [n for c in numeric for n in re.findall(NUMBER, c)]
+    assert any("[" in c for c in numeric) and set(numbers) <= allowed
 
 
-def test_claim_verdicts_and_where_the_run_differs(report):
+def test_claim_verdicts_and_their_paragraphs(report):
     _, _, markdown, html = report
-    verdicts = {c.id: _row(markdown, c.paper).rsplit("|", 2)[1].strip() for c in RESULTS.claims}
-    assert verdicts == {"seed": "reproduced", "parity": "not reproduced", "seed_length": "inconclusive"}
-    assert "This run differs from the paper on: parity (merged 0.253 vs from scratch 0.264)." in markdown
-    assert "<td>not reproduced</td>" in html
+    verdicts = {c.id: _row(markdown, c.id, "## Paper vs this run").rsplit("|", 2)[1].strip() for c in RESULTS.claims}
+    assert verdicts == {"seed": "reproduced", "parity": "contradicted", "seed_length": "inconclusive"}
+    assert "parity: contradicted. merged is worse by more than the margin" in markdown
+    assert "<td>contradicted</td>" in html
+    vqa = _row(markdown, "seed", "| claim | compared |")
+    assert (
+        _md("| after fine-tuning | retrieval | 0.063 [0.043, 0.083] | 3 | seeds | +7 (COCO) | reproduced | - |") in vqa
+    )
+
+
+def test_the_control_says_where_a_protocol_cannot_separate_pretraining(report):
+    _, _, markdown, _ = report
+    section = markdown[markdown.index("## Pre-training gain") : markdown.index("## Baselines")]
+    assert "no claim about pre-training can be decided there: retrieval zero-shot." in section
+    assert _md("| after fine-tuning | vqa | 0.054 [0.034, 0.074] | 3 | reproduced |") in section
+    baselines = markdown[markdown.index("## Baselines") : markdown.index("## Merging methods")]
+    assert "| no pre-training (random weights) | control |" in baselines
 
 
 def test_numeric_sweeps_are_sorted_and_unknown_models_named(tmp_path):
@@ -274,13 +395,14 @@ def test_numeric_sweeps_are_sorted_and_unknown_models_named(tmp_path):
     _, markdown, _ = _study(tmp_path, results)
     section = markdown[markdown.index("## Seed pre-training length") : markdown.index("## Interpolation ratio")]
     assert section.index("| 0.000 | naive merge") < section.index("| 0.500 | interpolation r=0.5")
+    assert "![Merged score vs seed fraction" in section
     assert "Listed in the sweep but missing from the models: never-ran." in markdown
 
 
 def test_mergeability_null_rho_is_na(report):
     _, _, markdown, _ = report
-    assert _row(markdown, "ssd", "## Mergeability") == "| ssd | n/a |"
-    assert _row(markdown, "l2", "## Mergeability") == "| l2 | -0.987 |"
+    assert _row(markdown, "ssd", "## Mergeability") == "| ssd | n/a | 6 | no |"
+    assert _row(markdown, "l2", "## Mergeability") == _md("| l2 | -0.987 [-1.000, -0.600] | 6 | yes |")
 
 
 def test_labels_are_escaped(tmp_path):
@@ -311,7 +433,8 @@ def test_every_referenced_image_is_a_png_on_disk(report):
     study_dir, paths, markdown, html = report
     images = _referenced_images(markdown, html)
     assert images == {
-        f"plots/{name}.png" for name in ["methods", "seed_fraction", "interpolation_ratio", "mergeability", "gallery"]
+        f"plots/{name}.png"
+        for name in ["forest", "methods", "seed_fraction", "interpolation_ratio", "mergeability", "gallery"]
     }
     for relative in images:
         data = (study_dir / relative).read_bytes()
@@ -354,10 +477,13 @@ def test_absent_sections_are_said_absent(tmp_path):
         m.id: dataclasses.replace(m, groups=tuple(g for g in m.groups if g is Group.BASELINES))
         for m in RESULTS.models.values()
     }
-    results = StudyResults(RESULTS.name, {"name": RESULTS.name}, RESULTS.tasks, RESULTS.primary_metrics, models)
+    results = StudyResults(
+        RESULTS.name, {"name": RESULTS.name}, RESULTS.tasks, RESULTS.primary_metrics, RESULTS.protocols, models
+    )
     paths, markdown, html = _study(tmp_path, results)
     for what in [
         "claims",
+        "control",
         "merging methods",
         "seed fraction sweep",
         "interpolation ratio sweep",
@@ -368,7 +494,7 @@ def test_absent_sections_are_said_absent(tmp_path):
         assert f"Not part of this recipe: results.json has no {what}." in markdown
     assert set(paths) == {"markdown", "html"} and not (tmp_path / "plots").exists()
     assert "Wall time n/a s" in markdown and "<img" not in html
-    assert "| modality-agnostic from scratch | agnostic |" in markdown
+    assert "| modality-agnostic from scratch | agnostic | 98,469 |" in markdown
 
 
 def test_missing_gallery_image_is_reported(tmp_path):

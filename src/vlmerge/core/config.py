@@ -31,7 +31,8 @@ def describe_validation_error(cls: type[BaseModel], error: ValidationError) -> s
             valid = list(_model_at(cls, item["loc"][:-1]).model_fields)
             problems.append(f"unknown field {location!r}{suggest(field, valid)}")
         else:
-            problems.append(f"{location}: {item['msg']}")
+            message = item["msg"].removeprefix("Value error, ")  # a validator's own words need no prefix
+            problems.append(f"{location}: {message}" if location else message)
     return "; ".join(problems)
 
 

@@ -1,11 +1,17 @@
-"""The typed study results from a plan and its stages' outputs: pure bookkeeping, nothing is run or read."""
+"""The typed study results from a plan and its stages' outputs: bookkeeping and statistics, nothing is run."""
 
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
+
 from vlmerge.study.cache import StageOutput
+from vlmerge.study.claims import pretraining_gain
+from vlmerge.study.observations import Observations
 from vlmerge.study.plan import PlannedModel, StudyPlan
 from vlmerge.study.results import (
+    MEAN,
     GalleryEntry,
     Group,
     Mergeability,
@@ -16,20 +22,25 @@ from vlmerge.study.results import (
     Sweeps,
     Timing,
 )
-from vlmerge.study.stats import spearman
-from vlmerge.tasks import TASKS
+from vlmerge.study.stats import spearman_interval
 
 Outputs = Mapping[str, StageOutput]
 
 
-def primary_metrics(tasks: tuple[str, ...]) -> dict[str, str]:
-    return {task: TASKS.get(task).primary_metric for task in tasks}
-
-
-def model_result(model: PlannedModel, outputs: Outputs, primary: Mapping[str, str]) -> ModelResult:
-    tasks = {task: outputs[stage.key].result["metrics"] for task, stage in model.finetunes.items()}
-    score = sum(tasks[task][primary[task]] for task in tasks) / len(tasks)
-    checkpoint = outputs[model.checkpoint.key].directory / model.checkpoint.output
+def model_result(model: PlannedModel, outputs: Outputs, observations: Observations) -> ModelResult:
+    scores = {}
+    for protocol in observations.tasks:
+        by_task = {
+            task: score
+            for task in observations.protocol_tasks(protocol)
+            if (score := observations.score(model.id, protocol, task)) is not None
+        }
+        if by_task:
+            scores[protocol] = by_task
+    first = model.runs[0].checkpoint
+    checkpoints = {
+        run.random_seed: Path("cache", run.checkpoint.name, run.checkpoint.output.name).as_posix() for run in model.runs
+    }
     return ModelResult(
         model.id,
         model.label,
@@ -39,11 +50,9 @@ def model_result(model: PlannedModel, outputs: Outputs, primary: Mapping[str, st
         model.placement.value,
         model.merge.method if model.merge else None,
         dict(model.merge.options) if model.merge else {},
-        Path("cache", model.checkpoint.name, checkpoint.name).as_posix(),
-        outputs[model.checkpoint.key].result["parameters"],
-        outputs[model.zero_shot.key].result["metrics"],
-        tasks,
-        score,
+        checkpoints,
+        outputs[first.key].result["parameters"],
+        scores,
     )
 
 
@@ -73,24 +82,64 @@ def sweeps(models: Mapping[str, ModelResult]) -> Sweeps:
     )
 
 
+def layer_groups(layers: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
+    """Each distance averaged over the lower and the upper half of the layers."""
+    order = sorted(layers, key=int)
+    halves = (
+        {
+            f"layers {order[0]}-{order[len(order) // 2 - 1]}": order[: len(order) // 2],
+            f"layers {order[len(order) // 2]}-{order[-1]}": order[len(order) // 2 :],
+        }
+        if len(order) > 1
+        else {}
+    )
+    return {
+        f"{metric} ({name})": float(np.mean([layers[layer][metric] for layer in part]))
+        for name, part in halves.items()
+        if part
+        for metric in layers[order[0]]
+    }
+
+
 def mergeability(plan: StudyPlan, models: Mapping[str, ModelResult], outputs: Outputs) -> Mergeability:
-    """One point per modality-specific model merged by the main method: its distances, its merge's score."""
-    points = tuple(
-        MergeabilityPoint(
-            planned.mergeability.inputs["specific"].name,
-            model_id,
-            planned.seed_fraction,
-            planned.placement.value,
-            outputs[planned.mergeability.key].result["model"],
-            models[model_id].score,
-        )
-        for model_id, planned in plan.models.items()
-        if planned.mergeability is not None
-    )
-    names = sorted(points[0].metrics) if points else []
-    return Mergeability(
-        points, {name: spearman([p.metrics[name] for p in points], [p.score for p in points]) for name in names}
-    )
+    """One point per merge by the main method and seed: the experts' distances, and what the merge kept
+    of the unmerged model's score (mean over tasks) under each protocol."""
+    points = []
+    for planned in plan.models.values():
+        if planned.specific is None:
+            continue
+        merged, specific = models[planned.id], models[planned.specific]
+        for run in planned.runs:
+            retention = {}
+            for protocol, by_task in merged.scores.items():
+                task = MEAN if MEAN in by_task else next(iter(by_task))
+                theirs = specific.score(protocol, task)
+                if theirs is not None and run.random_seed in theirs.per_seed:
+                    retention[protocol] = by_task[task].per_seed[run.random_seed] - theirs.per_seed[run.random_seed]
+            if not retention:
+                continue
+            distances = outputs[run.mergeability.key].result
+            metrics = {**distances["model"], **layer_groups(distances["layers"])}
+            points.append(
+                MergeabilityPoint(
+                    planned.specific,
+                    planned.id,
+                    run.random_seed,
+                    planned.seed_fraction,
+                    planned.placement.value,
+                    metrics,
+                    retention,
+                )
+            )
+    correlations = {}
+    for protocol in plan.recipe.protocols:
+        chosen = [p for p in points if protocol in p.retention]
+        if chosen:
+            correlations[protocol] = {
+                metric: spearman_interval([p.metrics[metric] for p in chosen], [p.retention[protocol] for p in chosen])
+                for metric in chosen[0].metrics
+            }
+    return Mergeability(tuple(points), correlations)
 
 
 def gallery(plan: StudyPlan, outputs: Outputs) -> tuple[GalleryEntry, ...]:
@@ -101,12 +150,11 @@ def gallery(plan: StudyPlan, outputs: Outputs) -> tuple[GalleryEntry, ...]:
     return tuple(GalleryEntry.from_json({**entry, "image": (where / entry["image"]).as_posix()}) for entry in entries)
 
 
-def assemble(plan: StudyPlan, outputs: Outputs, seconds: float) -> StudyResults:
-    """Everything the report shows but the claims, which read these results (see claims.evaluate_claims)."""
+def assemble(plan: StudyPlan, outputs: Outputs, seconds: float) -> tuple[StudyResults, Observations]:
+    """Everything the report shows but the claims, and the observations the claims are judged on."""
     recipe = plan.recipe
-    tasks = tuple(recipe.tasks)
-    primary = primary_metrics(tasks)
-    models = {model_id: model_result(model, outputs, primary) for model_id, model in plan.models.items()}
+    observations = Observations(plan, outputs)
+    models = {model_id: model_result(model, outputs, observations) for model_id, model in plan.models.items()}
     ran = [output for output in outputs.values() if not output.cached]
     timing = Timing(
         round(seconds, 1),
@@ -114,14 +162,16 @@ def assemble(plan: StudyPlan, outputs: Outputs, seconds: float) -> StudyResults:
         len(outputs) - len(ran),
         round(sum(output.seconds for output in outputs.values()), 1),
     )
-    return StudyResults(
+    results = StudyResults(
         recipe.name,
         recipe.model_dump(mode="json"),
-        tasks,
-        primary,
+        tuple(recipe.tasks),
+        observations.primary,
+        tuple(recipe.protocols),
         models,
-        sweeps(models),
-        mergeability(plan, models, outputs),
-        gallery(plan, outputs),
-        timing,
+        sweeps=sweeps(models),
+        mergeability=mergeability(plan, models, outputs),
+        gallery=gallery(plan, outputs),
+        timing=timing,
     )
+    return replace(results, control=pretraining_gain(results, observations, recipe)), observations

@@ -48,10 +48,12 @@ class StageCache:
             "seconds": seconds,
             "result": result,
         }
+        text = json.dumps(record, indent=1, sort_keys=True)
         with atomic_path(marker) as tmp:
-            tmp.write_text(json.dumps(record, indent=1, sort_keys=True, default=str))
+            tmp.write_text(text)
         self._say(f"{stage.kind.value:<10} {stage.label} done in {seconds:.1f} s")
-        return StageOutput(directory, result, seconds, cached=False)
+        # What a later run reads back from the marker, so a fresh result and a cached one are the same object.
+        return StageOutput(directory, json.loads(text)["result"], seconds, cached=False)
 
     def _say(self, line: str) -> None:
         if self.progress:

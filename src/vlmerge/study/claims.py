@@ -1,125 +1,269 @@
-"""The paper's claims next to what a study run measured. Each check reads only the study's results;
-`holds` is None where this run cannot decide (too few points, or differences within the tolerance)."""
+"""The paper's claims, decided by intervals: each claim's comparisons per task and protocol, its trends,
+and a verdict that reads them. A comparison is reproduced when its 95 % interval excludes zero in the
+paper's direction, contradicted when it excludes zero the other way, and inconclusive otherwise; the
+interval's half-width is the smallest difference the run could have told apart from zero.
+"""
 
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from vlmerge.study.results import AGNOSTIC_SCRATCH, NAIVE_MERGE, SEED_MERGE, SPECIFIC, Claim, StudyResults
-from vlmerge.study.stats import spearman
+from vlmerge.study.observations import Observations
+from vlmerge.study.recipe import StudyRecipe
+from vlmerge.study.results import (
+    AGNOSTIC_SCRATCH,
+    CONTROL,
+    MEAN,
+    NAIVE_MERGE,
+    SEED_MERGE,
+    SPECIFIC,
+    Claim,
+    Comparison,
+    StudyResults,
+    Trend,
+    Verdict,
+)
+from vlmerge.study.stats import Correlation, Estimate, spearman_interval
+
+PAPER_PROTOCOL = "finetune"
+# Seed pre-training + merge over naive merging in the paper, by our nearest task (points of each metric).
+PAPER_SEED_GAINS = {
+    "vqa": "+3 (VQAv2)",
+    "retrieval": "+7 (COCO), +14 (Flickr30k)",
+    "nlvr2": "+25 (NLVR2)",
+    "classify_image": "+3 (ADE20k segmentation, the nearest vision-only task)",
+}
+PAPER_SEED_GAIN_VALUES = {"vqa": 0.03, "retrieval": 0.07, "nlvr2": 0.25, "classify_image": 0.03}  # as fractions
+PROTOCOL_NAMES = {"finetune": "after fine-tuning", "probe": "by linear probe", "zeroshot": "zero-shot"}
+TARGET_RHO = -0.8  # what a useful mergeability metric should reach
 
 
 @dataclass(frozen=True)
-class Verdict:
-    compare: tuple[str, ...]  # ids of the models the check read
-    holds: bool | None
-    finding: str
+class Context:
+    results: StudyResults
+    observations: Observations
+    recipe: StudyRecipe
+
+    @property
+    def main_protocol(self) -> str:
+        return PAPER_PROTOCOL if PAPER_PROTOCOL in self.recipe.protocols else self.recipe.protocols[0]
+
+    def headline_task(self, protocol: str) -> str:
+        tasks = self.observations.protocol_tasks(protocol)
+        return MEAN if MEAN in tasks else tasks[0]
 
 
-Check = Callable[[StudyResults, float], Verdict]
+def direction_verdict(difference: Estimate, paper_sign: int) -> Verdict:
+    side = difference.excludes_zero()
+    return Verdict.INCONCLUSIVE if side == 0 else Verdict.REPRODUCED if side == paper_sign else Verdict.CONTRADICTED
 
 
-def _beats(a: float, b: float, tolerance: float) -> bool | None:
-    """True / False when a is above / below b by more than the tolerance; None (undecided) within it."""
-    return True if a > b + tolerance else False if a < b - tolerance else None
+def non_inferiority_verdict(difference: Estimate, margin: float) -> Verdict:
+    """Parity as non-inferiority: no worse than `margin` (contradicted: worse by more than it, for sure)."""
+    if difference.low > -margin:
+        return Verdict.REPRODUCED
+    return Verdict.CONTRADICTED if difference.high < -margin else Verdict.INCONCLUSIVE
 
 
-def _spread_decides(scores: list[float], tolerance: float) -> bool:
-    """A sweep whose scores all lie within the tolerance of each other ranks noise, not models."""
-    return max(scores) - min(scores) > tolerance
+def compare(
+    ctx: Context,
+    a: str,
+    b: str,
+    judge: Callable[[Estimate], Verdict],
+    paper: dict[str, str] | None = None,
+    insensitive: set[tuple[str, str]] = frozenset(),
+) -> tuple[Comparison, ...]:
+    """a − b on every task (and their mean) under every protocol both models were evaluated by."""
+    found = []
+    for protocol in ctx.recipe.protocols:
+        for task in ctx.observations.protocol_tasks(protocol):
+            paired = ctx.observations.difference(a, b, protocol, task)
+            if paired is None:
+                continue
+            per_seed, difference = paired
+            note = (
+                "no pre-training gain was detectable here (the control scored as well, within the interval, or "
+                "better), so this protocol cannot separate pre-training conditions on this task"
+                if (protocol, task) in insensitive
+                else ""
+            )
+            found.append(
+                Comparison(a, b, protocol, task, per_seed, difference, judge(difference), (paper or {}).get(task), note)
+            )
+    return tuple(found)
 
 
-def seed_beats_naive(results: StudyResults, tolerance: float) -> Verdict:
-    seeded, naive = results.score(SEED_MERGE), results.score(NAIVE_MERGE)
-    return Verdict(
-        (SEED_MERGE, NAIVE_MERGE),
-        _beats(seeded, naive, tolerance),
-        f"seed pre-training + merge scored {seeded:.3f}; naive merging {naive:.3f} "
-        f"(a difference within {tolerance:.3f} decides nothing)",
+def pretraining_gain(results: StudyResults, observations: Observations, recipe: StudyRecipe) -> tuple[Comparison, ...]:
+    """From scratch minus no pre-training: what pre-training adds, per task and protocol."""
+    if CONTROL not in results.models:
+        return ()
+    ctx = Context(results, observations, recipe)
+    return compare(ctx, AGNOSTIC_SCRATCH, CONTROL, lambda d: direction_verdict(d, +1))
+
+
+def _insensitive(results: StudyResults) -> set[tuple[str, str]]:
+    return {(c.protocol, c.task) for c in results.control if c.verdict is not Verdict.REPRODUCED}
+
+
+def _fmt(estimate: Estimate) -> str:
+    return f"{estimate.mean:+.3f} [{estimate.low:+.3f}, {estimate.high:+.3f}]"
+
+
+def _headline(ctx: Context, comparisons: tuple[Comparison, ...]) -> Comparison | None:
+    protocol = ctx.main_protocol
+    task = ctx.headline_task(protocol)
+    return next((c for c in comparisons if (c.protocol, c.task) == (protocol, task)), None)
+
+
+def _paragraph(ctx: Context, what: str, comparisons: tuple[Comparison, ...], headline: Comparison | None) -> str:
+    if headline is None:
+        return f"{what}: not measured under {ctx.main_protocol}."
+    d = headline.difference
+    scope = "mean over tasks" if headline.task == MEAN else headline.task
+    text = (
+        f"{what}, {scope} {PROTOCOL_NAMES.get(headline.protocol, headline.protocol)}: {_fmt(d)} over "
+        f"{d.seeds} seed(s), interval from {d.source}: {headline.verdict.value}; differences smaller than "
+        f"±{d.half_width:.3f} were not detectable."
     )
+    others = [c for c in comparisons if c is not headline and c.verdict is not Verdict.INCONCLUSIVE]
+    if others:
+        text += (
+            " Decided elsewhere: "
+            + "; ".join(
+                f"{c.task} {PROTOCOL_NAMES.get(c.protocol, c.protocol)} {_fmt(c.difference)} {c.verdict.value}"
+                for c in others
+            )
+            + "."
+        )
+    if any(c.note for c in comparisons):
+        blind = sorted({f"{c.task} {PROTOCOL_NAMES.get(c.protocol, c.protocol)}" for c in comparisons if c.note})
+        text += f" The control shows no detectable pre-training gain on: {', '.join(blind)}."
+    return text
 
 
-def merge_matches_scratch(results: StudyResults, tolerance: float) -> Verdict:
-    merged, scratch = results.score(SEED_MERGE), results.model(AGNOSTIC_SCRATCH)
-    return Verdict(
-        (SEED_MERGE, AGNOSTIC_SCRATCH),
-        merged >= scratch.score - tolerance,
-        f"merged {merged:.3f} vs {scratch.label} {scratch.score:.3f} (match means within {tolerance:.3f} or better)",
+def seed_beats_naive(ctx: Context) -> Claim:
+    comparisons = compare(
+        ctx, SEED_MERGE, NAIVE_MERGE, lambda d: direction_verdict(d, +1), PAPER_SEED_GAINS, _insensitive(ctx.results)
     )
-
-
-def longer_seed_helps(results: StudyResults, tolerance: float) -> Verdict:
-    sweep = results.sweeps.seed_fraction
-    xs, ys = [p.x for p in sweep], [results.score(p.model) for p in sweep]
-    rho = spearman(xs, ys)
-    points = ", ".join(f"{x:.0%}: {y:.3f}" for x, y in zip(xs, ys))
-    holds = None if rho is None or not _spread_decides(ys, tolerance) else rho > 0
-    return Verdict(
-        tuple(p.model for p in sweep),
-        holds,
-        f"merged score by seed share {points}; Spearman rho {_rho(rho)} (scores spread "
-        f"{max(ys) - min(ys):.3f}; a spread within {tolerance:.3f} decides nothing)",
-    )
-
-
-def metrics_predict_merging(results: StudyResults, tolerance: float) -> Verdict:
-    rhos, points = results.mergeability.spearman, results.mergeability.points
-    defined = {name: rho for name, rho in rhos.items() if rho is not None}
-    negative = [name for name, rho in defined.items() if rho < 0]
-    holds = (
-        None
-        if not defined or not _spread_decides([p.score for p in points], tolerance)
-        else len(negative) > len(defined) / 2
-    )
-    listing = ", ".join(f"{name} {_rho(rho)}" for name, rho in rhos.items())
-    return Verdict(
-        tuple(p.merged for p in points),
-        holds,
-        f"rank correlation of each distance with the merged score: {listing or 'no points'}",
-    )
-
-
-def merged_is_smaller(results: StudyResults, tolerance: float) -> Verdict:
-    ratio = results.model(SEED_MERGE).parameters / results.model(SPECIFIC).parameters
-    return Verdict(
-        (SEED_MERGE, SPECIFIC),
-        ratio < 0.75,
-        f"the merged model has {ratio:.0%} of the modality-specific model's parameters "
-        "(embeddings included, which weigh more in small models than at base size)",
-    )
-
-
-def _rho(rho: float | None) -> str:
-    return "n/a" if rho is None else f"{rho:+.2f}"
-
-
-CLAIMS: list[tuple[str, str, Check]] = [
-    (
+    headline = _headline(ctx, comparisons)
+    return Claim(
         "seed",
-        "Seed pre-training before modality-specific pre-training is what makes merging work: "
-        "seed pre-training + merge beats naive merging.",
-        seed_beats_naive,
-    ),
-    (
+        "Seed pre-training before modality-specific pre-training is what makes merging work: seed "
+        "pre-training + merge beats naive merging.",
+        headline.verdict if headline else Verdict.INCONCLUSIVE,
+        _paragraph(ctx, "Seed pre-training + merge minus naive merging", comparisons, headline),
+        comparisons,
+    )
+
+
+def merge_matches_scratch(ctx: Context) -> Claim:
+    margin = ctx.recipe.parity_margin
+    comparisons = compare(ctx, SEED_MERGE, AGNOSTIC_SCRATCH, lambda d: non_inferiority_verdict(d, margin))
+    headline = _headline(ctx, comparisons)
+    summary = _paragraph(ctx, "Merged minus modality-agnostic from scratch", comparisons, headline)
+    summary += f" Parity is read as non-inferiority: reproduced when the interval lies above -{margin:.3f}."
+    return Claim(
         "parity",
-        "Merged with this recipe, the modality-agnostic model matches one pre-trained from scratch "
-        "at the same total steps.",
-        merge_matches_scratch,
-    ),
-    ("seed_length", "Longer seed pre-training gives a better merged model.", longer_seed_helps),
-    (
+        "Merged with this recipe, the modality-agnostic model matches one pre-trained from "
+        "scratch at the same total steps.",
+        headline.verdict if headline else Verdict.INCONCLUSIVE,
+        summary,
+        comparisons,
+    )
+
+
+def _trend_verdict(correlation: Correlation, paper_sign: int) -> Verdict:
+    side = correlation.excludes_zero()
+    return Verdict.INCONCLUSIVE if side == 0 else Verdict.REPRODUCED if side == paper_sign else Verdict.CONTRADICTED
+
+
+def longer_seed_helps(ctx: Context) -> Claim:
+    trends = []
+    models = [ctx.results.model(p.model) for p in ctx.results.sweeps.seed_fraction]
+    for protocol in ctx.recipe.protocols:
+        task = ctx.headline_task(protocol)
+        points = [
+            (m.seed_fraction, value)
+            for m in models
+            if (score := m.score(protocol, task))
+            for value in score.per_seed.values()
+        ]
+        correlation = spearman_interval([x for x, _ in points], [y for _, y in points])
+        trends.append(Trend(f"seed fraction vs {task} score", protocol, correlation, _trend_verdict(correlation, +1)))
+    headline = next((t for t in trends if t.protocol == ctx.main_protocol), None)
+    c = headline.correlation if headline else None
+    summary = (
+        "No seed-length sweep was measured."
+        if c is None or c.rho is None
+        else f"Spearman rho of the seed share with the merged score {PROTOCOL_NAMES[headline.protocol]}: "
+        f"{c.rho:+.2f} [{c.low:+.2f}, {c.high:+.2f}] over {c.points} runs (models x seeds): "
+        f"{headline.verdict.value}."
+    )
+    return Claim(
+        "seed_length",
+        "Longer seed pre-training gives a better merged model.",
+        headline.verdict if headline else Verdict.INCONCLUSIVE,
+        summary,
+        trends=tuple(trends),
+    )
+
+
+def metrics_predict_merging(ctx: Context) -> Claim:
+    trends = [
+        Trend(f"{metric} vs retention", protocol, correlation, _trend_verdict(correlation, -1))
+        for protocol, by_metric in ctx.results.mergeability.correlations.items()
+        for metric, correlation in by_metric.items()
+    ]
+    main = [t for t in trends if t.protocol == ctx.main_protocol and "(layers" not in t.name]
+    decided = {t.verdict for t in main} - {Verdict.INCONCLUSIVE}
+    verdict = decided.pop() if len(decided) == 1 else Verdict.INCONCLUSIVE
+    on_target = [
+        t.name.split(" vs ")[0]
+        for t in main
+        if t.correlation.high is not None and t.correlation.rho <= TARGET_RHO and t.correlation.high < 0
+    ]
+    listing = "; ".join(
+        f"{t.name.split(' vs ')[0]} {t.correlation.rho:+.2f} [{t.correlation.low:+.2f}, {t.correlation.high:+.2f}]"
+        for t in main
+        if t.correlation.rho is not None
+    )
+    points = len(ctx.results.mergeability.points)
+    summary = (
+        f"Spearman rho of each distance with what merging keeps (merged minus unmerged score, "
+        f"{PROTOCOL_NAMES.get(ctx.main_protocol)}), over {points} modality-specific runs: "
+        f"{listing or 'undefined'}. Target: rho <= {TARGET_RHO} with the interval below zero; met by "
+        f"{', '.join(on_target) or 'none'}."
+    )
+    return Claim(
         "metrics",
-        "Weight distances between the experts predict the merge: the closer the experts, the better "
-        "the merged model (negative rank correlation).",
-        metrics_predict_merging,
-    ),
-    (
+        "Weight distances between the experts predict the merge: the closer the experts, the "
+        "less merging loses (negative rank correlation).",
+        verdict,
+        summary,
+        trends=tuple(trends),
+    )
+
+
+def merged_is_smaller(ctx: Context) -> Claim:
+    ratio = ctx.results.model(SEED_MERGE).parameters / ctx.results.model(SPECIFIC).parameters
+    verdict = Verdict.REPRODUCED if ratio < 0.75 else Verdict.CONTRADICTED
+    return Claim(
         "size",
         "The merged modality-agnostic model has about half the parameters of the modality-specific one.",
-        merged_is_smaller,
-    ),
-]
+        verdict,
+        f"The merged model has {ratio:.0%} of the modality-specific model's parameters "
+        "(embeddings included, which weigh more in small models than at base size); exact, no interval.",
+    )
 
 
-def evaluate_claims(results: StudyResults, tolerance: float) -> tuple[Claim, ...]:
-    verdicts = [(claim_id, text, check(results, tolerance)) for claim_id, text, check in CLAIMS]
-    return tuple(Claim(claim_id, text, v.compare, v.holds, v.finding) for claim_id, text, v in verdicts)
+CLAIMS: dict[str, Callable[[Context], Claim]] = {
+    "seed": seed_beats_naive,
+    "parity": merge_matches_scratch,
+    "seed_length": longer_seed_helps,
+    "metrics": metrics_predict_merging,
+    "size": merged_is_smaller,
+}
+
+
+def evaluate_claims(results: StudyResults, observations: Observations, recipe: StudyRecipe) -> tuple[Claim, ...]:
+    ctx = Context(results, observations, recipe)
+    return tuple(CLAIMS[claim_id](ctx) for claim_id in recipe.claims)

@@ -25,7 +25,7 @@ from vlmerge.study.plan import Stage, StageKind, StudyPlan
 from vlmerge.tasks.finetune import RESULTS_FILE, evaluate_checkpoint, run_finetune
 from vlmerge.training.config import FinetuneConfig, PretrainConfig, TokenizerConfig
 from vlmerge.training.grams import collect_checkpoint_grams
-from vlmerge.training.pretrain import run_pretraining
+from vlmerge.training.pretrain import run_pretraining, save_untrained
 from vlmerge.training.setup import resolve_tokenizer
 
 Inputs = Mapping[str, Path]  # role -> the output file of that input stage
@@ -39,8 +39,8 @@ def _tokenizer(stage: Stage, directory: Path, inputs: Inputs, progress: bool) ->
 
 
 def _pretrained(stage: Stage, directory: Path, inputs: Inputs, progress: bool) -> dict[str, Any]:
-    save_pretrained_seed(directory / stage.output, **stage.settings)
-    return {}
+    out = save_pretrained_seed(directory / stage.output, **stage.settings)
+    return {"parameters": count_parameters(load_model(out))}
 
 
 def _pretrain(stage: Stage, directory: Path, inputs: Inputs, progress: bool) -> dict[str, Any]:
@@ -78,19 +78,27 @@ def _merge(stage: Stage, directory: Path, inputs: Inputs, progress: bool) -> dic
     return {"warnings": result.warnings, "parameters": count_parameters(load_model(result.path))}
 
 
+def _untrained(stage: Stage, directory: Path, inputs: Inputs, progress: bool) -> dict[str, Any]:
+    settings = {**stage.settings, "tokenizer": {**stage.settings["tokenizer"], "path": str(inputs["tokenizer"])}}
+    out = save_untrained(PretrainConfig.parse(settings, where=f"stage {stage.name}"), directory / stage.output)
+    return {"parameters": count_parameters(load_model(out))}
+
+
 def _finetune(stage: Stage, directory: Path, inputs: Inputs, progress: bool) -> dict[str, Any]:
     config = FinetuneConfig.parse({**stage.settings, "init": str(inputs["model"])}, where=f"stage {stage.name}")
     run_finetune(config, directory, progress)
-    return {"metrics": json.loads((directory / RESULTS_FILE).read_text())["metrics"]}
+    results = json.loads((directory / RESULTS_FILE).read_text())
+    return {"metrics": results["metrics"], "samples": results["samples"]}
 
 
 def _zero_shot(stage: Stage, directory: Path, inputs: Inputs, progress: bool) -> dict[str, Any]:
     data = DataConfig.parse(stage.settings["data"])
-    return {"metrics": evaluate_checkpoint(inputs["model"], "retrieval", "test", data)}
+    return evaluate_checkpoint(inputs["model"], "retrieval", "test", data).as_dict()
 
 
 def _mergeability(stage: Stage, directory: Path, inputs: Inputs, progress: bool) -> dict[str, Any]:
-    return {"model": mergeability(open_checkpoint(inputs["specific"])).model}
+    report = mergeability(open_checkpoint(inputs["specific"]))
+    return {"model": report.model, "layers": {str(layer): values for layer, values in report.per_layer.items()}}
 
 
 def _gallery(stage: Stage, directory: Path, inputs: Inputs, progress: bool) -> dict[str, Any]:
@@ -101,6 +109,7 @@ def _gallery(stage: Stage, directory: Path, inputs: Inputs, progress: bool) -> d
 WORK: dict[StageKind, Work] = {
     StageKind.TOKENIZER: _tokenizer,
     StageKind.PRETRAINED: _pretrained,
+    StageKind.UNTRAINED: _untrained,
     StageKind.SEED: _pretrain,
     StageKind.SPECIFIC: _pretrain,
     StageKind.GRAMS: _grams,

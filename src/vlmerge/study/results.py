@@ -1,8 +1,9 @@
 """What a study produces, as frozen dataclasses with one JSON schema (results.json).
 
-The runner builds these, the claims and the report read their attributes, and `StudyResults.to_json` /
-`from_json` are the only code that knows the file's keys. Models are identified by id; the ids of the
-models every comparison needs are named here once.
+The assembler builds these, the claims and the report read their attributes, and the `to_json` /
+`from_json` pairs here are the only code that knows the file's keys. Models are identified by id;
+the ids of the models every comparison needs are named here once. Every score is a mean over random
+seeds with its 95 % interval (`stats.Estimate`), every comparison a paired difference.
 """
 
 from collections.abc import Mapping
@@ -11,23 +12,34 @@ from enum import Enum
 from typing import Any
 
 from vlmerge.core.errors import ConfigError
+from vlmerge.study.stats import Correlation, Estimate
 
 Metrics = Mapping[str, float]
+MEAN = "mean"  # the task name of a score averaged over the tasks of a protocol
 
 
 class ModelKind(str, Enum):
     AGNOSTIC = "agnostic"  # pre-trained as one modality-agnostic model
     SPECIFIC = "specific"  # modality-specific, not merged
     MERGED = "merged"
+    CONTROL = "control"  # never pre-trained on image-text pairs
 
 
 class Group(str, Enum):
     """Which comparison of the report a model belongs to (a model may serve several)."""
 
     BASELINES = "baselines"
+    CONTROL = "control"
     METHODS = "methods"
     SEED_LENGTH = "seed_length"
     ARCHITECTURE = "architecture"
+    MERGEABILITY = "mergeability"  # unmerged models the merges are compared with
+
+
+class Verdict(str, Enum):
+    REPRODUCED = "reproduced"  # the interval excludes zero in the paper's direction
+    CONTRADICTED = "contradicted"  # it excludes zero the other way
+    INCONCLUSIVE = "inconclusive"
 
 
 # The models the paper's comparisons are about.
@@ -35,6 +47,42 @@ AGNOSTIC_SCRATCH = "agnostic-scratch"
 SPECIFIC = "specific"
 NAIVE_MERGE = "naive-merge"
 SEED_MERGE = "seed-merge"
+CONTROL = "no-pretraining"
+
+
+def _seeds_to_json(values: Mapping[int, Any]) -> dict[str, Any]:
+    return {str(seed): value for seed, value in values.items()}
+
+
+def _seeds_from_json(values: Mapping[str, Any]) -> dict[int, Any]:
+    return {int(seed): value for seed, value in values.items()}
+
+
+@dataclass(frozen=True)
+class TaskScore:
+    """One model's primary metric on one task (or the mean over tasks) under one protocol."""
+
+    metric: str
+    per_seed: Mapping[int, float]  # random seed -> value
+    estimate: Estimate  # their mean with its interval
+    metrics: Metrics = field(default_factory=dict)  # every metric of the task, mean over seeds
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "metric": self.metric,
+            "per_seed": _seeds_to_json(self.per_seed),
+            "estimate": self.estimate.to_json(),
+            "metrics": dict(self.metrics),
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> "TaskScore":
+        return cls(
+            data["metric"],
+            _seeds_from_json(data["per_seed"]),
+            Estimate.from_json(data["estimate"]),
+            dict(data["metrics"]),
+        )
 
 
 @dataclass(frozen=True)
@@ -47,14 +95,16 @@ class ModelResult:
     placement: str
     method: str | None
     options: Mapping[str, Any]
-    checkpoint: str  # relative to the study directory
+    checkpoints: Mapping[int, str]  # random seed -> checkpoint, relative to the study directory
     parameters: int
-    zero_shot: Metrics | None
-    tasks: Mapping[str, Metrics]  # task -> its metrics after fine-tuning
-    score: float  # mean primary metric over the tasks
+    scores: Mapping[str, Mapping[str, TaskScore]]  # protocol -> task (or MEAN) -> score
 
-    def primary(self, task: str, metric: str) -> float | None:
-        return self.tasks.get(task, {}).get(metric)
+    @property
+    def seeds(self) -> tuple[int, ...]:
+        return tuple(self.checkpoints)
+
+    def score(self, protocol: str, task: str = MEAN) -> TaskScore | None:
+        return self.scores.get(protocol, {}).get(task)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -65,15 +115,14 @@ class ModelResult:
             "placement": self.placement,
             "method": self.method,
             "options": dict(self.options),
-            "checkpoint": self.checkpoint,
+            "checkpoints": _seeds_to_json(self.checkpoints),
             "parameters": self.parameters,
-            "zero_shot": None if self.zero_shot is None else dict(self.zero_shot),
-            "tasks": {task: dict(metrics) for task, metrics in self.tasks.items()},
-            "score": self.score,
+            "scores": {p: {t: s.to_json() for t, s in tasks.items()} for p, tasks in self.scores.items()},
         }
 
     @classmethod
     def from_json(cls, model_id: str, data: Mapping[str, Any]) -> "ModelResult":
+        scores = {p: {t: TaskScore.from_json(s) for t, s in tasks.items()} for p, tasks in data["scores"].items()}
         return cls(
             model_id,
             data["label"],
@@ -83,11 +132,104 @@ class ModelResult:
             data["placement"],
             data["method"],
             dict(data["options"]),
-            data["checkpoint"],
+            _seeds_from_json(data["checkpoints"]),
             data["parameters"],
-            data["zero_shot"],
-            data["tasks"],
-            data["score"],
+            scores,
+        )
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """A paired difference a − b on one task (or the mean over tasks) under one protocol."""
+
+    a: str
+    b: str
+    protocol: str
+    task: str
+    per_seed: Mapping[int, float]  # random seed -> a's score minus b's
+    difference: Estimate
+    verdict: Verdict
+    paper: str | None = None  # the paper's figure for the nearest task, in words
+    note: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "a": self.a,
+            "b": self.b,
+            "protocol": self.protocol,
+            "task": self.task,
+            "per_seed": _seeds_to_json(self.per_seed),
+            "difference": self.difference.to_json(),
+            "verdict": self.verdict.value,
+            "paper": self.paper,
+            "note": self.note,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> "Comparison":
+        return cls(
+            data["a"],
+            data["b"],
+            data["protocol"],
+            data["task"],
+            _seeds_from_json(data["per_seed"]),
+            Estimate.from_json(data["difference"]),
+            Verdict(data["verdict"]),
+            data["paper"],
+            data["note"],
+        )
+
+
+@dataclass(frozen=True)
+class Trend:
+    """A rank correlation a claim reads (score vs seed share, distance vs what merging keeps)."""
+
+    name: str  # e.g. "l2 (model)" or "seed fraction"
+    protocol: str
+    correlation: Correlation
+    verdict: Verdict
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "protocol": self.protocol,
+            "correlation": self.correlation.to_json(),
+            "verdict": self.verdict.value,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> "Trend":
+        return cls(data["name"], data["protocol"], Correlation.from_json(data["correlation"]), Verdict(data["verdict"]))
+
+
+@dataclass(frozen=True)
+class Claim:
+    id: str
+    paper: str  # the paper's claim, in words
+    verdict: Verdict  # under the paper's protocol, on the mean over tasks (or the claim's own trend)
+    summary: str  # one paragraph that reads the intervals
+    comparisons: tuple[Comparison, ...] = ()
+    trends: tuple[Trend, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "paper": self.paper,
+            "verdict": self.verdict.value,
+            "summary": self.summary,
+            "comparisons": [c.to_json() for c in self.comparisons],
+            "trends": [t.to_json() for t in self.trends],
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> "Claim":
+        return cls(
+            data["id"],
+            data["paper"],
+            Verdict(data["verdict"]),
+            data["summary"],
+            tuple(map(Comparison.from_json, data["comparisons"])),
+            tuple(map(Trend.from_json, data["trends"])),
         )
 
 
@@ -118,66 +260,60 @@ SWEEP_NAMES = ("seed_fraction", "architecture", "interpolation_ratio")
 
 @dataclass(frozen=True)
 class MergeabilityPoint:
-    """A modality-specific model's expert distances, and the score of its merge."""
+    """A modality-specific model under one seed: its expert distances, and what its merge kept of its scores."""
 
-    specific: str  # the specific model's stage
+    specific: str  # the unmerged model's id
     merged: str  # the merged model's id
+    random_seed: int
     seed_fraction: float
     placement: str
-    metrics: Metrics
-    score: float
+    metrics: Metrics  # distance name (model-level, or "name (layers a-b)") -> value
+    retention: Mapping[str, float]  # protocol -> merged score minus specific score (mean over tasks)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "specific": self.specific,
+            "merged": self.merged,
+            "random_seed": self.random_seed,
+            "seed_fraction": self.seed_fraction,
+            "placement": self.placement,
+            "metrics": dict(self.metrics),
+            "retention": dict(self.retention),
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> "MergeabilityPoint":
+        return cls(
+            data["specific"],
+            data["merged"],
+            data["random_seed"],
+            data["seed_fraction"],
+            data["placement"],
+            dict(data["metrics"]),
+            dict(data["retention"]),
+        )
 
 
 @dataclass(frozen=True)
 class Mergeability:
     points: tuple[MergeabilityPoint, ...] = ()
-    spearman: Mapping[str, float | None] = field(default_factory=dict)  # metric -> rho with the merged score
+    correlations: Mapping[str, Mapping[str, Correlation]] = field(default_factory=dict)  # protocol -> metric -> rho
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "points": [
-                {
-                    "specific": p.specific,
-                    "merged": p.merged,
-                    "seed_fraction": p.seed_fraction,
-                    "placement": p.placement,
-                    "metrics": dict(p.metrics),
-                    "score": p.score,
-                }
-                for p in self.points
-            ],
-            "spearman": dict(self.spearman),
+            "points": [p.to_json() for p in self.points],
+            "correlations": {
+                p: {m: c.to_json() for m, c in by_metric.items()} for p, by_metric in self.correlations.items()
+            },
         }
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> "Mergeability":
-        points = tuple(
-            MergeabilityPoint(p["specific"], p["merged"], p["seed_fraction"], p["placement"], p["metrics"], p["score"])
-            for p in data["points"]
-        )
-        return cls(points, dict(data["spearman"]))
-
-
-@dataclass(frozen=True)
-class Claim:
-    id: str
-    paper: str  # the paper's claim, in words
-    compare: tuple[str, ...]  # ids of the models it reads
-    holds: bool | None  # None: this run cannot decide
-    finding: str
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "paper": self.paper,
-            "compare": list(self.compare),
-            "holds": self.holds,
-            "finding": self.finding,
+        correlations = {
+            p: {m: Correlation.from_json(c) for m, c in by_metric.items()}
+            for p, by_metric in data["correlations"].items()
         }
-
-    @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> "Claim":
-        return cls(data["id"], data["paper"], tuple(data["compare"]), data["holds"], data["finding"])
+        return cls(tuple(map(MergeabilityPoint.from_json, data["points"])), correlations)
 
 
 @dataclass(frozen=True)
@@ -202,11 +338,8 @@ class GalleryEntry:
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> "GalleryEntry":
-        return cls(
-            data["image"],
-            data["caption"],
-            tuple(GalleryHit(h["caption"], h["score"], h["correct"]) for h in data["top"]),
-        )
+        hits = tuple(GalleryHit(h["caption"], h["score"], h["correct"]) for h in data["top"])
+        return cls(data["image"], data["caption"], hits)
 
 
 @dataclass(frozen=True)
@@ -227,7 +360,9 @@ class StudyResults:
     recipe: Mapping[str, Any]  # the validated recipe, as JSON
     tasks: tuple[str, ...]
     primary_metrics: Mapping[str, str]  # task -> the metric its score uses
+    protocols: tuple[str, ...]
     models: Mapping[str, ModelResult]  # by id, in the order the study planned them
+    control: tuple[Comparison, ...] = ()  # pre-training gain: from scratch minus no pre-training
     sweeps: Sweeps = Sweeps()
     mergeability: Mergeability = Mergeability()
     gallery: tuple[GalleryEntry, ...] = ()
@@ -238,9 +373,6 @@ class StudyResults:
         if model_id not in self.models:
             raise ConfigError(f"the study has no model {model_id!r}; it has {list(self.models)}")
         return self.models[model_id]
-
-    def score(self, model_id: str) -> float:
-        return self.model(model_id).score
 
     def in_group(self, group: Group) -> list[ModelResult]:
         return [m for m in self.models.values() if group in m.groups]
@@ -261,7 +393,9 @@ class StudyResults:
             "recipe": dict(self.recipe),
             "tasks": list(self.tasks),
             "primary_metrics": dict(self.primary_metrics),
+            "protocols": list(self.protocols),
             "models": {model_id: model.to_json() for model_id, model in self.models.items()},
+            "control": [c.to_json() for c in self.control],
             "sweeps": self.sweeps.to_json(),
             "mergeability": self.mergeability.to_json(),
             "gallery": [entry.to_json() for entry in self.gallery],
@@ -278,7 +412,9 @@ class StudyResults:
                 data["recipe"],
                 tuple(data["tasks"]),
                 data["primary_metrics"],
+                tuple(data["protocols"]),
                 {model_id: ModelResult.from_json(model_id, model) for model_id, model in data["models"].items()},
+                tuple(map(Comparison.from_json, data["control"])),
                 Sweeps.from_json(data["sweeps"]),
                 Mergeability.from_json(data["mergeability"]),
                 tuple(map(GalleryEntry.from_json, data["gallery"])),

@@ -26,8 +26,8 @@ def run_study(
     study_dir = Path(study_dir)
     plan = plan_study(recipe)
     outputs = execute(plan, study_dir, progress)
-    results = assemble(plan, outputs, time.perf_counter() - start)
-    results = dataclasses.replace(results, claims=evaluate_claims(results, recipe.tolerance))
+    results, observations = assemble(plan, outputs, time.perf_counter() - start)
+    results = dataclasses.replace(results, claims=evaluate_claims(results, observations, recipe))
     with atomic_path(study_dir / RESULTS) as tmp:
         tmp.write_text(json.dumps(results.to_json(), indent=1))
     if report:
