@@ -33,7 +33,7 @@ data:
 	fi
 
 demo: $(STAMP) data
-	$(BIN)/vlmerge study recipes/emoji-demo.yaml --out demo-out/emoji-demo
+	$(BIN)/vlmerge study recipes/emoji-demo.yaml --out demo-out/emoji-demo --workers 2
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks

@@ -3,6 +3,7 @@ second run reuses every stage; the shipped recipes validate."""
 
 import importlib.util
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,9 @@ import pytest
 import yaml
 
 from vlmerge.cli.main import main
+from vlmerge.core.errors import ConfigError, StudyError
 from vlmerge.models.factory import model_config
+from vlmerge.study import execute
 from vlmerge.study.plan import StageKind, plan_study
 from vlmerge.study.recipe import load_recipe
 from vlmerge.study.results import MEAN, Group, ModelKind
@@ -70,6 +73,32 @@ def test_running_the_study_again_does_no_work_twice(study):
     again = run_study(load_recipe(RECIPES / "micro-test.yaml"), out, progress=False)
     assert again.timing.stages_run == 0 and again.timing.stages_cached == first.timing.stages
     assert again.models == first.models and again.claims == first.claims
+
+
+def test_two_workers_give_the_same_results_as_one(study, tmp_path):
+    _, first = study
+    parallel = run_study(load_recipe(RECIPES / "micro-test.yaml"), tmp_path / "parallel", progress=False, workers=2)
+    assert parallel.timing.stages_run == first.timing.stages and parallel.timing.stages_cached == 0
+    assert parallel.models == first.models and parallel.claims == first.claims
+
+
+def test_a_failing_stage_is_named_and_the_next_run_retries_only_it(study, tmp_path, monkeypatch):
+    out, first = study
+    shutil.copytree(out, tmp_path / "study")
+    zero_shot = next(
+        s for s in plan_study(load_recipe(RECIPES / "micro-test.yaml")).stages if s.kind is StageKind.ZERO_SHOT
+    )
+    shutil.rmtree(tmp_path / "study" / "cache" / zero_shot.name)
+
+    def broken(*args):
+        raise ConfigError("the evaluation data went missing")
+
+    monkeypatch.setitem(execute.WORK, StageKind.ZERO_SHOT, broken)
+    with pytest.raises(StudyError, match=rf"stage {zero_shot.name} \(zeroshot .*\): the evaluation data went missing"):
+        run_study(load_recipe(RECIPES / "micro-test.yaml"), tmp_path / "study", progress=False)
+    monkeypatch.undo()
+    again = run_study(load_recipe(RECIPES / "micro-test.yaml"), tmp_path / "study", progress=False)
+    assert again.timing.stages_run == 1 and again.models == first.models
 
 
 TWO_SEEDS = """

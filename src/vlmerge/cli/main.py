@@ -93,6 +93,12 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument("recipe", help="the study recipe (YAML), e.g. recipes/emoji-demo.yaml")
     study.add_argument("--out", help="study directory (default: studies/<recipe name>)")
     study.add_argument("--dry-run", action="store_true", help="validate the recipe and list its runs; train nothing")
+    study.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="stages run side by side, one process and one thread each (default 1: in order, here)",
+    )
     study.add_argument("--quiet", action="store_true")
 
     vit = commands.add_parser(
@@ -256,7 +262,9 @@ def run_study_command(args: argparse.Namespace) -> int:
         print(describe_plan(plan_study(recipe)))
         return 0
     out = Path(args.out or Path("studies") / recipe.name)
-    timing = run_study(recipe, out, progress=not args.quiet).timing
+    if args.workers < 1:
+        raise ConfigError(f"--workers must be at least 1, got {args.workers}")
+    timing = run_study(recipe, out, progress=not args.quiet, workers=args.workers).timing
     print(
         f"study {recipe.name}: {timing.stages_run} stages run, {timing.stages_cached} reused, "
         f"{timing.seconds:.0f} s -> {out / 'report.md'}, {out / 'report.html'}"

@@ -15,3 +15,7 @@ class CheckpointError(VlmergeError):
 
 class MergeError(VlmergeError):
     """The experts, seed checkpoint or Gram matrices cannot be merged as asked."""
+
+
+class StudyError(VlmergeError):
+    """A stage of a study failed; the message names the stage (the next run of the study retries it)."""

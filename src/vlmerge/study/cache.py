@@ -29,13 +29,21 @@ class StageCache:
         self.root = root
         self.progress = progress
 
-    def run(self, stage: Stage, work: Callable[[Path], dict[str, Any]]) -> StageOutput:
-        """The stage's output: from the cache, or by running `work(directory)`."""
+    def cached(self, stage: Stage) -> StageOutput | None:
+        """The stage's output if an earlier run completed it."""
         directory = self.root / stage.name
         marker = directory / DONE
-        if marker.is_file():
-            done = json.loads(marker.read_text())
-            return StageOutput(directory, done["result"], done.get("seconds", 0.0), cached=True)
+        if not marker.is_file():
+            return None
+        done = json.loads(marker.read_text())
+        return StageOutput(directory, done["result"], done.get("seconds", 0.0), cached=True)
+
+    def run(self, stage: Stage, work: Callable[[Path], dict[str, Any]]) -> StageOutput:
+        """The stage's output: from the cache, or by running `work(directory)`."""
+        if (cached := self.cached(stage)) is not None:
+            return cached
+        directory = self.root / stage.name
+        marker = directory / DONE
         directory.mkdir(parents=True, exist_ok=True)
         self._say(f"{stage.kind.value:<10} {stage.label} ...")
         start = time.perf_counter()

@@ -192,7 +192,7 @@ def longer_seed_helps(ctx: Context) -> Claim:
     headline = next((t for t in trends if t.protocol == ctx.main_protocol), None)
     c = headline.correlation if headline else None
     summary = (
-        "No seed-length sweep was measured."
+        f"No rank correlation: {c.points if c else 0} runs (it needs 3, with scores that vary)."
         if c is None or c.rho is None
         else f"Spearman rho of the seed share with the merged score {PROTOCOL_NAMES[headline.protocol]}: "
         f"{c.rho:+.2f} [{c.low:+.2f}, {c.high:+.2f}] over {c.points} runs (models x seeds): "

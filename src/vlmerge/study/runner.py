@@ -19,13 +19,14 @@ RESULTS = "results.json"
 
 
 def run_study(
-    recipe: StudyRecipe, study_dir: str | os.PathLike, progress: bool = True, report: bool = True
+    recipe: StudyRecipe, study_dir: str | os.PathLike, progress: bool = True, report: bool = True, workers: int = 1
 ) -> StudyResults:
-    """Run (or complete) the study and write results.json and, by default, the report."""
+    """Run (or complete) the study and write results.json and, by default, the report; `workers` > 1
+    runs independent stages side by side (see `execute`)."""
     start = time.perf_counter()
     study_dir = Path(study_dir)
     plan = plan_study(recipe)
-    outputs = execute(plan, study_dir, progress)
+    outputs = execute(plan, study_dir, progress, workers)
     results, observations = assemble(plan, outputs, time.perf_counter() - start)
     results = dataclasses.replace(results, claims=evaluate_claims(results, observations, recipe))
     with atomic_path(study_dir / RESULTS) as tmp:
