@@ -14,6 +14,7 @@ from vlmerge.cli.main import main
 from vlmerge.core.errors import ConfigError, StudyError
 from vlmerge.models.factory import model_config
 from vlmerge.study import execute
+from vlmerge.study.execute import SubmititOptions
 from vlmerge.study.plan import StageKind, plan_study
 from vlmerge.study.recipe import load_recipe
 from vlmerge.study.results import MEAN, Group, ModelKind
@@ -99,6 +100,27 @@ def test_a_failing_stage_is_named_and_the_next_run_retries_only_it(study, tmp_pa
     monkeypatch.undo()
     again = run_study(load_recipe(RECIPES / "micro-test.yaml"), tmp_path / "study", progress=False)
     assert again.timing.stages_run == 1 and again.models == first.models
+
+
+def test_stages_run_as_submitit_jobs_and_give_the_same_results(study, tmp_path):
+    """submitit's local executor stands in for SLURM: each missing stage is a job; the cache on the
+    shared directory is all the coordination they need."""
+    pytest.importorskip("submitit")
+    out, first = study
+    shutil.copytree(out, tmp_path / "study")
+    plan = plan_study(load_recipe(RECIPES / "micro-test.yaml"))
+    redo = [
+        plan.model("seed-merge").runs[0].checkpoint,
+        *plan.model("seed-merge").runs[0].evaluations["zeroshot"].values(),
+    ]
+    for stage in redo:
+        shutil.rmtree(tmp_path / "study" / "cache" / stage.name)
+    jobs = SubmititOptions(tmp_path / "jobs", timeout_min=10, cluster="local")
+    again = run_study(
+        load_recipe(RECIPES / "micro-test.yaml"), tmp_path / "study", progress=False, workers=2, submitit=jobs
+    )
+    assert again.timing.stages_run == len(redo) and again.models == first.models
+    assert len(list((tmp_path / "jobs").glob("*_result.pkl"))) == len(redo)
 
 
 TWO_SEEDS = """

@@ -99,6 +99,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         help="stages run side by side, one process and one thread each (default 1: in order, here)",
     )
+    study.add_argument(
+        "--submitit",
+        metavar="FOLDER",
+        help="run each stage as a job through submitit (SLURM where sbatch exists, else its local "
+        "executor), with job files under FOLDER; --workers caps the jobs at a time",
+    )
+    study.add_argument("--slurm-partition", help="with --submitit: the SLURM partition")
+    study.add_argument("--timeout-min", type=int, default=60, help="with --submitit: each job's time limit")
     study.add_argument("--quiet", action="store_true")
 
     vit = commands.add_parser(
@@ -253,6 +261,7 @@ def run_grams(args: argparse.Namespace) -> int:
 
 
 def run_study_command(args: argparse.Namespace) -> int:
+    from vlmerge.study.execute import SubmititOptions
     from vlmerge.study.plan import describe_plan, plan_study
     from vlmerge.study.recipe import load_recipe
     from vlmerge.study.runner import run_study
@@ -264,7 +273,10 @@ def run_study_command(args: argparse.Namespace) -> int:
     out = Path(args.out or Path("studies") / recipe.name)
     if args.workers < 1:
         raise ConfigError(f"--workers must be at least 1, got {args.workers}")
-    timing = run_study(recipe, out, progress=not args.quiet, workers=args.workers).timing
+    submitit = None
+    if args.submitit:
+        submitit = SubmititOptions(Path(args.submitit), args.timeout_min, args.slurm_partition)
+    timing = run_study(recipe, out, progress=not args.quiet, workers=args.workers, submitit=submitit).timing
     print(
         f"study {recipe.name}: {timing.stages_run} stages run, {timing.stages_cached} reused, "
         f"{timing.seconds:.0f} s -> {out / 'report.md'}, {out / 'report.html'}"

@@ -45,7 +45,7 @@ class StageCache:
         directory = self.root / stage.name
         marker = directory / DONE
         directory.mkdir(parents=True, exist_ok=True)
-        self._say(f"{stage.kind.value:<10} {stage.label} ...")
+        self.say(f"{stage.kind.value:<10} {stage.label} ...")
         start = time.perf_counter()
         result = work(directory)
         seconds = round(time.perf_counter() - start, 2)
@@ -59,10 +59,10 @@ class StageCache:
         text = json.dumps(record, indent=1, sort_keys=True)
         with atomic_path(marker) as tmp:
             tmp.write_text(text)
-        self._say(f"{stage.kind.value:<10} {stage.label} done in {seconds:.1f} s")
+        self.say(f"{stage.kind.value:<10} {stage.label} done in {seconds:.1f} s")
         # What a later run reads back from the marker, so a fresh result and a cached one are the same object.
         return StageOutput(directory, json.loads(text)["result"], seconds, cached=False)
 
-    def _say(self, line: str) -> None:
+    def say(self, line: str) -> None:
         if self.progress:
             print(f"[study] {line}", file=sys.stderr, flush=True)

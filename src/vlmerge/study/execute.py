@@ -8,14 +8,16 @@ small JSON result the assembler reads (metrics, warnings, parameter counts).
 import json
 import multiprocessing
 import os
+import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from vlmerge.core.errors import StudyError, VlmergeError
+from vlmerge.core.errors import ConfigError, StudyError, VlmergeError
 from vlmerge.data.config import DataConfig
 from vlmerge.data.sources import load_pairs
 from vlmerge.io.checkpoint import open_checkpoint
@@ -144,17 +146,35 @@ def run_stage(root: Path, stage: Stage, inputs: Inputs, progress: bool) -> Stage
         torch.set_num_threads(previous)
 
 
+@dataclass(frozen=True)
+class SubmititOptions:
+    """Stages as jobs through submitit: SLURM where `sbatch` is found, else submitit's local executor."""
+
+    folder: Path  # job scripts and logs (on a shared file system on a cluster, like the study directory)
+    timeout_min: int = 60
+    partition: str | None = None
+    cluster: str | None = None  # None: submitit chooses; "local" or "debug" for a machine without SLURM
+
+
 def execute(
-    plan: StudyPlan, study_dir: str | os.PathLike, progress: bool = True, workers: int = 1
+    plan: StudyPlan,
+    study_dir: str | os.PathLike,
+    progress: bool = True,
+    workers: int = 1,
+    submitit: SubmititOptions | None = None,
 ) -> dict[str, StageOutput]:
     """Run (or take from the cache) every stage of the plan, inputs before readers; outputs by stage key.
 
-    `workers` > 1 runs independent stages side by side, each in its own process (every stage computes on
-    one thread either way, so both give the same bytes; on small models two single-threaded stages side
-    by side beat one after the other, see benchmarks/study_throughput.py). A stage
-    that fails is named, and the next invocation runs it again: finished stages stay in the cache.
+    By default in order, in this process. `workers` > 1 runs up to that many independent stages side by
+    side, each in its own process (every stage computes on one thread either way, so all modes give the
+    same bytes; on small models two single-threaded stages side by side beat one after the other, see
+    benchmarks/study_throughput.py); with `submitit`, each stage is a job of that scheduler instead. A
+    stage that fails is named, and the next invocation runs it again: finished stages stay in the cache,
+    which is content-addressed, so jobs on a shared directory need no other coordination.
     """
     root = Path(study_dir) / "cache"
+    if submitit is not None:
+        return _schedule(plan, root, progress, _SubmititJobs(submitit), max(workers, 1))
     if workers <= 1:
         outputs: dict[str, StageOutput] = {}
         for stage in plan.stages:
@@ -162,7 +182,7 @@ def execute(
                 stage, lambda s=stage: run_stage(root, s, _inputs(s, outputs), progress)
             )
         return outputs
-    return _execute_parallel(plan, root, progress, workers)
+    return _schedule(plan, root, progress, _ProcessJobs(workers), workers)
 
 
 def _inputs(stage: Stage, outputs: Mapping[str, StageOutput]) -> dict[str, Path]:
@@ -172,31 +192,81 @@ def _inputs(stage: Stage, outputs: Mapping[str, StageOutput]) -> dict[str, Path]
 def _named_failure(stage: Stage, run: Callable[[], StageOutput]) -> StageOutput:
     try:
         return run()
-    except VlmergeError as error:
-        raise StudyError(f"stage {stage.name} ({stage.kind.value} {stage.label}): {error}") from error
+    except Exception as error:  # a job's failure arrives as whatever the stage raised
+        what = str(error) if isinstance(error, VlmergeError) else f"{type(error).__name__}: {error}"
+        raise StudyError(f"stage {stage.name} ({stage.kind.value} {stage.label}): {what}") from error
 
 
-def _execute_parallel(plan: StudyPlan, root: Path, progress: bool, workers: int) -> dict[str, StageOutput]:
+class _ProcessJobs:
+    """Stages in a pool of fresh processes on this machine."""
+
+    def __init__(self, workers: int) -> None:
+        context = multiprocessing.get_context("spawn")  # no forked copy of this process's torch threads
+        self.pool = ProcessPoolExecutor(workers, mp_context=context)
+
+    def submit(self, root: Path, stage: Stage, inputs: Inputs) -> Future:
+        # Parallel stages print their start and end; their progress bars would overwrite each other.
+        return self.pool.submit(run_stage, root, stage, inputs, False)
+
+    def finished(self, jobs: list[Future]) -> list[Future]:
+        return list(wait(jobs, return_when=FIRST_COMPLETED).done)
+
+    def close(self, cancel: bool) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=cancel)
+
+
+class _SubmititJobs:
+    """Stages as jobs of an existing scheduler (submitit: SLURM on a cluster, or its local executor)."""
+
+    POLL_SECONDS = 1.0
+
+    def __init__(self, options: SubmititOptions) -> None:
+        try:
+            import submitit
+        except ImportError:
+            raise ConfigError("--submitit needs the submitit package: pip install submitit") from None
+        self.executor = submitit.AutoExecutor(folder=options.folder, cluster=options.cluster)
+        parameters = {"timeout_min": options.timeout_min, "name": "vlmerge-stage"}
+        if options.partition:
+            parameters["slurm_partition"] = options.partition
+        self.executor.update_parameters(**parameters)
+
+    def submit(self, root: Path, stage: Stage, inputs: Inputs):
+        return self.executor.submit(run_stage, root.resolve(), stage, inputs, False)
+
+    def finished(self, jobs: list) -> list:
+        while not (done := [job for job in jobs if job.done()]):
+            time.sleep(self.POLL_SECONDS)
+        return done
+
+    def close(self, cancel: bool) -> None:
+        """Jobs already submitted finish on their own (the scheduler owns them); nothing is cancelled."""
+
+
+def _schedule(plan: StudyPlan, root: Path, progress: bool, jobs, limit: int) -> dict[str, StageOutput]:
+    """Submit every stage whose inputs are done (at most `limit` at a time), collect them as they finish."""
     outputs: dict[str, StageOutput] = {}
     waiting = list(plan.stages)
-    running: dict[Future, Stage] = {}
-    context = multiprocessing.get_context("spawn")  # no forked copy of this process's torch threads
-    with ProcessPoolExecutor(workers, mp_context=context) as pool:
+    running: dict = {}
+    cache = StageCache(root, progress)
+    failed = True
+    try:
         while waiting or running:
-            ready = [stage for stage in waiting if all(s.key in outputs for s in stage.inputs.values())]
-            for stage in ready:
-                waiting.remove(stage)
-                if (cached := StageCache(root, progress).cached(stage)) is not None:
+            for stage in [s for s in waiting if all(i.key in outputs for i in s.inputs.values())]:
+                if (cached := cache.cached(stage)) is not None:
+                    waiting.remove(stage)
                     outputs[stage.key] = cached
-                else:
-                    running[pool.submit(run_stage, root, stage, _inputs(stage, outputs), progress)] = stage
+                elif len(running) < limit:
+                    waiting.remove(stage)
+                    cache.say(f"{stage.kind.value:<10} {stage.label} ...")
+                    running[jobs.submit(root, stage, _inputs(stage, outputs))] = stage
             if not running:
                 continue
-            for future in wait(running, return_when=FIRST_COMPLETED).done:
-                stage = running.pop(future)
-                try:
-                    outputs[stage.key] = _named_failure(stage, future.result)
-                except BaseException:
-                    pool.shutdown(wait=True, cancel_futures=True)
-                    raise
+            for job in jobs.finished(list(running)):
+                stage = running.pop(job)
+                outputs[stage.key] = _named_failure(stage, job.result)
+                cache.say(f"{stage.kind.value:<10} {stage.label} done in {outputs[stage.key].seconds:.1f} s")
+        failed = False
+    finally:
+        jobs.close(cancel=failed)
     return outputs

@@ -10,7 +10,7 @@ from pathlib import Path
 from vlmerge.io.atomic import atomic_path
 from vlmerge.study.assemble import assemble
 from vlmerge.study.claims import evaluate_claims
-from vlmerge.study.execute import execute
+from vlmerge.study.execute import SubmititOptions, execute
 from vlmerge.study.plan import plan_study
 from vlmerge.study.recipe import StudyRecipe
 from vlmerge.study.results import StudyResults
@@ -19,14 +19,19 @@ RESULTS = "results.json"
 
 
 def run_study(
-    recipe: StudyRecipe, study_dir: str | os.PathLike, progress: bool = True, report: bool = True, workers: int = 1
+    recipe: StudyRecipe,
+    study_dir: str | os.PathLike,
+    progress: bool = True,
+    report: bool = True,
+    workers: int = 1,
+    submitit: SubmititOptions | None = None,
 ) -> StudyResults:
-    """Run (or complete) the study and write results.json and, by default, the report; `workers` > 1
-    runs independent stages side by side (see `execute`)."""
+    """Run (or complete) the study and write results.json and, by default, the report; `workers` and
+    `submitit` choose how its stages run (see `execute`)."""
     start = time.perf_counter()
     study_dir = Path(study_dir)
     plan = plan_study(recipe)
-    outputs = execute(plan, study_dir, progress, workers)
+    outputs = execute(plan, study_dir, progress, workers, submitit)
     results, observations = assemble(plan, outputs, time.perf_counter() - start)
     results = dataclasses.replace(results, claims=evaluate_claims(results, observations, recipe))
     with atomic_path(study_dir / RESULTS) as tmp:
