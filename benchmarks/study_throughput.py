@@ -69,8 +69,10 @@ def main() -> int:
     anchor = runs["in order, 1 thread per stage (--workers 1)"][0]
     print(f"study of {runs[next(iter(runs))][1]} stages ({yaml.safe_dump(RECIPE['protocols']).strip()} protocols)")
     for name, (seconds, stages, _) in runs.items():
-        print(f"  {name:<44} {seconds:7.1f} s  {60 * stages / seconds:6.1f} stages/min  "
-              f"{anchor / seconds:5.2f}x the in-order one-thread run")
+        print(
+            f"  {name:<44} {seconds:7.1f} s  {60 * stages / seconds:6.1f} stages/min  "
+            f"{anchor / seconds:5.2f}x the in-order one-thread run"
+        )
     seconds, _, by_kind = runs["in order, 1 thread per stage (--workers 1)"]
     print("where the minutes go (in order, one thread; seconds per stage kind):")
     for kind, spent in sorted(by_kind.items(), key=lambda item: -item[1]):
