@@ -233,6 +233,8 @@ class _Report:
         if rows:
             title = "Paired differences with 95 % intervals (paper's figure: hollow diamond)"
             blocks.append(self.plot("forest", title, lambda p: plots.forest_plot(p, title, rows, "difference")))
+            compared = dict.fromkeys(m for claim in claims for c in claim.comparisons for m in (c.a, c.b))
+            blocks.append(Paragraph("Models compared: " + "; ".join(f"{m} = {self.label(m)}" for m in compared) + "."))
             blocks.append(
                 Table(
                     [
@@ -250,7 +252,7 @@ class _Report:
                     [
                         [
                             claim.id,
-                            f"{self.label(c.a)} minus {self.label(c.b)}",
+                            f"{c.a} minus {c.b}",
                             protocol_name(c.protocol),
                             c.task,
                             interval(c.difference),
@@ -258,7 +260,7 @@ class _Report:
                             c.difference.source,
                             c.paper or "-",
                             c.verdict.value,
-                            c.note or "-",
+                            "protocol blind here (see the control)" if c.note else "-",
                         ]
                         for claim in claims
                         for c in claim.comparisons
