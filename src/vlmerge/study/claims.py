@@ -70,9 +70,12 @@ def compare(
     b: str,
     judge: Callable[[Estimate], Verdict],
     paper: dict[str, str] | None = None,
-    insensitive: set[tuple[str, str]] = frozenset(),
+    blind: set[tuple[str, str]] = frozenset(),
 ) -> tuple[Comparison, ...]:
-    """a − b on every task (and their mean) under every protocol both models were evaluated by."""
+    """a − b on every task (and their mean) under every protocol both models were evaluated by.
+
+    Where the control shows no pre-training gain (`blind`), the protocol cannot tell pre-training
+    conditions apart on that task: the comparison is inconclusive whatever its interval, and says so."""
     found = []
     for protocol in ctx.recipe.protocols:
         for task in ctx.observations.protocol_tasks(protocol):
@@ -80,15 +83,14 @@ def compare(
             if paired is None:
                 continue
             per_seed, difference = paired
-            note = (
-                "no pre-training gain was detectable here (the control scored as well, within the interval, or "
-                "better), so this protocol cannot separate pre-training conditions on this task"
-                if (protocol, task) in insensitive
-                else ""
-            )
-            found.append(
-                Comparison(a, b, protocol, task, per_seed, difference, judge(difference), (paper or {}).get(task), note)
-            )
+            verdict, note = judge(difference), ""
+            if (protocol, task) in blind:
+                note = (
+                    "the control shows no pre-training gain here, so this protocol cannot separate pre-training "
+                    f"conditions (the interval alone reads {verdict.value})"
+                )
+                verdict = Verdict.INCONCLUSIVE
+            found.append(Comparison(a, b, protocol, task, per_seed, difference, verdict, (paper or {}).get(task), note))
     return tuple(found)
 
 
@@ -100,7 +102,7 @@ def pretraining_gain(results: StudyResults, observations: Observations, recipe: 
     return compare(ctx, AGNOSTIC_SCRATCH, CONTROL, lambda d: direction_verdict(d, +1))
 
 
-def _insensitive(results: StudyResults) -> set[tuple[str, str]]:
+def _blind(results: StudyResults) -> set[tuple[str, str]]:
     return {(c.protocol, c.task) for c in results.control if c.verdict is not Verdict.REPRODUCED}
 
 
@@ -114,35 +116,36 @@ def _headline(ctx: Context, comparisons: tuple[Comparison, ...]) -> Comparison |
     return next((c for c in comparisons if (c.protocol, c.task) == (protocol, task)), None)
 
 
-def _paragraph(ctx: Context, what: str, comparisons: tuple[Comparison, ...], headline: Comparison | None) -> str:
-    if headline is None:
-        return f"{what}: not measured under {ctx.main_protocol}."
-    d = headline.difference
-    scope = "mean over tasks" if headline.task == MEAN else headline.task
-    text = (
-        f"{what}, {scope} {PROTOCOL_NAMES.get(headline.protocol, headline.protocol)}: {_fmt(d)} over "
-        f"{d.seeds} seed(s), interval from {d.source}: {headline.verdict.value}; differences smaller than "
-        f"±{d.half_width:.3f} were not detectable."
-    )
-    others = [c for c in comparisons if c is not headline and c.verdict is not Verdict.INCONCLUSIVE]
-    if others:
-        text += (
-            " Decided elsewhere: "
-            + "; ".join(
-                f"{c.task} {PROTOCOL_NAMES.get(c.protocol, c.protocol)} {_fmt(c.difference)} {c.verdict.value}"
-                for c in others
-            )
-            + "."
+def _paragraph(ctx: Context, what: str, comparisons: tuple[Comparison, ...]) -> str:
+    """One sentence per protocol (on its headline task), then the single tasks an interval decided."""
+    sentences = []
+    for protocol in ctx.recipe.protocols:
+        task = ctx.headline_task(protocol)
+        c = next((c for c in comparisons if (c.protocol, c.task) == (protocol, task)), None)
+        if c is None:
+            continue
+        d, scope = c.difference, "mean over tasks" if task == MEAN else task
+        sentence = (
+            f"{PROTOCOL_NAMES.get(protocol, protocol)} ({scope}): {_fmt(d)} over {d.seeds} seed(s), interval from "
+            f"{d.source}, nothing smaller than ±{d.half_width:.3f} detectable: {c.verdict.value}"
         )
-    if any(c.note for c in comparisons):
-        blind = sorted({f"{c.task} {PROTOCOL_NAMES.get(c.protocol, c.protocol)}" for c in comparisons if c.note})
-        text += f" The control shows no detectable pre-training gain on: {', '.join(blind)}."
+        sentences.append(sentence + (f"; {c.note}" if c.note else ""))
+    if not sentences:
+        return f"{what}: not measured."
+    text = f"{what}. " + ". ".join(s[0].upper() + s[1:] for s in sentences) + "."
+    decided = [c for c in comparisons if c.task != MEAN and c.verdict is not Verdict.INCONCLUSIVE]
+    if decided:
+        listed = "; ".join(
+            f"{c.task} {PROTOCOL_NAMES.get(c.protocol, c.protocol)} {_fmt(c.difference)} {c.verdict.value}"
+            for c in decided
+        )
+        text += f" Single tasks decided: {listed}."
     return text
 
 
 def seed_beats_naive(ctx: Context) -> Claim:
     comparisons = compare(
-        ctx, SEED_MERGE, NAIVE_MERGE, lambda d: direction_verdict(d, +1), PAPER_SEED_GAINS, _insensitive(ctx.results)
+        ctx, SEED_MERGE, NAIVE_MERGE, lambda d: direction_verdict(d, +1), PAPER_SEED_GAINS, blind=_blind(ctx.results)
     )
     headline = _headline(ctx, comparisons)
     return Claim(
@@ -150,16 +153,18 @@ def seed_beats_naive(ctx: Context) -> Claim:
         "Seed pre-training before modality-specific pre-training is what makes merging work: seed "
         "pre-training + merge beats naive merging.",
         headline.verdict if headline else Verdict.INCONCLUSIVE,
-        _paragraph(ctx, "Seed pre-training + merge minus naive merging", comparisons, headline),
+        _paragraph(ctx, "Seed pre-training + merge minus naive merging", comparisons),
         comparisons,
     )
 
 
 def merge_matches_scratch(ctx: Context) -> Claim:
     margin = ctx.recipe.parity_margin
-    comparisons = compare(ctx, SEED_MERGE, AGNOSTIC_SCRATCH, lambda d: non_inferiority_verdict(d, margin))
+    comparisons = compare(
+        ctx, SEED_MERGE, AGNOSTIC_SCRATCH, lambda d: non_inferiority_verdict(d, margin), blind=_blind(ctx.results)
+    )
     headline = _headline(ctx, comparisons)
-    summary = _paragraph(ctx, "Merged minus modality-agnostic from scratch", comparisons, headline)
+    summary = _paragraph(ctx, "Merged minus modality-agnostic from scratch", comparisons)
     summary += f" Parity is read as non-inferiority: reproduced when the interval lies above -{margin:.3f}."
     return Claim(
         "parity",
