@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 
 from vlmerge.study.cache import StageOutput
-from vlmerge.study.claims import direction_verdict, non_inferiority_verdict
+from vlmerge.study.claims import Context, direction_verdict, non_inferiority_verdict
 from vlmerge.study.observations import Observations
 from vlmerge.study.plan import PlannedModel, PlannedRun, Stage, StageKind, StudyPlan
 from vlmerge.study.recipe import StudyRecipe
-from vlmerge.study.results import ModelKind, Verdict
+from vlmerge.study.results import Comparison, ModelKind, StudyResults, Verdict
 from vlmerge.study.stats import Estimate, estimate, seed_interval, spearman_interval
 
 T_975 = {1: math.tan(math.pi * 0.475), 2: 0.95 / math.sqrt(2 * 0.975 * 0.025)}  # closed forms of Student's t
@@ -125,3 +125,32 @@ def test_spearman_has_a_bootstrap_interval_that_excludes_zero_only_for_a_clear_t
     flat = spearman_interval(x, [0.5, 0.1, 0.9, 0.3, 0.7, 0.2, 0.8, 0.4, 0.6, 0.0, 1.0, 0.45])
     assert flat.excludes_zero() == 0
     assert spearman_interval([1, 2], [1, 2]).rho is None
+
+
+class _Tasks:
+    """Observations as far as a claim's context reads them: which tasks each protocol scored."""
+
+    def protocol_tasks(self, protocol):
+        return ["retrieval"] if protocol == "zeroshot" else ["vqa", "retrieval", "mean"]
+
+
+def _gain(protocol, task, low, high):
+    verdict = direction_verdict(Estimate((low + high) / 2, low, high, 3, None, None), +1)
+    return Comparison(
+        "agnostic-scratch", "no-pretraining", protocol, task, {}, Estimate(0, low, high, 3, None, None), verdict
+    )
+
+
+def test_a_claim_is_read_on_the_first_protocol_the_control_shows_can_see_pretraining():
+    recipe = StudyRecipe.parse({"name": "c", "protocols": ["finetune", "probe", "zeroshot"], "claims": ["seed"]})
+    blind_finetune = (
+        _gain("finetune", "mean", -0.01, 0.05),
+        _gain("probe", "mean", -0.02, 0.04),
+        _gain("zeroshot", "retrieval", 0.01, 0.05),
+    )
+    ctx = Context(StudyResults("c", {}, (), {}, tuple(recipe.protocols), {}, control=blind_finetune), _Tasks(), recipe)
+    assert ctx.blind == {("finetune", "mean"), ("probe", "mean")}
+    assert ctx.deciding_protocol == "zeroshot" and "fine-tuning blind to pre-training" in ctx.deciding_note()
+    seeing = (_gain("finetune", "mean", 0.01, 0.05),)
+    ctx = Context(StudyResults("c", {}, (), {}, tuple(recipe.protocols), {}, control=seeing), _Tasks(), recipe)
+    assert ctx.deciding_protocol == "finetune" and ctx.deciding_note() == ""

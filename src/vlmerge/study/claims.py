@@ -33,6 +33,7 @@ PAPER_SEED_GAINS = {
     "classify_image": "+3 (ADE20k segmentation, the nearest vision-only task)",
 }
 PAPER_SEED_GAIN_VALUES = {"vqa": 0.03, "retrieval": 0.07, "nlvr2": 0.25, "classify_image": 0.03}  # as fractions
+PROTOCOL_NOUNS = {"finetune": "fine-tuning", "probe": "the linear probe", "zeroshot": "zero-shot retrieval"}
 PROTOCOL_NAMES = {"finetune": "after fine-tuning", "probe": "by linear probe", "zeroshot": "zero-shot"}
 TARGET_RHO = -0.8  # what a useful mergeability metric should reach
 
@@ -43,13 +44,33 @@ class Context:
     observations: Observations
     recipe: StudyRecipe
 
-    @property
-    def main_protocol(self) -> str:
-        return PAPER_PROTOCOL if PAPER_PROTOCOL in self.recipe.protocols else self.recipe.protocols[0]
-
     def headline_task(self, protocol: str) -> str:
         tasks = self.observations.protocol_tasks(protocol)
         return MEAN if MEAN in tasks else tasks[0]
+
+    @property
+    def blind(self) -> set[tuple[str, str]]:
+        """(protocol, task) pairs on which the control shows no pre-training gain."""
+        return {(c.protocol, c.task) for c in self.results.control if c.verdict is not Verdict.REPRODUCED}
+
+    @property
+    def deciding_protocol(self) -> str:
+        """The paper's protocol, unless the control shows it blind to pre-training on its headline task:
+        then the first protocol of the recipe that is not."""
+        protocols = self.recipe.protocols
+        ordered = [PAPER_PROTOCOL, *protocols] if PAPER_PROTOCOL in protocols else list(protocols)
+        seeing = [p for p in ordered if (p, self.headline_task(p)) not in self.blind]
+        return (seeing or ordered)[0]
+
+    def deciding_note(self) -> str:
+        deciding = self.deciding_protocol
+        main = PAPER_PROTOCOL if PAPER_PROTOCOL in self.recipe.protocols else self.recipe.protocols[0]
+        if deciding == main:
+            return ""
+        return (
+            f" The verdict is read {PROTOCOL_NAMES.get(deciding, deciding)}: the control shows "
+            f"{PROTOCOL_NOUNS.get(main, main)} blind to pre-training here."
+        )
 
 
 def direction_verdict(difference: Estimate, paper_sign: int) -> Verdict:
@@ -102,16 +123,12 @@ def pretraining_gain(results: StudyResults, observations: Observations, recipe: 
     return compare(ctx, AGNOSTIC_SCRATCH, CONTROL, lambda d: direction_verdict(d, +1))
 
 
-def _blind(results: StudyResults) -> set[tuple[str, str]]:
-    return {(c.protocol, c.task) for c in results.control if c.verdict is not Verdict.REPRODUCED}
-
-
 def _fmt(estimate: Estimate) -> str:
     return f"{estimate.mean:+.3f} [{estimate.low:+.3f}, {estimate.high:+.3f}]"
 
 
 def _headline(ctx: Context, comparisons: tuple[Comparison, ...]) -> Comparison | None:
-    protocol = ctx.main_protocol
+    protocol = ctx.deciding_protocol
     task = ctx.headline_task(protocol)
     return next((c for c in comparisons if (c.protocol, c.task) == (protocol, task)), None)
 
@@ -145,7 +162,7 @@ def _paragraph(ctx: Context, what: str, comparisons: tuple[Comparison, ...]) -> 
 
 def seed_beats_naive(ctx: Context) -> Claim:
     comparisons = compare(
-        ctx, SEED_MERGE, NAIVE_MERGE, lambda d: direction_verdict(d, +1), PAPER_SEED_GAINS, blind=_blind(ctx.results)
+        ctx, SEED_MERGE, NAIVE_MERGE, lambda d: direction_verdict(d, +1), PAPER_SEED_GAINS, blind=ctx.blind
     )
     headline = _headline(ctx, comparisons)
     return Claim(
@@ -153,7 +170,7 @@ def seed_beats_naive(ctx: Context) -> Claim:
         "Seed pre-training before modality-specific pre-training is what makes merging work: seed "
         "pre-training + merge beats naive merging.",
         headline.verdict if headline else Verdict.INCONCLUSIVE,
-        _paragraph(ctx, "Seed pre-training + merge minus naive merging", comparisons),
+        _paragraph(ctx, "Seed pre-training + merge minus naive merging", comparisons) + ctx.deciding_note(),
         comparisons,
     )
 
@@ -161,10 +178,10 @@ def seed_beats_naive(ctx: Context) -> Claim:
 def merge_matches_scratch(ctx: Context) -> Claim:
     margin = ctx.recipe.parity_margin
     comparisons = compare(
-        ctx, SEED_MERGE, AGNOSTIC_SCRATCH, lambda d: non_inferiority_verdict(d, margin), blind=_blind(ctx.results)
+        ctx, SEED_MERGE, AGNOSTIC_SCRATCH, lambda d: non_inferiority_verdict(d, margin), blind=ctx.blind
     )
     headline = _headline(ctx, comparisons)
-    summary = _paragraph(ctx, "Merged minus modality-agnostic from scratch", comparisons)
+    summary = _paragraph(ctx, "Merged minus modality-agnostic from scratch", comparisons) + ctx.deciding_note()
     summary += f" Parity is read as non-inferiority: reproduced when the interval lies above -{margin:.3f}."
     return Claim(
         "parity",
@@ -181,6 +198,19 @@ def _trend_verdict(correlation: Correlation, paper_sign: int) -> Verdict:
     return Verdict.INCONCLUSIVE if side == 0 else Verdict.REPRODUCED if side == paper_sign else Verdict.CONTRADICTED
 
 
+def _rho_text(c: Correlation) -> str:
+    return "undefined" if c.rho is None else f"{c.rho:+.2f} [{c.low:+.2f}, {c.high:+.2f}]"
+
+
+def _trend_sentences(trends: list[Trend]) -> str:
+    return " ".join(
+        f"{PROTOCOL_NAMES.get(t.protocol, t.protocol)[0].upper()}"
+        f"{PROTOCOL_NAMES.get(t.protocol, t.protocol)[1:]}: {_rho_text(t.correlation)} over "
+        f"{t.correlation.points} runs, {t.verdict.value}."
+        for t in trends
+    )
+
+
 def longer_seed_helps(ctx: Context) -> Claim:
     trends = []
     models = [ctx.results.model(p.model) for p in ctx.results.sweeps.seed_fraction]
@@ -194,14 +224,10 @@ def longer_seed_helps(ctx: Context) -> Claim:
         ]
         correlation = spearman_interval([x for x, _ in points], [y for _, y in points])
         trends.append(Trend(f"seed fraction vs {task} score", protocol, correlation, _trend_verdict(correlation, +1)))
-    headline = next((t for t in trends if t.protocol == ctx.main_protocol), None)
-    c = headline.correlation if headline else None
+    headline = next((t for t in trends if t.protocol == ctx.deciding_protocol), None)
     summary = (
-        f"No rank correlation: {c.points if c else 0} runs (it needs 3, with scores that vary)."
-        if c is None or c.rho is None
-        else f"Spearman rho of the seed share with the merged score {PROTOCOL_NAMES[headline.protocol]}: "
-        f"{c.rho:+.2f} [{c.low:+.2f}, {c.high:+.2f}] over {c.points} runs (models x seeds): "
-        f"{headline.verdict.value}."
+        "Spearman rho of the seed share with the merged score (models x seeds, each protocol on its mean "
+        "over tasks). " + _trend_sentences(trends) + ctx.deciding_note()
     )
     return Claim(
         "seed_length",
@@ -218,25 +244,28 @@ def metrics_predict_merging(ctx: Context) -> Claim:
         for protocol, by_metric in ctx.results.mergeability.correlations.items()
         for metric, correlation in by_metric.items()
     ]
-    main = [t for t in trends if t.protocol == ctx.main_protocol and "(layers" not in t.name]
-    decided = {t.verdict for t in main} - {Verdict.INCONCLUSIVE}
+    model_level = [t for t in trends if "(layers" not in t.name]
+    deciding = [t for t in model_level if t.protocol == ctx.deciding_protocol]
+    decided = {t.verdict for t in deciding} - {Verdict.INCONCLUSIVE}
     verdict = decided.pop() if len(decided) == 1 else Verdict.INCONCLUSIVE
     on_target = [
-        t.name.split(" vs ")[0]
-        for t in main
-        if t.correlation.high is not None and t.correlation.rho <= TARGET_RHO and t.correlation.high < 0
+        f"{t.name.split(' vs ')[0]} {PROTOCOL_NAMES.get(t.protocol, t.protocol)}"
+        for t in model_level
+        if t.correlation.rho is not None and t.correlation.rho <= TARGET_RHO and t.correlation.high < 0
     ]
-    listing = "; ".join(
-        f"{t.name.split(' vs ')[0]} {t.correlation.rho:+.2f} [{t.correlation.low:+.2f}, {t.correlation.high:+.2f}]"
-        for t in main
-        if t.correlation.rho is not None
-    )
-    points = len(ctx.results.mergeability.points)
+    by_protocol = []
+    for protocol in ctx.results.mergeability.correlations:
+        listing = "; ".join(
+            f"{t.name.split(' vs ')[0]} {_rho_text(t.correlation)}" for t in model_level if t.protocol == protocol
+        )
+        by_protocol.append(f"{PROTOCOL_NAMES.get(protocol, protocol)}: {listing}")
     summary = (
-        f"Spearman rho of each distance with what merging keeps (merged minus unmerged score, "
-        f"{PROTOCOL_NAMES.get(ctx.main_protocol)}), over {points} modality-specific runs: "
-        f"{listing or 'undefined'}. Target: rho <= {TARGET_RHO} with the interval below zero; met by "
-        f"{', '.join(on_target) or 'none'}."
+        f"Spearman rho of each distance with what merging keeps (merged minus unmerged score), over "
+        f"{len(ctx.results.mergeability.points)} modality-specific runs (models x seeds). "
+        + ". ".join(s[0].upper() + s[1:] for s in by_protocol)
+        + ". "
+        f"Target: rho <= {TARGET_RHO} with the interval below zero; met by {', '.join(on_target) or 'none'}."
+        + ctx.deciding_note()
     )
     return Claim(
         "metrics",
