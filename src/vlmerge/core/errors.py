@@ -19,3 +19,10 @@ class MergeError(VlmergeError):
 
 class StudyError(VlmergeError):
     """A stage of a study failed; the message names the stage (the next run of the study retries it)."""
+
+
+class OutputError(CheckpointError, OSError):
+    """An output cannot be written (no such directory, no permission, disk full, a directory in the way).
+
+    The message names the path; nothing is left at the destination. It is an OSError too, so code
+    that caught the OS's error around a write still catches it."""

@@ -1,29 +1,56 @@
 """Checkpoints: safetensors with self-describing metadata, read a tensor at a time, written atomically.
 
+A checkpoint is opened once and read from that open file; `CheckpointReader.sha256()` hashes the
+file its tensors come from and `check_unchanged()` tells whether the path still names it. The
+metadata values vlmerge reads as JSON (`JSON_METADATA`) are checked when the file is opened.
+Safetensors outputs are written with sorted header keys, so the same tensors and metadata give
+the same bytes.
+
 Foreign `.pt/.pth/.ckpt/.bin` files are read with `torch.load(weights_only=True)` only, so a
-file that needs code to unpickle is refused instead of executed.
+file that needs code to unpickle is refused instead of executed; being read whole, they are
+refused above `MAX_TORCH_FILE_BYTES`.
 """
 
-import hashlib
 import json
 import os
 import pickle
+import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
-from safetensors.torch import save_file
 
-from vlmerge.core.errors import CheckpointError
+from vlmerge.core.errors import CheckpointError, OutputError
 from vlmerge.io.atomic import atomic_path
+from vlmerge.io.input_file import InputFile
 from vlmerge.io.layout import Layout, from_reference_key, is_reference_layout, rename_keys
 from vlmerge.io.safetensors_file import SafetensorsFile
+from vlmerge.io.streaming import stream_safetensors
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
+MAX_TORCH_FILE_BYTES = 4 * 2**30  # torch files are read whole into memory; larger ones should be safetensors
 
 # Metadata a merge keeps from its input: it describes the weights (heads, tokenizer), not the merge.
 CARRIED_METADATA = ("heads", "tokenizer")
+
+# Metadata values that hold JSON, with the JSON type each must have; checked when a file is opened.
+JSON_METADATA: dict[str, type] = {
+    "config": dict,
+    "merge": dict,
+    "provenance": dict,
+    "grams": dict,
+    "heads": list,
+    "tokenizer": dict,
+}
+_JSON_NAMES = {
+    dict: "an object",
+    list: "a list",
+    str: "a string",
+    int: "a number",
+    float: "a number",
+    bool: "a boolean",
+}
 
 
 class CheckpointReader:
@@ -38,6 +65,7 @@ class CheckpointReader:
         dtypes: dict[str, torch.dtype],
         metadata: dict[str, str],
         fetch,
+        file: "SafetensorsFile | InputFile | None" = None,
     ) -> None:
         self.path = path
         self.layout = layout
@@ -46,6 +74,7 @@ class CheckpointReader:
         self._dtypes = dtypes
         self.metadata = metadata
         self._fetch = fetch
+        self._file = file  # the open file tensors are read from; None for an in-memory state dict
 
     @property
     def keys(self) -> list[str]:
@@ -76,20 +105,44 @@ class CheckpointReader:
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {key: self.get(key) for key in self.keys}
 
+    def metadata_json(self, key: str, default: Any = None) -> Any:
+        """Metadata value `key` parsed as JSON (a fresh object each call); `default` when absent.
+
+        The keys of `JSON_METADATA` were checked for their type when the file was opened."""
+        if key not in self.metadata:
+            return default
+        return parse_json_metadata(self.metadata, key, self.path)
+
     @property
     def config(self) -> dict[str, Any] | None:
         """The model config stored with the weights, if this checkpoint carries one."""
-        raw = self.metadata.get("config")
-        if raw is None:
-            return None
-        try:
-            return json.loads(raw)
-        except json.JSONDecodeError as error:
-            raise CheckpointError(f"{self.path}: metadata 'config' is not valid JSON ({error})") from error
+        return self.metadata_json("config")
 
     @property
     def step(self) -> int | None:
         return int(self.metadata["step"]) if "step" in self.metadata else None
+
+    def sha256(self) -> str:
+        """SHA-256 of the open file the tensors are read from (not of whatever the path names now)."""
+        if self._file is None:
+            raise CheckpointError(f"{self.path}: an in-memory state dict has no file to hash")
+        return self._file.sha256()
+
+    def check_unchanged(self) -> None:
+        """A named CheckpointError if the path no longer names the file opened (replaced, rewritten)."""
+        if self._file is not None:
+            self._file.check_unchanged()
+
+    def close(self) -> None:
+        """Close the file; it is closed too when the reader is collected."""
+        if self._file is not None:
+            self._file.close()
+
+    def __enter__(self) -> "CheckpointReader":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
 
 def open_checkpoint(path: str | os.PathLike) -> CheckpointReader:
@@ -103,30 +156,53 @@ def open_checkpoint(path: str | os.PathLike) -> CheckpointReader:
 
 
 def _open_safetensors(path: Path) -> CheckpointReader:
+    file = SafetensorsFile(path)
     try:
-        file = SafetensorsFile(path)
-    except OSError as error:
-        raise CheckpointError(f"{path}: not a readable safetensors file ({error})") from error
-    return _reader(
-        path,
-        file.keys(),
-        {k: e.shape for k, e in file.entries.items()},
-        {k: e.dtype for k, e in file.entries.items()},
-        file.metadata,
-        file.read,
-    )
+        check_json_metadata(file.metadata, path)
+        return _reader(
+            path,
+            file.keys(),
+            {k: e.shape for k, e in file.entries.items()},
+            {k: e.dtype for k, e in file.entries.items()},
+            file.metadata,
+            file.read,
+            file,
+        )
+    except BaseException:
+        file.close()
+        raise
 
 
 def _open_torch(path: Path) -> CheckpointReader:
+    file = InputFile(path)
     try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
+        if file.size > MAX_TORCH_FILE_BYTES:
+            raise CheckpointError(
+                f"{path}: a torch file of {file.size} bytes is over the {MAX_TORCH_FILE_BYTES} vlmerge reads "
+                "(torch files are read whole into memory); convert it to safetensors"
+            )
+        tensors = _load_torch_state(file)
+        return reader_from_state_dict(tensors, str(path), file=file)
+    except BaseException:
+        file.close()
+        raise
+
+
+def _load_torch_state(file: InputFile) -> dict[str, torch.Tensor]:
+    path = file.path
+    try:
+        with os.fdopen(os.dup(file.fileno()), "rb") as handle:  # the open file, not the path again
+            handle.seek(0)
+            loaded = torch.load(handle, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
+        if "weights only" not in str(error).lower():  # not refused code: a corrupt pickle
+            raise CheckpointError(f"{path}: not a readable torch checkpoint ({_one_line(error)})") from None
         raise CheckpointError(
             f"{path}: the file is a pickle that needs code to load; vlmerge never unpickles code "
             "(torch.load weights_only=True). Re-save it as a plain state dict or as safetensors."
-        ) from error
-    except (RuntimeError, EOFError, OSError, ValueError) as error:
-        raise CheckpointError(f"{path}: not a readable torch checkpoint ({error})") from error
+        ) from None
+    except Exception as error:  # torch.load raises many types; each becomes one line
+        raise CheckpointError(f"{path}: not a readable torch checkpoint ({_one_line(error)})") from None
     state = loaded.get("state_dict", loaded) if isinstance(loaded, dict) else None
     if not isinstance(state, dict) or not state:
         raise CheckpointError(
@@ -136,11 +212,22 @@ def _open_torch(path: Path) -> CheckpointReader:
     skipped = sorted(set(state) - set(tensors))
     if skipped:
         raise CheckpointError(f"{path}: state dict entries that are not tensors: {skipped[:5]}")
-    return reader_from_state_dict(tensors, str(path))
+    return tensors
 
 
-def reader_from_state_dict(state: Mapping[str, torch.Tensor], name: str = "<memory>") -> CheckpointReader:
-    """Serve an in-memory state dict through the same interface as a file."""
+def _one_line(error: BaseException) -> str:
+    """The first line of an error, without torch's advice to load with weights_only=False."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    first = lines[0] if lines else type(error).__name__
+    if "weights_only" in first or "weights only" in first.lower():
+        return f"{type(error).__name__}; torch.load(weights_only=True) refused it"
+    return first if len(first) <= 300 else first[:297] + "..."
+
+
+def reader_from_state_dict(
+    state: Mapping[str, torch.Tensor], name: str = "<memory>", *, file: InputFile | None = None
+) -> CheckpointReader:
+    """Serve an in-memory state dict through the same interface as a file (`file`: the file it was loaded from)."""
     tensors = dict(state)
     return _reader(
         Path(name),
@@ -149,10 +236,39 @@ def reader_from_state_dict(state: Mapping[str, torch.Tensor], name: str = "<memo
         {k: v.dtype for k, v in tensors.items()},
         {},
         tensors.__getitem__,
+        file,
     )
 
 
-def _reader(path, stored_keys, shapes, dtypes, metadata, fetch) -> CheckpointReader:
+def parse_json_metadata(metadata: Mapping[str, str], key: str, path: str | os.PathLike) -> Any:
+    """Metadata value `key` parsed as JSON, of the type `JSON_METADATA` gives it; one named error if not."""
+    try:
+        value = json.loads(metadata[key])
+    except (json.JSONDecodeError, TypeError) as error:
+        raise CheckpointError(f"{path}: metadata {key!r} is not valid JSON ({_one_line(error)})") from None
+    except RecursionError:
+        raise CheckpointError(f"{path}: metadata {key!r} is JSON nested too deeply") from None
+    expected = JSON_METADATA.get(key)
+    if expected is not None and not isinstance(value, expected):
+        found = "null" if value is None else _JSON_NAMES.get(type(value), type(value).__name__)
+        raise CheckpointError(f"{path}: metadata {key!r} is {found}, expected {_JSON_NAMES[expected]}")
+    return value
+
+
+def check_json_metadata(metadata: Mapping[str, str], path: str | os.PathLike) -> None:
+    """Check, before any tensor is read, every metadata value vlmerge will parse (`JSON_METADATA`, `step`)."""
+    for key in JSON_METADATA:
+        if key in metadata:
+            value = parse_json_metadata(metadata, key, path)
+            if key == "heads" and not all(isinstance(name, str) for name in value):
+                raise CheckpointError(f"{path}: metadata 'heads' is not a list of head names (strings)")
+            if key == "grams" and not all(isinstance(info, dict) for info in value.values()):
+                raise CheckpointError(f"{path}: metadata 'grams' is not an object of per-matrix objects")
+    if "step" in metadata and not re.fullmatch(r"[0-9]+", metadata["step"]):
+        raise CheckpointError(f"{path}: metadata 'step' is {metadata['step'][:40]!r}, not a non-negative integer")
+
+
+def _reader(path, stored_keys, shapes, dtypes, metadata, fetch, file=None) -> CheckpointReader:
     layout = Layout.REFERENCE if is_reference_layout(stored_keys) else Layout.NATIVE
     rename = from_reference_key if layout is Layout.REFERENCE else (lambda k: k)
     to_native = rename_keys(stored_keys, rename)
@@ -165,28 +281,45 @@ def _reader(path, stored_keys, shapes, dtypes, metadata, fetch) -> CheckpointRea
         {to_native[k]: d for k, d in dtypes.items()},
         metadata,
         fetch,
+        file,
     )
 
 
 def save_checkpoint(
     path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
 ) -> Path:
-    """Write tensors atomically: safetensors for `.safetensors`, a plain state dict otherwise."""
+    """Write tensors atomically: safetensors for `.safetensors`, a plain state dict otherwise.
+
+    Safetensors files are written tensor by tensor in name order with a sorted header, so the same
+    tensors and metadata give the same bytes."""
+    if not os.fspath(path):  # Path("") would be the current directory
+        raise OutputError("the output path is empty; give a file name")
     path = Path(path)
     bad = [k for k, v in metadata.items() if not isinstance(v, str)] if metadata else []
     if bad:
         raise CheckpointError(f"metadata values must be strings: {bad}")
-    with atomic_path(path) as tmp:
-        if path.suffix in PICKLE_SUFFIXES:
-            torch.save({k: v.detach().contiguous() for k, v in tensors.items()}, tmp)
-        else:
-            save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(tmp), metadata=dict(metadata or {}))
+    if path.suffix in PICKLE_SUFFIXES:
+        with atomic_path(path) as tmp:
+            try:
+                torch.save({k: v.detach().contiguous() for k, v in tensors.items()}, tmp)
+            except RuntimeError as error:  # torch's writer reports a full disk as a RuntimeError
+                raise OutputError(f"{path}: cannot write ({_one_line(error)})") from None
+        return path
+    names = sorted(tensors)
+    layout = [(name, tensors[name].dtype, tuple(tensors[name].shape)) for name in names]
+    with stream_safetensors(path, layout, metadata) as writer:
+        for name in names:
+            writer.write(name, tensors[name])
     return path
 
 
-def file_sha256(path: str | os.PathLike, chunk_bytes: int = 1 << 24) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(chunk_bytes):
-            digest.update(chunk)
-    return digest.hexdigest()
+def file_sha256(source: "str | os.PathLike | CheckpointReader | SafetensorsFile | InputFile | BinaryIO") -> str:
+    """SHA-256 of a file's bytes. Given an open reader or file object, the file it has open is hashed
+    (what was read from it), not whatever its path names now."""
+    if isinstance(source, (CheckpointReader, SafetensorsFile, InputFile)):
+        return source.sha256()
+    if hasattr(source, "fileno"):  # an open file object: hash it from byte 0, leaving its position alone
+        with InputFile(getattr(source, "name", "<open file>"), fd=source.fileno()) as file:
+            return file.sha256()
+    with InputFile(source) as file:
+        return file.sha256()

@@ -47,17 +47,35 @@ class GramSet:
             raise CheckpointError(f"{self.path}: Gram matrix {module} contains NaN or Inf")
         return gram
 
+    def sha256(self) -> str:
+        """SHA-256 of the open Gram file the matrices are read from."""
+        return self.reader.sha256()
+
+    def check_unchanged(self) -> None:
+        self.reader.check_unchanged()
+
+    def close(self) -> None:
+        self.reader.close()
+
+    def __enter__(self) -> "GramSet":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
 
 def open_grams(path: str | os.PathLike) -> GramSet:
+    """Open a Gram file; its `grams` and `provenance` metadata must be JSON objects (checked here)."""
     reader = open_checkpoint(path)
     keys = {native_gram_key(key, reader.layout): key for key in reader.keys}
     bad = [k for k in reader.keys if len(reader.shape(k)) != 2 or reader.shape(k)[0] != reader.shape(k)[1]]
     if bad:
+        reader.close()
         raise CheckpointError(
             f"{path}: not a Gram file: {bad[0]} has shape {list(reader.shape(bad[0]))}, expected square"
         )
-    info = json.loads(reader.metadata.get("grams", "{}"))
-    provenance = json.loads(reader.metadata.get("provenance", "{}"))
+    info = reader.metadata_json("grams", {})
+    provenance = reader.metadata_json("provenance", {})
     return GramSet(reader, keys, info, provenance)
 
 

@@ -59,11 +59,8 @@ def minilm_text_embeddings(width: int, max_text_len: int) -> dict[str, torch.Ten
 
 def _read(keys: list[str]) -> dict[str, torch.Tensor]:
     path = minilm_weights_file()
-    try:
-        weights = SafetensorsFile(path)
-    except OSError as error:
-        raise CheckpointError(f"{path}: not a readable safetensors file ({error})") from error
-    missing = sorted(set(keys) - set(weights.keys()))
-    if missing:
-        raise CheckpointError(f"{path}: not all-MiniLM-L6-v2's weights; missing {missing}")
-    return {key: weights.read(key) for key in keys}
+    with SafetensorsFile(path) as weights:
+        missing = sorted(set(keys) - set(weights.keys()))
+        if missing:
+            raise CheckpointError(f"{path}: not all-MiniLM-L6-v2's weights; missing {missing}")
+        return {key: weights.read(key) for key in keys}

@@ -1,13 +1,24 @@
-"""A safetensors file read with explicit reads instead of a memory map.
+"""A safetensors file read with explicit reads from one open handle instead of a memory map.
 
 Each tensor's bytes are read into a buffer of its own when it is asked for. With a memory
 map, every page a streamed merge touched would stay resident and count against the
 process, so peak memory would grow to the whole file; here it stays near one merge group.
+The file is opened once (`InputFile`): a path replaced while a merge streams does not mix two
+files, and `sha256()` hashes the file the tensors came from.
+
 The header is checked in full when the file is opened, so a corrupt or truncated file fails
-there, by name, rather than on the last tensor of a long merge.
+there, by name, rather than on the last tensor of a long merge. The checks are the safetensors
+library's (tests/test_io_hardening.py runs the same malformed files through both): the header
+is UTF-8 JSON (no NaN literals, no lone surrogates), an object whose `__metadata__` maps strings
+to strings; every tensor has a known dtype, a shape of non-negative integers and exactly the
+bytes dtype x shape needs; the data regions are contiguous, do not overlap and cover the rest
+of the file exactly. vlmerge is stricter in two places: a key given twice in the header is
+refused (the library keeps the last one), since two readers could disagree on which one counts;
+and only the dtypes of `DTYPES` are read (the library knows a few more, e.g. U16, F8_E4M3).
 """
 
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +26,7 @@ from pathlib import Path
 import torch
 
 from vlmerge.core.errors import CheckpointError
+from vlmerge.io.input_file import FileIdentity, InputFile
 
 DTYPES = {
     "F64": torch.float64,
@@ -28,7 +40,8 @@ DTYPES = {
     "U8": torch.uint8,
     "BOOL": torch.bool,
 }
-MAX_HEADER_BYTES = 100 * 2**20  # the format's own limit
+MAX_HEADER_BYTES = 100_000_000  # the format's own limit (the library's MAX_HEADER_SIZE)
+_U64 = 2**64  # shapes and offsets are u64 in the format; the library refuses larger values
 
 
 @dataclass(frozen=True)
@@ -39,21 +52,32 @@ class TensorEntry:
     end: int
 
 
+class _HeaderError(Exception):
+    """Raised inside the JSON parser's hooks; becomes a CheckpointError naming the file."""
+
+
 class SafetensorsFile:
-    """Header parsed and checked on open; `read(key)` returns a tensor that owns its memory."""
+    """Header parsed and checked on open; `read(key)` returns a tensor that owns its memory.
+
+    Holds the file open until `close()` (or a `with` block ends, or the object is collected).
+    """
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
-        with open(self.path, "rb") as handle:
-            size = os.fstat(handle.fileno()).st_size
-            header, data_start = _read_header(handle, size, self.path)
-        self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
-        self.entries = {key: _entry(key, value, data_start, self.path) for key, value in header.items()}
-        end = max((entry.end for entry in self.entries.values()), default=data_start)
-        if size < end:
-            raise CheckpointError(
-                f"{self.path}: not a readable safetensors file: truncated ({size} bytes, its header promises {end})"
-            )
+        self._file = InputFile(self.path)
+        try:
+            header, data_start = _read_header(self._file)
+            self.metadata = _metadata(header.pop("__metadata__", None), self.path)
+            self.entries = {key: _entry(key, value, data_start, self.path) for key, value in header.items()}
+            _check_layout(self.entries, data_start, self._file.size, self.path)
+        except BaseException:
+            self._file.close()
+            raise
+
+    @property
+    def identity(self) -> FileIdentity:
+        """(st_dev, st_ino, st_size, st_mtime_ns) of the file when it was opened."""
+        return self._file.identity
 
     def keys(self) -> list[str]:
         return list(self.entries)
@@ -62,53 +86,136 @@ class SafetensorsFile:
         entry = self.entries[key]
         tensor = torch.empty(entry.shape, dtype=entry.dtype)
         buffer = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
-        with open(self.path, "rb", buffering=0) as handle:
-            handle.seek(entry.start)
-            filled = 0
-            while filled < len(buffer):
-                count = handle.readinto(buffer[filled:])
-                if not count:
-                    raise CheckpointError(f"{self.path}: truncated while reading tensor {key!r}")
-                filled += count
+        try:
+            self._file.readinto(entry.start, buffer)
+        except CheckpointError as error:
+            raise CheckpointError(f"{error} while reading tensor {key!r}") from None
         return tensor
 
+    def sha256(self) -> str:
+        """SHA-256 of the open file: the bytes the tensors are read from, whatever the path names now."""
+        return self._file.sha256()
 
-def _read_header(handle, size: int, path: Path) -> tuple[dict, int]:
-    prefix = handle.read(8)
-    if len(prefix) < 8:
-        raise CheckpointError(f"{path}: not a readable safetensors file (shorter than its 8-byte header length)")
-    length = int.from_bytes(prefix, "little")
-    if length > min(MAX_HEADER_BYTES, size - 8):
-        raise CheckpointError(
-            f"{path}: not a readable safetensors file (header length {length} exceeds the file); "
-            "it may be corrupt or truncated"
-        )
+    def check_unchanged(self) -> None:
+        """A named CheckpointError if the path now names another file or the file was rewritten."""
+        self._file.check_unchanged()
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> "SafetensorsFile":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def _invalid(path: Path, problem: str) -> CheckpointError:
+    return CheckpointError(f"{path}: not a readable safetensors file ({problem})")
+
+
+def _read_header(file: InputFile) -> tuple[dict, int]:
+    if file.size < 8:
+        raise _invalid(file.path, "shorter than its 8-byte header length")
+    length = int.from_bytes(file.read(0, 8), "little")
+    if length > MAX_HEADER_BYTES:
+        raise _invalid(file.path, f"header length {length} is over the format's limit of {MAX_HEADER_BYTES}")
+    if length > file.size - 8:
+        raise _invalid(file.path, f"header length {length} exceeds the file; it may be corrupt or truncated")
     try:
-        header = json.loads(handle.read(length))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise CheckpointError(
-            f"{path}: not a readable safetensors file (header is not JSON: {error}); it may be corrupt"
-        ) from error
+        header = json.loads(
+            file.read(8, length).decode("utf-8"), object_pairs_hook=_unique_keys, parse_constant=_no_constant
+        )
+    except UnicodeDecodeError:
+        raise _invalid(file.path, "header is not UTF-8; it may be corrupt") from None
+    except json.JSONDecodeError as error:
+        raise _invalid(file.path, f"header is not JSON: {error}; it may be corrupt") from None
+    except RecursionError:
+        raise _invalid(file.path, "header JSON is nested too deeply") from None
+    except _HeaderError as error:
+        raise _invalid(file.path, str(error)) from None
     if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: not a readable safetensors file (header is not a JSON object)")
+        raise _invalid(file.path, "header is not a JSON object")
     return header, 8 + length
 
 
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    result = dict(pairs)
+    if len(result) != len(pairs):
+        seen: set[str] = set()
+        duplicate = next(key for key, _ in pairs if key in seen or seen.add(key))
+        raise _HeaderError(f"header has the key {duplicate!r} twice")
+    for key, value in pairs:
+        for text in (key, value) if isinstance(value, str) else (key,):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                raise _HeaderError(f"header string {ascii(text)[:60]} is not valid Unicode") from None
+    return result
+
+
+def _no_constant(name: str) -> None:
+    raise _HeaderError(f"header holds {name}, which is not JSON")
+
+
+def _metadata(value: object, path: Path) -> dict[str, str]:
+    if value is None:  # the library reads `"__metadata__": null` as no metadata
+        return {}
+    if not isinstance(value, dict):
+        raise _invalid(path, f"__metadata__ is {_json_type(value)}, not an object of strings")
+    bad = next((key for key, text in value.items() if not isinstance(text, str)), None)
+    if bad is not None:
+        raise _invalid(path, f"__metadata__ value {bad!r} is {_json_type(value[bad])}, not a string")
+    return value
+
+
 def _entry(key: str, value: object, data_start: int, path: Path) -> TensorEntry:
-    try:
-        dtype, shape, (start, end) = (
-            DTYPES[value["dtype"]],
-            tuple(int(n) for n in value["shape"]),
-            value["data_offsets"],
+    if not isinstance(value, dict):
+        raise _invalid(path, f"tensor {key!r} is described by {_json_type(value)}, not an object")
+    missing = [field for field in ("dtype", "shape", "data_offsets") if field not in value]
+    if missing:
+        raise _invalid(path, f"tensor {key!r} has no {missing[0]!r}")
+    name, shape, offsets = value["dtype"], value["shape"], value["data_offsets"]
+    if not isinstance(name, str) or name not in DTYPES:
+        raise _invalid(path, f"tensor {key!r} has dtype {name!r}; vlmerge reads {', '.join(DTYPES)}")
+    if not (isinstance(shape, list) and all(_is_u64(n) for n in shape)):
+        raise _invalid(path, f"tensor {key!r} has shape {shape!r}; expected a list of non-negative integers")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_u64(n) for n in offsets)):
+        raise _invalid(path, f"tensor {key!r} has data_offsets {offsets!r}; expected [start, end]")
+    dtype, (start, end) = DTYPES[name], offsets
+    numel = 1
+    for n in shape:  # in order, as the library multiplies: an overflow on the way is refused too
+        numel *= n
+        if numel >= _U64:
+            raise _invalid(path, f"tensor {key!r} has shape {shape} with more than 2**64 elements")
+    expected = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    if end < start or end - start != expected:
+        raise _invalid(
+            path, f"tensor {key!r} has offsets {[start, end]} for {expected} bytes of {name} {shape}; it may be corrupt"
         )
-    except (KeyError, TypeError, ValueError) as error:
-        raise CheckpointError(
-            f"{path}: not a readable safetensors file (bad header entry for {key!r}: {error})"
-        ) from None
-    expected = int(torch.Size(shape).numel()) * torch.empty((), dtype=dtype).element_size()
-    if not (isinstance(start, int) and isinstance(end, int) and 0 <= start <= end and end - start == expected):
-        raise CheckpointError(
-            f"{path}: not a readable safetensors file (tensor {key!r} has offsets {[start, end]} "
-            f"for {expected} bytes); it may be corrupt"
-        )
-    return TensorEntry(dtype, shape, data_start + start, data_start + end)
+    return TensorEntry(dtype, tuple(shape), data_start + start, data_start + end)
+
+
+def _check_layout(entries: dict[str, TensorEntry], data_start: int, size: int, path: Path) -> None:
+    """The data regions, in order, must follow each other from the start of the data to the file's end."""
+    position = data_start
+    for key, entry in sorted(entries.items(), key=lambda item: (item[1].start, item[1].end)):
+        if entry.start != position:
+            problem = "overlaps the tensor before it" if entry.start < position else "leaves a gap before it"
+            raise _invalid(
+                path, f"tensor {key!r} at data offsets {[entry.start - data_start, entry.end - data_start]} {problem}"
+            )
+        position = entry.end
+    if size < position:
+        raise _invalid(path, f"truncated ({size} bytes, its header promises {position})")
+    if size > position:
+        raise _invalid(path, f"{size - position} trailing bytes after the last tensor")
+
+
+def _is_u64(value: object) -> bool:
+    return type(value) is int and 0 <= value < _U64
+
+
+def _json_type(value: object) -> str:
+    names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", int: "a number", float: "a number"}
+    return "null" if value is None else names.get(type(value), type(value).__name__)

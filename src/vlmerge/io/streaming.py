@@ -3,6 +3,8 @@
 The merge plan knows every output tensor's name, dtype and shape before any is computed,
 so the header can be written first and tensors appended as they are produced: peak memory
 stays near one merge group instead of the whole checkpoint. The file appears atomically.
+The header's keys (tensor names, metadata keys) are written sorted, so the same tensors and
+metadata give the same bytes in every process.
 """
 
 import json
@@ -32,6 +34,7 @@ class TensorStreamWriter:
 
     def update_metadata(self, metadata: Mapping[str, str]) -> None:
         """Rewrite the metadata in place (e.g. warnings known only at the end), within the reserved space."""
+        _check_metadata(metadata)
         encoded = _encode_header({**self._header, "__metadata__": dict(metadata)}, 0)
         if len(encoded) > self._header_bytes:
             raise CheckpointError(
@@ -72,9 +75,14 @@ def stream_safetensors(
 
     `reserve_metadata` extra header bytes (blank JSON whitespace) let `update_metadata` grow it later.
     """
+    _check_metadata(metadata or {})
     header: dict = {"__metadata__": dict(metadata)} if metadata else {}
     offset = 0
     for name, dtype, shape in layout:
+        if name in header or name == "__metadata__":
+            raise CheckpointError(f"{path}: tensor name {name!r} given twice or reserved by the format")
+        if dtype not in _DTYPE_NAMES:
+            raise CheckpointError(f"{path}: tensor {name!r} is {dtype}; safetensors outputs hold {', '.join(DTYPES)}")
         size = int(torch.Size(shape).numel()) * torch.empty((), dtype=dtype).element_size()
         header[name] = {"dtype": _DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
         offset += size
@@ -89,6 +97,12 @@ def stream_safetensors(
             writer.finish()
 
 
+def _check_metadata(metadata: Mapping[str, str]) -> None:
+    bad = sorted(str(key) for key, value in metadata.items() if not isinstance(key, str) or not isinstance(value, str))
+    if bad:
+        raise CheckpointError(f"safetensors metadata keys and values must be strings: {bad[:5]}")
+
+
 def _encode_header(header: dict, reserve: int) -> bytes:
-    encoded = json.dumps(header, separators=(",", ":")).encode() + b" " * reserve
+    encoded = json.dumps(header, separators=(",", ":"), sort_keys=True).encode() + b" " * reserve
     return encoded + b" " * (-len(encoded) % 8)  # the format aligns the data to 8 bytes
