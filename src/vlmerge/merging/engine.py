@@ -1,15 +1,19 @@
 """The merge engine: validate -> plan -> stream -> method -> atomic write.
 
-Every problem that names and shapes alone reveal (missing experts, shape mismatches, tensors
-the checkpoint's config does not describe, a seed checkpoint or Gram file that does not fit) is
-reported before the first tensor is read; values (NaN, Inf) are checked as tensors stream through.
-The output only appears, atomically, once the whole merge has succeeded.
+Every problem that names, shapes and dtypes alone reveal (an output path that is an input,
+missing experts, shape or dtype mismatches, tensors the checkpoint's config does not describe, a
+seed checkpoint or Gram file that does not fit, a tokenizer that is not one) is reported before
+the first tensor is read, and so is every Gram matrix the method needs that a Gram matrix cannot
+be (collected from another checkpoint, not finite, symmetric or positive semi-definite); values
+of the weights (NaN, Inf) are checked as tensors stream through. Inputs are read from the files
+opened at the start, whatever their paths name later. The output only appears, atomically, once
+the whole merge has succeeded.
 """
 
 import json
 import os
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from difflib import get_close_matches
@@ -24,11 +28,11 @@ from vlmerge import __version__
 from vlmerge.core.config import StrictConfig
 from vlmerge.core.errors import CheckpointError, MergeError
 from vlmerge.core.numerics import all_finite
+from vlmerge.io.atomic import check_output_path
 from vlmerge.io.checkpoint import (
     CARRIED_METADATA,
     PICKLE_SUFFIXES,
     CheckpointReader,
-    file_sha256,
     open_checkpoint,
     reader_from_state_dict,
     save_checkpoint,
@@ -43,6 +47,7 @@ from vlmerge.models.config import ModelConfig
 from vlmerge.models.factory import state_keys
 
 METADATA_RESERVE = 1 << 16  # bytes kept in the header for warnings known only after the merge
+GRAM_TOLERANCE = 1e-6  # relative to a Gram matrix's largest entry (symmetry) or eigenvalue (definiteness)
 
 
 @dataclass
@@ -116,16 +121,29 @@ def merge_checkpoint(
     seed_checkpoint: str | os.PathLike | None = None,
     grams: str | os.PathLike | None = None,
     layout: Layout | str = Layout.NATIVE,
+    allow_foreign_grams: bool = False,
     progress: bool = False,
 ) -> MergeResult:
     """Merge a modality-specific checkpoint file into a modality-agnostic one written to `out`.
 
-    A `.safetensors` output is streamed (header first, one merge group in memory at a time).
+    `out` is checked first (not an input, not a directory, writable), every input is opened
+    once and read from that open file, and a `.safetensors` output is streamed (header first,
+    one merge group in memory at a time).
     """
+    check_output_path(out, [source, seed_checkpoint, grams])
     reader = open_checkpoint(source)
     origin = open_checkpoint(seed_checkpoint) if seed_checkpoint is not None else None
     gram_set = open_grams(grams) if grams is not None else None
-    prepared = prepare_merge(reader, method, options, selection=selection, origin=origin, grams=gram_set)
+    prepared = prepare_merge(
+        reader,
+        method,
+        options,
+        selection=selection,
+        origin=origin,
+        grams=gram_set,
+        allow_foreign_grams=allow_foreign_grams,
+        source_sha256=reader.sha256,
+    )
     rename = (lambda k: k) if Layout(layout) is Layout.NATIVE else to_reference_key
     if Path(out).suffix in PICKLE_SUFFIXES:
         tensors = dict(prepared.tensors(progress))
@@ -186,19 +204,31 @@ def prepare_merge(
     selection: str = "all",
     origin: CheckpointReader | None = None,
     grams: GramSet | None = None,
+    allow_foreign_grams: bool = False,
+    source_sha256: Callable[[], str] | None = None,
 ) -> PreparedMerge:
-    """Validate and plan; run the method's pre-pass if it has one. Reads no tensor otherwise.
-    `selection`: which experts are merged (all, retrieval, vqa, nlvr2)."""
+    """Validate and plan; run the method's pre-pass if it has one. Reads no expert tensor otherwise
+    (the Gram matrices a method needs are read once here, to check them).
+    `selection`: which experts are merged (all, retrieval, vqa, nlvr2). `source_sha256`: the source
+    file's hash, compared with the checkpoint a Gram file records (None for an in-memory state dict,
+    which has no file to compare); `allow_foreign_grams` lets a mismatch through with a warning."""
     method = MERGE_METHODS.get(method_name)
     parsed_options = method.options.parse(dict(options or {}), where=f"{method_name} options")
     plan = build_merge_plan({k: reader.shape(k) for k in reader.keys}, ExpertSelection.parse(selection))
+    _validate_carried_metadata(reader)
     _validate_layout(reader)
+    _validate_dtypes(plan, reader)
     _validate_inputs(plan, method, origin, grams)
+    notes = []
+    if method.needs_grams:
+        if source_sha256 is not None:
+            notes = _check_gram_source(reader, grams, source_sha256, allow_foreign_grams)
+        _validate_gram_values(plan, grams)
     prepared = None
     if method.prepare is not None:  # a pre-pass over every merged group, e.g. TIES' global top-k
         multi = [g for g in plan.groups if len(g.experts) > 1]
         prepared = method.prepare((_group_inputs(g, reader, method, origin, grams) for g in multi), parsed_options)
-    return PreparedMerge(reader, plan, method, parsed_options, origin, grams, prepared)
+    return PreparedMerge(reader, plan, method, parsed_options, origin, grams, prepared, notes)
 
 
 def _merge_group(
@@ -287,6 +317,33 @@ def _validate_inputs(
         _validate_grams(plan, grams)
 
 
+def _validate_dtypes(plan: MergePlan, reader: CheckpointReader) -> None:
+    """The experts of a tensor share one dtype: casting them all to the first one's would merge a
+    float32 expert at float16 precision without a word."""
+    for group in plan.groups:
+        dtypes = {m: reader.dtype(e.key) for m, e in group.experts.items()}
+        if len(set(dtypes.values())) > 1:
+            detail = ", ".join(f"{m.value} {str(d).removeprefix('torch.')}" for m, d in dtypes.items())
+            raise MergeError(f"experts of {group.target} differ in dtype: {detail}; cast the checkpoint to one dtype")
+
+
+def _validate_carried_metadata(reader: CheckpointReader) -> None:
+    """A tokenizer the merge would copy into its output (CARRIED_METADATA) must be one, or the merged
+    checkpoint would carry it on to every later stage. (Opening the file checked that it is a JSON
+    object and that `heads` is a list of names.)"""
+    if "tokenizer" in reader.metadata:
+        from tokenizers import Tokenizer  # imported here: only merges of checkpoints with a tokenizer need it
+
+        try:
+            Tokenizer.from_str(reader.metadata["tokenizer"])
+        except Exception as error:  # tokenizers raises its own exception type
+            detail = " ".join(str(error).split())
+            raise CheckpointError(
+                f"{reader.path}: metadata 'tokenizer' is not a serialised tokenizer ({detail}); "
+                "the merge would carry it into its output"
+            ) from None
+
+
 def _validate_grams(plan: MergePlan, grams: GramSet) -> None:
     needed = [(g, m) for g in plan.groups if g.is_linear_weight and len(g.experts) > 1 for m in g.gram_keys().values()]
     if needed and not any(module in grams for _, module in needed):
@@ -299,6 +356,94 @@ def _validate_grams(plan: MergePlan, grams: GramSet) -> None:
                     f"Gram matrix {module} is {list(grams.shape(module))} but {group.target} "
                     f"takes {inputs} inputs (expected [{inputs}, {inputs}])"
                 )
+
+
+def _validate_gram_values(plan: MergePlan, grams: GramSet) -> None:
+    """Every Gram matrix the merge will use, read once, one at a time, and checked."""
+    needed = [m for g in plan.groups if g.is_linear_weight and len(g.experts) > 1 for m in g.gram_keys().values()]
+    for module in dict.fromkeys(module for module in needed if module in grams):
+        _check_gram(grams, module)
+
+
+def _check_gram(grams: GramSet, module: str) -> None:
+    """A Gram matrix X^T X is finite, symmetric and positive semi-definite, within float rounding;
+    one that is all zero (no token reached its expert) is left to the method's documented fallback."""
+    gram = grams.get(module).to(torch.float64)  # NaN and Inf are named by GramSet.get
+    tokens = _recorded_tokens(grams, module)
+    scale = float(gram.abs().max()) if gram.numel() else 0.0
+    if scale == 0.0:
+        return
+    where = f"{grams.path}: Gram matrix {module}"
+    if tokens == 0:
+        raise MergeError(f"{where} records 0 tokens but is not zero; the file is inconsistent")
+    asymmetry = float((gram - gram.mT).abs_().max())
+    if asymmetry > GRAM_TOLERANCE * scale:
+        raise MergeError(
+            f"{where} is not symmetric (largest |G - G^T| entry {asymmetry:.3g}, largest entry {scale:.3g}); "
+            "a Gram matrix X^T X always is"
+        )
+    eigenvalues = _eigenvalue_range_if_not_psd(gram)
+    if eigenvalues is not None:
+        low, high = eigenvalues
+        raise MergeError(
+            f"{where} is not positive semi-definite: it is {_definiteness(low, high)} (eigenvalues from "
+            f"{low:.3g} to {high:.3g}); a Gram matrix X^T X has no eigenvalue below zero"
+        )
+
+
+def _eigenvalue_range_if_not_psd(gram: torch.Tensor) -> tuple[float, float] | None:
+    """None when the smallest eigenvalue is >= -GRAM_TOLERANCE x the largest, else (smallest, largest).
+    A Cholesky factorisation of G shifted by that tolerance (of its largest diagonal entry, which the
+    largest eigenvalue is at least) settles almost every matrix at a fraction of an eigendecomposition's
+    cost; eigvalsh (float64) decides the rest."""
+    largest_diagonal = float(gram.diagonal().max())
+    if largest_diagonal > 0:
+        shifted = gram.clone()
+        shifted.diagonal().add_(GRAM_TOLERANCE * largest_diagonal)
+        if int(torch.linalg.cholesky_ex(shifted).info) == 0:
+            return None
+    eigenvalues = torch.linalg.eigvalsh(gram)
+    low, high = float(eigenvalues[0]), float(eigenvalues[-1])
+    return None if high > 0 and low >= -GRAM_TOLERANCE * high else (low, high)
+
+
+def _definiteness(low: float, high: float) -> str:
+    """What a symmetric matrix that is not positive semi-definite is, from its extreme eigenvalues."""
+    if high > GRAM_TOLERANCE * abs(low):
+        return "indefinite"
+    return "negative definite" if high < 0 else "negative semi-definite"
+
+
+def _recorded_tokens(grams: GramSet, module: str) -> int | None:
+    """The token count a native Gram file records for `module`; None where it records none."""
+    record = grams.info.get(module)
+    tokens = record.get("tokens") if isinstance(record, dict) else None
+    if tokens is None:
+        return None
+    if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 0:
+        raise MergeError(f"{grams.path}: Gram matrix {module} records token count {tokens!r}, not a count")
+    return tokens
+
+
+def _check_gram_source(
+    reader: CheckpointReader, grams: GramSet, source_sha256: Callable[[], str], allow_foreign: bool
+) -> list[str]:
+    """The checkpoint a native Gram file says it was collected from must be the source, by content.
+    Returns the warning to record when `allow_foreign` lets a foreign file through."""
+    recorded = grams.provenance.get("checkpoint")
+    recorded_sha = recorded.get("sha256") if isinstance(recorded, dict) else None
+    if recorded_sha is None:  # the paper's files, and native ones written without provenance
+        return []
+    actual = source_sha256()
+    if recorded_sha == actual:
+        return []
+    message = (
+        f"Gram file {grams.path} was collected from checkpoint {recorded.get('path')} (sha256 {recorded_sha}), "
+        f"not from {reader.path} (sha256 {actual})"
+    )
+    if not allow_foreign:
+        raise MergeError(f"{message}; collect them for this checkpoint, or pass --allow-foreign-grams")
+    return [f"{message}; used anyway (--allow-foreign-grams)"]
 
 
 def _read_finite(reader: CheckpointReader, key: str) -> torch.Tensor:
@@ -314,14 +459,16 @@ def _dtype(experts: Mapping[Any, torch.Tensor]) -> torch.dtype:
 
 def _input_hashes(prepared: PreparedMerge, pending: bool = False) -> dict[str, dict[str, str]]:
     """Path and content hash of every input file, so a merged checkpoint says where it came from.
+    Each hash is of the file the merge has open and reads from, whatever its path names by then.
     `pending`: a placeholder of the same size, for a header written before the hashes are known."""
-    inputs = {"source": prepared.reader.path}
+    inputs: dict[str, CheckpointReader | GramSet] = {"source": prepared.reader}
     if prepared.origin is not None:
-        inputs["seed_checkpoint"] = prepared.origin.path
+        inputs["seed_checkpoint"] = prepared.origin
     if prepared.grams is not None:
-        inputs["grams"] = prepared.grams.path
+        inputs["grams"] = prepared.grams
     return {
-        role: {"path": str(path), "sha256": "0" * 64 if pending else file_sha256(path)} for role, path in inputs.items()
+        role: {"path": str(opened.path), "sha256": "0" * 64 if pending else opened.sha256()}
+        for role, opened in inputs.items()
     }
 
 

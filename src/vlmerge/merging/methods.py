@@ -89,6 +89,13 @@ def regmean(inputs: MergeInputs, options: RegMeanOptions) -> torch.Tensor:
     if missing:
         warnings.warn(f"{inputs.target}: no Gram matrix for expert(s) {missing}; using the plain average", MergeWarning)
         return plain_mean(inputs.experts)
+    empty = [m.value for m, g in inputs.grams.items() if not bool(g.any())]
+    if empty:  # no token reached the expert: solving with it would drop it, or zero the weight if all are empty
+        warnings.warn(
+            f"{inputs.target}: Gram matrix of expert(s) {empty} is all zero (no tokens); using the plain average",
+            MergeWarning,
+        )
+        return plain_mean(inputs.experts)
     weighted, gram_sum = None, None  # sum_m W_m G_m (out, in) and sum_m G_m, one shrunk matrix alive at a time
     for modality, weight in inputs.experts.items():
         gram = shrink_gram(inputs.grams[modality].to(torch.float64), options.alpha)

@@ -15,7 +15,8 @@ import torch
 
 from vlmerge.data.config import DataConfig
 from vlmerge.data.sources import load_pairs
-from vlmerge.io.checkpoint import file_sha256, open_checkpoint
+from vlmerge.io.atomic import check_output_path
+from vlmerge.io.checkpoint import open_checkpoint
 from vlmerge.io.grams import save_grams
 from vlmerge.merging.grams import collect_grams
 from vlmerge.models.checkpoint import load_model
@@ -44,10 +45,17 @@ def collect_checkpoint_grams(
     progress: bool = True,
     dist: DistributedContext | None = None,
 ) -> Path:
-    """Collect and save the Gram file, recording where it came from (checkpoint and data)."""
+    """Collect and save the Gram file, recording where it came from (checkpoint and data).
+
+    `out` is checked before any work (not the checkpoint, not a directory, writable); the file
+    appears only once the pass is complete. The recorded hash is of the checkpoint's open file,
+    and a checkpoint replaced while the model was loaded from it is an error, not a mismatch.
+    """
+    check_output_path(out, [checkpoint])
     dist = dist or init_distributed()
     reader = open_checkpoint(checkpoint)
     model = load_model(checkpoint).to(dist.device)
+    reader.check_unchanged()  # load_model read the file `reader` holds open
     data = data or checkpoint_data(reader)
     pairs = PairData.of(
         load_pairs(data, split, progress=progress and dist.is_main),
@@ -57,7 +65,7 @@ def collect_checkpoint_grams(
         model, gram_batches(pairs, batch_size, dist), normalize=normalize, progress=progress and dist.is_main
     )
     provenance = {
-        "checkpoint": {"path": str(checkpoint), "sha256": file_sha256(checkpoint)},
+        "checkpoint": {"path": str(checkpoint), "sha256": reader.sha256()},
         "data": {**data.model_dump(mode="json"), "split": split, "examples": len(pairs)},
         "inputs": "images, text and image-text pairs of each batch",
     }
