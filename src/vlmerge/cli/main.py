@@ -41,6 +41,11 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--method", required=True, help="a registered merge method (listed below)")
     merge.add_argument("--seed-checkpoint", help="seed (modality-agnostic) checkpoint: the origin of modality vectors")
     merge.add_argument("--grams", help="Gram matrices for RegMean (vlmerge or the paper's layout)")
+    merge.add_argument(
+        "--allow-foreign-grams",
+        action="store_true",
+        help="use a Gram file that records another checkpoint than the source (a warning, not an error)",
+    )
     merge.add_argument("--selection", default="all", choices=SELECTION_CHOICES, help="which experts to merge, by task")
     merge.add_argument(
         "--layout",
@@ -191,6 +196,7 @@ def run_merge(args: argparse.Namespace) -> int:
         seed_checkpoint=args.seed_checkpoint,
         grams=args.grams,
         layout=args.layout,
+        allow_foreign_grams=args.allow_foreign_grams,
         progress=not args.quiet,
     )
     for note in result.warnings:

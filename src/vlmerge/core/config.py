@@ -1,12 +1,27 @@
 """Strict config objects: validated once at the edge, unknown fields named with a suggestion."""
 
+import math
 from types import UnionType
-from typing import Any, Self, Union, get_args, get_origin
+from typing import Annotated, Any, Self, Union, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import AllowInfNan, BaseModel, BeforeValidator, ConfigDict, ValidationError
 
 from vlmerge.core.errors import ConfigError
 from vlmerge.core.registry import suggest
+
+
+def _a_finite_number(value: Any) -> Any:
+    """YAML's `true` is not 1.0 and `.inf` / `.nan` are no learning rate: refused before pydantic's
+    float conversion (which takes both); ints and numeric strings still convert as usual."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected a number, got {str(value).lower()}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"expected a finite number, got {value}")
+    return value
+
+
+FiniteFloat = Annotated[float, BeforeValidator(_a_finite_number), AllowInfNan(False)]
+"""A config float: finite, and not a bool (YAML ints are accepted)."""
 
 
 class StrictConfig(BaseModel):

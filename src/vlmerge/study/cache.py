@@ -1,6 +1,9 @@
 """Content-addressed stage cache: a stage's directory is named by its key (the hash of its kind, its
 settings and its inputs' keys), and a `done.json` written last marks it complete. A complete stage is
-never run again; an interrupted one resumes from its own checkpoints."""
+never run again; an interrupted one resumes from its own checkpoints. A `done.json` that cannot be read
+as this stage's record (cut short, edited, another stage's) marks nothing: the stage runs again, which
+resumes its finished run, and a warning names the file. Keys and records hold no paths, so a study
+directory can move."""
 
 import json
 import sys
@@ -33,10 +36,19 @@ class StageCache:
         """The stage's output if an earlier run completed it."""
         directory = self.root / stage.name
         marker = directory / DONE
-        if not marker.is_file():
+        if not marker.exists():
             return None
-        done = json.loads(marker.read_text())
-        return StageOutput(directory, done["result"], done.get("seconds", 0.0), cached=True)
+        try:
+            done = json.loads(marker.read_text())
+            if not isinstance(done, dict) or done.get("kind") != stage.kind.value:
+                raise ValueError(f"not the record of a {stage.kind.value} stage")
+            result, seconds = done["result"], done.get("seconds", 0.0)
+            if not isinstance(result, dict) or isinstance(seconds, bool) or not isinstance(seconds, int | float):
+                raise ValueError("its result or seconds are malformed")
+        except (OSError, UnicodeDecodeError, KeyError, ValueError) as error:  # JSONDecodeError is a ValueError
+            print(f"[study] warning: {marker}: unreadable ({error}); running the stage again", file=sys.stderr)
+            return None
+        return StageOutput(directory, result, seconds, cached=True)
 
     def run(self, stage: Stage, work: Callable[[Path], dict[str, Any]]) -> StageOutput:
         """The stage's output: from the cache, or by running `work(directory)`."""

@@ -30,7 +30,7 @@ from vlmerge.study.cache import StageCache, StageOutput
 from vlmerge.study.gallery import retrieval_gallery
 from vlmerge.study.plan import Stage, StageKind, StudyPlan
 from vlmerge.tasks.finetune import RESULTS_FILE, evaluate_checkpoint, run_finetune
-from vlmerge.training.config import FinetuneConfig, PretrainConfig, TokenizerConfig
+from vlmerge.training.config import DirectoryLock, FinetuneConfig, PretrainConfig, TokenizerConfig
 from vlmerge.training.grams import collect_checkpoint_grams
 from vlmerge.training.pretrain import run_pretraining, save_untrained
 from vlmerge.training.setup import resolve_tokenizer
@@ -183,6 +183,13 @@ def execute(
             )
         return outputs
     return _schedule(plan, root, progress, _ProcessJobs(workers), workers)
+
+
+def lock_study(study_dir: str | os.PathLike) -> DirectoryLock:
+    """The study directory's lock (flock on STUDY/.lock, dropped when this process dies), to hold in a
+    `with` block. Only another `vlmerge study` is refused: the stages run in worker processes or
+    scheduler jobs lock their own run directories, never this one, so they are not blocked by it."""
+    return DirectoryLock(Path(study_dir), "study")
 
 
 def _inputs(stage: Stage, outputs: Mapping[str, StageOutput]) -> dict[str, Path]:

@@ -6,11 +6,12 @@ modality-specific pre-training, so every baseline trains equally long.
 """
 
 import os
+import re
 from typing import Any, Literal, Self
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from vlmerge.core.config import StrictConfig
+from vlmerge.core.config import FiniteFloat, StrictConfig
 from vlmerge.core.errors import ConfigError
 from vlmerge.core.registry import suggest
 from vlmerge.data.config import DataConfig
@@ -26,6 +27,7 @@ PRETRAINED_SIZE = "small-p14"  # the registered size of the imported ViT-S/14
 Protocol = Literal["finetune", "probe", "zeroshot"]
 PROTOCOLS: tuple[str, ...] = ("finetune", "probe", "zeroshot")  # the paper's first; zeroshot is retrieval only
 CLAIM_IDS: tuple[str, ...] = ("seed", "parity", "seed_length", "metrics", "size")
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")  # one file name: no path, nothing hidden
 
 
 class MergeSpec(StrictConfig):
@@ -62,7 +64,7 @@ class TaskData(StrictConfig):
 
 
 class StudyRecipe(StrictConfig):
-    name: str
+    name: str = Field(description="names the study directory, studies/<name>: a plain file name")
     random_seeds: list[int] = Field(
         [0], min_length=1, description="every trained stage runs under each; comparisons are paired by seed"
     )
@@ -97,8 +99,8 @@ class StudyRecipe(StrictConfig):
     pretrain_optimizer: OptimizerConfig = OptimizerConfig()
     total_steps: int = Field(400, ge=2, description="seed + modality-specific pre-training steps of every baseline")
     checkpoint_every: int = Field(100, ge=1)
-    seed_fraction: float = Field(0.5, gt=0, lt=1, description="the main setting's share of seed pre-training")
-    seed_fractions: list[float] = Field([0.0, 0.25, 0.5, 0.75], description="sweep; 0 is naive merging")
+    seed_fraction: FiniteFloat = Field(0.5, gt=0, lt=1, description="the main setting's share of seed pre-training")
+    seed_fractions: list[FiniteFloat] = Field([0.0, 0.25, 0.5, 0.75], description="sweep; 0 is naive merging")
     architectures: list[ExpertPlacement] = [ExpertPlacement.ALL, ExpertPlacement.FFN, ExpertPlacement.ATTENTION]
     main_merge: MergeSpec = MergeSpec(method="interpolation", options={"ratio": 0.5})
     merges: list[MergeSpec] = []
@@ -107,12 +109,22 @@ class StudyRecipe(StrictConfig):
     probe: FinetuneSpec | None = Field(None, description="the linear probe's training (default: finetune's)")
     grams: GramSpec = GramSpec()
     gallery_size: int = Field(6, ge=0)
-    parity_margin: float = Field(
+    parity_margin: FiniteFloat = Field(
         0.02,
         ge=0,
         description="parity is non-inferiority: the merged model counts as matching the one trained from "
         "scratch when the interval of their difference lies above -margin",
     )
+
+    @field_validator("name")
+    @classmethod
+    def _a_file_name(cls, name: str) -> str:
+        if not SAFE_NAME.fullmatch(name):
+            raise ValueError(
+                f"{name!r} is not a safe study name: letters, digits, '.', '_' and '-', starting with a letter "
+                "or digit, at most 100 characters (it names the study directory, studies/<name>)"
+            )
+        return name
 
     @model_validator(mode="after")
     def _check(self) -> Self:

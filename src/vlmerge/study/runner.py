@@ -10,7 +10,7 @@ from pathlib import Path
 from vlmerge.io.atomic import atomic_path
 from vlmerge.study.assemble import assemble
 from vlmerge.study.claims import evaluate_claims
-from vlmerge.study.execute import SubmititOptions, execute
+from vlmerge.study.execute import SubmititOptions, execute, lock_study
 from vlmerge.study.plan import plan_study
 from vlmerge.study.recipe import StudyRecipe
 from vlmerge.study.results import StudyResults
@@ -27,19 +27,21 @@ def run_study(
     submitit: SubmititOptions | None = None,
 ) -> StudyResults:
     """Run (or complete) the study and write results.json and, by default, the report; `workers` and
-    `submitit` choose how its stages run (see `execute`)."""
+    `submitit` choose how its stages run (see `execute`). The study directory is locked for the run: a
+    second run on it is refused with one line (the stages this run starts elsewhere take no such lock)."""
     start = time.perf_counter()
     study_dir = Path(study_dir)
     plan = plan_study(recipe)
-    outputs = execute(plan, study_dir, progress, workers, submitit)
-    results, observations = assemble(plan, outputs, time.perf_counter() - start)
-    results = dataclasses.replace(results, claims=evaluate_claims(results, observations, recipe))
-    with atomic_path(study_dir / RESULTS) as tmp:
-        tmp.write_text(json.dumps(results.to_json(), indent=1))
-    if report:
-        from vlmerge.study.report import write_report
+    with lock_study(study_dir):
+        outputs = execute(plan, study_dir, progress, workers, submitit)
+        results, observations = assemble(plan, outputs, time.perf_counter() - start)
+        results = dataclasses.replace(results, claims=evaluate_claims(results, observations, recipe))
+        with atomic_path(study_dir / RESULTS) as tmp:
+            tmp.write_text(json.dumps(results.to_json(), indent=1))
+        if report:
+            from vlmerge.study.report import write_report
 
-        write_report(study_dir, results)
+            write_report(study_dir, results)
     return results
 
 

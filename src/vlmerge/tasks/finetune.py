@@ -6,6 +6,7 @@ A run's results.json holds the task, split, init, steps and the evaluation: its 
 its per-example `samples` (see `vlmerge.tasks.base.Evaluation`); `read_evaluation` reads it.
 """
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -21,7 +22,7 @@ from vlmerge.io.checkpoint import open_checkpoint
 from vlmerge.models.checkpoint import load_head_state, load_model, save_model
 from vlmerge.models.transformer import VLTransformer
 from vlmerge.tasks.base import TASKS, Evaluation, Task
-from vlmerge.training.config import CONFIG_FILE, FinetuneConfig, claim_run_dir, read_yaml
+from vlmerge.training.config import CONFIG_FILE, FinetuneConfig, RunDirectory, open_run_dir, read_yaml
 from vlmerge.training.distributed import DistributedContext, init_distributed
 from vlmerge.training.pretrain import HEADS, MODEL_FILE
 from vlmerge.training.setup import checkpoint_data, checkpoint_tokenizer, make_optimizer, resolve_data
@@ -69,8 +70,15 @@ def run_finetune(
     and the saved checkpoint carries it unchanged. For retrieval the head is the contrastive
     projections (and temperature)."""
     dist = dist or init_distributed()
-    run_dir = claim_run_dir(run_dir, config) if dist.is_main else Path(run_dir)
-    dist.barrier()
+    run_dir = Path(run_dir)
+    # The main process locks the run directory for the whole run and claims it once the checks pass.
+    with open_run_dir(run_dir, config) if dist.is_main else contextlib.nullcontext() as run:
+        return _finetune(config, run_dir, run, progress, dist)
+
+
+def _finetune(
+    config: FinetuneConfig, run_dir: Path, run: RunDirectory | None, progress: bool, dist: DistributedContext
+) -> Evaluation:
     model, task = load_task(config.task, config.init, config.data, config.random_seed, progress and dist.is_main)
     torch.manual_seed(config.random_seed)
     head = task.make_head(model.config)
@@ -82,6 +90,9 @@ def run_finetune(
     size = task.num_examples("train")
     if size < config.optimizer.batch_size:
         raise ConfigError(f"batch_size {config.optimizer.batch_size} exceeds the {size} training examples")
+    if run is not None:
+        run.claim()  # every check on the config has passed
+    dist.barrier()
     # Tasks differ in which embeddings they use (e.g. no text for image classification).
     objective = dist.wrap(TaskObjective(model, head, task, dist), find_unused_parameters=True)
     backbone = [] if config.freeze_backbone else [model]

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from vlmerge.core.config import StrictConfig
+from vlmerge.core.config import FiniteFloat, StrictConfig
 from vlmerge.data.masking import IGNORE_INDEX, whole_word_mask
 from vlmerge.data.tokenizer import TokenBatch
 from vlmerge.models.heads import PretrainingHeads
@@ -26,11 +26,13 @@ MAX_LOGIT_SCALE = 100.0
 
 
 class ObjectiveWeights(StrictConfig):
-    itc: float = Field(1.0, ge=0)
-    itc_vl: float = Field(1.0, ge=0)
-    itm: float = Field(1.0, ge=0)
-    mlm: float = Field(1.0, ge=0)
-    mask_probability: float = Field(0.25, gt=0, lt=1, description="fraction of words masked for MLM (paper: 25 %)")
+    itc: FiniteFloat = Field(1.0, ge=0)
+    itc_vl: FiniteFloat = Field(1.0, ge=0)
+    itm: FiniteFloat = Field(1.0, ge=0)
+    mlm: FiniteFloat = Field(1.0, ge=0)
+    mask_probability: FiniteFloat = Field(
+        0.25, gt=0, lt=1, description="fraction of words masked for MLM (paper: 25 %)"
+    )
 
 
 @dataclass

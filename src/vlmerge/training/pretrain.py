@@ -8,6 +8,8 @@ scratch or continues a modality-agnostic checkpoint, such as a pretrained image 
 merging on pretrained weights.
 """
 
+import contextlib
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -24,7 +26,14 @@ from vlmerge.models.config import ModelConfig
 from vlmerge.models.factory import model_config
 from vlmerge.models.heads import PretrainingHeads
 from vlmerge.models.transformer import VLTransformer
-from vlmerge.training.config import PretrainConfig, claim_run_dir
+from vlmerge.training.config import (
+    MANIFEST_FILE,
+    PretrainConfig,
+    RunDirectory,
+    file_sha256,
+    open_run_dir,
+    update_manifest,
+)
 from vlmerge.training.distributed import DistributedContext, init_distributed
 from vlmerge.training.objectives import PretrainingObjective
 from vlmerge.training.setup import PairData, make_optimizer, resolve_tokenizer
@@ -79,33 +88,76 @@ def _load_agnostic(path: str, shape: ModelConfig) -> tuple[VLTransformer, Pretra
     return seed, heads
 
 
-def run_tokenizer(
-    run_dir: Path, config: PretrainConfig, train: CaptionPairs, dist: DistributedContext
-) -> TextTokenizer:
-    """The run's tokenizer, fixed once in the run directory: a resumed run and every rank read the
-    same file instead of each training (or reading) it again."""
-    path = run_dir / TOKENIZER_FILE
-    if dist.is_main and not path.exists():
-        init = open_checkpoint(config.init) if config.init else None
-        resolve_tokenizer(config.tokenizer, train.captions, init).save(path)
-    dist.barrier()
-    return TextTokenizer.load(path, config.tokenizer.max_len)
+def run_tokenizer(run: RunDirectory, config: PretrainConfig, train: CaptionPairs) -> tuple[TextTokenizer, bool]:
+    """The run's tokenizer, fixed once in the run directory (a resumed run and every rank read the same
+    file instead of training it again), and whether it is new: read from the directory, checked against
+    the manifest, or resolved now (saved by `keep_tokenizer` once the directory is claimed)."""
+    path = run.path / TOKENIZER_FILE
+    recorded = run.manifest.tokenizer_sha256 if run.manifest is not None else None
+    if path.is_file():
+        data = path.read_bytes()
+        if recorded is not None and hashlib.sha256(data).hexdigest() != recorded:
+            raise ConfigError(
+                f"{path} is not the tokenizer this run was trained with (its SHA-256 differs from "
+                f"{MANIFEST_FILE}'s); restore it or use a new run directory"
+            )
+        try:
+            return TextTokenizer.from_json(data.decode(), config.tokenizer.max_len), False
+        except (UnicodeDecodeError, ConfigError) as error:
+            raise ConfigError(f"{path}: {error}") from None
+    if recorded is not None or run.has_checkpoint:
+        raise ConfigError(
+            f"{path} is missing, but this run was trained with it: a new vocabulary would not fit the "
+            "checkpoint's embeddings; restore it or use a new run directory"
+        )
+    init = open_checkpoint(config.init) if config.init else None
+    return resolve_tokenizer(config.tokenizer, train.captions, init), True
+
+
+def keep_tokenizer(run: RunDirectory, tokenizer: TextTokenizer, new: bool) -> None:
+    """Save a new tokenizer into the claimed run directory, and record its hash in the manifest."""
+    path = run.path / TOKENIZER_FILE
+    if new:
+        tokenizer.save(path)
+    if new or run.manifest.tokenizer_sha256 is None:  # or a run from before manifests: its file as it is
+        update_manifest(run.path, tokenizer_sha256=file_sha256(path))
 
 
 def run_pretraining(
     config: PretrainConfig, run_dir: str | os.PathLike, progress: bool = True, dist: DistributedContext | None = None
 ) -> Path:
-    """Train (or resume) the stage in `run_dir`; return the path of its final checkpoint."""
+    """Train (or resume) the stage in `run_dir`; return the path of its final checkpoint. The main process
+    locks the run directory for the whole run, and claims it only once the data, tokenizer, model and
+    batch size are known to work: a config error leaves the directory free for the corrected config."""
     dist = dist or init_distributed()
-    run_dir = claim_run_dir(run_dir, config) if dist.is_main else Path(run_dir)
-    dist.barrier()
-    train = load_pairs(config.data, "train", progress=progress and dist.is_main)
-    tokenizer = run_tokenizer(run_dir, config, train, dist)
-    model, heads = build_pretraining_model(config, tokenizer.vocab_size, tokenizer.max_len)
+    run_dir = Path(run_dir)
+    with open_run_dir(run_dir, config) if dist.is_main else contextlib.nullcontext() as run:
+        train = load_pairs(config.data, "train", progress=progress and dist.is_main)
+        if len(train) < config.optimizer.batch_size:
+            raise ConfigError(f"batch_size {config.optimizer.batch_size} exceeds the {len(train)} training pairs")
+        if run is not None:
+            tokenizer, new = run_tokenizer(run, config, train)
+            model, heads = build_pretraining_model(config, tokenizer.vocab_size, tokenizer.max_len)  # checks init
+            run.claim()
+            keep_tokenizer(run, tokenizer, new)
+        dist.barrier()
+        tokenizer = TextTokenizer.load(run_dir / TOKENIZER_FILE, config.tokenizer.max_len)  # what every rank reads
+        if run is None:
+            model, heads = build_pretraining_model(config, tokenizer.vocab_size, tokenizer.max_len)
+        return _pretrain(config, run_dir, PairData.of(train, tokenizer), tokenizer, model, heads, progress, dist)
+
+
+def _pretrain(
+    config: PretrainConfig,
+    run_dir: Path,
+    pairs: PairData,
+    tokenizer: TextTokenizer,
+    model: VLTransformer,
+    heads: PretrainingHeads,
+    progress: bool,
+    dist: DistributedContext,
+) -> Path:
     model, heads = model.to(dist.device), heads.to(dist.device)
-    pairs = PairData.of(train, tokenizer)
-    if len(pairs) < config.optimizer.batch_size:
-        raise ConfigError(f"batch_size {config.optimizer.batch_size} exceeds the {len(pairs)} training pairs")
     objective = dist.wrap(PretrainingObjective(model, heads, config.objectives, tokenizer.mask_id, dist))
     optimizer, scheduler = make_optimizer([model, heads], config.optimizer, config.steps)
 

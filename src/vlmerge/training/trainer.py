@@ -2,24 +2,30 @@
 
 Everything random in a step derives from (seed, step) (see `step_generator` and
 `batch_indices`), so a run killed at any point and resumed from its last checkpoint ends
-with the same weights as a run never killed. Checkpoints are written atomically.
+with the same weights as a run never killed. Checkpoints are written atomically, and checked
+before a resume trusts them: this run's modules and shapes, finite values, an optimizer state,
+a step within the run and not before the one the run directory's manifest last recorded.
 """
 
 import hashlib
 import json
 import os
+import pickle
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
 from vlmerge.core.errors import CheckpointError
+from vlmerge.core.numerics import all_finite
 from vlmerge.io.atomic import atomic_path
+from vlmerge.training.config import CHECKPOINT, MANIFEST_FILE, read_manifest, update_manifest
 from vlmerge.training.distributed import SINGLE_PROCESS, DistributedContext
 
-CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
 StepFn = Callable[[int], dict[str, torch.Tensor]]
 
@@ -113,26 +119,106 @@ class Trainer:
         }
         with atomic_path(self.checkpoint_path) as tmp:
             torch.save(state, tmp)
+        # After the file: a crash between the two leaves the manifest's step behind, never ahead.
+        update_manifest(self.run_dir, step=step)
         self.dist.barrier()
 
     def resume(self) -> int:
-        """Load the last checkpoint if there is one; drop metrics logged after it."""
+        """Load the last checkpoint if there is one (checked first); drop metrics logged after it."""
+        manifest = read_manifest(self.run_dir)
+        recorded = manifest.step if manifest is not None else 0
         if not self.checkpoint_path.exists():
+            if recorded:
+                raise CheckpointError(
+                    f"{self.checkpoint_path}: missing, but the run checkpointed step {recorded} ({MANIFEST_FILE}); "
+                    "restore it or use a new run directory"
+                )
             if self.dist.is_main:
                 self._truncate_metrics(0)
             return 0
+        state = self._checked_state(recorded)
         try:
-            state = torch.load(self.checkpoint_path, map_location=self.dist.device, weights_only=True)
-        except Exception as error:
-            raise CheckpointError(f"{self.checkpoint_path}: cannot resume from this checkpoint ({error})") from error
-        for name, module in self.modules.items():
-            module.load_state_dict(state["modules"][name], strict=True)
-        self.optimizer.load_state_dict(state["optimizer"])
-        if self.scheduler is not None and state["scheduler"] is not None:
-            self.scheduler.load_state_dict(state["scheduler"])
+            for name, module in self.modules.items():
+                module.load_state_dict(state["modules"][name], strict=True)
+            self.optimizer.load_state_dict(state["optimizer"])
+            if self.scheduler is not None and state.get("scheduler") is not None:
+                self.scheduler.load_state_dict(state["scheduler"])
+        except (AttributeError, KeyError, IndexError, TypeError, ValueError, RuntimeError) as error:
+            raise self._refusal(f"its state does not fit this run ({_one_line(error)})") from None
         if self.dist.is_main:
             self._truncate_metrics(state["step"])
-        return int(state["step"])
+        return state["step"]
+
+    def _refusal(self, why: str) -> CheckpointError:
+        return CheckpointError(f"{self.checkpoint_path}: {why}; cannot resume from it (use a new run directory)")
+
+    def _checked_state(self, recorded: int) -> dict[str, Any]:
+        """The checkpoint's state, once it is known to be one of this run: read as tensors and plain data
+        only, this run's modules with their shapes, finite values, a step in the run, an optimizer state."""
+        if not zipfile.is_zipfile(self.checkpoint_path):  # what torch.save writes
+            raise self._refusal("not a checkpoint written by torch.save (not a zip archive)")
+        try:
+            state = torch.load(self.checkpoint_path, map_location=self.dist.device, weights_only=True)
+        except pickle.UnpicklingError:
+            raise self._refusal(
+                "it holds objects other than tensors and plain data, which are never unpickled"
+            ) from None
+        except Exception as error:  # torch raises whatever its zip and pickle readers raise
+            raise self._refusal(f"not a readable checkpoint ({_one_line(error)})") from None
+        if not isinstance(state, dict):
+            raise self._refusal(f"it holds a {type(state).__name__}, not a dict of step, modules and optimizer")
+        if missing := [key for key in ("step", "modules", "optimizer") if key not in state]:
+            raise self._refusal(f"it has no {', '.join(missing)}")
+        step = state["step"]
+        if type(step) is not int or not 0 <= step <= self.steps:
+            raise self._refusal(f"its step {step!r} is not a step of this {self.steps}-step run")
+        if step < recorded:
+            raise self._refusal(f"it holds step {step}, but the run had checkpointed step {recorded} ({MANIFEST_FILE})")
+        self._check_modules(state["modules"])
+        self._check_optimizer(state["optimizer"])
+        return state
+
+    def _check_modules(self, saved: Any) -> None:
+        if not isinstance(saved, dict) or set(saved) != set(self.modules):
+            found = sorted(saved) if isinstance(saved, dict) else type(saved).__name__
+            raise self._refusal(f"it holds modules {found}, this run trains {sorted(self.modules)}")
+        for name, module in self.modules.items():
+            expected, tensors = module.state_dict(), saved[name]
+            if not isinstance(tensors, dict):
+                raise self._refusal(f"its {name} is a {type(tensors).__name__}, not a state dict")
+            problems = [f"{name}.{key} missing" for key in expected if key not in tensors]
+            problems += [f"{name}.{key} unexpected" for key in tensors if key not in expected]
+            problems += [
+                f"{name}.{key} {_shape(tensors[key])}, the model's {tuple(value.shape)}"
+                for key, value in expected.items()
+                if key in tensors and _shape(tensors[key]) != tuple(value.shape)
+            ]
+            if problems:
+                more = f" and {len(problems) - 2} more" if len(problems) > 2 else ""
+                raise self._refusal(f"not a checkpoint of this model ({'; '.join(problems[:2])}{more})")
+            if bad := [key for key, value in tensors.items() if not all_finite(value)]:
+                raise self._refusal(f"{name}.{bad[0]} holds NaN or infinite values")
+
+    def _check_optimizer(self, saved: Any) -> None:
+        """A state dict for this optimizer's groups, its per-parameter tensors finite and shaped like them."""
+        groups = saved.get("param_groups") if isinstance(saved, dict) else None
+        if not isinstance(groups, list) or not isinstance(saved.get("state"), dict):
+            raise self._refusal("its optimizer is not an optimizer state dict")
+        ours = self.optimizer.param_groups
+        if len(groups) != len(ours) or any(
+            not isinstance(g, dict) or len(g.get("params", ())) != len(o["params"]) for g, o in zip(groups, ours)
+        ):
+            raise self._refusal("its optimizer state has other parameter groups than this run's")
+        for group, own in zip(groups, ours):
+            for index, parameter in zip(group["params"], own["params"]):
+                entry = saved["state"].get(index)
+                for key, value in entry.items() if isinstance(entry, dict) else ():
+                    if isinstance(value, torch.Tensor) and value.ndim and value.shape != parameter.shape:
+                        raise self._refusal(
+                            f"its optimizer's {key} of parameter {index} has shape {tuple(value.shape)}"
+                        )
+                    if isinstance(value, torch.Tensor) and not all_finite(value):
+                        raise self._refusal(f"its optimizer's {key} of parameter {index} holds NaN or infinite values")
 
     def _append_metrics(self, record: dict) -> None:
         with open(self.run_dir / METRICS, "a") as handle:
@@ -145,6 +231,16 @@ class Trainer:
         kept = [line for line in path.read_text().splitlines() if _step_of(line) is not None and _step_of(line) < step]
         with atomic_path(path) as tmp:
             tmp.write_text("".join(line + "\n" for line in kept))
+
+
+def _shape(value: Any) -> tuple[int, ...] | str:
+    return tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+
+
+def _one_line(error: BaseException) -> str:
+    """The first line of an error's message (torch's run to many, with advice to unpickle anyway)."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def _step_of(line: str) -> int | None:
