@@ -17,8 +17,6 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-import yaml
-
 from vlmerge.data.config import DataConfig
 from vlmerge.data.sources import load_pairs
 from vlmerge.study import execute
@@ -67,7 +65,7 @@ def main() -> int:
         "2 workers, 1 thread each (--workers 2)": timed(recipe, 2, 1),
     }
     anchor = runs["in order, 1 thread per stage (--workers 1)"][0]
-    print(f"study of {runs[next(iter(runs))][1]} stages ({yaml.safe_dump(RECIPE['protocols']).strip()} protocols)")
+    print(f"study of {runs[next(iter(runs))][1]} stages (protocols: {', '.join(RECIPE['protocols'])})")
     for name, (seconds, stages, _) in runs.items():
         print(
             f"  {name:<44} {seconds:7.1f} s  {60 * stages / seconds:6.1f} stages/min  "

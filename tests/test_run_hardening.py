@@ -396,3 +396,24 @@ def test_a_study_killed_mid_stage_resumes_to_identical_results_in_place_and_move
         config = yaml.safe_load((study / "cache" / stage.name / CONFIG_FILE).read_text())
         steps = [record["step"] for record in read_metrics(study / "cache" / stage.name)]
         assert steps == list(range(config["steps"]))  # resumed: no step logged twice, none lost
+
+
+def test_an_os_error_during_training_is_one_line_and_exit_2(tmp_path, capsys, monkeypatch):
+    """A full disk while a run writes its checkpoint: one line naming the file, not a traceback."""
+    import errno
+
+    from vlmerge.cli.main import main
+    from vlmerge.training import trainer
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "run" / "checkpoint.pt"))
+
+    monkeypatch.setattr(trainer.Trainer, "save", full_disk)
+    config = tmp_path / "seed.yaml"
+    config.write_text(
+        "steps: 2\ncheckpoint_every: 1\nmodel: {size: micro}\ndata: {image_size: 32, limit: 64}\n"
+        "optimizer: {batch_size: 16}\ntokenizer: {vocab_size: 200}\n"
+    )
+    assert main(["train", "seed", "--config", str(config), "--run-dir", str(tmp_path / "run"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "No space left on device" in err[0] and "checkpoint.pt" in err[0]

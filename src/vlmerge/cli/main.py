@@ -183,6 +183,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except VlmergeError as error:
         print(f"vlmerge {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except OSError as error:  # a full disk or an unreadable path anywhere below: its message names the file
+        print(f"vlmerge {args.command}: error: {' '.join(str(error).split())}", file=sys.stderr)
+        return 2
 
 
 def run_merge(args: argparse.Namespace) -> int:
