@@ -434,7 +434,7 @@ def test_every_referenced_image_is_a_png_on_disk(report):
     images = _referenced_images(markdown, html)
     assert images == {
         f"plots/{name}.png"
-        for name in ["forest", "methods", "seed_fraction", "interpolation_ratio", "mergeability", "gallery"]
+        for name in ["forest", "methods", "seed_fraction", "interpolation_ratio", "mergeability-finetune", "gallery"]
     }
     for relative in images:
         data = (study_dir / relative).read_bytes()

@@ -434,8 +434,7 @@ class _Report:
                 rows,
             )
         )
-        if retention_protocols:
-            protocol = retention_protocols[0]
+        for protocol in retention_protocols:  # one figure per protocol: they can disagree (see the claims)
             cost = [
                 plots.CostPoint(
                     f"{p.placement} {p.seed_fraction:g}/{p.random_seed}", p.metrics, p.retention.get(protocol)
@@ -448,7 +447,11 @@ class _Report:
             }
             title = f"Distance between experts vs what merging kept ({protocol_name(protocol)})"
             blocks.append(
-                self.plot("mergeability", title, lambda p: plots.cost_scatter(p, title, model_level, cost, rhos))
+                self.plot(
+                    f"mergeability-{protocol}",
+                    title,
+                    lambda p, title=title, cost=cost, rhos=rhos: plots.cost_scatter(p, title, model_level, cost, rhos),
+                )
             )
         return blocks
 
