@@ -254,6 +254,9 @@ def test_a_checkpoint_that_is_not_this_runs_is_one_named_error(seed_run, tmp_pat
         ("seed", "objectives: {itc: .inf}", "objectives.itc: expected a finite number"),
         ("seed", "objectives: {mlm: false}", "objectives.mlm: expected a number, got false"),
         ("finetune", "task: retrieval\ninit: x\noptimizer: {head_lr_multiplier: .inf}", "head_lr_multiplier"),
+        ("seed", "steps: true", "steps: expected a number, got true"),
+        ("seed", "optimizer: {batch_size: true}", "optimizer.batch_size: expected a number, got true"),
+        ("seed", "random_seed: false", "random_seed: expected a number, got false"),
     ],
 )
 def test_a_config_number_that_is_not_finite_or_is_a_bool_is_refused(tmp_path, capsys, stage, text, message):

@@ -4,7 +4,15 @@ import math
 from types import UnionType
 from typing import Annotated, Any, Self, Union, get_args, get_origin
 
-from pydantic import AllowInfNan, BaseModel, BeforeValidator, ConfigDict, ValidationError
+from pydantic import (
+    AllowInfNan,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 
 from vlmerge.core.errors import ConfigError
 from vlmerge.core.registry import suggest
@@ -29,12 +37,26 @@ class StrictConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_a_number(cls, value: Any, info: ValidationInfo) -> Any:
+        """YAML's `true` is no step count: pydantic's lax ints would take it as 1."""
+        if isinstance(value, bool) and _numeric(cls.model_fields[info.field_name].annotation):
+            raise ValueError(f"expected a number, got {str(value).lower()}")
+        return value
+
     @classmethod
     def parse(cls, data: dict[str, Any], where: str = "config") -> Self:
         try:
             return cls.model_validate(data)
         except ValidationError as error:
             raise ConfigError(f"{where}: {describe_validation_error(cls, error)}") from None
+
+
+def _numeric(annotation: Any) -> bool:
+    """An int or float field (also optional), where a bool cannot be meant."""
+    options = get_args(annotation) if get_origin(annotation) in (Union, UnionType) else (annotation,)
+    return any(option in (int, float) for option in options) and bool not in options
 
 
 def describe_validation_error(cls: type[BaseModel], error: ValidationError) -> str:
