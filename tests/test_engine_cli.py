@@ -336,7 +336,11 @@ class OutOption(StrictConfig):
 @pytest.mark.parametrize(
     "options, message",
     [
-        (IntLam, "merge option 'lam' is float for arithmetic, ties, dare but int for unflaggable"),
+        (
+            IntLam,
+            "merge option 'lam' is float for arithmetic, ties, dare, dare_ties, breadcrumbs, breadcrumbs_ties, della, "
+            "della_ties but int for unflaggable",
+        ),
         (OutOption, "merge option 'out' of unflaggable clashes with `vlmerge merge --out`"),
     ],
 )

@@ -152,6 +152,11 @@ IDEMPOTENT = {
     "regmean": {"alpha": 0.7},
     "ties": {"density": 1.0, "lam": 1.0},
     "dare": {"drop": 0.0, "lam": 0.5},
+    "dare_ties": {"drop": 0.0, "lam": 1.0},
+    "breadcrumbs": {"density": 1.0, "lam": 0.5},
+    "breadcrumbs_ties": {"density": 1.0, "lam": 1.0},
+    "della": {"density": 1.0, "epsilon": 0.0, "lam": 0.5},
+    "della_ties": {"density": 1.0, "epsilon": 0.0, "lam": 1.0},
 }
 
 

@@ -7,20 +7,28 @@ inputs are never modified. The walk over parameters lives in the engine, written
 Register a new method with `@register_method` (merging/registry.py).
 """
 
-import hashlib
-import math
 import warnings
-from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from typing import Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from vlmerge.core.config import StrictConfig
 from vlmerge.core.errors import MergeError
 from vlmerge.core.modality import Modality
 from vlmerge.merging.registry import MergeInputs, MergeWarning, register_method
+from vlmerge.merging.task_vectors import (
+    MagnitudeCutoffs,
+    breadcrumbs,
+    della,
+    global_magnitude_cutoffs,
+    keep_all,
+    magnitude,
+    random_drop,
+    task_vector_merge,
+    trim_to_top_k,  # noqa: F401  (the metrics trim as TIES does)
+)
 
 
 # --------------------------------------------------------------------------- interpolation
@@ -54,17 +62,6 @@ def weighted_sum(terms: list[tuple[float, torch.Tensor]]) -> torch.Tensor:
     for weight, tensor in rest:
         out.add_(tensor, alpha=weight)
     return out
-
-
-# --------------------------------------------------------------------------- arithmetic
-class ArithmeticOptions(StrictConfig):
-    lam: float = Field(0.5, description="scale of the summed modality vectors")
-
-
-@register_method("arithmetic", ArithmeticOptions, needs_origin=True)
-def arithmetic(inputs: MergeInputs, options: ArithmeticOptions) -> torch.Tensor:
-    """Modality arithmetic: theta_0 + lam * sum_m (theta_m - theta_0), origin never aliased."""
-    return inputs.origin + options.lam * sum(inputs.modality_vectors().values())
 
 
 # --------------------------------------------------------------------------- RegMean
@@ -120,93 +117,127 @@ def plain_mean(experts: Mapping[Modality, torch.Tensor]) -> torch.Tensor:
     return sum(experts.values()) / len(experts)
 
 
-# --------------------------------------------------------------------------- TIES
+# --------------------------------------------------------------------------- task-vector family
+# Presets of `task_vector_merge` (merging/task_vectors.py): a sparsification of each modality vector
+# and a consensus, then theta_0 + lam * merged. Each keeps only the options it uses. Sum-consensus
+# presets default to lam 0.5 (the mean of two experts' vectors), TIES-consensus ones to lam 1.0.
+LAM_SUM = "scale of the summed modality vectors"
+LAM_TIES = "scale of the merged modality vector"
+RANDOM_SEED = "random seed of the drop masks"
+
+
+class ArithmeticOptions(StrictConfig):
+    lam: float = Field(0.5, description=LAM_SUM)
+
+
+@register_method("arithmetic", ArithmeticOptions, needs_origin=True)
+def arithmetic(inputs: MergeInputs, options: ArithmeticOptions) -> torch.Tensor:
+    """Modality arithmetic: theta_0 + lam * sum_m (theta_m - theta_0), origin never aliased."""
+    return task_vector_merge(inputs, keep_all(), "sum", options.lam)
+
+
 class TiesOptions(StrictConfig):
     density: float = Field(0.2, gt=0.0, le=1.0, description="fraction of each modality vector kept")
-    lam: float = Field(1.0, description="scale of the merged modality vector")
+    lam: float = Field(1.0, description=LAM_TIES)
     scope: Literal["tensor", "global"] = Field(
         "tensor", description="trim top-k per tensor (streams) or over the model"
     )
 
 
-class TiesThresholds(StrictConfig):
-    """What the pre-pass of TIES with scope=global finds: per modality, the magnitude cut-off of its trim."""
-
-    thresholds: dict[Modality, float]
-
-
-def kept_count(numel: int, density: float) -> int:
-    return max(1, math.ceil(density * numel - 1e-9))  # 0.07 * 100 must keep 7, not 8
-
-
-def trim_to_top_k(vector: torch.Tensor, density: float) -> torch.Tensor:
-    """Keep the `density` fraction of entries largest in magnitude, zero the rest."""
-    keep = kept_count(vector.numel(), density)
-    if keep >= vector.numel():
-        return vector.clone()
-    flat = vector.flatten()
-    mask = torch.zeros_like(flat, dtype=torch.bool)
-    mask[flat.abs().topk(keep).indices] = True
-    return torch.where(mask, flat, torch.zeros_like(flat)).view_as(vector)
-
-
-def ties_global_thresholds(all_inputs: Iterable[MergeInputs], options: TiesOptions) -> TiesThresholds | None:
+def ties_global_thresholds(all_inputs: Iterable[MergeInputs], options: TiesOptions) -> MagnitudeCutoffs | None:
     """For scope=global: the magnitude of the k-th largest entry of each modality's whole vector."""
-    if options.scope == "tensor":
-        return None
-    magnitudes: dict[Modality, list[torch.Tensor]] = defaultdict(list)
-    for inputs in all_inputs:
-        for modality, vector in inputs.modality_vectors().items():
-            magnitudes[modality].append(vector.abs().flatten().float())
-    thresholds = {}
-    for modality, parts in magnitudes.items():
-        values = torch.cat(parts)
-        rank = values.numel() - kept_count(values.numel(), options.density) + 1  # k-th largest = rank-th smallest
-        thresholds[modality] = float(values.kthvalue(rank).values)
-    return TiesThresholds(thresholds=thresholds)
-
-
-def trim(vector: torch.Tensor, modality: Modality, density: float, cutoffs: TiesThresholds | None) -> torch.Tensor:
-    if cutoffs is None:
-        return trim_to_top_k(vector, density)
-    return torch.where(vector.abs() >= cutoffs.thresholds[modality], vector, torch.zeros_like(vector))
+    return None if options.scope == "tensor" else global_magnitude_cutoffs(all_inputs, options.density)
 
 
 @register_method("ties", TiesOptions, needs_origin=True, prepare=ties_global_thresholds)
 def ties(inputs: MergeInputs, options: TiesOptions) -> torch.Tensor:
-    """TIES on modality vectors: trim, elect the sign by total mass, mean of the agreeing entries."""
+    """TIES (Yadav et al. 2023): trim to the top-k, elect signs by mass, mean of the agreeing entries."""
     if options.scope == "global" and inputs.prepared is None:
         raise MergeError(
             f"{inputs.target}: TIES with scope=global needs the cut-offs of its pre-pass over the whole "
             "model (merge through vlmerge.merging.merge, which runs it)"
         )
-    trimmed = torch.stack([trim(v, m, options.density, inputs.prepared) for m, v in inputs.modality_vectors().items()])
-    elected = torch.sign(trimmed.sum(dim=0))
-    agrees = (torch.sign(trimmed) == elected) & (trimmed != 0)
-    count = agrees.sum(dim=0).clamp(min=1)
-    merged = torch.where(agrees, trimmed, torch.zeros_like(trimmed)).sum(dim=0) / count
-    return inputs.origin + options.lam * merged
+    return task_vector_merge(inputs, magnitude(options.density, inputs.prepared), "ties", options.lam)
 
 
-# --------------------------------------------------------------------------- DARE
 class DareOptions(StrictConfig):
     drop: float = Field(0.5, ge=0.0, lt=1.0, description="probability of dropping each entry")
-    lam: float = Field(0.5, description="scale of the summed rescaled modality vectors")
-    random_seed: int = Field(0, description="random seed of the drop masks")
-
-
-def dare_generator(random_seed: int, target: str, modality: Modality) -> torch.Generator:
-    """A generator per (random seed, tensor, expert): masks do not depend on merge order."""
-    digest = hashlib.sha256(f"{random_seed}:{target}:{modality.value}".encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+    lam: float = Field(0.5, description=LAM_SUM + " (rescaled)")
+    random_seed: int = Field(0, description=RANDOM_SEED)
 
 
 @register_method("dare", DareOptions, needs_origin=True)
 def dare(inputs: MergeInputs, options: DareOptions) -> torch.Tensor:
-    """DARE: drop entries of each modality vector at random, rescale by 1/(1-p), then add."""
-    total = torch.zeros_like(inputs.origin)
-    for modality, vector in inputs.modality_vectors().items():
-        generator = dare_generator(options.random_seed, inputs.target, modality)
-        keep = torch.rand(vector.shape, generator=generator) >= options.drop
-        total = total + torch.where(keep, vector, torch.zeros_like(vector)) / (1.0 - options.drop)
-    return inputs.origin + options.lam * total
+    """DARE (Yu et al. 2024): drop entries at random, rescale by 1/(1-p), then add."""
+    sparsify = random_drop(options.drop, options.random_seed, inputs.target)
+    return task_vector_merge(inputs, sparsify, "sum", options.lam)
+
+
+class DareTiesOptions(DareOptions):
+    lam: float = Field(1.0, description=LAM_TIES)
+
+
+@register_method("dare_ties", DareTiesOptions, needs_origin=True)
+def dare_ties(inputs: MergeInputs, options: DareTiesOptions) -> torch.Tensor:
+    """DARE's seeded drop-and-rescale, then TIES' sign election and mean of the agreeing entries."""
+    sparsify = random_drop(options.drop, options.random_seed, inputs.target)
+    return task_vector_merge(inputs, sparsify, "ties", options.lam)
+
+
+class BreadcrumbsOptions(StrictConfig):
+    density: float = Field(0.9, gt=0.0, le=1.0, description="fraction of each modality vector kept")
+    gamma: float = Field(
+        0.01, ge=0.0, lt=1.0, description="fraction largest in magnitude dropped first, as outliers (mergekit's)"
+    )
+    lam: float = Field(0.5, description=LAM_SUM)
+
+
+@register_method("breadcrumbs", BreadcrumbsOptions, needs_origin=True)
+def breadcrumbs_sum(inputs: MergeInputs, options: BreadcrumbsOptions) -> torch.Tensor:
+    """Model Breadcrumbs (Davari & Belilovsky 2024): drop outliers and the smallest entries, then add."""
+    return task_vector_merge(inputs, breadcrumbs(options.density, options.gamma), "sum", options.lam)
+
+
+class BreadcrumbsTiesOptions(BreadcrumbsOptions):
+    lam: float = Field(1.0, description=LAM_TIES)
+
+
+@register_method("breadcrumbs_ties", BreadcrumbsTiesOptions, needs_origin=True)
+def breadcrumbs_ties(inputs: MergeInputs, options: BreadcrumbsTiesOptions) -> torch.Tensor:
+    """Model Breadcrumbs' mask, then TIES' sign election and mean of the agreeing entries."""
+    return task_vector_merge(inputs, breadcrumbs(options.density, options.gamma), "ties", options.lam)
+
+
+class DellaOptions(StrictConfig):
+    density: float = Field(0.5, gt=0.0, le=1.0, description="mean keep probability of an entry")
+    epsilon: float = Field(
+        0.15, ge=0.0, lt=1.0, description="keep probabilities span density +- epsilon by magnitude (mergekit's)"
+    )
+    lam: float = Field(0.5, description=LAM_SUM + " (rescaled)")
+    random_seed: int = Field(0, description=RANDOM_SEED)
+
+    @model_validator(mode="after")
+    def _probabilities_in_range(self) -> "DellaOptions":
+        if not (0.0 < self.density - self.epsilon and self.density + self.epsilon <= 1.0):
+            raise ValueError(
+                f"keep probabilities density +- epsilon must lie in (0, 1], got {self.density} +- {self.epsilon}"
+            )
+        return self
+
+
+@register_method("della", DellaOptions, needs_origin=True)
+def della_sum(inputs: MergeInputs, options: DellaOptions) -> torch.Tensor:
+    """DELLA (Deep et al. 2024): keep entries with magnitude-ranked probabilities, rescale by 1/p, add."""
+    sparsify = della(options.density, options.epsilon, options.random_seed, inputs.target)
+    return task_vector_merge(inputs, sparsify, "sum", options.lam)
+
+
+class DellaTiesOptions(DellaOptions):
+    lam: float = Field(1.0, description=LAM_TIES + " (rescaled)")
+
+
+@register_method("della_ties", DellaTiesOptions, needs_origin=True)
+def della_ties(inputs: MergeInputs, options: DellaTiesOptions) -> torch.Tensor:
+    """DELLA's magnitude-ranked drop, then TIES' sign election and mean (mergekit's `della`)."""
+    sparsify = della(options.density, options.epsilon, options.random_seed, inputs.target)
+    return task_vector_merge(inputs, sparsify, "ties", options.lam)
