@@ -8,7 +8,10 @@ the same bytes.
 
 Foreign `.pt/.pth/.ckpt/.bin` files are read with `torch.load(weights_only=True)` only, so a
 file that needs code to unpickle is refused instead of executed; being read whole, they are
-refused above `MAX_TORCH_FILE_BYTES`.
+refused above `MAX_TORCH_FILE_BYTES`. Released files whose pickles name config classes (Lightning
+`hyper_parameters`, argparse `args`) or a `defaultdict` are read with those as inert stand-ins
+(`safe_pickle`); their weights are taken from `state_dict`, `module` (DeepSpeed, `module.` prefix
+stripped) or `model`.
 """
 
 import json
@@ -22,6 +25,7 @@ from typing import Any, BinaryIO
 import torch
 
 from vlmerge.core.errors import CheckpointError, OutputError
+from vlmerge.io import safe_pickle
 from vlmerge.io.atomic import atomic_path
 from vlmerge.io.input_file import InputFile
 from vlmerge.io.layout import Layout, from_reference_key, is_reference_layout, rename_keys
@@ -190,29 +194,75 @@ def _open_torch(path: Path) -> CheckpointReader:
 
 def _load_torch_state(file: InputFile) -> dict[str, torch.Tensor]:
     path = file.path
+    with os.fdopen(os.dup(file.fileno()), "rb") as handle:  # the open file, not the path again
+        loaded = _load_torch_object(handle, path)
+    return _unwrap_state(loaded, path)
+
+
+def _load_torch_object(handle: BinaryIO, path: Path) -> Any:
+    """The unpickled file: plain `weights_only=True` first; a file it refuses for its globals only is
+    read again with config classes as inert stand-ins (`safe_pickle`), any other global refused."""
     try:
-        with os.fdopen(os.dup(file.fileno()), "rb") as handle:  # the open file, not the path again
-            handle.seek(0)
-            loaded = torch.load(handle, map_location="cpu", weights_only=True)
+        handle.seek(0)
+        return torch.load(handle, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         if "weights only" not in str(error).lower():  # not refused code: a corrupt pickle
             raise CheckpointError(f"{path}: not a readable torch checkpoint ({_one_line(error)})") from None
-        raise CheckpointError(
-            f"{path}: the file is a pickle that needs code to load; vlmerge never unpickles code "
-            "(torch.load weights_only=True). Re-save it as a plain state dict or as safetensors."
-        ) from None
     except Exception as error:  # torch.load raises many types; each becomes one line
         raise CheckpointError(f"{path}: not a readable torch checkpoint ({_one_line(error)})") from None
-    state = loaded.get("state_dict", loaded) if isinstance(loaded, dict) else None
+    try:
+        names = safe_pickle.unsafe_globals(handle)
+    except Exception:  # not a zip torch file (a legacy or bare pickle): nothing is stood in
+        raise CheckpointError(f"{path}: {_NEEDS_CODE}") from None
+    try:
+        return safe_pickle.load_with_stand_ins(handle, names)
+    except safe_pickle.RefusedGlobal as refused:
+        raise CheckpointError(
+            f"{path}: the file is a pickle that needs code to load: it names the global {refused.name!r}, "
+            f"which vlmerge refuses ({refused.reason}); vlmerge never unpickles code. "
+            "Re-save it as a plain state dict or as safetensors."
+        ) from None
+    except pickle.UnpicklingError as error:
+        raise CheckpointError(f"{path}: the file is a pickle that needs code to load ({_one_line(error)})") from None
+    except Exception as error:
+        raise CheckpointError(f"{path}: not a readable torch checkpoint ({_one_line(error)})") from None
+
+
+_NEEDS_CODE = (
+    "the file is a pickle that needs code to load; vlmerge never unpickles code "
+    "(torch.load weights_only=True). Re-save it as a plain state dict or as safetensors."
+)
+# Where released files keep their weights: Lightning `state_dict`, DeepSpeed `module`, BEiT-3 `model`.
+STATE_KEYS = ("state_dict", "module", "model")
+
+
+def _unwrap_state(loaded: Any, path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a bare state dict or of the first of `STATE_KEYS` a wrapper holds; a DeepSpeed
+    `module.` prefix on every key is stripped."""
+    state = loaded
+    if isinstance(loaded, dict) and not _all_tensors(loaded):
+        state = next((loaded[k] for k in STATE_KEYS if isinstance(loaded.get(k), dict)), loaded)
     if not isinstance(state, dict) or not state:
         raise CheckpointError(
-            f"{path}: expected a state dict (or a dict with 'state_dict'), found {type(loaded).__name__}"
+            f"{path}: expected a state dict (or a dict with one of {list(STATE_KEYS)}), found {type(loaded).__name__}"
         )
+    if all(isinstance(k, str) and k.startswith("module.") for k in state):
+        state = {k.removeprefix("module."): v for k, v in state.items()}
     tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
-    skipped = sorted(set(state) - set(tensors))
+    skipped = sorted(set(state) - set(tensors), key=str)
+    stood_in = [k for k in skipped if safe_pickle.is_stand_in(state[k])]
+    if stood_in:
+        raise CheckpointError(
+            f"{path}: state dict entry {stood_in[0]!r} is a pickled {state[stood_in[0]].qualified_name} object, "
+            "which needs code to load; vlmerge reads only tensors there"
+        )
     if skipped:
         raise CheckpointError(f"{path}: state dict entries that are not tensors: {skipped[:5]}")
     return tensors
+
+
+def _all_tensors(mapping: dict) -> bool:
+    return bool(mapping) and all(isinstance(v, torch.Tensor) for v in mapping.values())
 
 
 def _one_line(error: BaseException) -> str:

@@ -4,7 +4,8 @@ Native files are safetensors keyed by the module whose input the matrix describe
 (`blocks.3.attn.v.qkv`, `blocks.3.mlp.l.fc1`, ...), with metadata recording per matrix the
 modality and token count, and hashes of the checkpoint and data they came from, so they can
 be shared and reused without the data. The paper's `.pth` Gram files (keyed
-`transformer.blocks.3.attn.v` for qkv) are read too.
+`transformer.blocks.3.attn.v` for qkv) are read too: it saved a pickled `collections.defaultdict`,
+which `open_checkpoint` reads as a plain dict without calling its default factory (`safe_pickle`).
 """
 
 import json
