@@ -38,6 +38,11 @@ PROTOCOL_NAMES = {"finetune": "after fine-tuning", "probe": "by linear probe", "
 TARGET_RHO = -0.8  # what a useful mergeability metric should reach
 
 
+def protocol_name(protocol: str) -> str:
+    """How a protocol reads in a sentence: 'after fine-tuning', 'by linear probe', 'zero-shot'."""
+    return PROTOCOL_NAMES.get(protocol, protocol)
+
+
 @dataclass(frozen=True)
 class Context:
     results: StudyResults
@@ -68,13 +73,14 @@ class Context:
         if deciding == main:
             return ""
         return (
-            f" The verdict is read {PROTOCOL_NAMES.get(deciding, deciding)}: the control shows "
+            f" The verdict is read {protocol_name(deciding)}: the control shows "
             f"{PROTOCOL_NOUNS.get(main, main)} blind to pre-training here."
         )
 
 
-def direction_verdict(difference: Estimate, paper_sign: int) -> Verdict:
-    side = difference.excludes_zero()
+def direction_verdict(interval: Estimate | Correlation, paper_sign: int) -> Verdict:
+    """Which side of zero a difference's (or a correlation's) interval lies on, against the paper's sign."""
+    side = interval.excludes_zero()
     return Verdict.INCONCLUSIVE if side == 0 else Verdict.REPRODUCED if side == paper_sign else Verdict.CONTRADICTED
 
 
@@ -143,18 +149,17 @@ def _paragraph(ctx: Context, what: str, comparisons: tuple[Comparison, ...]) -> 
             continue
         d, scope = c.difference, "mean over tasks" if task == MEAN else task
         sentence = (
-            f"{PROTOCOL_NAMES.get(protocol, protocol)} ({scope}): {_fmt(d)} over {d.seeds} seed(s), interval from "
+            f"{protocol_name(protocol)} ({scope}): {_fmt(d)} over {d.seeds} seed(s), interval from "
             f"{d.source}, nothing smaller than ±{d.half_width:.3f} detectable: {c.verdict.value}"
         )
         sentences.append(sentence + (f"; {c.note}" if c.note else ""))
     if not sentences:
         return f"{what}: not measured."
-    text = f"{what}. " + ". ".join(s[0].upper() + s[1:] for s in sentences) + "."
+    text = f"{what}. " + ". ".join(map(_capitalised, sentences)) + "."
     decided = [c for c in comparisons if c.task != MEAN and c.verdict is not Verdict.INCONCLUSIVE]
     if decided:
         listed = "; ".join(
-            f"{c.task} {PROTOCOL_NAMES.get(c.protocol, c.protocol)} {_fmt(c.difference)} {c.verdict.value}"
-            for c in decided
+            f"{c.task} {protocol_name(c.protocol)} {_fmt(c.difference)} {c.verdict.value}" for c in decided
         )
         text += f" Single tasks decided: {listed}."
     return text
@@ -193,9 +198,8 @@ def merge_matches_scratch(ctx: Context) -> Claim:
     )
 
 
-def _trend_verdict(correlation: Correlation, paper_sign: int) -> Verdict:
-    side = correlation.excludes_zero()
-    return Verdict.INCONCLUSIVE if side == 0 else Verdict.REPRODUCED if side == paper_sign else Verdict.CONTRADICTED
+def _capitalised(text: str) -> str:
+    return text[:1].upper() + text[1:]
 
 
 def _rho_text(c: Correlation) -> str:
@@ -204,8 +208,7 @@ def _rho_text(c: Correlation) -> str:
 
 def _trend_sentences(trends: list[Trend]) -> str:
     return " ".join(
-        f"{PROTOCOL_NAMES.get(t.protocol, t.protocol)[0].upper()}"
-        f"{PROTOCOL_NAMES.get(t.protocol, t.protocol)[1:]}: {_rho_text(t.correlation)} over "
+        f"{_capitalised(protocol_name(t.protocol))}: {_rho_text(t.correlation)} over "
         f"{t.correlation.points} runs, {t.verdict.value}."
         for t in trends
     )
@@ -223,7 +226,9 @@ def longer_seed_helps(ctx: Context) -> Claim:
             for value in score.per_seed.values()
         ]
         correlation = spearman_interval([x for x, _ in points], [y for _, y in points])
-        trends.append(Trend(f"seed fraction vs {task} score", protocol, correlation, _trend_verdict(correlation, +1)))
+        trends.append(
+            Trend(f"seed fraction vs {task} score", protocol, correlation, direction_verdict(correlation, +1))
+        )
     headline = next((t for t in trends if t.protocol == ctx.deciding_protocol), None)
     summary = (
         "Spearman rho of the seed share with the merged score (models x seeds, each protocol on its mean "
@@ -240,7 +245,7 @@ def longer_seed_helps(ctx: Context) -> Claim:
 
 def metrics_predict_merging(ctx: Context) -> Claim:
     trends = [
-        Trend(f"{metric} vs retention", protocol, correlation, _trend_verdict(correlation, -1))
+        Trend(f"{metric} vs retention", protocol, correlation, direction_verdict(correlation, -1))
         for protocol, by_metric in ctx.results.mergeability.correlations.items()
         for metric, correlation in by_metric.items()
     ]
@@ -249,7 +254,7 @@ def metrics_predict_merging(ctx: Context) -> Claim:
     decided = {t.verdict for t in deciding} - {Verdict.INCONCLUSIVE}
     verdict = decided.pop() if len(decided) == 1 else Verdict.INCONCLUSIVE
     on_target = [
-        f"{t.name.split(' vs ')[0]} {PROTOCOL_NAMES.get(t.protocol, t.protocol)}"
+        f"{t.name.split(' vs ')[0]} {protocol_name(t.protocol)}"
         for t in model_level
         if t.correlation.rho is not None and t.correlation.rho <= TARGET_RHO and t.correlation.high < 0
     ]
@@ -258,11 +263,11 @@ def metrics_predict_merging(ctx: Context) -> Claim:
         listing = "; ".join(
             f"{t.name.split(' vs ')[0]} {_rho_text(t.correlation)}" for t in model_level if t.protocol == protocol
         )
-        by_protocol.append(f"{PROTOCOL_NAMES.get(protocol, protocol)}: {listing}")
+        by_protocol.append(f"{protocol_name(protocol)}: {listing}")
     summary = (
         f"Spearman rho of each distance with what merging keeps (merged minus unmerged score), over "
         f"{len(ctx.results.mergeability.points)} modality-specific runs (models x seeds). "
-        + ". ".join(s[0].upper() + s[1:] for s in by_protocol)
+        + ". ".join(map(_capitalised, by_protocol))
         + ". "
         f"Target: rho <= {TARGET_RHO} with the interval below zero; met by {', '.join(on_target) or 'none'}."
         + ctx.deciding_note()

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from vlmerge.core.errors import ConfigError
-from vlmerge.study.results import GalleryEntry, MergeabilityPoint
+from vlmerge.study.results import GalleryEntry
 
 DPI = 110
 Number = float | int | None
@@ -90,30 +90,6 @@ def grouped_bars(
     return _save(fig, path)
 
 
-def sweep_lines(
-    path: Path, title: str, xlabel: str, xs: Sequence[float], series: dict[str, Sequence[Number]], main: str = "score"
-) -> Path:
-    """One line per series over the swept value; the `main` series is drawn bold."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7.6, 4.2))
-    for name, values in series.items():
-        bold = name == main
-        ax.plot(
-            xs,
-            _values(values),
-            marker="o",
-            label=name,
-            linewidth=2.6 if bold else 1.2,
-            linestyle="-" if bold else "--",
-            color="black" if bold else None,
-            zorder=3 if bold else 2,
-        )
-    ax.set(title=title, xlabel=xlabel, ylabel="metric")
-    _legend_outside(ax)
-    ax.grid(alpha=0.3)
-    return _save(fig, path)
-
-
 def sweep_bands(
     path: Path,
     title: str,
@@ -137,30 +113,6 @@ def sweep_bands(
     ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
     _legend_outside(ax)
     ax.grid(alpha=0.3)
-    return _save(fig, path)
-
-
-def metric_scatter(
-    path: Path, title: str, metrics: Sequence[str], points: Sequence[MergeabilityPoint], rhos: Mapping[str, Number]
-) -> Path:
-    """One small panel per metric: each point is a specific model, its distance against its merged score."""
-    plt = _pyplot()
-    columns = min(3, max(1, len(metrics)))
-    rows = math.ceil(len(metrics) / columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(3.6 * columns, 3.2 * rows), squeeze=False)
-    for ax, metric in zip(axes.flat, metrics):
-        xs = _values([p.metrics.get(metric) for p in points])
-        ys = _values([p.score for p in points])
-        ax.scatter(xs, ys, color="tab:blue", zorder=3)
-        for x, y, point in zip(xs, ys, points):
-            if not (math.isnan(x) or math.isnan(y)):
-                ax.annotate(point.specific, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
-        rho = rhos.get(metric)
-        ax.set(title=f"{metric} (rho {'n/a' if rho is None else f'{rho:+.2f}'})", xlabel=metric, ylabel="merged score")
-        ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(metrics) :]:
-        ax.axis("off")
-    fig.suptitle(title)
     return _save(fig, path)
 
 

@@ -14,7 +14,7 @@ from urllib.parse import quote
 
 from vlmerge.io.atomic import atomic_path
 from vlmerge.study import plots
-from vlmerge.study.claims import PAPER_SEED_GAIN_VALUES, PROTOCOL_NAMES, TARGET_RHO
+from vlmerge.study.claims import PAPER_SEED_GAIN_VALUES, TARGET_RHO, protocol_name
 from vlmerge.study.recipe import StudyRecipe
 from vlmerge.study.results import MEAN, GalleryHit, Group, ModelResult, StudyResults, SweepPoint, Verdict
 from vlmerge.study.stats import Correlation, Estimate
@@ -134,10 +134,6 @@ def interval(estimate: Estimate | None) -> str:
 
 Column = tuple[str, Callable[[ModelResult], str]]  # a table column: its header, and its cell of a model
 LABEL: Column = ("model", lambda m: m.label)
-
-
-def protocol_name(protocol: str) -> str:
-    return PROTOCOL_NAMES.get(protocol, protocol)
 
 
 class _Report:
