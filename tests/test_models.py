@@ -9,6 +9,7 @@ from vlmerge.core.modality import Modality
 from vlmerge.merging import merge_state_dict
 from vlmerge.merging.plan import merged_key
 from vlmerge.models import MODEL_SIZES, ExpertPlacement, VLTransformer, count_parameters, model_config
+from vlmerge.models.transformer import Segment
 
 # Backbone sizes at base width from the paper's architecture study (SPEC section 1), in millions.
 PAPER_BACKBONE_M = {"none": 85, "all": 184, "ffn": 151, "attention": 118, "norms": 85}
@@ -20,7 +21,10 @@ def test_every_registered_size_builds_with_any_depth(size):
     with torch.device("meta"):
         model = VLTransformer(config)
     assert len(model.blocks) == config.depth
-    assert config.fusion_layer == config.depth - 2
+    # The vl experts take the last two layers unless a size (a family's release) says otherwise;
+    # a model without vl experts has no fusion layer.
+    default = config.depth - 2 if config.vl_experts else config.depth
+    assert config.fusion_layer == MODEL_SIZES.get(size).get("fusion_layer", default)
 
 
 @pytest.mark.parametrize("placement", [p.value for p in ExpertPlacement])
@@ -98,9 +102,10 @@ def test_attention_stays_within_each_modality_below_the_fusion_layer(specific_mo
     inputs = make_inputs(specific_model.config)
     specific_model(**inputs)
     text = specific_model.embed_text(inputs["text_ids"])
-    for block in specific_model.blocks[:fusion]:
-        text = block(text, Modality.L, inputs["text_mask"])
     num_text = inputs["text_ids"].shape[1]
+    segments, mask = (Segment(Modality.L, 0, num_text),), inputs["text_mask"].bool()
+    for block in specific_model.blocks[:fusion]:
+        text = block(text, segments, mask, mask[:, None, None, :])
     real = inputs["text_mask"]
     torch.testing.assert_close(captured["x"][:, :num_text][real], text[real])
 

@@ -55,17 +55,14 @@ def test_a_key_bias_shifts_each_query_logits_equally_so_attention_ignores_it():
     k_biased = k + key_bias.view(heads, 1, -1)
     assert torch.allclose(q @ k_biased.transpose(-1, -2) / (width // heads) ** 0.5, logits + shift, atol=1e-5)
 
-    with_bias = Attention(width, heads).eval()
-    with_bias.load_state_dict(attn.state_dict())
-    with_bias.qkv = torch.nn.Linear(width, 3 * width)  # the same weights, plus a bias on k only
-    with_bias.qkv.weight.data.copy_(attn.qkv.weight)
-    with_bias.qkv.bias.data = torch.cat([torch.zeros(width), key_bias, torch.zeros(width)])
+    with_bias = Attention(width, heads, k_bias=True).eval()  # the same weights, plus a bias on k
+    with_bias.load_state_dict({**attn.state_dict(), "k_bias": key_bias})
     mask = torch.ones(2, tokens, dtype=torch.bool)
     mask[0, 4:] = False
     with torch.no_grad():
-        for m in (None, mask):
+        for m in (None, mask[:, None, None, :]):
             assert torch.allclose(with_bias(x, m), attn(x, m), atol=1e-6)
-        assert not torch.allclose(with_bias.qkv(x), attn.qkv(x))
+        assert not torch.allclose(torch.cat(with_bias.project(x), -1), torch.cat(attn.project(x), -1))
 
 
 def test_refitted_patch_embedding_sees_our_pixels_as_the_graph_sees_imagenet_ones():

@@ -5,7 +5,8 @@ x x^T: each batch's product in the activations' precision (float32 matrix multip
 several times faster than float64 ones), summed over batches in float64. The input of qkv
 is the output of norm1, of proj the attention output, of fc1 the output of norm2, of fc2
 the activation. Padding tokens are left out: a pre-hook on each block records the token
-mask of the stream it is processing. By default the sum is
+mask and segments of the stream it is processing, and an expert that sees one segment of a
+stream (a pair whose text and image attend to each other) takes that segment's mask. By default the sum is
 not divided by the token count (RegMean's objective is the total squared error per expert).
 """
 
@@ -42,6 +43,7 @@ class GramCollector:
         self.sums: dict[str, torch.Tensor] = {}
         self.tokens: dict[str, int] = defaultdict(int)
         self._mask: torch.Tensor | None = None
+        self._segments: tuple = ()
         self._handles: list = []
 
     def __enter__(self) -> "GramCollector":
@@ -58,12 +60,23 @@ class GramCollector:
         self._handles.clear()
 
     def _remember_mask(self, block: nn.Module, args: tuple) -> None:
+        self._segments = args[1]
         self._mask = args[2] if len(args) > 2 else None
 
+    def _token_mask(self, modality: str | None, tokens: int) -> torch.Tensor | None:
+        """The mask of the tokens an expert's Linear sees: the stream's, or its own segment's."""
+        if self._mask is None or self._mask.shape[1] == tokens:
+            return self._mask
+        (segment,) = [s for s in self._segments if s.modality.value == modality]
+        return self._mask[:, segment.start : segment.stop]
+
     def _accumulate_hook(self, name: str):
+        modality = self.modules[name][1]
+
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
             x = args[0]
-            rows = x[self._mask] if self._mask is not None else x.reshape(-1, x.shape[-1])  # (tokens, in)
+            mask = self._token_mask(modality, x.shape[1])
+            rows = x[mask] if mask is not None else x.reshape(-1, x.shape[-1])  # (tokens, in)
             rows = rows.detach()
             gram = (rows.T @ rows).to(torch.float64)
             if name in self.sums:

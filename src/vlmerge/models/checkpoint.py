@@ -15,7 +15,7 @@ from torch import nn
 
 from vlmerge.core.errors import CheckpointError
 from vlmerge.io.checkpoint import CheckpointReader, open_checkpoint, save_checkpoint
-from vlmerge.models.config import ModelConfig
+from vlmerge.models.families import checkpoint_config
 from vlmerge.models.transformer import VLTransformer
 
 
@@ -45,14 +45,21 @@ def head_names(reader: CheckpointReader) -> list[str]:
         raise CheckpointError(f"{reader.path}: metadata 'heads' is not valid JSON ({error})") from error
 
 
-def load_model(path: str | os.PathLike) -> VLTransformer:
-    """Build the model its config describes and load the backbone weights strictly (heads apart)."""
-    reader = open_checkpoint(path)
-    if reader.config is None:
+def load_model(
+    path: str | os.PathLike, layout: str | None = None, overrides: Mapping[str, object] | None = None
+) -> VLTransformer:
+    """Build the model its config describes (or, for a released VLMo, BEiT-3 or paper file, the one
+    its layout and shapes give, `overrides` apart) and load the backbone weights strictly (heads apart)."""
+    reader = open_checkpoint(path, layout)
+    config = checkpoint_config(reader, overrides)
+    if config is None:
         raise CheckpointError(f"{path}: no model config in the checkpoint metadata; cannot build the model")
-    model = VLTransformer(ModelConfig.parse(reader.config, where=f"{path} config"))
+    model = VLTransformer(config)
     head_prefixes = tuple(f"{name}." for name in head_names(reader))
-    backbone = [key for key in reader.keys if not key.startswith(head_prefixes)] if head_prefixes else reader.keys
+    unused = reader.mapping.unused  # what the family stores but never reads (index buffers, video tables)
+    backbone = [
+        key for key in reader.keys if not (head_prefixes and key.startswith(head_prefixes)) and key not in unused
+    ]
     expected, found = set(model.state_dict()), set(backbone)
     if expected != found:
         missing, unexpected = sorted(expected - found), sorted(found - expected)

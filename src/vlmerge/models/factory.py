@@ -8,6 +8,7 @@ from torch import nn
 
 from vlmerge.core.registry import Registry
 from vlmerge.models.config import ExpertPlacement, ModelConfig
+from vlmerge.models.families import FAMILY_OPTIONS
 from vlmerge.models.transformer import VLTransformer
 
 MODEL_SIZES: Registry[dict[str, Any]] = Registry("model size")
@@ -16,8 +17,11 @@ for _name, _fields in json.loads(resources.files("vlmerge.models").joinpath("siz
 
 
 def model_config(size: str, **overrides: Any) -> ModelConfig:
-    """The registered config for `size`, with any field overridden (validated)."""
-    return ModelConfig.parse({**MODEL_SIZES.get(size), **overrides}, where=f"model size {size!r}")
+    """The registered config for `size` (a family's sizes on top of its options), with any field
+    overridden (validated)."""
+    fields = {**MODEL_SIZES.get(size), **overrides}
+    family = FAMILY_OPTIONS.get(fields.get("family", "native"), {})
+    return ModelConfig.parse({**family, **fields}, where=f"model size {size!r}")
 
 
 def create_model(config: ModelConfig | str, **overrides: Any) -> VLTransformer:

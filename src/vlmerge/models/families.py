@@ -1,0 +1,197 @@
+"""The public families as configs of the one model, and a file's config read from its shapes.
+
+A released VLMo, BEiT-3 or paper checkpoint carries no vlmerge config; its layout (io/layout.py)
+names the family, and the tensor shapes give the sizes. What shapes cannot tell (BEiT-3's head
+count, VLMo's image size) takes the family's published value, and `overrides` set any field.
+"""
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from vlmerge.core.errors import CheckpointError
+from vlmerge.core.keys import block_key, parse_block_path
+from vlmerge.core.modality import Modality
+from vlmerge.io.checkpoint import CheckpointReader
+from vlmerge.io.layout import Layout
+from vlmerge.models.config import ExpertPlacement, ModelConfig
+from vlmerge.models.positions import image_distances
+
+# The options (beyond sizes) that make the one model run each family's weights exactly.
+FAMILY_OPTIONS: dict[str, dict[str, Any]] = {
+    "native": {},
+    "paper": {
+        "family": "paper",
+        "image_mask_token": True,  # its masked-image-modelling token, carried
+        "text_norm_eps": 1e-12,
+        "position_bias": "relative",
+        "image_positions": False,
+        "text_positions": False,
+        "text_position_table": True,  # BERT's, carried unused beside the relative table
+        "text_type_embedding": True,
+    },
+    "vlmo": {
+        "family": "vlmo",
+        "text_norm_eps": 1e-12,
+        "placement": "ffn",
+        "pair_attention": "across",
+        "position_bias": "relative",
+        "image_positions": False,
+        "text_positions": False,
+        "text_position_table": True,  # BERT's, carried unused beside the relative table
+        "text_type_embedding": True,
+    },
+    "beit3": {
+        "family": "beit3",
+        "vl_experts": False,
+        "pair_attention": "across",
+        "qkv": "separate",
+        "k_bias": True,
+        "sub_ln": True,
+        "layer_scale": False,
+        "position_offset": 2,
+        "text_norm": False,
+        "token_types": False,
+        "final_norm_experts": True,
+        "pooler": False,
+        "image_mask_token": True,
+        "norm_eps": 1e-5,
+    },
+}
+BEIT3_HEAD_WIDTH = 64  # every BEiT-3 size has 64-wide heads (base 768/12, large 1024/16)
+VLMO_IMAGE_SIZE = 224  # VLMo's released checkpoints; the shared table's rows also depend on it
+
+
+def family_config(family: str, **fields: Any) -> ModelConfig:
+    """A config of `family` with the given sizes."""
+    return ModelConfig.parse({**FAMILY_OPTIONS[family], **fields}, where=f"{family} model")
+
+
+def checkpoint_config(reader: CheckpointReader, overrides: Mapping[str, Any] | None = None) -> ModelConfig | None:
+    """The config a checkpoint stores, or for a released file of a known family the one its shapes
+    give; None for a native file without one."""
+    if reader.config is not None:
+        return ModelConfig.parse({**reader.config, **(overrides or {})}, where=f"{reader.path} config")
+    if reader.layout is Layout.NATIVE:
+        return None
+    if reader.layout is Layout.REFERENCE and "relative_position_bias_table" not in reader:
+        return None  # a native model under the paper's names: nothing tells its head count
+    infer = {Layout.BEIT3: _beit3_sizes, Layout.VLMO: _vlmo_sizes, Layout.REFERENCE: _paper_sizes}[reader.layout]
+    try:
+        family, fields = infer(reader, dict(overrides or {}))
+    except (KeyError, ValueError) as error:
+        raise CheckpointError(f"{reader.path}: cannot read the model's sizes from its tensors ({error})") from None
+    return family_config(family, **{**fields, **(overrides or {})})
+
+
+def _layers(reader: CheckpointReader) -> dict[int, set[Modality]]:
+    """Per layer, the modalities whose experts it holds."""
+    layers: dict[int, set[Modality]] = {}
+    for key in reader.keys:
+        path = parse_block_path(key)
+        if path is not None:
+            layers.setdefault(path.layer, set())
+            if path.modality is not None:
+                layers[path.layer].add(path.modality)
+    if not layers:
+        raise ValueError("no transformer blocks")
+    return layers
+
+
+def _first_vl_layer(layers: dict[int, set[Modality]]) -> int | None:
+    return min((layer for layer, experts in layers.items() if Modality.VL in experts), default=None)
+
+
+def _common(reader: CheckpointReader, width: int, layers: dict[int, set[Modality]]) -> dict[str, Any]:
+    """Sizes every family shows the same way: width, depth, FFN ratio, patch size, vocabulary."""
+    fc1 = next(key for key in reader.keys if key.endswith("fc1.weight"))
+    return {
+        "width": width,
+        "depth": len(layers),
+        "mlp_ratio": reader.shape(fc1)[0] / width,
+        "patch_size": reader.shape("patch_embed.proj.weight")[-1],
+        "channels": reader.shape("patch_embed.proj.weight")[1],
+        "vocab_size": reader.shape("text_embed.word.weight")[0],
+    }
+
+
+def _beit3_sizes(reader: CheckpointReader, overrides: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    width = reader.shape("cls_token")[-1]
+    fields = _common(reader, width, _layers(reader))
+    patches = reader.shape("pos_embed")[1] - 1 - FAMILY_OPTIONS["beit3"]["position_offset"]
+    grid = math.isqrt(patches)
+    if grid * grid != patches:
+        raise ValueError(f"the image position table has {patches} patch rows, not a square grid")
+    return "beit3", {
+        **fields,
+        "heads": width // BEIT3_HEAD_WIDTH,
+        "image_size": grid * fields["patch_size"],
+        "max_text_len": reader.shape("text_embed.position.weight")[0] - FAMILY_OPTIONS["beit3"]["position_offset"],
+    }
+
+
+def _relative_sizes(reader: CheckpointReader, depth: int, patch: int, overrides: dict[str, Any]) -> dict[str, Any]:
+    """Heads, image size and text span from the shared relative position table (VLMo, the paper);
+    without a table (VLMo base+), absolute positions and the head count from `overrides`."""
+    if "relative_position_bias_table" not in reader:
+        if "heads" not in overrides:
+            raise ValueError("without a relative position table the head count is not in the shapes; give heads")
+        return {
+            "position_bias": "none",
+            "image_positions": True,
+            "text_positions": True,
+            "heads": overrides["heads"],
+            "image_size": math.isqrt(reader.shape("pos_embed")[1] - 1) * patch,
+            "max_text_len": reader.shape("text_embed.position.weight")[0],
+        }
+    rows, columns = reader.shape("relative_position_bias_table")
+    if columns % depth:
+        raise ValueError(f"the relative position table's {columns} columns are not heads x {depth} layers")
+    image_size = overrides.get("image_size", VLMO_IMAGE_SIZE)
+    text_rows = rows - image_distances(image_size // patch) - 2
+    if text_rows <= 0 or text_rows % 2:
+        raise ValueError(
+            f"a relative position table of {rows} rows does not fit {image_size}-pixel images; give image_size"
+        )
+    span = text_rows // 2
+    table = "text_embed.position.weight"
+    return {
+        "heads": columns // depth,
+        "image_size": image_size,
+        "relative_text_span": span,
+        "text_position_table": table in reader,  # BERT's, carried unused beside the relative table
+        "max_text_len": reader.shape(table)[0] if table in reader else span,
+    }
+
+
+def _vlmo_sizes(reader: CheckpointReader, overrides: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    width = reader.shape("cls_token")[-1]
+    layers = _layers(reader)
+    fields = _common(reader, width, layers)
+    relative = _relative_sizes(reader, fields["depth"], fields["patch_size"], overrides)
+    fusion = _first_vl_layer(layers)
+    return "vlmo", {
+        **fields,
+        **relative,
+        "fusion_layer": fusion if fusion is not None else fields["depth"] - 1,
+        "layer_scale": block_key(0, "gamma_1") in reader,
+        "pooler": "pooler.dense.weight" in reader,
+    }
+
+
+def _paper_sizes(reader: CheckpointReader, overrides: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    width = reader.shape("cls_token")[-1]
+    layers = _layers(reader)
+    fields = _common(reader, width, layers)
+    slots = {path.slot for key in reader.keys if (path := parse_block_path(key)) and path.modality}
+    placement = next(p for p in ExpertPlacement if p.slots == slots & {"norm1", "attn", "norm2", "mlp"})
+    relative = _relative_sizes(reader, fields["depth"], fields["patch_size"], overrides)
+    fusion = _first_vl_layer(layers)
+    return "paper", {
+        **fields,
+        **relative,
+        "placement": placement.value,
+        "fusion_layer": fusion if fusion is not None else fields["depth"] - 1,
+        "layer_scale": block_key(0, "gamma_1") in reader,
+        "pooler": "pooler.dense.weight" in reader,
+    }
