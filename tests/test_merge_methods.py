@@ -157,11 +157,20 @@ IDEMPOTENT = {
     "breadcrumbs_ties": {"density": 1.0, "lam": 1.0},
     "della": {"density": 1.0, "epsilon": 0.0, "lam": 0.5},
     "della_ties": {"density": 1.0, "epsilon": 0.0, "lam": 1.0},
+    "tsv": {"share": 1.0, "lam": 1.0},
+    "fisher": {},  # without statistics: the plain mean (tests/test_data_aware_methods.py weighs by them)
+    "regmean_pp": {"alpha": 0.7},
+}
+NOT_IDEMPOTENT = {  # methods that change copies of one expert whatever their options, and why
+    "iso_c": "a flat spectrum changes any vector whose singular values differ",
+    "iso_cts": "a flat spectrum changes any vector whose singular values differ",
 }
 
 
 @pytest.mark.parametrize("method", MERGE_METHODS.names())
 def test_merging_identical_experts_returns_them(method):
+    if method in NOT_IDEMPOTENT:
+        pytest.skip(NOT_IDEMPOTENT[method])
     w, origin = rand(6, 4, seed=1), rand(6, 4, seed=2)
     g = {V: gram(4, 10, 1), L: gram(4, 10, 2)}
     merged = run(method, MergeInputs("w", {V: w, L: w.clone()}, origin=origin, grams=g), **IDEMPOTENT[method])

@@ -3,7 +3,8 @@
 test_merge_methods.py checks each method against its closed form on fixed tensors and
 test_metric_distances.py the distances themselves; here hypothesis varies shapes, weights and
 options. Where a property holds only under a condition (arithmetic's lambda, DARE's drop, TIES'
-density), the test names the condition and checks what holds outside it.
+density), the test names the condition and checks what holds outside it. test_svd_methods.py has
+the SVD family's closed forms on fixed tensors; here they meet random shapes and values.
 """
 
 import math
@@ -33,6 +34,7 @@ DYADIC = st.integers(-64, 64).map(lambda i: i / 4)
 SHAPES = st.lists(st.integers(1, 5), min_size=1, max_size=2).map(tuple)
 MODALITY_SETS = st.sampled_from([(V, L), (V, L, VL)])
 DENSITIES = st.sampled_from([0.125, 0.25, 0.5, 0.75, 1.0])  # exact in binary: density * numel has no rounding
+GAMMAS = st.sampled_from([0.0, 0.125, 0.25])  # breadcrumbs' outlier fraction, exact in binary too
 
 
 def run(method: str, inputs: MergeInputs, **options) -> torch.Tensor:
@@ -154,6 +156,72 @@ def test_dare_on_copies_adds_whole_rescaled_copies_of_the_modality_vector(data, 
     )
 
 
+IDENTITY = {  # options under which copies of one expert merge back to it, given the number of experts n
+    "dare_ties": lambda n: {"drop": 0.0, "lam": 1.0},
+    "breadcrumbs": lambda n: {"density": 1.0, "lam": 1 / n},  # density 1: no outlier is dropped either
+    "breadcrumbs_ties": lambda n: {"density": 1.0, "lam": 1.0},
+    "della": lambda n: {"density": 1.0, "epsilon": 0.0, "lam": 1 / n},  # every keep probability 1
+    "della_ties": lambda n: {"density": 1.0, "epsilon": 0.0, "lam": 1.0},
+    "tsv": lambda n: {"share": 1.0, "lam": 1.0, "non_matrix": "mean"},  # every component; 1-D tensors averaged
+}
+
+
+@pytest.mark.parametrize("method", sorted(IDENTITY))
+@FAST
+@given(copies())
+def test_copies_of_one_expert_merge_back_to_it(method, data):
+    """Only under the condition IDENTITY names: dropping, trimming or a share below 1 removes part of the vector."""
+    experts, w, origin = data
+    merged = run(method, MergeInputs("w", experts, origin=origin), **IDENTITY[method](len(experts)))
+    torch.testing.assert_close(merged, w, rtol=1e-9, atol=1e-9 * (1 + float((w - origin).norm())))
+
+
+@FAST
+@given(copies(DYADIC), st.floats(0.05, 0.95), st.floats(0.1, 2), st.integers(0, 2**16))
+def test_dare_ties_on_copies_keeps_or_drops_each_entry_whole(data, drop, lam, random_seed):
+    """Copies agree on every sign, so TIES' mean over the experts that kept an entry is delta / (1 - p), or 0 if none did."""
+    experts, w, origin = data
+    merged = run("dare_ties", MergeInputs("w", experts, origin=origin), drop=drop, lam=lam, random_seed=random_seed)
+    kept = origin + lam * (w - origin) / (1 - drop)
+    close = torch.isclose(merged, kept, rtol=1e-12, atol=1e-12) | (merged == origin)
+    assert bool(close.all())
+
+
+def best_rank_k_error(vector: torch.Tensor, k: int) -> tuple[np.ndarray, float]:
+    """Eckart-Young: the top-k singular values and the squared residual of any best rank-k approximation."""
+    s = np.linalg.svd(vector.numpy(), compute_uv=False)
+    return s[:k], float((s[k:] ** 2).sum())
+
+
+@FAST
+@given(copies(linear=True), st.floats(0.1, 2))
+def test_tsv_on_copies_is_a_best_rank_k_approximation_of_the_one_vector(data, lam):
+    """The same top-k components stacked n times collapse back to them, k = floor(min(out, in) / n): whatever
+    ties among the singular values, the result has the top-k spectrum and the Eckart-Young residual."""
+    experts, w, origin = data
+    merged = run("tsv", MergeInputs("w", experts, origin=origin), lam=lam)
+    delta, approximation = w - origin, (merged - origin) / lam
+    k = max(1, min(w.shape) // len(experts))
+    top, residual = best_rank_k_error(delta, k)
+    scale = 1 + float(delta.norm())
+    got = np.linalg.svd(approximation.numpy(), compute_uv=False)[:k]
+    np.testing.assert_allclose(got, top, rtol=1e-7, atol=1e-8 * scale)
+    assert float(((delta - approximation) ** 2).sum()) == pytest.approx(residual, rel=1e-6, abs=1e-8 * scale**2)
+
+
+@FAST
+@given(copies(linear=True), st.floats(0.1, 2))
+def test_iso_c_on_copies_flattens_the_one_vectors_spectrum(data, lam):
+    """Not idempotent: the sum n (w - theta_0) keeps its singular bases, each nonzero value becomes their mean."""
+    experts, w, origin = data
+    merged = run("iso_c", MergeInputs("w", experts, origin=origin), lam=lam)
+    u, s, vt = np.linalg.svd((w - origin).numpy(), full_matrices=False)
+    live = s > 1e-10 * s[0] if s[0] > 0 else np.zeros_like(s, dtype=bool)
+    expected = len(experts) * (s[live].mean() if live.any() else 0.0) * u[:, live] @ vt[live]
+    scale = 1 + float(np.abs(s).sum())
+    np.testing.assert_allclose(((merged - origin) / lam).numpy(), expected, rtol=1e-8, atol=1e-9 * scale)
+
+
 # --------------------------------------------------------------------------- symmetry
 def relabel(mapping: dict, order: tuple) -> dict:
     """The same tensors under other modality labels: order[i] takes the i-th tensor."""
@@ -165,22 +233,32 @@ SYMMETRIC = {  # methods that treat every expert alike, with options drawn per e
     "ties": lambda draw: {"density": draw(DENSITIES), "lam": draw(DYADIC)},
     "regmean": lambda draw: {"alpha": draw(st.floats(0, 1))},
     "dare": lambda draw: {"drop": 0.0, "lam": draw(DYADIC)},  # drop > 0: masks are drawn per modality
+    "dare_ties": lambda draw: {"drop": 0.0, "lam": draw(DYADIC)},  # likewise
+    "breadcrumbs": lambda draw: {"density": draw(DENSITIES), "gamma": draw(GAMMAS), "lam": draw(DYADIC)},
+    "breadcrumbs_ties": lambda draw: {"density": draw(DENSITIES), "gamma": draw(GAMMAS), "lam": draw(DYADIC)},
+    "della": lambda draw: {"density": 1.0, "epsilon": 0.0, "lam": draw(DYADIC)},  # else random masks per modality
+    "della_ties": lambda draw: {"density": 1.0, "epsilon": 0.0, "lam": draw(DYADIC)},  # likewise
+    "tsv": lambda draw: {"share": draw(st.sampled_from([None, 0.25, 0.5, 1.0])), "lam": draw(DYADIC)},
+    "iso_c": lambda draw: {"lam": draw(DYADIC)},
+    "iso_cts": lambda draw: {"common_share": draw(st.sampled_from([0.0, 0.5, 0.8, 1.0])), "lam": draw(DYADIC)},
 }
+SOLVED = {"regmean", "tsv", "iso_c", "iso_cts"}  # a solve or SVDs: the same up to rounding, not bit for bit
 
 
 @pytest.mark.parametrize("method", sorted(SYMMETRIC))
 @FAST
 @given(data=st.data())
 def test_symmetric_methods_ignore_which_modality_holds_which_expert(method, data):
-    """Dyadic values make arithmetic and TIES exact in any summation order; RegMean solves, so it is close."""
+    """Dyadic values make the task-vector family exact in any summation order; RegMean solves and the SVD
+    family decomposes (a permuted stack has the permuted polar factor), so they are close."""
     experts, origin = data.draw(expert_sets(DYADIC, linear=True))
     options = SYMMETRIC[method](data.draw)
     grams = spd_grams(experts, origin.shape[1], data.draw(st.integers(0, 2**16)))
     merged = run(method, MergeInputs("w", experts, origin=origin, grams=grams), **options)
     for order in permutations(experts):
         relabeled = MergeInputs("w", relabel(experts, order), origin=origin, grams=relabel(grams, order))
-        if method == "regmean":
-            torch.testing.assert_close(run(method, relabeled, **options), merged, rtol=1e-9, atol=1e-9)
+        if method in SOLVED:
+            torch.testing.assert_close(run(method, relabeled, **options), merged, rtol=1e-8, atol=1e-8)
         else:
             assert torch.equal(run(method, relabeled, **options), merged), order
 
@@ -202,13 +280,24 @@ def test_interpolation_swapping_v_and_l_mirrors_the_ratio(data, ratio):
         )
 
 
+RANDOM_MASKS = {  # options of the methods that draw a mask per (tensor, modality)
+    "dare": lambda draw: {"drop": draw(st.floats(0.05, 0.95))},
+    "dare_ties": lambda draw: {"drop": draw(st.floats(0.05, 0.95))},
+    "della": lambda draw: {"density": draw(st.floats(0.3, 0.7)), "epsilon": draw(st.floats(0.0, 0.25))},
+    "della_ties": lambda draw: {"density": draw(st.floats(0.3, 0.7)), "epsilon": draw(st.floats(0.0, 0.25))},
+}
+
+
+@pytest.mark.parametrize("method", sorted(RANDOM_MASKS))
 @FAST
-@given(expert_sets(), st.floats(0.05, 0.95), st.integers(0, 2**16))
-def test_dare_masks_do_not_depend_on_the_order_experts_arrive_in(data, drop, random_seed):
-    experts, origin = data
+@given(data=st.data())
+def test_random_masks_do_not_depend_on_the_order_experts_arrive_in(method, data):
+    """Relabelling changes the masks (they are seeded by modality), arriving in another order does not."""
+    experts, origin = data.draw(expert_sets())
+    options = {**RANDOM_MASKS[method](data.draw), "random_seed": data.draw(st.integers(0, 2**16))}
     reordered = dict(reversed(experts.items()))
-    merged = run("dare", MergeInputs("w", experts, origin=origin), drop=drop, random_seed=random_seed)
-    reordered_merge = run("dare", MergeInputs("w", reordered, origin=origin), drop=drop, random_seed=random_seed)
+    merged = run(method, MergeInputs("w", experts, origin=origin), **options)
+    reordered_merge = run(method, MergeInputs("w", reordered, origin=origin), **options)
     torch.testing.assert_close(reordered_merge, merged, rtol=1e-12, atol=1e-12)
 
 
@@ -232,6 +321,44 @@ def test_interpolation_end_points(data):
 def test_arithmetic_with_lambda_zero_is_the_seed(data):
     experts, origin = data
     assert torch.equal(run("arithmetic", MergeInputs("w", experts, origin=origin), lam=0.0), origin)
+
+
+@pytest.mark.parametrize("method", MERGE_METHODS.names())
+@FAST
+@given(data=st.data())
+def test_every_method_is_finite_on_random_inputs(method, data):
+    """Default options, any shape (a 1-D tensor takes each method's non-matrix path), zeros and all."""
+    experts, origin = data.draw(expert_sets(linear=data.draw(st.booleans())))
+    grams = spd_grams(experts, origin.shape[1], data.draw(st.integers(0, 2**16))) if origin.ndim == 2 else None
+    merged = run(method, MergeInputs("w", experts, origin=origin, grams=grams))
+    assert merged.shape == origin.shape and bool(torch.isfinite(merged).all())
+
+
+def gaussian_experts(shape: tuple[int, int], modalities, seed: int) -> tuple[dict, torch.Tensor]:
+    """Experts in general position (almost surely): every SVD of the family has full rank."""
+    generator = torch.Generator().manual_seed(seed)
+    draw = lambda: torch.randn(shape, generator=generator, dtype=torch.float64)  # noqa: E731
+    return {m: draw() for m in modalities}, draw()
+
+
+@pytest.mark.parametrize("method", ["iso_c", "iso_cts"])
+@FAST
+@given(st.tuples(st.integers(1, 8), st.integers(1, 8)), MODALITY_SETS, st.integers(0, 2**16), st.floats(0.1, 2))
+def test_isotropic_methods_give_every_direction_one_singular_value(method, shape, modalities, seed, lam):
+    """Experts in general position: (merged - theta_0) / lam has full rank min(out, in), one value throughout."""
+    experts, origin = gaussian_experts(shape, modalities, seed)
+    s = np.linalg.svd(((run(method, MergeInputs("w", experts, origin=origin), lam=lam) - origin) / lam).numpy())[1]
+    np.testing.assert_allclose(s, np.full(min(shape), s.mean()), rtol=1e-8)
+
+
+@FAST
+@given(st.tuples(st.integers(1, 8), st.integers(1, 8)), MODALITY_SETS, st.integers(0, 2**16), st.floats(0.1, 2))
+def test_iso_cts_with_only_the_common_subspace_is_iso_c(shape, modalities, seed, lam):
+    experts, origin = gaussian_experts(shape, modalities, seed)
+    inputs = MergeInputs("w", experts, origin=origin)
+    torch.testing.assert_close(
+        run("iso_cts", inputs, common_share=1.0, lam=lam), run("iso_c", inputs, lam=lam), rtol=1e-9, atol=1e-9
+    )
 
 
 # --------------------------------------------------------------------------- RegMean

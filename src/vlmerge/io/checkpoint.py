@@ -28,7 +28,7 @@ from vlmerge.core.errors import CheckpointError, OutputError
 from vlmerge.io import safe_pickle
 from vlmerge.io.atomic import atomic_path
 from vlmerge.io.input_file import InputFile
-from vlmerge.io.layout import Layout, from_reference_key, is_reference_layout, rename_keys
+from vlmerge.io.layout import KeyMapping, Layout, map_keys
 from vlmerge.io.safetensors_file import SafetensorsFile
 from vlmerge.io.streaming import stream_safetensors
 
@@ -63,8 +63,7 @@ class CheckpointReader:
     def __init__(
         self,
         path: Path,
-        layout: Layout,
-        keys: dict[str, str],
+        mapping: KeyMapping,
         shapes: dict[str, tuple[int, ...]],
         dtypes: dict[str, torch.dtype],
         metadata: dict[str, str],
@@ -72,8 +71,10 @@ class CheckpointReader:
         file: "SafetensorsFile | InputFile | None" = None,
     ) -> None:
         self.path = path
-        self.layout = layout
-        self._stored_key = keys  # native key -> key as stored in the file
+        self.mapping = mapping
+        self.layout = mapping.layout
+        self._stored_key = {native: stored for native, (stored, _) in mapping.stored.items()}
+        self._batched = {native for native, (_, add_batch_dim) in mapping.stored.items() if add_batch_dim}
         self._shapes = shapes
         self._dtypes = dtypes
         self.metadata = metadata
@@ -100,7 +101,20 @@ class CheckpointReader:
         if key not in self._stored_key:
             raise CheckpointError(f"{self.path}: no tensor {key!r}")
         try:
-            return self._fetch(self._stored_key[key])
+            tensor = self._fetch(self._stored_key[key])
+            return tensor.unsqueeze(0) if key in self._batched else tensor
+        except (OSError, RuntimeError) as error:
+            raise CheckpointError(
+                f"{self.path}: cannot read tensor {key!r} ({error}); the file is corrupt or truncated"
+            ) from error
+
+    def get_rows(self, key: str, start: int, stop: int) -> torch.Tensor:
+        """Rows `start:stop` of tensor `key` (its first dimension): from a safetensors file only their
+        bytes are read (RegMean streams its Gram matrices a band at a time); otherwise a slice."""
+        if key not in self._stored_key or key in self._batched or not isinstance(self._file, SafetensorsFile):
+            return self.get(key)[start:stop]
+        try:
+            return self._file.read_rows(self._stored_key[key], start, stop)
         except (OSError, RuntimeError) as error:
             raise CheckpointError(
                 f"{self.path}: cannot read tensor {key!r} ({error}); the file is corrupt or truncated"
@@ -149,17 +163,18 @@ class CheckpointReader:
         self.close()
 
 
-def open_checkpoint(path: str | os.PathLike) -> CheckpointReader:
-    """Open a safetensors or weights-only torch checkpoint in native or the paper's layout."""
+def open_checkpoint(path: str | os.PathLike, layout: Layout | str | None = None) -> CheckpointReader:
+    """Open a safetensors or weights-only torch checkpoint in any known layout (io/layout.py): the
+    one its keys show, or `layout` when given."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
     if path.suffix in PICKLE_SUFFIXES:
-        return _open_torch(path)
-    return _open_safetensors(path)
+        return _open_torch(path, layout)
+    return _open_safetensors(path, layout)
 
 
-def _open_safetensors(path: Path) -> CheckpointReader:
+def _open_safetensors(path: Path, layout: Layout | str | None = None) -> CheckpointReader:
     file = SafetensorsFile(path)
     try:
         check_json_metadata(file.metadata, path)
@@ -171,13 +186,14 @@ def _open_safetensors(path: Path) -> CheckpointReader:
             file.metadata,
             file.read,
             file,
+            layout,
         )
     except BaseException:
         file.close()
         raise
 
 
-def _open_torch(path: Path) -> CheckpointReader:
+def _open_torch(path: Path, layout: Layout | str | None = None) -> CheckpointReader:
     file = InputFile(path)
     try:
         if file.size > MAX_TORCH_FILE_BYTES:
@@ -186,7 +202,7 @@ def _open_torch(path: Path) -> CheckpointReader:
                 "(torch files are read whole into memory); convert it to safetensors"
             )
         tensors = _load_torch_state(file)
-        return reader_from_state_dict(tensors, str(path), file=file)
+        return reader_from_state_dict(tensors, str(path), file=file, layout=layout)
     except BaseException:
         file.close()
         raise
@@ -275,7 +291,11 @@ def _one_line(error: BaseException) -> str:
 
 
 def reader_from_state_dict(
-    state: Mapping[str, torch.Tensor], name: str = "<memory>", *, file: InputFile | None = None
+    state: Mapping[str, torch.Tensor],
+    name: str = "<memory>",
+    *,
+    file: InputFile | None = None,
+    layout: Layout | str | None = None,
 ) -> CheckpointReader:
     """Serve an in-memory state dict through the same interface as a file (`file`: the file it was loaded from)."""
     tensors = dict(state)
@@ -287,6 +307,7 @@ def reader_from_state_dict(
         {},
         tensors.__getitem__,
         file,
+        layout,
     )
 
 
@@ -318,21 +339,17 @@ def check_json_metadata(metadata: Mapping[str, str], path: str | os.PathLike) ->
         raise CheckpointError(f"{path}: metadata 'step' is {metadata['step'][:40]!r}, not a non-negative integer")
 
 
-def _reader(path, stored_keys, shapes, dtypes, metadata, fetch, file=None) -> CheckpointReader:
-    layout = Layout.REFERENCE if is_reference_layout(stored_keys) else Layout.NATIVE
-    rename = from_reference_key if layout is Layout.REFERENCE else (lambda k: k)
-    to_native = rename_keys(stored_keys, rename)
-    native_to_stored = {native: stored for stored, native in to_native.items()}
-    return CheckpointReader(
-        path,
-        layout,
-        native_to_stored,
-        {to_native[k]: s for k, s in shapes.items()},
-        {to_native[k]: d for k, d in dtypes.items()},
-        metadata,
-        fetch,
-        file,
-    )
+def _reader(path, stored_keys, shapes, dtypes, metadata, fetch, file=None, layout=None) -> CheckpointReader:
+    try:
+        mapping = map_keys(list(stored_keys), layout)
+    except CheckpointError as error:
+        raise CheckpointError(f"{path}: {error}") from None
+    native_shapes = {
+        native: (1, *shapes[stored]) if add_batch_dim else tuple(shapes[stored])
+        for native, (stored, add_batch_dim) in mapping.stored.items()
+    }
+    native_dtypes = {native: dtypes[stored] for native, (stored, _) in mapping.stored.items()}
+    return CheckpointReader(path, mapping, native_shapes, native_dtypes, metadata, fetch, file)
 
 
 def save_checkpoint(

@@ -48,6 +48,13 @@ class GramSet:
             raise CheckpointError(f"{self.path}: Gram matrix {module} contains NaN or Inf")
         return gram
 
+    def rows(self, module: str, start: int, stop: int) -> torch.Tensor:
+        """Rows `start:stop` of a Gram matrix, read alone where the file allows (a band of a large one)."""
+        band = self.reader.get_rows(self.keys[module], start, stop)
+        if not all_finite(band):
+            raise CheckpointError(f"{self.path}: Gram matrix {module} contains NaN or Inf")
+        return band
+
     def sha256(self) -> str:
         """SHA-256 of the open Gram file the matrices are read from."""
         return self.reader.sha256()

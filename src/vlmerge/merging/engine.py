@@ -5,7 +5,8 @@ missing experts, shape or dtype mismatches, tensors the checkpoint's config does
 seed checkpoint or Gram file that does not fit, a tokenizer that is not one) is reported before
 the first tensor is read, and so is every Gram matrix the method needs that a Gram matrix cannot
 be (collected from another checkpoint, not finite, symmetric or positive semi-definite); values
-of the weights (NaN, Inf) are checked as tensors stream through. Inputs are read from the files
+of the weights (NaN, Inf), and of Fisher statistics (also negative ones), are checked as tensors
+stream through. Inputs are read from the files
 opened at the start, whatever their paths name later. The output only appears, atomically, once
 the whole merge has succeeded.
 """
@@ -13,8 +14,9 @@ the whole merge has succeeded.
 import json
 import os
 import warnings
-from collections.abc import Callable, Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from difflib import get_close_matches
 from pathlib import Path
@@ -26,7 +28,8 @@ from tqdm import tqdm
 
 from vlmerge import __version__
 from vlmerge.core.config import StrictConfig
-from vlmerge.core.errors import CheckpointError, MergeError
+from vlmerge.core.errors import CheckpointError, ConfigError, MergeError
+from vlmerge.core.keys import parse_block_path
 from vlmerge.core.numerics import all_finite
 from vlmerge.io.atomic import check_output_path
 from vlmerge.io.checkpoint import (
@@ -38,13 +41,17 @@ from vlmerge.io.checkpoint import (
     save_checkpoint,
 )
 from vlmerge.io.grams import GramSet, open_grams
-from vlmerge.io.layout import Layout, to_reference_key
+from vlmerge.io.layout import Layout, foreign_keys, to_layout
+from vlmerge.io.statistics import FisherSet, open_fisher
 from vlmerge.io.streaming import stream_safetensors
+from vlmerge.merging.coefficients import ResolvedOptions, parse_options
+from vlmerge.merging.fisher import group_fisher, validate_fisher
 from vlmerge.merging.plan import ExpertSelection, MergeGroup, MergePlan, build_merge_plan
-from vlmerge.merging.registry import MERGE_METHODS, MergeInputs, MergeMethod, MergeWarning
+from vlmerge.merging.registry import MERGE_METHODS, MergeInputs, MergeMethod, MergeWarning, Statistics
 from vlmerge.models.checkpoint import head_names
 from vlmerge.models.config import ModelConfig
 from vlmerge.models.factory import state_keys
+from vlmerge.models.families import checkpoint_config
 
 METADATA_RESERVE = 1 << 16  # bytes kept in the header for warnings known only after the merge
 GRAM_TOLERANCE = 1e-6  # relative to a Gram matrix's largest entry (symmetry) or eigenvalue (definiteness)
@@ -61,6 +68,7 @@ class MergeResult:
     merged_parameters: int = 0
     path: Path | None = None
     prepared: BaseModel | None = None  # what the method's pre-pass found, e.g. global TIES' cut-offs
+    coefficients: ResolvedOptions | None = None  # the options each merged tensor got (`options`: as given)
 
     @property
     def parameter_ratio(self) -> float:
@@ -79,6 +87,8 @@ class PreparedMerge:
     grams: GramSet | None
     prepared: BaseModel | None = None
     warnings: list[str] = field(default_factory=list)
+    fisher: FisherSet | None = None
+    coefficients: ResolvedOptions | None = None  # the options of each merged tensor; `options`: the first one's
 
     def output_layout(self) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
         passthrough = [(k, self.reader.dtype(k), tuple(self.reader.shape(k))) for k in self.plan.passthrough]
@@ -92,22 +102,25 @@ class PreparedMerge:
         for group in tqdm(self.plan.groups, desc=f"merge ({self.method.name})", disable=not progress, unit="tensor"):
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always", MergeWarning)
+                options = self.coefficients.at(group.target) if self.coefficients else self.options
                 merged = _merge_group(
-                    group, self.reader, self.method, self.options, self.origin, self.grams, self.prepared
+                    group, self.reader, self.method, options, self.origin, self.grams, self.prepared, self.fisher
                 )
             self.warnings += [str(w.message) for w in caught if issubclass(w.category, MergeWarning)]
             yield group.target, merged
+            del merged  # not alive beside the next group's inputs
 
     def result(self, tensors: dict[str, torch.Tensor] | None = None) -> MergeResult:
         return MergeResult(
             tensors or {},
             self.plan,
             self.method.name,
-            self.options.model_dump(mode="json"),
+            self.coefficients.given if self.coefficients else self.options.model_dump(mode="json"),
             self.warnings,
             sum(self.reader.numel(k) for k in self.reader.keys),
             sum(int(torch.Size(shape).numel()) for _, _, shape in self.output_layout()),
             prepared=self.prepared,
+            coefficients=self.coefficients,
         )
 
 
@@ -123,17 +136,22 @@ def merge_checkpoint(
     layout: Layout | str = Layout.NATIVE,
     allow_foreign_grams: bool = False,
     progress: bool = False,
+    fisher: str | os.PathLike | None = None,
+    allow_foreign_fisher: bool = False,
+    input_layout: Layout | str | None = None,
 ) -> MergeResult:
     """Merge a modality-specific checkpoint file into a modality-agnostic one written to `out`.
 
     `out` is checked first (not an input, not a directory, writable), every input is opened
     once and read from that open file, and a `.safetensors` output is streamed (header first,
-    one merge group in memory at a time).
+    one merge group in memory at a time). The source is read in `input_layout` (default: the one
+    its keys show) and the output written in `layout`, a multiway layout with tied experts.
     """
-    check_output_path(out, [source, seed_checkpoint, grams])
-    reader = open_checkpoint(source)
+    check_output_path(out, [source, seed_checkpoint, grams, fisher])
+    reader = open_checkpoint(source, input_layout)
     origin = open_checkpoint(seed_checkpoint) if seed_checkpoint is not None else None
     gram_set = open_grams(grams) if grams is not None else None
+    fisher_set = open_fisher(fisher) if fisher is not None else None
     prepared = prepare_merge(
         reader,
         method,
@@ -143,26 +161,99 @@ def merge_checkpoint(
         grams=gram_set,
         allow_foreign_grams=allow_foreign_grams,
         source_sha256=reader.sha256,
+        fisher=fisher_set,
+        allow_foreign_fisher=allow_foreign_fisher,
     )
-    rename = (lambda k: k) if Layout(layout) is Layout.NATIVE else to_reference_key
+    return write_merge(prepared, out, layout=layout, progress=progress)
+
+
+def write_merge(
+    prepared: PreparedMerge,
+    out: str | os.PathLike,
+    *,
+    layout: Layout | str = Layout.NATIVE,
+    progress: bool = False,
+    record: Mapping[str, Any] | None = None,
+) -> MergeResult:
+    """Write a prepared merge as `merge_checkpoint` does, from the files it has open (a search that
+    merged many candidates from one opening writes its best this way). `record`: further entries of
+    the file's merge record, beside the standard ones (e.g. `vlmerge tune`'s search table)."""
+    layout = Layout(layout)
+    rename = _output_names(prepared.reader, layout)
     if Path(out).suffix in PICKLE_SUFFIXES:
         tensors = dict(prepared.tensors(progress))
         result = prepared.result(tensors)
-        result.path = save_checkpoint(
-            out, {rename(k): v for k, v in tensors.items()}, _provenance(prepared, _input_hashes(prepared))
-        )
+        renamed = {name: to_layout(v, squeeze) for k, v in tensors.items() for name, squeeze in rename(k)}
+        result.path = save_checkpoint(out, renamed, _provenance(prepared, _input_hashes(prepared), record, layout))
         return result
-    layout_out = [(rename(k), dtype, shape) for k, dtype, shape in prepared.output_layout()]
+    layout_out = [
+        (name, dtype, shape[1:] if squeeze else shape)
+        for k, dtype, shape in prepared.output_layout()
+        for name, squeeze in rename(k)
+    ]
     with ThreadPoolExecutor(max_workers=1) as hasher:  # the inputs are hashed beside the merge, not before it
         hashes = hasher.submit(_input_hashes, prepared)
-        placeholder = _provenance(prepared, _input_hashes(prepared, pending=True))
-        with stream_safetensors(out, layout_out, placeholder, reserve_metadata=METADATA_RESERVE) as writer:
+        placeholder = _provenance(prepared, _input_hashes(prepared, pending=True), record, layout)
+        with (
+            stream_safetensors(out, layout_out, placeholder, reserve_metadata=METADATA_RESERVE) as writer,
+            _a_core_for(hashes) as give_back,
+        ):
             for key, tensor in prepared.tensors(progress):
-                writer.write(rename(key), tensor)
-            writer.update_metadata(_provenance(prepared, hashes.result()))  # the hashes and the merge's warnings
+                for name, squeeze in rename(key):
+                    writer.write(name, to_layout(tensor, squeeze))
+                del tensor  # written: free before the next group is merged
+                give_back()
+            writer.update_metadata(
+                _provenance(prepared, hashes.result(), record, layout)
+            )  # the hashes and the warnings
     result = prepared.result()
     result.path = Path(out)
     return result
+
+
+@contextmanager
+def _a_core_for(hashing: Future) -> Iterator[Callable[[], None]]:
+    """One intra-op thread fewer while the inputs are hashed beside the merge. Between the merge's many
+    short parallel regions torch's OpenMP workers spin-wait, on the core the hash needs (2 cores, a
+    base-size interpolation: 2.9 s with two threads, 1.2 s with one). Yields `give_back`, which
+    restores the threads once the hash is done (a long merge, RegMean's, has them back in a second)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, threads - 1))
+
+    def give_back() -> None:
+        if hashing.done() and torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+
+    try:
+        yield give_back
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _output_names(reader: CheckpointReader, layout: Layout) -> Callable[[str], list[tuple[str, bool]]]:
+    """Native key -> the output's keys (each with whether its batch dimension is dropped). In the
+    source's own layout a tensor passed through keeps its stored name (a wrapper prefix such as
+    unilm's `beit3.` included); a merged tensor of a multiway layout is written under every expert
+    its layer had in the source (tied); what the source's family stores but never reads (its index
+    buffers) is left out of any other layout."""
+    if layout is Layout.NATIVE:
+        return lambda key: [] if key in reader.mapping.unused else [(key, False)]
+    experts: dict[int, set] = {}
+    for key in reader.keys:
+        path = parse_block_path(key)
+        if path is not None and path.modality is not None:
+            experts.setdefault(path.layer, set()).add(path.modality)
+    same_layout = reader.layout is layout
+    prefix = reader.mapping.prefix if same_layout else ""
+
+    def names(key: str) -> list[tuple[str, bool]]:
+        if same_layout and key in reader.mapping.stored:
+            return [reader.mapping.stored[key]]
+        if key in reader.mapping.unused:  # a family's buffers mean nothing in another layout
+            return []
+        return foreign_keys(key, layout, prefix, experts.get)
+
+    return names
 
 
 def merge_state_dict(
@@ -173,10 +264,12 @@ def merge_state_dict(
     selection: str = "all",
     seed_state: Mapping[str, torch.Tensor] | None = None,
     grams: GramSet | None = None,
+    fisher: FisherSet | None = None,
 ) -> MergeResult:
     """In-memory merge, for notebooks and the study runner."""
     origin = reader_from_state_dict(seed_state, "<seed>") if seed_state is not None else None
-    return merge(reader_from_state_dict(state), method, options, selection=selection, origin=origin, grams=grams)
+    reader = reader_from_state_dict(state)
+    return merge(reader, method, options, selection=selection, origin=origin, grams=grams, fisher=fisher)
 
 
 def merge(
@@ -188,8 +281,11 @@ def merge(
     origin: CheckpointReader | None = None,
     grams: GramSet | None = None,
     progress: bool = False,
+    fisher: FisherSet | None = None,
 ) -> MergeResult:
-    prepared = prepare_merge(reader, method_name, options, selection=selection, origin=origin, grams=grams)
+    prepared = prepare_merge(
+        reader, method_name, options, selection=selection, origin=origin, grams=grams, fisher=fisher
+    )
     result = prepared.result(dict(prepared.tensors(progress)))
     for note in result.warnings:
         warnings.warn(note, MergeWarning, stacklevel=2)
@@ -206,29 +302,41 @@ def prepare_merge(
     grams: GramSet | None = None,
     allow_foreign_grams: bool = False,
     source_sha256: Callable[[], str] | None = None,
+    fisher: FisherSet | None = None,
+    allow_foreign_fisher: bool = False,
 ) -> PreparedMerge:
     """Validate and plan; run the method's pre-pass if it has one. Reads no expert tensor otherwise
     (the Gram matrices a method needs are read once here, to check them).
     `selection`: which experts are merged (all, retrieval, vqa, nlvr2). `source_sha256`: the source
     file's hash, compared with the checkpoint a Gram file records (None for an in-memory state dict,
-    which has no file to compare); `allow_foreign_grams` lets a mismatch through with a warning."""
+    which has no file to compare); `allow_foreign_grams` lets a mismatch through with a warning.
+    `fisher`, `allow_foreign_fisher`: the same for a method that merges with Fisher statistics."""
     method = MERGE_METHODS.get(method_name)
-    parsed_options = method.options.parse(dict(options or {}), where=f"{method_name} options")
+    specs = parse_options(method, dict(options or {}))  # lists and dicts: coefficient specs (coefficients.py)
     plan = build_merge_plan({k: reader.shape(k) for k in reader.keys}, ExpertSelection.parse(selection))
+    coefficients = specs.resolve(plan)  # every merged tensor's options, validated
+    parsed_options = coefficients.reference
     _validate_carried_metadata(reader)
     _validate_layout(reader)
     _validate_dtypes(plan, reader)
-    _validate_inputs(plan, method, origin, grams)
+    _validate_inputs(plan, method, origin, grams, fisher, [coefficients.at(g.target) for g in plan.groups])
     notes = []
     if method.needs_grams:
         if source_sha256 is not None:
             notes = _check_gram_source(reader, grams, source_sha256, allow_foreign_grams)
         _validate_gram_values(plan, grams)
+    if method.statistics is Statistics.FISHER and source_sha256 is not None:
+        notes = _check_gram_source(
+            reader, fisher, source_sha256, allow_foreign_fisher, "Fisher file", "--allow-foreign-fisher"
+        )
     prepared = None
     if method.prepare is not None:  # a pre-pass over every merged group, e.g. TIES' global top-k
         multi = [g for g in plan.groups if len(g.experts) > 1]
-        prepared = method.prepare((_group_inputs(g, reader, method, origin, grams) for g in multi), parsed_options)
-    return PreparedMerge(reader, plan, method, parsed_options, origin, grams, prepared, notes)
+        prepass_inputs, prepass_options = coefficients.prepass(
+            (_group_inputs(g, reader, method, origin, grams, fisher=fisher) for g in multi), method.model_wide
+        )
+        prepared = method.prepare(prepass_inputs, prepass_options)
+    return PreparedMerge(reader, plan, method, parsed_options, origin, grams, prepared, notes, fisher, coefficients)
 
 
 def _merge_group(
@@ -239,8 +347,9 @@ def _merge_group(
     origin: CheckpointReader | None,
     grams: GramSet | None,
     prepared: BaseModel | None,
+    fisher: FisherSet | None = None,
 ) -> torch.Tensor:
-    inputs = _group_inputs(group, reader, method, origin, grams, prepared)
+    inputs = _group_inputs(group, reader, method, origin, grams, prepared, fisher)
     if len(inputs.experts) == 1:  # a layer with a single selected expert just copies it
         return next(iter(inputs.experts.values()))
     result = method.fn(inputs, options).to(_dtype(inputs.experts))
@@ -256,6 +365,7 @@ def _group_inputs(
     origin: CheckpointReader | None,
     grams: GramSet | None,
     prepared: BaseModel | None = None,
+    fisher: FisherSet | None = None,
 ) -> MergeInputs:
     experts = {m: _read_finite(reader, e.key) for m, e in group.experts.items()}
     if len(experts) == 1:
@@ -265,12 +375,38 @@ def _group_inputs(
         experts=experts,
         origin=_read_finite(origin, group.target).to(_dtype(experts)) if method.needs_origin else None,
         grams=_group_grams(group, grams) if method.needs_grams and group.is_linear_weight else None,
+        fisher=group_fisher(group, fisher) if method.statistics is Statistics.FISHER else None,
         prepared=prepared,
     )
 
 
-def _group_grams(group: MergeGroup, grams: GramSet) -> dict:
-    return {m: grams.get(module) if module in grams else None for m, module in group.gram_keys().items()}
+def _group_grams(group: MergeGroup, grams: GramSet) -> "_GroupGrams":
+    return _GroupGrams(group.gram_keys(), grams)
+
+
+class _GroupGrams(Mapping):
+    """A group's Gram matrices by expert (None where the file has none), each read from the Gram file
+    when it is looked up and not kept: a method that takes one at a time holds one at a time (a
+    base-size FFN's are 72 MB each in float64). Each lookup reads the file again; `row_reader`
+    reads an expert's matrix a band of rows at a time (RegMean never holds a whole one)."""
+
+    def __init__(self, modules: Mapping, grams: GramSet) -> None:
+        self._modules, self._grams = modules, grams
+
+    def __getitem__(self, modality: object) -> torch.Tensor | None:
+        module = self._modules[modality]
+        return self._grams.get(module) if module in self._grams else None
+
+    def row_reader(self, modality: object) -> Callable[[int, int], torch.Tensor] | None:
+        """`read(start, stop)`: rows start:stop of the expert's matrix; None where the file has none."""
+        module = self._modules[modality]
+        return (lambda start, stop: self._grams.rows(module, start, stop)) if module in self._grams else None
+
+    def __iter__(self) -> Iterator:
+        return iter(self._modules)
+
+    def __len__(self) -> int:
+        return len(self._modules)
 
 
 def _validate_layout(reader: CheckpointReader) -> None:
@@ -298,8 +434,14 @@ def _validate_layout(reader: CheckpointReader) -> None:
 
 
 def _validate_inputs(
-    plan: MergePlan, method: MergeMethod, origin: CheckpointReader | None, grams: GramSet | None
+    plan: MergePlan,
+    method: MergeMethod,
+    origin: CheckpointReader | None,
+    grams: GramSet | None,
+    fisher: FisherSet | None = None,
+    options: Iterable[StrictConfig] = (),
 ) -> None:
+    """`options`: those of the merged tensors, for a method that checks how its statistics were collected."""
     if method.needs_origin:
         if origin is None:
             raise MergeError(f"method {method.name!r} needs the seed checkpoint as origin (--seed-checkpoint)")
@@ -315,6 +457,14 @@ def _validate_inputs(
         if grams is None:
             raise MergeError(f"method {method.name!r} needs Gram matrices (--grams)")
         _validate_grams(plan, grams)
+    if method.statistics is Statistics.FISHER:
+        if fisher is None:
+            raise MergeError(f"method {method.name!r} needs Fisher statistics (--fisher)")
+        validate_fisher(plan, fisher)
+    if method.check_statistics is not None:  # collected the way this merge needs, with every tensor's options?
+        distinct = {each.model_dump_json(): each for each in options}
+        for each in distinct.values():
+            method.check_statistics(grams if method.needs_grams else fisher, each, plan.selection.value)
 
 
 def _validate_dtypes(plan: MergePlan, reader: CheckpointReader) -> None:
@@ -368,21 +518,21 @@ def _validate_gram_values(plan: MergePlan, grams: GramSet) -> None:
 def _check_gram(grams: GramSet, module: str) -> None:
     """A Gram matrix X^T X is finite, symmetric and positive semi-definite, within float rounding;
     one that is all zero (no token reached its expert) is left to the method's documented fallback."""
-    gram = grams.get(module).to(torch.float64)  # NaN and Inf are named by GramSet.get
+    gram = _read_gram(grams, module)  # NaN and Inf are named by GramSet.rows
     tokens = _recorded_tokens(grams, module)
-    scale = float(gram.abs().max()) if gram.numel() else 0.0
+    scale = _largest_magnitude(gram)
     if scale == 0.0:
         return
     where = f"{grams.path}: Gram matrix {module}"
     if tokens == 0:
         raise MergeError(f"{where} records 0 tokens but is not zero; the file is inconsistent")
-    asymmetry = float((gram - gram.mT).abs_().max())
+    asymmetry = _largest_asymmetry(gram)
     if asymmetry > GRAM_TOLERANCE * scale:
         raise MergeError(
             f"{where} is not symmetric (largest |G - G^T| entry {asymmetry:.3g}, largest entry {scale:.3g}); "
             "a Gram matrix X^T X always is"
         )
-    eigenvalues = _eigenvalue_range_if_not_psd(gram)
+    eigenvalues = _eigenvalue_range_if_not_psd(gram, lambda: _read_gram(grams, module))
     if eigenvalues is not None:
         low, high = eigenvalues
         raise MergeError(
@@ -391,17 +541,48 @@ def _check_gram(grams: GramSet, module: str) -> None:
         )
 
 
-def _eigenvalue_range_if_not_psd(gram: torch.Tensor) -> tuple[float, float] | None:
+def _read_gram(grams: GramSet, module: str, rows: int = 256) -> torch.Tensor:
+    """A Gram matrix as a float64 matrix of its own (the checks change it), read a band of rows at a
+    time: the matrix and one band are all that is held."""
+    shape = grams.shape(module)
+    gram = torch.empty(shape, dtype=torch.float64)
+    for start in range(0, shape[0], rows):
+        stop = min(start + rows, shape[0])
+        gram[start:stop] = grams.rows(module, start, stop)
+    return gram
+
+
+def _largest_magnitude(gram: torch.Tensor) -> float:
+    """max |G| (0 for an empty matrix), without a temporary the size of G."""
+    if gram.numel() == 0:
+        return 0.0
+    low, high = torch.aminmax(gram)
+    return max(-float(low), float(high))
+
+
+def _largest_asymmetry(gram: torch.Tensor, rows: int = 256) -> float:
+    """max |G - G^T|, a band of rows at a time: no temporary the size of G."""
+    bands = range(0, len(gram), rows)
+    return max(float((gram[i : i + rows] - gram[:, i : i + rows].mT).abs_().max()) for i in bands)
+
+
+def _eigenvalue_range_if_not_psd(
+    gram: torch.Tensor, read_again: Callable[[], torch.Tensor]
+) -> tuple[float, float] | None:
     """None when the smallest eigenvalue is >= -GRAM_TOLERANCE x the largest, else (smallest, largest).
     A Cholesky factorisation of G shifted by that tolerance (of its largest diagonal entry, which the
     largest eigenvalue is at least) settles almost every matrix at a fraction of an eigendecomposition's
-    cost; eigvalsh (float64) decides the rest."""
+    cost; eigvalsh (float64) decides the rest. `gram` is shifted and factored in place (through its
+    column-major transposed view, the same symmetric matrix: no copy); where the factorisation fails,
+    eigvalsh gets the matrix `read_again`."""
     largest_diagonal = float(gram.diagonal().max())
     if largest_diagonal > 0:
-        shifted = gram.clone()
-        shifted.diagonal().add_(GRAM_TOLERANCE * largest_diagonal)
-        if int(torch.linalg.cholesky_ex(shifted).info) == 0:
+        gram.diagonal().add_(GRAM_TOLERANCE * largest_diagonal)
+        factor, info = gram.mT, torch.empty((), dtype=torch.int32)
+        torch.linalg.cholesky_ex(factor, out=(factor, info))
+        if int(info) == 0:
             return None
+        gram = read_again()
     eigenvalues = torch.linalg.eigvalsh(gram)
     low, high = float(eigenvalues[0]), float(eigenvalues[-1])
     return None if high > 0 and low >= -GRAM_TOLERANCE * high else (low, high)
@@ -426,10 +607,15 @@ def _recorded_tokens(grams: GramSet, module: str) -> int | None:
 
 
 def _check_gram_source(
-    reader: CheckpointReader, grams: GramSet, source_sha256: Callable[[], str], allow_foreign: bool
+    reader: CheckpointReader,
+    grams: GramSet | FisherSet,
+    source_sha256: Callable[[], str],
+    allow_foreign: bool,
+    kind: str = "Gram file",
+    flag: str = "--allow-foreign-grams",
 ) -> list[str]:
-    """The checkpoint a native Gram file says it was collected from must be the source, by content.
-    Returns the warning to record when `allow_foreign` lets a foreign file through."""
+    """The checkpoint a native Gram (or Fisher) file says it was collected from must be the source, by
+    content. Returns the warning to record when `allow_foreign` lets a foreign file through."""
     recorded = grams.provenance.get("checkpoint")
     recorded_sha = recorded.get("sha256") if isinstance(recorded, dict) else None
     if recorded_sha is None:  # the paper's files, and native ones written without provenance
@@ -438,12 +624,12 @@ def _check_gram_source(
     if recorded_sha == actual:
         return []
     message = (
-        f"Gram file {grams.path} was collected from checkpoint {recorded.get('path')} (sha256 {recorded_sha}), "
+        f"{kind} {grams.path} was collected from checkpoint {recorded.get('path')} (sha256 {recorded_sha}), "
         f"not from {reader.path} (sha256 {actual})"
     )
     if not allow_foreign:
-        raise MergeError(f"{message}; collect them for this checkpoint, or pass --allow-foreign-grams")
-    return [f"{message}; used anyway (--allow-foreign-grams)"]
+        raise MergeError(f"{message}; collect them for this checkpoint, or pass {flag}")
+    return [f"{message}; used anyway ({flag})"]
 
 
 def _read_finite(reader: CheckpointReader, key: str) -> torch.Tensor:
@@ -461,31 +647,51 @@ def _input_hashes(prepared: PreparedMerge, pending: bool = False) -> dict[str, d
     """Path and content hash of every input file, so a merged checkpoint says where it came from.
     Each hash is of the file the merge has open and reads from, whatever its path names by then.
     `pending`: a placeholder of the same size, for a header written before the hashes are known."""
-    inputs: dict[str, CheckpointReader | GramSet] = {"source": prepared.reader}
+    inputs: dict[str, CheckpointReader | GramSet | FisherSet] = {"source": prepared.reader}
     if prepared.origin is not None:
         inputs["seed_checkpoint"] = prepared.origin
     if prepared.grams is not None:
         inputs["grams"] = prepared.grams
+    if prepared.fisher is not None:
+        inputs["fisher"] = prepared.fisher
     return {
         role: {"path": str(opened.path), "sha256": "0" * 64 if pending else opened.sha256()}
         for role, opened in inputs.items()
     }
 
 
-def _provenance(prepared: PreparedMerge, inputs: dict[str, dict[str, str]]) -> dict[str, str]:
+def _source_config(reader: CheckpointReader) -> tuple[ModelConfig | None, str | None]:
+    """The source's config (stored, or read from a released file's shapes), or why there is none."""
+    try:
+        return checkpoint_config(reader), None
+    except (CheckpointError, ConfigError) as error:
+        return None, f"the merged file carries no model config: {error}"
+
+
+def _provenance(
+    prepared: PreparedMerge,
+    inputs: dict[str, dict[str, str]],
+    extra: Mapping[str, Any] | None = None,
+    layout: Layout = Layout.NATIVE,
+) -> dict[str, str]:
+    """The merged file's metadata. Its config is the source's (stored, or read from a released file's
+    shapes) made modality-agnostic; in a multiway layout, whose experts hold the merged weights tied,
+    the source's multiway config as it is."""
+    config, note = _source_config(prepared.reader)
     record = {
+        **(extra or {}),  # the standard entries below take precedence over same-named extras
         "method": prepared.method.name,
-        "options": prepared.options.model_dump(mode="json"),
+        "options": prepared.coefficients.given if prepared.coefficients else prepared.options.model_dump(mode="json"),
+        "resolved": prepared.coefficients.record() if prepared.coefficients else {},  # per spec: value -> tensors
         "prepared": prepared.prepared.model_dump(mode="json") if prepared.prepared is not None else None,
         "selection": prepared.plan.selection.value,
         "inputs": inputs,
-        "warnings": prepared.warnings,
+        "warnings": prepared.warnings + ([note] if note else []),
         "vlmerge_version": __version__,
     }
     metadata = {"format": "vlmerge", "merge": json.dumps(record, sort_keys=True)}
-    config = prepared.reader.config
     if config is not None:
-        agnostic = {key: value for key, value in config.items() if key != "experts"}  # the field's old name
-        metadata["config"] = json.dumps({**agnostic, "placement": "none"}, sort_keys=True)
+        described = config if layout is not Layout.NATIVE else config.agnostic()
+        metadata["config"] = json.dumps(described.model_dump(mode="json"), sort_keys=True)
     metadata.update({key: prepared.reader.metadata[key] for key in CARRIED_METADATA if key in prepared.reader.metadata})
     return metadata

@@ -9,8 +9,9 @@ import json
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from enum import Enum
+from pathlib import Path
 from types import UnionType
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Any, Literal, Protocol, Union, get_args, get_origin
 
 import torch
 from pydantic import BaseModel
@@ -25,12 +26,34 @@ class MergeWarning(UserWarning):
     """A merge went ahead with a documented fallback (missing or singular Gram matrix)."""
 
 
+class Statistics(str, Enum):
+    """Statistics of data a method merges with: each has its own collection pass and file."""
+
+    GRAMS = "grams"  # X^T X of each expert linear layer's inputs (`vlmerge grams`)
+    FISHER = "fisher"  # the diagonal Fisher of each expert tensor (`vlmerge fisher`)
+
+    @property
+    def flag(self) -> str:
+        return f"--{self.value}"
+
+
+class StatisticsFile(Protocol):
+    """What a method's `check_statistics` sees of the file: where it is and how it was collected."""
+
+    @property
+    def path(self) -> Path: ...
+
+    @property
+    def provenance(self) -> Mapping[str, Any]: ...
+
+
 @dataclass(frozen=True)
 class MergeInputs:
     target: str
     experts: Mapping[Modality, torch.Tensor]
     origin: torch.Tensor | None = None  # seed checkpoint tensor, for task-vector methods
     grams: Mapping[Modality, torch.Tensor | None] | None = None  # per expert, for linear weights only
+    fisher: Mapping[Modality, torch.Tensor | None] | None = None  # per expert diagonal Fisher, for every tensor
     prepared: BaseModel | None = None  # what the method's pre-pass found over the whole model, if it has one
 
     def modality_vectors(self) -> dict[Modality, torch.Tensor]:
@@ -44,22 +67,35 @@ class MergeMethod:
     fn: Callable[[MergeInputs, StrictConfig], torch.Tensor]
     options: type[StrictConfig]
     needs_origin: bool = False
-    needs_grams: bool = False
+    statistics: Statistics | None = None  # the statistics of data it merges with, if any
     summary: str = ""
     # Optional pre-pass over the inputs of every merged tensor. What it returns (a frozen pydantic
     # model, or None when there is nothing to record) reaches the method as `MergeInputs.prepared`
     # and is recorded in the merged file; the user's options stay as given.
     prepare: Callable[[Iterable[MergeInputs], StrictConfig], BaseModel | None] | None = None
+    # Optional check, before any tensor is read, that the statistics file was collected the way this
+    # merge needs (RegMean++: sequentially, with the merge's own options); raises MergeError if not.
+    # It receives the file, the parsed options and the merge's expert selection.
+    check_statistics: Callable[[StatisticsFile, StrictConfig, str], None] | None = None
+    # Options the method applies expert by expert: given a dict by expert (merging/coefficients.py),
+    # each reaches the method as a mapping modality -> value.
+    per_expert: frozenset[str] = frozenset()
+    # Options the pre-pass reads, which must then take one value over the whole model (None: all).
+    model_wide: tuple[str, ...] | None = None
+
+    @property
+    def needs_grams(self) -> bool:
+        return self.statistics is Statistics.GRAMS
 
     def describe(self) -> str:
         """The method, what it needs, and each option with its default and description (`vlmerge merge --help`)."""
-        needs = [
-            flag for flag, needed in (("--seed-checkpoint", self.needs_origin), ("--grams", self.needs_grams)) if needed
-        ]
+        needs = ["--seed-checkpoint"] if self.needs_origin else []
+        needs += [self.statistics.flag] if self.statistics is not None else []
         lines = [f"  {self.name:<15} {self.summary}" + (f" [needs {', '.join(needs)}]" if needs else "")]
         for name, field in self.options.model_fields.items():
             default = "required" if field.is_required() else f"default {field.get_default(call_default_factory=True)}"
-            lines.append(f"      {option_flag(name):<18} {field.description or ''} ({default})")
+            each = " [per expert]" if name in self.per_expert else ""
+            lines.append(f"      {option_flag(name):<18} {field.description or ''} ({default}){each}")
         return "\n".join(lines)
 
 
@@ -72,11 +108,36 @@ def register_method(
     *,
     needs_origin: bool = False,
     needs_grams: bool = False,
+    statistics: Statistics | None = None,
     prepare: Callable[[Iterable[MergeInputs], StrictConfig], BaseModel | None] | None = None,
+    check_statistics: Callable[[StatisticsFile, StrictConfig, str], None] | None = None,
+    per_expert: Iterable[str] = (),
+    model_wide: Iterable[str] | None = None,
 ):
+    """`needs_grams=True` is short for `statistics=Statistics.GRAMS`. `per_expert`: the int or float
+    options the method applies expert by expert; `model_wide`: the options its pre-pass reads."""
+    if needs_grams:
+        statistics = Statistics.GRAMS
+    fields = options.model_fields
+    for option in per_expert:
+        if option not in fields or not takes_spec(fields[option].annotation):
+            raise ConfigError(f"method {name!r}: per-expert option {option!r} is no int or float option of its class")
+
     def decorator(fn):
         summary = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
-        MERGE_METHODS.add(name, MergeMethod(name, fn, options, needs_origin, needs_grams, summary, prepare))
+        method = MergeMethod(
+            name,
+            fn,
+            options,
+            needs_origin=needs_origin,
+            statistics=statistics,
+            summary=summary,
+            prepare=prepare,
+            check_statistics=check_statistics,
+            per_expert=frozenset(per_expert),
+            model_wide=tuple(model_wide) if model_wide is not None else None,
+        )
+        MERGE_METHODS.add(name, method)
         return fn
 
     return decorator
@@ -138,15 +199,33 @@ def describe_methods() -> str:
 
 def options_from_text(method_name: str, texts: Mapping[str, str]) -> dict[str, Any]:
     """Option values given as text (the command line), ready for the method's options class:
-    JSON for list, dict and model options, the text itself otherwise (the options class parses
-    numbers, booleans and choices). `random-seed` and `random_seed` name the same option."""
+    JSON for list, dict and model options, and for an int or float option given a coefficient spec
+    (a JSON list or object: merging/coefficients.py); the text itself otherwise (the options class
+    parses numbers, booleans and choices). `random-seed` and `random_seed` name the same option."""
     fields = MERGE_METHODS.get(method_name).options.model_fields
     values = {}
     for key, text in texts.items():
         name = key.replace("-", "_")
-        structured = name in fields and _structured(_unwrap_optional(fields[name].annotation))
-        values[name] = _json_or_text(text) if structured else text
+        annotation = fields[name].annotation if name in fields else None
+        if name in fields and _structured(_unwrap_optional(annotation)):
+            values[name] = _json_or_text(text)
+        elif name in fields and takes_spec(annotation) and text.lstrip()[:1] in ("[", "{"):
+            values[name] = _spec_json(name, text)
+        else:
+            values[name] = text
     return values
+
+
+def takes_spec(annotation: Any) -> bool:
+    """An int or float option (also optional): one that takes a coefficient spec (merging/coefficients.py)."""
+    return _unwrap_optional(annotation) in (int, float)
+
+
+def _spec_json(name: str, text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"option {name}: {text!r} is not a JSON list or object ({error})") from None
 
 
 def _json_or_text(text: str) -> Any:

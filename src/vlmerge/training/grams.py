@@ -5,10 +5,14 @@ alone and text alone (v and l experts in every layer) and image-text pairs (vl e
 Below the fusion layer the pair pass repeats the unimodal activations, which scales the v
 and l Gram matrices of those layers by the same factor, a factor RegMean's solve cancels.
 Under torchrun each rank takes every world_size-th batch and the sums are all-reduced.
+
+With `sequential` options the pass is RegMean++'s (merging/regmean_pp.py): each layer's matrices
+come from the output of the layers below, merged with those options, and the file records them.
 """
 
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -19,6 +23,7 @@ from vlmerge.io.atomic import check_output_path
 from vlmerge.io.checkpoint import open_checkpoint
 from vlmerge.io.grams import save_grams
 from vlmerge.merging.grams import collect_grams
+from vlmerge.merging.regmean_pp import SEQUENTIAL, SequentialOptions, collect_sequential_grams
 from vlmerge.models.checkpoint import load_model
 from vlmerge.training.distributed import DistributedContext, init_distributed
 from vlmerge.training.setup import PairData, checkpoint_data, checkpoint_tokenizer
@@ -35,6 +40,18 @@ def gram_batches(pairs: PairData, batch_size: int, dist: DistributedContext) -> 
         yield {"images": batch.images, **text}
 
 
+@dataclass(frozen=True, eq=False)
+class GramBatches:
+    """`gram_batches` as an iterable that starts over each time (the sequential pass reads it per layer)."""
+
+    pairs: PairData
+    batch_size: int
+    dist: DistributedContext
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        return gram_batches(self.pairs, self.batch_size, self.dist)
+
+
 def collect_checkpoint_grams(
     checkpoint: str | os.PathLike,
     out: str | os.PathLike,
@@ -44,8 +61,10 @@ def collect_checkpoint_grams(
     normalize: bool = False,
     progress: bool = True,
     dist: DistributedContext | None = None,
+    sequential: SequentialOptions | None = None,
 ) -> Path:
-    """Collect and save the Gram file, recording where it came from (checkpoint and data).
+    """Collect and save the Gram file, recording where it came from (checkpoint and data) and, for
+    RegMean++ (`sequential`), with which merge of the lower layers.
 
     `out` is checked before any work (not the checkpoint, not a directory, writable); the file
     appears only once the pass is complete. The recorded hash is of the checkpoint's open file,
@@ -61,14 +80,20 @@ def collect_checkpoint_grams(
         load_pairs(data, split, progress=progress and dist.is_main),
         checkpoint_tokenizer(reader, model.config.max_text_len),
     )
-    grams, info = collect_grams(
-        model, gram_batches(pairs, batch_size, dist), normalize=normalize, progress=progress and dist.is_main
-    )
+    batches, show = GramBatches(pairs, batch_size, dist), progress and dist.is_main
+    inputs = "images, text and image-text pairs of each batch"
+    if sequential is None:
+        grams, info = collect_grams(model, batches, normalize=normalize, progress=show)
+    else:
+        grams, info = collect_sequential_grams(model, batches, sequential, normalize=normalize, progress=show)
+        inputs += "; each layer's from the output of the layers below merged by RegMean (RegMean++)"
     provenance = {
         "checkpoint": {"path": str(checkpoint), "sha256": reader.sha256()},
         "data": {**data.model_dump(mode="json"), "split": split, "examples": len(pairs)},
-        "inputs": "images, text and image-text pairs of each batch",
+        "inputs": inputs,
     }
+    if sequential is not None:
+        provenance[SEQUENTIAL] = sequential.model_dump(mode="json")
     if dist.is_main:
         save_grams(out, grams, info, provenance)
     dist.barrier()
