@@ -1,33 +1,55 @@
-"""Streamed merge of a base-size checkpoint: wall time next to a file copy, peak RSS next to the file size.
+"""Streamed merge of a base-size checkpoint: time against a durable file copy, peak RSS against the
+file size, and both side by side with mergekit on the same expert tensors.
 
-Usage: python benchmarks/merge_stream.py [--size base] [--methods interpolation regmean] [--workdir DIR]
-Goals (issue 5): merge time <= 1.5x the copy; peak RSS <= 0.25x the checkpoint file.
-Two copies anchor the time: a plain copy (the kernel copies the bytes, nothing reaches the
-disk before the command returns) and a durable copy written the way every vlmerge output is
-(temporary file, fsync, rename), which is what a merge pays for on top of its own work.
-Each measurement runs in a fresh subprocess so peak RSS belongs to that step alone.
+Usage: python benchmarks/merge_stream.py [--size base] [--methods interpolation ties ...] [--runs 3]
+       [--no-mergekit] [--workdir DIR]
+Goals (issue): no method slower than mergekit's counterpart; interpolation within 1.5x a durable
+copy of the file; RegMean's peak RSS at most 0.3x the checkpoint file.
+
+Two copies anchor the time: a plain copy (the kernel copies the bytes, nothing reaches the disk
+before the command returns) and a durable copy written the way every vlmerge output is
+(temporary file, fsync, rename), which is what a merge pays for on top of its own work. Each
+measurement runs in a fresh subprocess, so its peak RSS (VmHWM) belongs to that step alone, and is
+given above the peak of a child that only imports what that side needs (interpreter, torch; for
+mergekit also transformers). Each run measures every step once, in turn, so that a slow spell of a
+shared machine falls on all of them; the figures are the median of the runs and their range.
+
+The experts are the seed plus a small perturbation each (as fine-tuning leaves them), so the
+modality vectors are small and dense, as in practice. mergekit (benchmarks/support/mergekit_side.py)
+gets each expert as a model directory and the seed as its base model, the same options where both
+have them; where the two define a method differently, the note under the table says how.
 """
 
 import argparse
 import json
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
+from support.mergekit_side import BASELINE as MERGEKIT_BASELINE
+from support.mergekit_side import CHILD as MERGEKIT_CHILD
+from support.mergekit_side import MergekitMethod, output_file, write_models
 
+from vlmerge.io.checkpoint import open_checkpoint
 from vlmerge.io.grams import save_grams
 from vlmerge.merging.grams import gram_modules
+from vlmerge.merging.plan import expand_to_experts
 from vlmerge.models import VLTransformer, model_config, save_model
 
+GOALS = {"copy": 1.5, "regmean_memory": 0.3}
+RANDOM_SEED = 0
 # VmHWM, not ru_maxrss: ru_maxrss survives exec and would include the forked parent's image.
 PEAK_RSS = "int(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1]) * 1024"
 CHILD = f"""
 import json, shutil, sys, time
 from vlmerge.merging import merge_checkpoint
-task, source, out, method, grams = sys.argv[1:6]
+task, source, out, method, options, seed, grams = sys.argv[1:8]
 start = time.perf_counter()
 if task == "copy":
     shutil.copyfile(source, out)
@@ -36,67 +58,251 @@ elif task == "durable-copy":
     with atomic_path(out) as tmp:
         shutil.copyfile(source, tmp)
 else:
-    merge_checkpoint(source, method, out=out, grams=grams if method == "regmean" else None)
+    merge_checkpoint(source, method, json.loads(options), out=out, seed_checkpoint=seed or None, grams=grams or None)
 elapsed = time.perf_counter() - start
 print(json.dumps({{"seconds": elapsed, "peak_rss_bytes": {PEAK_RSS}}}))
 """
 
 
-def measure(task: str, source: Path, out: Path, method: str, grams: Path) -> dict:
-    result = subprocess.run(
-        [sys.executable, "-c", CHILD, task, str(source), str(out), method, str(grams)],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
+@dataclass(frozen=True)
+class Method:
+    """A vlmerge method with the options it is timed with, and mergekit's counterpart if it has one."""
+
+    options: dict[str, Any]
+    mergekit: MergekitMethod | None = None
+    note: str = ""
+    seed: bool = True  # merges against the seed checkpoint
+    grams: bool = False
+
+
+METHODS = {
+    "interpolation": Method(
+        {"ratio": 0.5},
+        MergekitMethod(
+            "linear", {}, {"normalize": True}, base=False, weights={"v": 0.5, "l": 0.5, "vl": 0.5, "shared": 1.0}
+        ),
+        "linear, weights r, 1 - r, 1/2 normalised: the same ratios, the same result to rounding",
+        seed=False,
+    ),
+    "arithmetic": Method(
+        {"lam": 0.5},
+        MergekitMethod("task_arithmetic", {"weight": 0.5}),
+        "task_arithmetic with weight lam per model: the same formula",
+    ),
+    "ties": Method(
+        {"density": 0.2, "lam": 1.0},
+        MergekitMethod("ties", {"density": 0.2, "weight": 1.0}, {"normalize": True}),
+        "keeps floor(density n) by a full argsort (vlmerge: ceil, by an unsorted top-k); elects + where "
+        "the signed mass is 0 (vlmerge: no sign, 0)",
+    ),
+    "dare_ties": Method(
+        {"drop": 0.5, "lam": 1.0, "random_seed": RANDOM_SEED},
+        MergekitMethod("dare_ties", {"density": 0.5, "weight": 1.0}, {"normalize": True}),
+        "normalize set, so both average the agreeing entries (mergekit's default sums them); rescales "
+        "to the L1 norm (vlmerge: 1/(1 - p)); its own random masks",
+    ),
+    "breadcrumbs": Method(
+        {"density": 0.9, "gamma": 0.01, "lam": 0.5},
+        MergekitMethod("breadcrumbs", {"density": 0.9, "gamma": 0.01, "weight": 0.5}),
+        "floor counts (vlmerge: ceil for the kept entries); a full sort per tensor (vlmerge: a radix sort)",
+    ),
+    "della": Method(
+        {"density": 0.5, "epsilon": 0.15, "lam": 0.5, "random_seed": RANDOM_SEED},
+        MergekitMethod("della_linear", {"density": 0.5, "epsilon": 0.15, "weight": 0.5}),
+        "della_linear: ranks magnitudes per row (vlmerge: over the tensor), rescales to the L1 norm "
+        "(vlmerge: 1/p_i), its own random masks",
+    ),
+    "della_ties": Method(
+        {"density": 0.5, "epsilon": 0.15, "lam": 1.0, "random_seed": RANDOM_SEED},
+        MergekitMethod("della", {"density": 0.5, "epsilon": 0.15, "weight": 1.0}),
+        "della (TIES consensus): as della_linear above",
+    ),
+    "breadcrumbs_ties": Method(
+        {"density": 0.9, "gamma": 0.01, "lam": 1.0},
+        MergekitMethod("breadcrumbs_ties", {"density": 0.9, "gamma": 0.01, "weight": 1.0}, {"normalize": True}),
+        "normalize set, so both average the agreeing entries; floor counts, a full sort",
+    ),
+    "dare": Method(
+        {"drop": 0.5, "lam": 0.5, "random_seed": RANDOM_SEED},
+        MergekitMethod("dare_linear", {"density": 0.5, "weight": 0.5}),
+        "dare_linear: rescales to the L1 norm (vlmerge: 1/(1 - p)); its own random masks",
+    ),
+    "regmean": Method({"alpha": 1.0}, None, "no mergekit counterpart", seed=False, grams=True),
+}
+DEFAULT_METHODS = ["interpolation", "arithmetic", "ties", "dare_ties", "breadcrumbs", "della", "regmean"]
+
+
+@dataclass
+class Samples:
+    seconds: list[float] = field(default_factory=list)
+    peak: list[int] = field(default_factory=list)  # bytes above the side's import baseline
+
+    def add(self, result: dict, baseline: int) -> None:
+        self.seconds.append(result["seconds"])
+        self.peak.append(result["peak_rss_bytes"] - baseline)
+
+    def time(self) -> float:
+        return statistics.median(self.seconds)
+
+    def memory(self) -> float:
+        return statistics.median(self.peak)
+
+    def time_text(self) -> str:
+        if len(self.seconds) == 1:
+            return f"{self.time():7.2f} s (once)"
+        return f"{self.time():7.2f} s [{min(self.seconds):.2f}-{max(self.seconds):.2f}]"
+
+    def memory_text(self, file_bytes: int) -> str:
+        return f"{self.memory() / 2**20:5.0f} MiB {self.memory() / file_bytes:4.2f}x"
+
+
+def run_child(args: list[str]) -> dict:
+    result = subprocess.run([sys.executable, "-c", *args], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"benchmark child failed ({' '.join(args[1:3])}):\n{result.stderr[-3000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def baseline_rss() -> int:
-    """Peak RSS of a child that only imports vlmerge.merging (interpreter + torch)."""
-    code = f"import vlmerge.merging; print({PEAK_RSS})"
-    return int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+def import_baseline(code: str) -> int:
+    """Peak RSS of a child that only imports what a side needs."""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return int(result.stdout.strip().splitlines()[-1])
+
+
+def fresh(path: Path) -> Path:
+    """Remove a previous run's output first (outside the timing), so no step pays to unlink one."""
+    if path.is_dir():
+        shutil.rmtree(path)
+    path.unlink(missing_ok=True)
+    return path
+
+
+def make_inputs(size: str, workdir: Path, with_grams: bool) -> tuple[Path, Path, Path | None]:
+    """A modality-specific checkpoint whose experts are the seed plus a small perturbation each, the
+    seed as a modality-agnostic checkpoint, and identity Gram matrices (float64) for RegMean."""
+    torch.manual_seed(0)
+    config = model_config(size)
+    seed_model = VLTransformer(config.agnostic())
+    seed_state = seed_model.state_dict()
+    model = VLTransformer(config)
+    expert_keys = [key for key in model.state_dict() if key not in seed_state]
+    state = {**seed_state, **expand_to_experts(seed_state, expert_keys)}
+    with torch.no_grad():
+        for key in expert_keys:
+            state[key] += 0.01 * state[key].std().nan_to_num() * torch.randn_like(state[key])
+    model.load_state_dict({key: state[key] for key in model.state_dict()})
+    source = save_model(model, workdir / "specific.safetensors")
+    seed = save_model(seed_model, workdir / "seed.safetensors")
+    grams = None
+    if with_grams:
+        identity = {
+            name: torch.eye(linear.in_features, dtype=torch.float64)
+            for name, (linear, _) in gram_modules(model).items()
+        }
+        grams = save_grams(workdir / "grams.safetensors", identity, {}, {"data": "identity (benchmark)"})
+    return source, seed, grams
+
+
+def agreement(ours: Path, theirs: Path) -> float:
+    """max |ours - theirs| over the merged tensors, relative to max |ours|: 0 up to rounding where the
+    two compute the same thing."""
+    a, b = open_checkpoint(ours), open_checkpoint(theirs)
+    difference = scale = 0.0
+    for key in a.keys:
+        x, y = a.get(key), b.get(key)
+        difference = max(difference, float((x.double() - y.double()).abs().max()) if x.numel() else 0.0)
+        scale = max(scale, float(x.abs().max()) if x.numel() else 0.0)
+    return difference / scale if scale else difference
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", default="base")
+    parser.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=list(METHODS))
+    parser.add_argument("--runs", type=int, default=3, help="measurements of each step (median and range)")
     parser.add_argument(
-        "--methods", nargs="+", default=["interpolation", "regmean"], choices=["interpolation", "regmean"]
+        "--repeat-under",
+        type=float,
+        default=15.0,
+        help="seconds: a step slower than this in the first run is measured once (its noise is a small part)",
     )
+    parser.add_argument("--no-mergekit", action="store_true", help="vlmerge and the copies only")
     parser.add_argument("--workdir", default=None)
     args = parser.parse_args()
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="vlmerge-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
+    methods = {name: METHODS[name] for name in args.methods}
+    use_mergekit = not args.no_mergekit and any(m.mergekit for m in methods.values())
 
-    torch.manual_seed(0)
-    model = VLTransformer(model_config(args.size))
-    source = save_model(model, workdir / "specific.safetensors")
-    grams = save_grams(
-        workdir / "grams.safetensors",
-        {name: torch.eye(linear.in_features, dtype=torch.float64) for name, (linear, _) in gram_modules(model).items()},
-        {},
-        {"data": "identity (benchmark)"},
-    )
-    del model
+    source, seed, grams = make_inputs(args.size, workdir, any(m.grams for m in methods.values()))
     file_bytes = source.stat().st_size
+    config = model_config(args.size)
+    models = write_models(source, seed, workdir / "mergekit", config.width, config.depth) if use_mergekit else {}
+    ours_base = import_baseline(f"import vlmerge.merging; print({PEAK_RSS})")
+    theirs_base = import_baseline(MERGEKIT_BASELINE) if use_mergekit else 0
 
-    copy = measure("copy", source, workdir / "copy.safetensors", "", grams)
-    durable = measure("durable-copy", source, workdir / "durable.safetensors", "", grams)
-    base = baseline_rss()
-    print(f"checkpoint: {args.size}, {file_bytes / 2**20:.0f} MiB")
-    print(f"plain copy    {copy['seconds']:7.2f} s")
-    print(f"durable copy  {durable['seconds']:7.2f} s   (temporary file, fsync, rename)")
-    for method in args.methods:
-        merge = measure("merge", source, workdir / f"merged-{method}.safetensors", method, grams)
-        extra = merge["peak_rss_bytes"] - base
-        print(
-            f"{method}: {merge['seconds']:.2f} s, ratio to the plain copy {merge['seconds'] / copy['seconds']:.2f}x, "
-            f"to the durable copy {merge['seconds'] / durable['seconds']:.2f}x (goal <= 1.5x); peak RSS "
-            f"{extra / 2**20:.0f} MiB above the interpreter + torch baseline ({base / 2**20:.0f} MiB), "
-            f"{extra / file_bytes:.2f}x the file (goal <= 0.25)"
-        )
-    shutil.rmtree(workdir) if args.workdir is None else None
+    copies = {"copy": Samples(), "durable-copy": Samples()}
+    ours = {name: Samples() for name in methods}
+    theirs = {name: Samples() for name, m in methods.items() if m.mergekit and use_mergekit}
+    agree: dict[str, float] = {}
+    for run in range(args.runs):
+        for task, samples in copies.items():
+            out = fresh(workdir / f"{task}.safetensors")
+            samples.add(run_child([CHILD, task, str(source), str(out), "", "{}", "", ""]), ours_base)
+        for name, method in methods.items():
+            out = workdir / f"merged-{name}.safetensors"
+            if run == 0 or ours[name].time() < args.repeat_under:
+                argv = [CHILD, "merge", str(source), str(fresh(out)), name, json.dumps(method.options)]
+                argv += [str(seed) if method.seed else "", str(grams) if method.grams else ""]
+                ours[name].add(run_child(argv), ours_base)
+            if name in theirs and (run == 0 or theirs[name].time() < args.repeat_under):
+                their_out = fresh(workdir / f"mergekit-{name}")
+                config_json = json.dumps(method.mergekit.config(models))
+                theirs[name].add(
+                    run_child([MERGEKIT_CHILD, config_json, str(their_out), str(RANDOM_SEED)]), theirs_base
+                )
+                if run == 0:
+                    agree[name] = agreement(out, output_file(their_out))
+        print(f"run {run + 1}/{args.runs} done", file=sys.stderr)
+    report(args, file_bytes, copies, ours, theirs, agree, methods)
+    if args.workdir is None:
+        shutil.rmtree(workdir)
+
+
+def report(args, file_bytes, copies, ours, theirs, agree, methods) -> None:
+    durable = copies["durable-copy"].time()
+    print(
+        f"checkpoint: {args.size}, {file_bytes / 2**20:.0f} MiB; {args.runs} runs, median [range]; "
+        f"{torch.get_num_threads()} torch threads; peak RSS above each side's imports, and x the file"
+    )
+    print(f"plain copy     {copies['copy'].time_text()}")
+    print(f"durable copy   {copies['durable-copy'].time_text()}   (temporary file, fsync, rename)")
+    print(
+        f"{'method':<17}{'vlmerge':<24}{'/durable':>8}  {'peak RSS':<16}| {'mergekit':<17}{'time':<24}{'peak RSS':<16}| time, memory vs mergekit"
+    )
+    verdicts = []
+    for name, samples in ours.items():
+        line = f"{name:<17}{samples.time_text():<24}{samples.time() / durable:7.2f}x  {samples.memory_text(file_bytes):<16}"
+        if name in theirs:
+            other = theirs[name]
+            time_ratio, memory_ratio = samples.time() / other.time(), samples.memory() / max(other.memory(), 1)
+            line += f"| {methods[name].mergekit.name:<17}{other.time_text():<24}{other.memory_text(file_bytes):<16}"
+            line += f"| {time_ratio:.2f}x, {memory_ratio:.2f}x"
+            verdicts.append((f"{name} no slower than mergekit's {methods[name].mergekit.name}", time_ratio <= 1.0))
+        print(line)
+    if "interpolation" in ours:
+        ratio = ours["interpolation"].time() / durable
+        verdicts.append((f"interpolation <= {GOALS['copy']}x the durable copy ({ratio:.2f}x)", ratio <= GOALS["copy"]))
+    if "regmean" in ours:
+        ratio = ours["regmean"].memory() / file_bytes
+        goal = GOALS["regmean_memory"]
+        verdicts.append((f"regmean peak RSS <= {goal}x the file ({ratio:.2f}x)", ratio <= goal))
+    print("goals: " + "; ".join(f"{text}: {'met' if met else 'MISSED'}" for text, met in verdicts))
+    if theirs:
+        print("how mergekit's counterparts differ (agreement: max |vlmerge - mergekit| / max |vlmerge|, first run):")
+        for name in theirs:
+            print(f"  {name} vs {methods[name].mergekit.name} (agreement {agree[name]:.1e}): {methods[name].note}")
+        print("  mergekit does not fsync its output; vlmerge's times include making the file durable")
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from typing import NamedTuple
 
 from vlmerge.core.errors import CheckpointError
 
-HASH_CHUNK_BYTES = 1 << 24
+HASH_CHUNK_BYTES = 1 << 20  # read and hashed while it is still in the CPU's cache
 
 
 class FileIdentity(NamedTuple):

@@ -3,6 +3,7 @@
 Each tensor's bytes are read into a buffer of its own when it is asked for. With a memory
 map, every page a streamed merge touched would stay resident and count against the
 process, so peak memory would grow to the whole file; here it stays near one merge group.
+Buffers of mid-sized tensors are used again once their tensor is gone (`ReadBuffers`).
 The file is opened once (`InputFile`): a path replaced while a merge streams does not mix two
 files, and `sha256()` hashes the file the tensors came from.
 
@@ -19,10 +20,14 @@ and only the dtypes of `DTYPES` are read (the library knows a few more, e.g. U16
 
 import json
 import math
+import mmap
 import os
+import threading
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from vlmerge.core.errors import CheckpointError
@@ -41,6 +46,9 @@ DTYPES = {
     "BOOL": torch.bool,
 }
 MAX_HEADER_BYTES = 100_000_000  # the format's own limit (the library's MAX_HEADER_SIZE)
+POOLED_BYTES = (1 << 16, 1 << 25)  # tensors of 64 KiB to 32 MiB are read into buffers used again
+IDLE_BUFFERS = 3  # at most this many wait for their next tensor, per open file (a group's experts)
+_PRIVATE = {"flags": mmap.MAP_PRIVATE} if hasattr(mmap, "MAP_PRIVATE") else {}  # not shared with a forked child
 _U64 = 2**64  # shapes and offsets are u64 in the format; the library refuses larger values
 
 
@@ -65,6 +73,7 @@ class SafetensorsFile:
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
         self._file = InputFile(self.path)
+        self._buffers = ReadBuffers()
         try:
             header, data_start = _read_header(self._file)
             self.metadata = _metadata(header.pop("__metadata__", None), self.path)
@@ -84,10 +93,25 @@ class SafetensorsFile:
 
     def read(self, key: str) -> torch.Tensor:
         entry = self.entries[key]
-        tensor = torch.empty(entry.shape, dtype=entry.dtype)
+        return self._read_at(key, entry.start, entry.shape, entry.dtype, entry.end - entry.start)
+
+    def read_rows(self, key: str, start: int, stop: int) -> torch.Tensor:
+        """Rows `start:stop` of tensor `key` (along its first dimension), reading only their bytes:
+        a method can stream a large matrix a band at a time (RegMean's Gram matrices)."""
+        entry = self.entries[key]
+        if not entry.shape or not 0 <= start <= stop <= entry.shape[0]:
+            raise CheckpointError(
+                f"{self.path}: tensor {key!r} of shape {list(entry.shape)} has no rows {start}:{stop}"
+            )
+        row_bytes = (entry.end - entry.start) // entry.shape[0] if entry.shape[0] else 0
+        shape = (stop - start, *entry.shape[1:])
+        return self._read_at(key, entry.start + start * row_bytes, shape, entry.dtype, (stop - start) * row_bytes)
+
+    def _read_at(self, key: str, offset: int, shape: tuple[int, ...], dtype: torch.dtype, nbytes: int) -> torch.Tensor:
+        tensor = self._buffers.empty(shape, dtype, nbytes)
         buffer = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
         try:
-            self._file.readinto(entry.start, buffer)
+            self._file.readinto(offset, buffer)
         except CheckpointError as error:
             raise CheckpointError(f"{error} while reading tensor {key!r}") from None
         return tensor
@@ -102,12 +126,60 @@ class SafetensorsFile:
 
     def close(self) -> None:
         self._file.close()
+        self._buffers.clear()
 
     def __enter__(self) -> "SafetensorsFile":
         return self
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+class ReadBuffers:
+    """Buffers for the tensors read from one file, each used again once its tensor is gone.
+
+    A streamed merge reads hundreds of MB as tensors of a few sizes, each dropped a moment later.
+    A fresh buffer per tensor costs a page fault per 4 KiB on its first write, and pays it again for
+    every tensor (the allocator hands large freed blocks back to the system): a fifth of a
+    base-size interpolation's time. Here a tensor is made over a numpy view of a pooled buffer; the
+    tensor and every view of it hold that view, and once the last of them is gone the buffer comes
+    back. Every buffer can hold any pooled tensor (tensors of `POOLED_BYTES`): its own anonymous
+    mapping, of which only the pages a tensor has written are resident, so a pool of a few buffers
+    costs a few of the file's larger tensors whatever their sizes, and stays out of the allocator's
+    heap. At most `idle_buffers` wait for their next tensor.
+    """
+
+    def __init__(self, idle_buffers: int = IDLE_BUFFERS) -> None:
+        self._idle: list[np.ndarray] = []
+        self._idle_limit = idle_buffers
+        self._open = True
+        self._lock = threading.RLock()  # a buffer comes back in whichever thread drops its last tensor
+
+    def empty(self, shape: tuple[int, ...], dtype: torch.dtype, nbytes: int) -> torch.Tensor:
+        """An uninitialised tensor of `shape` and `dtype` (`nbytes` in all) that owns its memory."""
+        if not POOLED_BYTES[0] <= nbytes <= POOLED_BYTES[1]:
+            return torch.empty(shape, dtype=dtype)
+        buffer = self._take()
+        lease = buffer[:nbytes]  # alive exactly as long as the tensor's storage
+        weakref.finalize(lease, self._give_back, buffer).atexit = False
+        return torch.from_numpy(lease).view(dtype).view(shape)
+
+    def clear(self) -> None:
+        """Let every idle buffer go, and those still in use once their tensors are gone."""
+        with self._lock:
+            self._open = False
+            self._idle.clear()
+
+    def _take(self) -> np.ndarray:
+        with self._lock:
+            if self._idle:
+                return self._idle.pop()  # the last one back: its pages are resident
+        return np.frombuffer(mmap.mmap(-1, POOLED_BYTES[1], **_PRIVATE), dtype=np.uint8)
+
+    def _give_back(self, buffer: np.ndarray) -> None:
+        with self._lock:
+            if self._open and len(self._idle) < self._idle_limit:
+                self._idle.append(buffer)
 
 
 def _invalid(path: Path, problem: str) -> CheckpointError:

@@ -5,6 +5,12 @@ so the header can be written first and tensors appended as they are produced: pe
 stays near one merge group instead of the whole checkpoint. The file appears atomically.
 The header's keys (tensor names, metadata keys) are written sorted, so the same tensors and
 metadata give the same bytes in every process.
+
+The file is made durable (fsync) before it is renamed into place. So that the fsync does not wait
+for the whole file at the end, the disk is asked to start writing every `WRITEBACK_BYTES` as the
+tensors stream (Linux: `posix_fadvise(DONTNEED)` starts writeback without waiting for it); the
+merge computes while the disk writes, and the fsync finds only the tail left (a fifth of a
+base-size interpolation's time otherwise).
 """
 
 import json
@@ -19,6 +25,7 @@ from vlmerge.io.atomic import atomic_path
 from vlmerge.io.safetensors_file import DTYPES
 
 _DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}  # torch dtype -> the format's name
+WRITEBACK_BYTES = 1 << 25  # ask the disk to start writing after every 32 MiB of tensor data
 
 
 class TensorStreamWriter:
@@ -31,6 +38,7 @@ class TensorStreamWriter:
         self._pending = iter(layout)
         self._header = header
         self._header_bytes = header_bytes
+        self._handed_to_disk = 0  # bytes before this offset were passed to writeback
 
     def update_metadata(self, metadata: Mapping[str, str]) -> None:
         """Rewrite the metadata in place (e.g. warnings known only at the end), within the reserved space."""
@@ -57,6 +65,20 @@ class TensorStreamWriter:
                 f"{name}: got {tensor.dtype} {list(tensor.shape)}, header promised {dtype} {list(shape)}"
             )
         self._handle.write(memoryview(tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()))
+        if self._handle.tell() - self._handed_to_disk >= WRITEBACK_BYTES:
+            self._start_writeback()
+
+    def _start_writeback(self) -> None:
+        """Start writing what is written so far to the disk, without waiting for it (see the module doc);
+        a no-op where the system has no posix_fadvise. The pages stay cached while they are written."""
+        if not hasattr(os, "posix_fadvise"):
+            return
+        self._handle.flush()
+        end = self._handle.tell()
+        os.posix_fadvise(
+            self._handle.fileno(), self._handed_to_disk, end - self._handed_to_disk, os.POSIX_FADV_DONTNEED
+        )
+        self._handed_to_disk = end
 
     def finish(self) -> None:
         missing = next(self._pending, None)
