@@ -70,7 +70,9 @@ def sweeps(models: Mapping[str, ModelResult]) -> Sweeps:
             (
                 SweepPoint(m.options.get("ratio", 0.5), m.id)
                 for m in models.values()
-                if m.method == "interpolation" and Group.METHODS in m.groups
+                if m.method == "interpolation"
+                and Group.METHODS in m.groups
+                and isinstance(m.options.get("ratio", 0.5), int | float)  # a ratio by role or depth is no point
             ),
             key=lambda p: p.x,
         )

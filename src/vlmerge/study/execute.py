@@ -22,6 +22,7 @@ from vlmerge.data.config import DataConfig
 from vlmerge.data.sources import load_pairs
 from vlmerge.io.checkpoint import open_checkpoint
 from vlmerge.merging.engine import merge_checkpoint
+from vlmerge.merging.regmean_pp import SequentialOptions
 from vlmerge.metrics.mergeability import mergeability
 from vlmerge.models.checkpoint import load_model
 from vlmerge.models.factory import count_parameters
@@ -31,6 +32,7 @@ from vlmerge.study.gallery import retrieval_gallery
 from vlmerge.study.plan import Stage, StageKind, StudyPlan
 from vlmerge.tasks.finetune import RESULTS_FILE, evaluate_checkpoint, run_finetune
 from vlmerge.training.config import DirectoryLock, FinetuneConfig, PretrainConfig, TokenizerConfig
+from vlmerge.training.fisher import collect_checkpoint_fisher
 from vlmerge.training.grams import collect_checkpoint_grams
 from vlmerge.training.pretrain import run_pretraining, save_untrained
 from vlmerge.training.setup import resolve_tokenizer
@@ -62,12 +64,28 @@ def _pretrain(stage: Stage, directory: Path, inputs: Inputs, progress: bool) -> 
 
 def _grams(stage: Stage, directory: Path, inputs: Inputs, progress: bool) -> dict[str, Any]:
     settings = stage.settings
+    sequential = settings.get("sequential")  # RegMean++'s pass: the lower layers merged as it goes
     collect_checkpoint_grams(
         inputs["model"],
         directory / stage.output,
         DataConfig.parse(settings["data"]),
         settings["split"],
         settings["batch_size"],
+        progress=progress,
+        sequential=SequentialOptions.parse(sequential, where=f"stage {stage.name}") if sequential else None,
+    )
+    return {}
+
+
+def _fisher(stage: Stage, directory: Path, inputs: Inputs, progress: bool) -> dict[str, Any]:
+    settings = stage.settings
+    collect_checkpoint_fisher(
+        inputs["model"],
+        directory / stage.output,
+        DataConfig.parse(settings["data"]),
+        settings["split"],
+        settings["batch_size"],
+        random_seed=settings["random_seed"],
         progress=progress,
     )
     return {}
@@ -81,6 +99,7 @@ def _merge(stage: Stage, directory: Path, inputs: Inputs, progress: bool) -> dic
         out=directory / stage.output,
         seed_checkpoint=inputs.get("seed_checkpoint"),
         grams=inputs.get("grams"),
+        fisher=inputs.get("fisher"),
     )
     return {"warnings": result.warnings, "parameters": count_parameters(load_model(result.path))}
 
@@ -120,6 +139,7 @@ WORK: dict[StageKind, Work] = {
     StageKind.SEED: _pretrain,
     StageKind.SPECIFIC: _pretrain,
     StageKind.GRAMS: _grams,
+    StageKind.FISHER: _fisher,
     StageKind.MERGE: _merge,
     StageKind.FINETUNE: _finetune,
     StageKind.ZERO_SHOT: _zero_shot,

@@ -19,7 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from vlmerge.core.errors import ConfigError
-from vlmerge.merging import MERGE_METHODS
+from vlmerge.merging import MERGE_METHODS, ExpertSelection, MergeMethod
+from vlmerge.merging.coefficients import parse_options
+from vlmerge.merging.registry import Statistics
+from vlmerge.merging.regmean_pp import SequentialOptions, check_sequential
 from vlmerge.models.config import ExpertPlacement
 from vlmerge.study.recipe import MergeSpec, Protocol, StudyRecipe
 from vlmerge.study.results import AGNOSTIC_SCRATCH, CONTROL, NAIVE_MERGE, SEED_MERGE, SPECIFIC, Group, ModelKind
@@ -32,7 +35,8 @@ class StageKind(str, Enum):
     UNTRAINED = "untrained"  # the seed stage's model at step 0: the no-pre-training control
     SEED = "seed"  # modality-agnostic pre-training (seed pre-training, or the from-scratch baseline)
     SPECIFIC = "specific"  # modality-specific pre-training
-    GRAMS = "grams"
+    GRAMS = "grams"  # Gram matrices for RegMean, or collected sequentially for RegMean++
+    FISHER = "fisher"  # diagonal Fisher statistics for Fisher merging
     MERGE = "merge"
     FINETUNE = "finetune"  # full fine-tuning, or the linear probe (frozen backbone)
     ZERO_SHOT = "zeroshot"
@@ -41,7 +45,12 @@ class StageKind(str, Enum):
 
 
 MODEL_FILE = "model.safetensors"
-OUTPUT_FILES = {StageKind.TOKENIZER: "tokenizer.json", StageKind.GRAMS: "grams.safetensors"}
+OUTPUT_FILES = {
+    StageKind.TOKENIZER: "tokenizer.json",
+    StageKind.GRAMS: "grams.safetensors",
+    StageKind.FISHER: "fisher.safetensors",
+}
+MERGE_SELECTION = ExpertSelection.ALL  # every merge of the study merges every expert (the engine's default)
 
 
 @dataclass(frozen=True, eq=False)
@@ -109,6 +118,22 @@ class StudyPlan:
 
     def model(self, model_id: str) -> PlannedModel:
         return self.models[model_id]
+
+
+def sequential_grams(method: MergeMethod, options: Mapping[str, Any]) -> SequentialOptions | None:
+    """How a merge's Gram file must be collected: layer by layer, the lower layers merged with the merge's
+    own alpha and selection, for a method whose registry entry checks its file for that (RegMean++'s
+    `check_sequential`); None for ordinary Gram matrices."""
+    if method.check_statistics is not check_sequential:
+        return None
+    parsed = parse_options(method, options)
+    if parsed.specs:
+        raise ConfigError(
+            f"merge {method.name!r}: its Gram pass merges the lower layers as it goes, with one value of each "
+            f"option, so {', '.join(parsed.specs)} must be one number here, not a coefficient spec"
+        )
+    merge = method.options.parse(parsed.plain, where=f"merge {method.name!r} options")
+    return SequentialOptions(alpha=merge.alpha, selection=MERGE_SELECTION)
 
 
 MAIN_GROUPS = frozenset({Group.BASELINES, Group.CONTROL})  # compared under every random seed
@@ -217,20 +242,57 @@ class _Planner:
         steps = self.recipe.total_steps - self.recipe.seed_steps(fraction)
         return self.pretrain(StageKind.SPECIFIC, seed, steps, placement, self.origin(fraction, seed))
 
-    def merged(self, specific: Stage, spec: MergeSpec, origin: Stage | None) -> Stage:
+    def merged(self, specific: Stage, spec: MergeSpec, origin: Stage | None, seed: int) -> Stage:
         method = MERGE_METHODS.get(spec.method)
         if method.needs_origin and origin is None:
             raise ConfigError(
                 f"merge {spec.method!r} needs the experts' origin; naive merging from random weights "
                 "has none (use it with a seed share above 0, or init: pretrained)"
             )
-        grams = None
-        if method.needs_grams:
-            settings = {**self.recipe.grams.model_dump(), "data": self.recipe.data.model_dump(mode="json")}
-            grams = self.stage(StageKind.GRAMS, settings, {"model": specific}, f"of {specific.name}")
-        inputs = {"source": specific, "seed_checkpoint": origin if method.needs_origin else None, "grams": grams}
+        inputs = {
+            "source": specific,
+            "seed_checkpoint": origin if method.needs_origin else None,
+            **self.statistics(method, spec, specific, seed),
+        }
         settings = {"method": spec.method, "options": spec.options}
         return self.stage(StageKind.MERGE, settings, inputs, f"{spec.label} of {specific.name}")
+
+    def statistics(self, method: MergeMethod, spec: MergeSpec, specific: Stage, seed: int) -> dict[str, Stage]:
+        """The statistics of data the merge reads, as its registry entry names them, by the role the
+        executor hands them to the engine in; one stage per specific model, shared by the merges alike."""
+        if method.statistics is None:
+            return {}
+        if method.statistics is Statistics.GRAMS:
+            return {"grams": self.grams(specific, sequential_grams(method, spec.options))}
+        if method.statistics is Statistics.FISHER:
+            return {"fisher": self.fisher(specific, seed)}
+        raise ConfigError(
+            f"merge {spec.method!r} needs {method.statistics.value} statistics, which the study cannot collect"
+        )
+
+    def grams(self, specific: Stage, sequential: SequentialOptions | None) -> Stage:
+        """Gram matrices of the specific model's experts (`vlmerge grams`), or RegMean++'s sequential ones:
+        their settings name the lower layers' merge, so each (alpha, selection) is a stage of its own."""
+        settings: dict[str, Any] = {**self.recipe.grams.model_dump(), "data": self.recipe.data.model_dump(mode="json")}
+        label = f"of {specific.name}"
+        if sequential is not None:
+            settings["sequential"] = sequential.model_dump(mode="json")
+            label = f"sequential (alpha {sequential.alpha}, selection {sequential.selection.value}) {label}"
+        return self.stage(StageKind.GRAMS, settings, {"model": specific}, label)
+
+    def fisher(self, specific: Stage, seed: int) -> Stage:
+        """The diagonal Fisher of the specific model's experts (`vlmerge fisher`); its MLM masks and ITM
+        negatives are drawn with the run's random seed."""
+        spec, data = self.recipe.fisher, self.recipe.data
+        if spec.limit is not None:
+            data = data.model_copy(update={"limit": spec.limit})
+        settings = {
+            "split": spec.split,
+            "batch_size": spec.batch_size,
+            "random_seed": seed,
+            "data": data.model_dump(mode="json"),
+        }
+        return self.stage(StageKind.FISHER, settings, {"model": specific}, f"of {specific.name}")
 
     def finetune(self, checkpoint: Stage, task: str, seed: int, probe: bool) -> Stage:
         recipe = self.recipe
@@ -282,7 +344,7 @@ class _Planner:
                 return self.specific_model(fraction, placement, seed)
 
             def checkpoint(seed: int) -> Stage:
-                return self.merged(specific(seed), spec, self.origin(fraction, seed))
+                return self.merged(specific(seed), spec, self.origin(fraction, seed), seed)
 
             return _Model(
                 label or f"{spec.label}, seed {fraction:.0%}, experts {placement.value}",
@@ -436,6 +498,7 @@ BEFORE_FINETUNING = (
     StageKind.SEED,
     StageKind.SPECIFIC,
     StageKind.GRAMS,
+    StageKind.FISHER,
     StageKind.MERGE,
 )
 
@@ -449,8 +512,9 @@ def describe_plan(plan: StudyPlan) -> str:
         f"random seeds {recipe.random_seeds} (sweeps: {recipe.sweep_random_seeds}); "
         f"protocols {', '.join(recipe.protocols)}"
     ]
+    width = max(34, *(len(m.id) for m in models.values()))  # ids of merges with many options run long
     lines += [
-        f"  {m.id:<34} {m.label}  [{', '.join(g.value for g in m.groups)}; {len(m.runs)} seeds]"
+        f"  {m.id:<{width}} {m.label}  [{', '.join(g.value for g in m.groups)}; {len(m.runs)} seeds]"
         for m in models.values()
     ]
     early = [stage for stage in plan.stages if stage.kind in BEFORE_FINETUNING]

@@ -73,20 +73,45 @@ def _save(fig: Any, path: Path) -> Path:
     return path
 
 
-def grouped_bars(
-    path: Path, title: str, groups: Sequence[str], series: dict[str, Sequence[Number]], ylabel: str = "metric"
+def method_panels(
+    path: Path,
+    title: str,
+    methods: Sequence[str],
+    series: Mapping[str, Sequence[Interval | None]],
+    xlabel: str = "metric",
 ) -> Path:
-    """One group of bars per entry of `groups` (a model), one bar per series (a task, or the score)."""
+    """One panel per series (a task, or the mean), one row per method: its estimate with its 95 % interval,
+    the methods named once on the left. The figure grows with the methods, so twenty stay readable where
+    grouped bars would crowd; a dotted line marks the first method's estimate (the main merge) in each
+    panel to read the others against, and a value not measured leaves its row empty."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(min(16.0, max(7.6, 0.3 * len(groups) * len(series) + 3)), 4.4))
-    width = 0.8 / max(1, len(series))
-    for i, (name, values) in enumerate(series.items()):
-        xs = [g + (i - (len(series) - 1) / 2) * width for g in range(len(groups))]
-        ax.bar(xs, _values(values), width, label=name)
-    ax.set_xticks(range(len(groups)), groups, rotation=20, ha="right")
-    ax.set(title=title, ylabel=ylabel)
-    _legend_outside(ax)
-    ax.grid(axis="y", alpha=0.3)
+    panels = max(1, len(series))
+    fig, axes = plt.subplots(
+        1,
+        panels,
+        figsize=(min(24.0, max(7.6, 3.5 + 2.4 * panels)), 1.4 + 0.3 * len(methods)),
+        sharey=True,
+        squeeze=False,
+    )
+    ys = list(range(len(methods), 0, -1))
+    for ax, (name, values) in zip(axes[0], series.items()):
+        for y in ys[1::2]:  # every other row shaded, to follow a method across the panels
+            ax.axhspan(y - 0.5, y + 0.5, color="0.94", linewidth=0, zorder=0)
+        for y, value in zip(ys, values):
+            estimate, low, high = _values(value if value is not None else (None, None, None))
+            if math.isfinite(low) and math.isfinite(high):
+                ax.plot([low, high], [y, y], color="tab:blue", linewidth=2.0, solid_capstyle="butt", zorder=2)
+            if math.isfinite(estimate):
+                ax.plot([estimate], [y], "o", color="tab:blue", markersize=5, zorder=3)
+        if values and values[0] is not None and _finite(values[0][0]):
+            ax.axvline(float(values[0][0]), color="black", linestyle=":", linewidth=0.9, zorder=1)
+        ax.set_title(name, fontsize="medium")
+        ax.set_xlabel(xlabel)
+        ax.grid(axis="x", alpha=0.3)
+    first = axes[0][0]
+    first.set_yticks(ys, methods, fontsize=8)
+    first.set_ylim(0.4, len(methods) + 0.6)
+    fig.suptitle(title)
     return _save(fig, path)
 
 

@@ -5,6 +5,7 @@ factor at a time from it. Pre-training budgets are in total steps, split between
 modality-specific pre-training, so every baseline trains equally long.
 """
 
+import json
 import os
 import re
 from typing import Any, Literal, Self
@@ -17,7 +18,10 @@ from vlmerge.core.registry import suggest
 from vlmerge.data.config import DataConfig
 from vlmerge.data.sources import check_data
 from vlmerge.merging import MERGE_METHODS
+from vlmerge.merging.coefficients import parse_options
+from vlmerge.merging.plan import MergePlan, build_merge_plan
 from vlmerge.models.config import ExpertPlacement
+from vlmerge.models.factory import model_config, state_keys
 from vlmerge.tasks import TASKS
 from vlmerge.training.config import ModelSpec, OptimizerConfig, TokenizerConfig, read_yaml
 from vlmerge.training.objectives import ObjectiveWeights
@@ -30,18 +34,29 @@ CLAIM_IDS: tuple[str, ...] = ("seed", "parity", "seed_length", "metrics", "size"
 SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")  # one file name: no path, nothing hidden
 
 
+def option_text(value: Any) -> str:
+    """An option's value as labels and model ids show it: a number as written, a coefficient spec
+    (merging/coefficients.py) as compact JSON without quotes, e.g. {attn:0.3,mlp:[0.2,0.8]}."""
+    if isinstance(value, list | tuple | dict):
+        return json.dumps(value, separators=(",", ":"), sort_keys=True).replace('"', "")
+    return str(value)
+
+
 class MergeSpec(StrictConfig):
     method: str
-    options: dict[str, Any] = {}
+    options: dict[str, Any] = Field(
+        {}, description="the method's options; an int or float one may be a coefficient spec"
+    )
 
     @property
     def label(self) -> str:
-        options = ", ".join(f"{k}={v}" for k, v in sorted(self.options.items()))
+        """The method and the options given, e.g. `ties (density=0.2, lam=1.0)`: what tells entries apart."""
+        options = ", ".join(f"{k}={option_text(v)}" for k, v in sorted(self.options.items()))
         return f"{self.method} ({options})" if options else self.method
 
     @property
     def key(self) -> str:
-        return "-".join([self.method, *(f"{k}{v}" for k, v in sorted(self.options.items()))])
+        return "-".join([self.method, *(f"{k}{option_text(v)}" for k, v in sorted(self.options.items()))])
 
 
 class FinetuneSpec(StrictConfig):
@@ -53,6 +68,17 @@ class FinetuneSpec(StrictConfig):
 class GramSpec(StrictConfig):
     split: str = "train"
     batch_size: int = Field(64, ge=1)
+
+
+class FisherSpec(StrictConfig):
+    """How Fisher merging's statistics are collected from each modality-specific model (`vlmerge fisher`);
+    the MLM masks and ITM negatives are drawn with the random seed of the run they serve."""
+
+    split: Literal["train", "val", "test"] = "train"
+    batch_size: int = Field(
+        32, ge=2, description="pairs per batch, one squared gradient each (ITM draws negatives from the batch)"
+    )
+    limit: int | None = Field(None, ge=1, description="first N examples of each split (default: data.limit)")
 
 
 class TaskData(StrictConfig):
@@ -108,6 +134,7 @@ class StudyRecipe(StrictConfig):
     finetune: FinetuneSpec = FinetuneSpec()
     probe: FinetuneSpec | None = Field(None, description="the linear probe's training (default: finetune's)")
     grams: GramSpec = GramSpec()
+    fisher: FisherSpec = FisherSpec()
     gallery_size: int = Field(6, ge=0)
     parity_margin: FiniteFloat = Field(
         0.02,
@@ -136,14 +163,13 @@ class StudyRecipe(StrictConfig):
         check_data(self.data, ["pairs"])
         for task in {*self.tasks, "retrieval"}:  # zero-shot retrieval and the gallery read retrieval data
             check_data(self.data_for(task), [TASKS.get(task).use])
-        for spec in [self.main_merge, *self.merges]:  # options checked now, not after pre-training
-            MERGE_METHODS.get(spec.method).options.parse(spec.options, where=f"merge {spec.method!r} options")
         if any(not 0 <= f < 1 for f in self.seed_fractions):
             raise ValueError("seed_fractions must lie in [0, 1): the specific stage needs steps")
         if ExpertPlacement.NONE in self.architectures:
             raise ValueError("architectures are expert placements to merge; 'none' has nothing to merge")
         if self.model.placement is not None:
             raise ValueError("model.placement is set per run by the recipe (architectures); drop it")
+        self._check_merges()  # options checked now, not after pre-training
         self._check_replicates()
         if self.init == "pretrained":
             if self.model.size != PRETRAINED_SIZE or self.model.overrides():
@@ -155,6 +181,38 @@ class StudyRecipe(StrictConfig):
                     "init: pretrained brings the BERT vocabulary: drop tokenizer.path / tokenizer.vocab_file"
                 )
         return self
+
+    def _check_merges(self) -> None:
+        """Every merge's options as the engine will read them, now and not after pre-training: plain values
+        by the method's options class; a coefficient spec's names and structure, then its value at every
+        merged tensor of each model the merge is applied to (main_merge: every architecture)."""
+        entries = [("main_merge", self.main_merge, {ExpertPlacement.ALL, *self.architectures})]
+        entries += [(f"merges.{i}", spec, {ExpertPlacement.ALL}) for i, spec in enumerate(self.merges)]
+        plans: dict[ExpertPlacement, MergePlan] = {}  # built the first time a spec needs one
+        for where, spec, placements in entries:
+            method = MERGE_METHODS.get(spec.method)  # an unknown name fails with the nearest valid one
+            try:
+                options = parse_options(method, spec.options)
+            except ConfigError as error:
+                raise ConfigError(f"{where}: {error}") from None
+            for placement in sorted(placements, key=lambda p: p.value) if options.specs else []:
+                if placement not in plans:
+                    plans[placement] = self.merge_plan(placement)
+                try:
+                    options.resolve(plans[placement])
+                except ConfigError as error:
+                    raise ConfigError(f"{where}: {error}") from None
+
+    def merge_plan(self, placement: ExpertPlacement) -> MergePlan:
+        """The merge plan of the recipe's modality-specific model with experts at `placement`, from its
+        config alone (key names and layers; nothing is trained or read)."""
+        config = model_config(
+            self.model.size,
+            image_size=self.data.image_size,
+            max_text_len=self.tokenizer.max_len,
+            **self.model.overrides(),
+        ).with_placement(placement)
+        return build_merge_plan(dict.fromkeys(state_keys(config), ()))
 
     def _check_replicates(self) -> None:
         """Seeds, protocols and claims: each must be something the study can run and judge."""

@@ -15,7 +15,7 @@ from urllib.parse import quote
 from vlmerge.io.atomic import atomic_path
 from vlmerge.study import plots
 from vlmerge.study.claims import PAPER_SEED_GAIN_VALUES, TARGET_RHO, protocol_name
-from vlmerge.study.recipe import StudyRecipe
+from vlmerge.study.recipe import MergeSpec, StudyRecipe, option_text
 from vlmerge.study.results import MEAN, GalleryHit, Group, ModelResult, StudyResults, SweepPoint, Verdict
 from vlmerge.study.stats import Correlation, Estimate
 
@@ -328,17 +328,24 @@ class _Report:
     def methods(self) -> list[Block]:
         if not (models := self.r.in_group(Group.METHODS)):
             return []
-        options = ("options", lambda m: ", ".join(f"{k}={v}" for k, v in m.options.items()) or "-")
+        options = ("options", lambda m: ", ".join(f"{k}={option_text(v)}" for k, v in m.options.items()) or "-")
         blocks = self.model_table(models, [LABEL, ("method", lambda m: m.method or "none"), options])
         protocol = self.r.protocols[0]
-        labels = [m.label for m in models]
+        # In the figure a method is named by what tells it apart (method and options, `ties (density=0.2)`):
+        # the seed share and expert placement the models' labels repeat are the same for every one.
+        names = [MergeSpec(method=m.method, options=dict(m.options)).label if m.method else m.label for m in models]
         series = {
-            t: [s.estimate.mean if (s := m.score(protocol, t)) else None for m in models] for t in self.tasks(protocol)
+            t: [
+                (s.estimate.mean, s.estimate.low, s.estimate.high) if (s := m.score(protocol, t)) else None
+                for m in models
+            ]
+            for t in self.tasks(protocol)
         }
-        title = f"Score per method and task ({protocol_name(protocol)}, mean over seeds)"
+        title = f"Score per method and task ({protocol_name(protocol)}, 95 % intervals)"
         blocks.append(
-            self.plot("methods", title, lambda p: plots.grouped_bars(p, title, labels, series, "primary metric"))
+            self.plot("methods", title, lambda p: plots.method_panels(p, title, names, series, "primary metric"))
         )
+        blocks.append(Paragraph(f"In each panel of the figure the dotted line marks the score of {names[0]}."))
         return blocks
 
     def sweep(self, key: str, xlabel: str, plot: bool = True) -> list[Block]:
