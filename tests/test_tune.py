@@ -166,7 +166,7 @@ def test_a_bad_grid_is_one_clear_error_before_any_merge(files, tmp_path, monkeyp
     def no_merge(*args, **kwargs):
         raise AssertionError("a merge was prepared before the grid was checked")
 
-    monkeypatch.setattr("vlmerge.tuning.prepare_merge", no_merge)
+    monkeypatch.setattr("vlmerge.tuning.MergeFiles.prepare", no_merge)
     out = tmp_path / "best.safetensors"
     with pytest.raises(ConfigError) as error:
         tune(files, out, grid, method, fixed)

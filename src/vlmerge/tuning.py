@@ -38,7 +38,7 @@ from vlmerge.io.layout import Layout
 from vlmerge.io.statistics import open_fisher
 from vlmerge.merging import MERGE_METHODS, MergeResult, method_options
 from vlmerge.merging.coefficients import parse_options, resolve_options
-from vlmerge.merging.engine import PreparedMerge, prepare_merge, write_merge
+from vlmerge.merging.engine import MergeFiles, PreparedMerge, write_merge
 from vlmerge.merging.plan import ExpertSelection, MergePlan, build_merge_plan
 from vlmerge.models.checkpoint import head_names
 from vlmerge.models.config import ModelConfig
@@ -259,21 +259,19 @@ def tune_checkpoint(
     reader = open_checkpoint(source, input_layout)
     plan = build_merge_plan({key: reader.shape(key) for key in reader.keys}, ExpertSelection.parse(selection))
     candidates = candidate_options(method, points, plan)
-    origin = open_checkpoint(seed_checkpoint) if seed_checkpoint is not None else None
-    gram_set = open_grams(grams) if grams is not None else None
-    fisher_set = open_fisher(fisher) if fisher is not None else None
+    files = MergeFiles(
+        reader,
+        open_checkpoint(seed_checkpoint) if seed_checkpoint is not None else None,
+        open_grams(grams) if grams is not None else None,
+        open_fisher(fisher) if fisher is not None else None,
+    )
 
     def prepared(options: Mapping[str, Any]) -> PreparedMerge:
-        return prepare_merge(
-            reader,
+        return files.prepare(
             method,
             options,
             selection=selection,
-            origin=origin,
-            grams=gram_set,
             allow_foreign_grams=allow_foreign_grams,
-            source_sha256=reader.sha256,
-            fisher=fisher_set,
             allow_foreign_fisher=allow_foreign_fisher,
         )
 

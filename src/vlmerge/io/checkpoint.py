@@ -163,6 +163,33 @@ class CheckpointReader:
         self.close()
 
 
+class ReaderBacked:
+    """A statistics file (Gram matrices, Fisher diagonals) read through one open CheckpointReader
+    (`self.reader`): its path, the hash of the file opened, the identity check, closing."""
+
+    reader: CheckpointReader
+
+    @property
+    def path(self) -> Path:
+        return self.reader.path
+
+    def sha256(self) -> str:
+        """SHA-256 of the open file the statistics are read from."""
+        return self.reader.sha256()
+
+    def check_unchanged(self) -> None:
+        self.reader.check_unchanged()
+
+    def close(self) -> None:
+        self.reader.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
 def open_checkpoint(path: str | os.PathLike, layout: Layout | str | None = None) -> CheckpointReader:
     """Open a safetensors or weights-only torch checkpoint in any known layout (io/layout.py): the
     one its keys show, or `layout` when given."""

@@ -19,22 +19,18 @@ import torch
 
 from vlmerge.core.errors import CheckpointError
 from vlmerge.core.numerics import all_finite
-from vlmerge.io.checkpoint import CheckpointReader, open_checkpoint, save_checkpoint
+from vlmerge.io.checkpoint import CheckpointReader, ReaderBacked, open_checkpoint, save_checkpoint
 from vlmerge.io.layout import native_gram_key
 
 
 @dataclass
-class GramSet:
+class GramSet(ReaderBacked):
     """Gram matrices by native module path, read lazily from one file."""
 
     reader: CheckpointReader
     keys: dict[str, str]  # native module path -> key in the reader
     info: dict[str, dict[str, Any]] = field(default_factory=dict)
     provenance: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def path(self) -> Path:
-        return self.reader.path
 
     def __contains__(self, module: object) -> bool:
         return module in self.keys
@@ -54,22 +50,6 @@ class GramSet:
         if not all_finite(band):
             raise CheckpointError(f"{self.path}: Gram matrix {module} contains NaN or Inf")
         return band
-
-    def sha256(self) -> str:
-        """SHA-256 of the open Gram file the matrices are read from."""
-        return self.reader.sha256()
-
-    def check_unchanged(self) -> None:
-        self.reader.check_unchanged()
-
-    def close(self) -> None:
-        self.reader.close()
-
-    def __enter__(self) -> "GramSet":
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
 
 
 def open_grams(path: str | os.PathLike) -> GramSet:

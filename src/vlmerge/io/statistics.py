@@ -19,22 +19,18 @@ import torch
 
 from vlmerge.core.errors import CheckpointError
 from vlmerge.core.numerics import all_finite
-from vlmerge.io.checkpoint import CheckpointReader, open_checkpoint, parse_json_metadata, save_checkpoint
+from vlmerge.io.checkpoint import CheckpointReader, ReaderBacked, open_checkpoint, parse_json_metadata, save_checkpoint
 
 FISHER_FORMAT = "vlmerge-fisher"
 
 
 @dataclass
-class FisherSet:
+class FisherSet(ReaderBacked):
     """Diagonal Fisher statistics by expert tensor key, read lazily from one file."""
 
     reader: CheckpointReader
     info: dict[str, dict[str, Any]] = field(default_factory=dict)
     provenance: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def path(self) -> Path:
-        return self.reader.path
 
     @property
     def keys(self) -> list[str]:
@@ -57,22 +53,6 @@ class FisherSet:
                 "a mean of squared gradients never has"
             )
         return fisher
-
-    def sha256(self) -> str:
-        """SHA-256 of the open file the statistics are read from."""
-        return self.reader.sha256()
-
-    def check_unchanged(self) -> None:
-        self.reader.check_unchanged()
-
-    def close(self) -> None:
-        self.reader.close()
-
-    def __enter__(self) -> "FisherSet":
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
 
 
 def open_fisher(path: str | os.PathLike) -> FisherSet:

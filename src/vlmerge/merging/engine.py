@@ -148,23 +148,68 @@ def merge_checkpoint(
     its keys show) and the output written in `layout`, a multiway layout with tied experts.
     """
     check_output_path(out, [source, seed_checkpoint, grams, fisher])
-    reader = open_checkpoint(source, input_layout)
-    origin = open_checkpoint(seed_checkpoint) if seed_checkpoint is not None else None
-    gram_set = open_grams(grams) if grams is not None else None
-    fisher_set = open_fisher(fisher) if fisher is not None else None
-    prepared = prepare_merge(
-        reader,
+    files = MergeFiles.open(
+        source, seed_checkpoint=seed_checkpoint, grams=grams, fisher=fisher, input_layout=input_layout
+    )
+    prepared = files.prepare(
         method,
         options,
         selection=selection,
-        origin=origin,
-        grams=gram_set,
         allow_foreign_grams=allow_foreign_grams,
-        source_sha256=reader.sha256,
-        fisher=fisher_set,
         allow_foreign_fisher=allow_foreign_fisher,
     )
     return write_merge(prepared, out, layout=layout, progress=progress)
+
+
+@dataclass
+class MergeFiles:
+    """The input files of a merge, each opened once and read from that open file (a search merges
+    many candidates from one opening)."""
+
+    reader: CheckpointReader
+    origin: CheckpointReader | None = None
+    grams: GramSet | None = None
+    fisher: FisherSet | None = None
+
+    @classmethod
+    def open(
+        cls,
+        source: str | os.PathLike,
+        *,
+        seed_checkpoint: str | os.PathLike | None = None,
+        grams: str | os.PathLike | None = None,
+        fisher: str | os.PathLike | None = None,
+        input_layout: Layout | str | None = None,
+    ) -> "MergeFiles":
+        return cls(
+            open_checkpoint(source, input_layout),
+            open_checkpoint(seed_checkpoint) if seed_checkpoint is not None else None,
+            open_grams(grams) if grams is not None else None,
+            open_fisher(fisher) if fisher is not None else None,
+        )
+
+    def prepare(
+        self,
+        method: str,
+        options: Mapping[str, Any] | None = None,
+        *,
+        selection: str = "all",
+        allow_foreign_grams: bool = False,
+        allow_foreign_fisher: bool = False,
+    ) -> PreparedMerge:
+        """`prepare_merge` on these files, the statistics checked against the source file's hash."""
+        return prepare_merge(
+            self.reader,
+            method,
+            options,
+            selection=selection,
+            origin=self.origin,
+            grams=self.grams,
+            allow_foreign_grams=allow_foreign_grams,
+            source_sha256=self.reader.sha256,
+            fisher=self.fisher,
+            allow_foreign_fisher=allow_foreign_fisher,
+        )
 
 
 def write_merge(
