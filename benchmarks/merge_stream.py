@@ -3,6 +3,8 @@ file size, and both side by side with mergekit on the same expert tensors.
 
 Usage: python benchmarks/merge_stream.py [--size base] [--methods interpolation ties ...] [--runs 3]
        [--no-mergekit] [--workdir DIR]
+Every registered method family is timed (`--methods` chooses); the statistics-based ones get
+synthetic inputs (identity Gram matrices, random Fisher diagonals), since their cost is the merge's.
 Goals (issue): no method slower than mergekit's counterpart; interpolation within 1.5x a durable
 copy of the file; RegMean's peak RSS at most 0.3x the checkpoint file.
 
@@ -36,10 +38,13 @@ from support.mergekit_side import BASELINE as MERGEKIT_BASELINE
 from support.mergekit_side import CHILD as MERGEKIT_CHILD
 from support.mergekit_side import MergekitMethod, output_file, write_models
 
+from vlmerge.core.keys import parse_block_path
 from vlmerge.io.checkpoint import open_checkpoint
 from vlmerge.io.grams import save_grams
+from vlmerge.io.statistics import save_fisher
 from vlmerge.merging.grams import gram_modules
 from vlmerge.merging.plan import expand_to_experts
+from vlmerge.merging.regmean_pp import SEQUENTIAL, SequentialOptions
 from vlmerge.models import VLTransformer, model_config, save_model
 
 GOALS = {"copy": 1.5, "regmean_memory": 0.3}
@@ -49,7 +54,7 @@ PEAK_RSS = "int(next(l for l in open('/proc/self/status') if l.startswith('VmHWM
 CHILD = f"""
 import json, shutil, sys, time
 from vlmerge.merging import merge_checkpoint
-task, source, out, method, options, seed, grams = sys.argv[1:8]
+task, source, out, method, options, seed, grams, fisher = sys.argv[1:9]
 start = time.perf_counter()
 if task == "copy":
     shutil.copyfile(source, out)
@@ -58,7 +63,10 @@ elif task == "durable-copy":
     with atomic_path(out) as tmp:
         shutil.copyfile(source, tmp)
 else:
-    merge_checkpoint(source, method, json.loads(options), out=out, seed_checkpoint=seed or None, grams=grams or None)
+    merge_checkpoint(
+        source, method, json.loads(options), out=out,
+        seed_checkpoint=seed or None, grams=grams or None, fisher=fisher or None,
+    )
 elapsed = time.perf_counter() - start
 print(json.dumps({{"seconds": elapsed, "peak_rss_bytes": {PEAK_RSS}}}))
 """
@@ -72,7 +80,8 @@ class Method:
     mergekit: MergekitMethod | None = None
     note: str = ""
     seed: bool = True  # merges against the seed checkpoint
-    grams: bool = False
+    grams: str = ""  # "plain" (RegMean) or "sequential" (RegMean++) Gram matrices
+    fisher: bool = False  # Fisher statistics
 
 
 METHODS = {
@@ -127,9 +136,27 @@ METHODS = {
         MergekitMethod("dare_linear", {"density": 0.5, "weight": 0.5}),
         "dare_linear: rescales to the L1 norm (vlmerge: 1/(1 - p)); its own random masks",
     ),
-    "regmean": Method({"alpha": 1.0}, None, "no mergekit counterpart", seed=False, grams=True),
+    "regmean": Method({"alpha": 1.0}, None, "no mergekit counterpart", seed=False, grams="plain"),
+    "regmean_pp": Method({"alpha": 1.0}, None, "no mergekit counterpart", seed=False, grams="sequential"),
+    "fisher": Method({}, None, "no mergekit counterpart", seed=False, fisher=True),
+    "tsv": Method({"lam": 1.0}, None, "no mergekit counterpart"),
+    "iso_c": Method({"lam": 1.0}, None, "no mergekit counterpart"),
+    "iso_cts": Method({"lam": 1.0}, None, "no mergekit counterpart"),
 }
-DEFAULT_METHODS = ["interpolation", "arithmetic", "ties", "dare_ties", "breadcrumbs", "della", "regmean"]
+DEFAULT_METHODS = [
+    "interpolation",
+    "arithmetic",
+    "ties",
+    "dare_ties",
+    "breadcrumbs",
+    "della",
+    "regmean",
+    "regmean_pp",
+    "fisher",
+    "tsv",
+    "iso_c",
+    "iso_cts",
+]
 
 
 @dataclass
@@ -177,9 +204,10 @@ def fresh(path: Path) -> Path:
     return path
 
 
-def make_inputs(size: str, workdir: Path, with_grams: bool) -> tuple[Path, Path, Path | None]:
+def make_inputs(size: str, workdir: Path, methods: dict[str, Method]) -> "Inputs":
     """A modality-specific checkpoint whose experts are the seed plus a small perturbation each, the
-    seed as a modality-agnostic checkpoint, and identity Gram matrices (float64) for RegMean."""
+    seed as a modality-agnostic checkpoint, and the statistics the methods need: identity Gram
+    matrices (float64; recorded as a sequential pass for RegMean++) and random Fisher diagonals."""
     torch.manual_seed(0)
     config = model_config(size)
     seed_model = VLTransformer(config.agnostic())
@@ -191,16 +219,31 @@ def make_inputs(size: str, workdir: Path, with_grams: bool) -> tuple[Path, Path,
         for key in expert_keys:
             state[key] += 0.01 * state[key].std().nan_to_num() * torch.randn_like(state[key])
     model.load_state_dict({key: state[key] for key in model.state_dict()})
-    source = save_model(model, workdir / "specific.safetensors")
-    seed = save_model(seed_model, workdir / "seed.safetensors")
-    grams = None
-    if with_grams:
-        identity = {
-            name: torch.eye(linear.in_features, dtype=torch.float64)
-            for name, (linear, _) in gram_modules(model).items()
-        }
-        grams = save_grams(workdir / "grams.safetensors", identity, {}, {"data": "identity (benchmark)"})
-    return source, seed, grams
+    inputs = Inputs(
+        save_model(model, workdir / "specific.safetensors"), save_model(seed_model, workdir / "seed.safetensors")
+    )
+    kinds = {m.grams for m in methods.values()} - {""}
+    identity = {
+        name: torch.eye(linear.in_features, dtype=torch.float64) for name, (linear, _) in gram_modules(model).items()
+    }
+    for kind in kinds:
+        provenance = {"data": "identity (benchmark)"}
+        if kind == "sequential":
+            provenance[SEQUENTIAL] = SequentialOptions().model_dump(mode="json")
+        inputs.grams[kind] = save_grams(workdir / f"grams-{kind}.safetensors", identity, {}, provenance)
+    if any(m.fisher for m in methods.values()):
+        fisher = {key: torch.rand_like(state[key]) for key in expert_keys}
+        info = {key: {"modality": parse_block_path(key).modality.value, "batches": 1} for key in expert_keys}
+        inputs.fisher = save_fisher(workdir / "fisher.safetensors", fisher, info, {"data": "random (benchmark)"})
+    return inputs
+
+
+@dataclass
+class Inputs:
+    source: Path
+    seed: Path
+    grams: dict[str, Path] = field(default_factory=dict)  # by kind: plain, sequential
+    fisher: Path | None = None
 
 
 def agreement(ours: Path, theirs: Path) -> float:
@@ -234,7 +277,8 @@ def main() -> None:
     methods = {name: METHODS[name] for name in args.methods}
     use_mergekit = not args.no_mergekit and any(m.mergekit for m in methods.values())
 
-    source, seed, grams = make_inputs(args.size, workdir, any(m.grams for m in methods.values()))
+    inputs = make_inputs(args.size, workdir, methods)
+    source, seed = inputs.source, inputs.seed
     file_bytes = source.stat().st_size
     config = model_config(args.size)
     models = write_models(source, seed, workdir / "mergekit", config.width, config.depth) if use_mergekit else {}
@@ -248,12 +292,13 @@ def main() -> None:
     for run in range(args.runs):
         for task, samples in copies.items():
             out = fresh(workdir / f"{task}.safetensors")
-            samples.add(run_child([CHILD, task, str(source), str(out), "", "{}", "", ""]), ours_base)
+            samples.add(run_child([CHILD, task, str(source), str(out), "", "{}", "", "", ""]), ours_base)
         for name, method in methods.items():
             out = workdir / f"merged-{name}.safetensors"
             if run == 0 or ours[name].time() < args.repeat_under:
                 argv = [CHILD, "merge", str(source), str(fresh(out)), name, json.dumps(method.options)]
-                argv += [str(seed) if method.seed else "", str(grams) if method.grams else ""]
+                argv += [str(seed) if method.seed else "", str(inputs.grams.get(method.grams, ""))]
+                argv += [str(inputs.fisher) if method.fisher else ""]
                 ours[name].add(run_child(argv), ours_base)
             if name in theirs and (run == 0 or theirs[name].time() < args.repeat_under):
                 their_out = fresh(workdir / f"mergekit-{name}")

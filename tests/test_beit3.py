@@ -3,11 +3,14 @@
 A random test-sized torchscale BEiT3 is saved as a released file is (`{"model": state_dict}`),
 imported, and compared for images, padded text and pairs; merged with `vlmerge merge --layout
 beit3` (tied A/B experts), loaded strictly back into torchscale and compared with vlmerge's own
-merged model. Max abs differences are printed (run with -s to see them).
+merged model. Max abs differences are printed (pytest -s) and kept in
+test-artifacts/beit3-differences.json.
 """
 
 import io
+import json
 from contextlib import redirect_stderr, redirect_stdout
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,6 +25,18 @@ from vlmerge.merging.grams import collect_grams
 from vlmerge.models.checkpoint import load_model
 
 TOLERANCE = 1e-4  # float32
+ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"  # where a person reads the differences
+
+
+def report(name: str, differences: dict[str, float]) -> None:
+    """Print the max abs differences and keep them in test-artifacts/beit3-differences.json."""
+    print(f"{name}, max abs difference: {differences}")
+    ARTIFACTS.mkdir(exist_ok=True)
+    path = ARTIFACTS / "beit3-differences.json"
+    recorded = json.loads(path.read_text()) if path.exists() else {}
+    path.write_text(json.dumps({**recorded, name: differences}, indent=2, sort_keys=True))
+
+
 IMAGE_TOKENS = 17  # (32 / 8)^2 patches + cls
 
 
@@ -72,7 +87,7 @@ def test_an_imported_beit3_reproduces_torchscale(released):
     assert (ours.config.family, ours.config.width, ours.config.depth, ours.config.heads) == ("beit3", 128, 3, 2)
     assert ours.config.max_text_len == config.max_source_positions - 2  # fairseq's offset of 2
     differences = max_differences(reference, ours)
-    print(f"imported BEiT-3 vs torchscale, max abs difference: {differences}")
+    report("imported BEiT-3 vs torchscale", differences)
     assert max(differences.values()) <= TOLERANCE
 
 
@@ -95,7 +110,7 @@ def test_merging_with_the_beit3_layout_loads_strictly_into_torchscale(released, 
     ours = load_model(native).eval()
     assert not ours.config.is_multiway
     differences = max_differences(merged_reference, ours)
-    print(f"merged BEiT-3 (torchscale, tied A/B) vs vlmerge's merged model, max abs difference: {differences}")
+    report("merged BEiT-3 (torchscale, tied A/B) vs vlmerge's merged model", differences)
     assert max(differences.values()) <= TOLERANCE
 
 
