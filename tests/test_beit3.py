@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from torchscale_reference import beit3_class, random_beit3
+from torchscale_reference import beit3_class, beit3_config, random_beit3
 
 from vlmerge.cli.main import main
 from vlmerge.core.errors import CheckpointError
@@ -200,15 +200,11 @@ def test_registered_beit3_sizes_have_torchscales_keys_and_shapes(size, layers, w
     from vlmerge.io.layout import foreign_keys
     from vlmerge.models import create_model
 
-    EncoderConfig, BEiT3 = beit3_class()
-    config = EncoderConfig(
+    _, BEiT3 = beit3_class()
+    config = beit3_config(
         img_size=224,
         patch_size=16,
         vocab_size=64010,
-        multiway=True,
-        layernorm_embedding=False,
-        normalize_output=True,
-        no_output_layer=True,
         encoder_embed_dim=width,
         encoder_attention_heads=heads,
         encoder_ffn_embed_dim=4 * width,
@@ -222,3 +218,14 @@ def test_registered_beit3_sizes_have_torchscales_keys_and_shapes(size, layers, w
         for name, squeeze in foreign_keys(key, Layout.BEIT3)
     }
     assert written == {key: tuple(value.shape) for key, value in reference.state_dict().items()}
+
+
+def test_a_layout_of_another_family_is_refused_before_any_work(released, tmp_path):
+    _, _, path = released
+    out = tmp_path / "merged.pth"
+    code, _, err = run_cli(["merge", str(path), "--method", "interpolation", "--layout", "vlmo", "--out", str(out)])
+    assert code == 2 and not out.exists()
+    assert err.strip().splitlines() == [
+        f"vlmerge merge: error: {path}: a beit3 model cannot be written in the vlmo layout, which names another "
+        "family's modules; write it as native, beit3"
+    ]

@@ -3,7 +3,8 @@
 `magnitude_order` sorts the magnitudes' bits as integers instead of the floats; breadcrumbs and
 DELLA rank by it instead of a float sort and a near-full top-k; TIES' trim takes its top-k unsorted.
 Each is checked here against the definition written out independently (numpy's stable sort), and
-against the code it replaced (kept below, verbatim) on random tensors, bit for bit.
+against the code it replaced (kept below, verbatim; the old trim is test_task_vectors'
+reference copy) on random tensors, bit for bit.
 """
 
 import math
@@ -11,6 +12,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from test_task_vectors import old_trim_to_top_k
 
 from vlmerge.core.modality import Modality
 from vlmerge.merging.task_vectors import (
@@ -58,16 +60,6 @@ def old_breadcrumbs(vector: torch.Tensor, density: float, gamma: float) -> torch
     kept = flat.abs().topk(outliers + keep).indices[outliers:]
     mask = torch.zeros_like(flat, dtype=torch.bool)
     mask[kept] = True
-    return torch.where(mask, flat, torch.zeros_like(flat)).view_as(vector)
-
-
-def old_trim_to_top_k(vector: torch.Tensor, density: float) -> torch.Tensor:
-    keep = kept_count(vector.numel(), density)
-    if keep >= vector.numel():
-        return vector.clone()
-    flat = vector.flatten()
-    mask = torch.zeros_like(flat, dtype=torch.bool)
-    mask[flat.abs().topk(keep).indices] = True
     return torch.where(mask, flat, torch.zeros_like(flat)).view_as(vector)
 
 

@@ -42,25 +42,31 @@ def beit3_class():
     return EncoderConfig, BEiT3
 
 
+# What unilm's beit3 passes torchscale for every size (modeling_utils._get_base_config).
+BEIT3_OPTIONS = dict(multiway=True, layernorm_embedding=False, normalize_output=True, no_output_layer=True)
+TEST_SIZES = dict(
+    img_size=32,
+    patch_size=8,
+    vocab_size=100,
+    encoder_embed_dim=128,
+    encoder_attention_heads=2,
+    encoder_ffn_embed_dim=256,
+    encoder_layers=3,
+    max_source_positions=34,
+)
+
+
+def beit3_config(**sizes):
+    """torchscale's EncoderConfig of a BEiT-3 of `sizes` (EncoderConfig's names and defaults)."""
+    EncoderConfig, _ = beit3_class()
+    return EncoderConfig(**BEIT3_OPTIONS, **sizes)
+
+
 def random_beit3(seed: int = 0, **sizes):
     """A test-sized torchscale BEiT3 in eval mode, every parameter moved off its initial value (norms
     and biases too, which start at 1 and 0), so every tensor's mapping matters."""
-    EncoderConfig, BEiT3 = beit3_class()
-    fields = dict(
-        img_size=32,
-        patch_size=8,
-        vocab_size=100,
-        multiway=True,
-        layernorm_embedding=False,
-        normalize_output=True,
-        no_output_layer=True,
-        encoder_embed_dim=128,
-        encoder_attention_heads=2,
-        encoder_ffn_embed_dim=256,
-        encoder_layers=3,
-        max_source_positions=34,
-    )
-    config = EncoderConfig(**{**fields, **sizes})
+    _, BEiT3 = beit3_class()
+    config = beit3_config(**{**TEST_SIZES, **sizes})
     torch.manual_seed(seed)
     model = BEiT3(config).eval()
     generator = torch.Generator().manual_seed(seed)

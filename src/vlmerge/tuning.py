@@ -38,7 +38,7 @@ from vlmerge.io.layout import Layout
 from vlmerge.io.statistics import open_fisher
 from vlmerge.merging import MERGE_METHODS, MergeResult, method_options
 from vlmerge.merging.coefficients import parse_options, resolve_options
-from vlmerge.merging.engine import MergeFiles, PreparedMerge, write_merge
+from vlmerge.merging.engine import MergeFiles, PreparedMerge, check_output_layout, write_merge
 from vlmerge.merging.plan import ExpertSelection, MergePlan, build_merge_plan
 from vlmerge.models.checkpoint import head_names
 from vlmerge.models.config import ModelConfig
@@ -257,6 +257,7 @@ def tune_checkpoint(
     points = grid_points(axes, method, fixed)
     check_output_path(out, [source, seed_checkpoint, grams, fisher])
     reader = open_checkpoint(source, input_layout)
+    check_output_layout(reader, layout)
     plan = build_merge_plan({key: reader.shape(key) for key in reader.keys}, ExpertSelection.parse(selection))
     candidates = candidate_options(method, points, plan)
     files = MergeFiles(

@@ -341,11 +341,6 @@ def from_reference_key(reference_key: str) -> str:
     return LAYOUTS[Layout.REFERENCE].to_native(reference_key)[0]
 
 
-def is_reference_layout(keys: "list[str] | tuple[str, ...]") -> bool:
-    """The paper's checkpoints nest the encoder under `transformer.`."""
-    return detect_layout(keys) is Layout.REFERENCE
-
-
 # Gram matrices are keyed by the module whose input they describe; in the paper's files the
 # attention module's own path (`transformer.blocks.3.attn.v`) stands for its qkv input.
 def native_gram_key(key: str, layout: Layout) -> str:

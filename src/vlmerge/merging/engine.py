@@ -29,7 +29,6 @@ from tqdm import tqdm
 from vlmerge import __version__
 from vlmerge.core.config import StrictConfig
 from vlmerge.core.errors import CheckpointError, ConfigError, MergeError
-from vlmerge.core.keys import parse_block_path
 from vlmerge.core.numerics import all_finite
 from vlmerge.io.atomic import check_output_path
 from vlmerge.io.checkpoint import (
@@ -151,6 +150,7 @@ def merge_checkpoint(
     files = MergeFiles.open(
         source, seed_checkpoint=seed_checkpoint, grams=grams, fisher=fisher, input_layout=input_layout
     )
+    check_output_layout(files.reader, layout)
     prepared = files.prepare(
         method,
         options,
@@ -224,7 +224,8 @@ def write_merge(
     merged many candidates from one opening writes its best this way). `record`: further entries of
     the file's merge record, beside the standard ones (e.g. `vlmerge tune`'s search table)."""
     layout = Layout(layout)
-    rename = _output_names(prepared.reader, layout)
+    check_output_layout(prepared.reader, layout)
+    rename = _output_names(prepared, layout)
     if Path(out).suffix in PICKLE_SUFFIXES:
         tensors = dict(prepared.tensors(progress))
         result = prepared.result(tensors)
@@ -275,19 +276,40 @@ def _a_core_for(hashing: Future) -> Iterator[Callable[[], None]]:
         torch.set_num_threads(threads)
 
 
-def _output_names(reader: CheckpointReader, layout: Layout) -> Callable[[str], list[tuple[str, bool]]]:
+# The layouts each family's weights can be written in: a layout names another family's modules.
+FAMILY_LAYOUTS = {
+    "native": (Layout.NATIVE, Layout.REFERENCE),
+    "paper": (Layout.NATIVE, Layout.REFERENCE),
+    "vlmo": (Layout.NATIVE, Layout.VLMO),
+    "beit3": (Layout.NATIVE, Layout.BEIT3),
+}
+LAYOUT_FAMILY = {Layout.NATIVE: "native", Layout.REFERENCE: "paper", Layout.VLMO: "vlmo", Layout.BEIT3: "beit3"}
+
+
+def check_output_layout(reader: CheckpointReader, layout: Layout | str) -> None:
+    """Refuse, before any work, an output layout whose family is not the source's: BEiT-3's separate
+    projections under VLMo's names would be a file no VLMo code can load."""
+    layout = Layout(layout)
+    config, _ = _source_config(reader)
+    family = config.family if config is not None else LAYOUT_FAMILY[reader.layout]
+    allowed_layouts = dict.fromkeys((*FAMILY_LAYOUTS[family], reader.layout))  # its own layout, always
+    if layout not in allowed_layouts:
+        allowed = ", ".join(item.value for item in allowed_layouts)
+        raise MergeError(
+            f"{reader.path}: a {family} model cannot be written in the {layout.value} layout, which names "
+            f"another family's modules; write it as {allowed}"
+        )
+
+
+def _output_names(prepared: PreparedMerge, layout: Layout) -> Callable[[str], list[tuple[str, bool]]]:
     """Native key -> the output's keys (each with whether its batch dimension is dropped). In the
     source's own layout a tensor passed through keeps its stored name (a wrapper prefix such as
     unilm's `beit3.` included); a merged tensor of a multiway layout is written under every expert
     its layer had in the source (tied); what the source's family stores but never reads (its index
     buffers) is left out of any other layout."""
+    reader = prepared.reader
     if layout is Layout.NATIVE:
         return lambda key: [] if key in reader.mapping.unused else [(key, False)]
-    experts: dict[int, set] = {}
-    for key in reader.keys:
-        path = parse_block_path(key)
-        if path is not None and path.modality is not None:
-            experts.setdefault(path.layer, set()).add(path.modality)
     same_layout = reader.layout is layout
     prefix = reader.mapping.prefix if same_layout else ""
 
@@ -296,7 +318,7 @@ def _output_names(reader: CheckpointReader, layout: Layout) -> Callable[[str], l
             return [reader.mapping.stored[key]]
         if key in reader.mapping.unused:  # a family's buffers mean nothing in another layout
             return []
-        return foreign_keys(key, layout, prefix, experts.get)
+        return foreign_keys(key, layout, prefix, prepared.plan.layer_experts.get)
 
     return names
 

@@ -165,32 +165,25 @@ def _relative_sizes(reader: CheckpointReader, depth: int, patch: int, overrides:
 
 
 def _vlmo_sizes(reader: CheckpointReader, overrides: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    width = reader.shape("cls_token")[-1]
-    layers = _layers(reader)
-    fields = _common(reader, width, layers)
-    relative = _relative_sizes(reader, fields["depth"], fields["patch_size"], overrides)
-    fusion = _first_vl_layer(layers)
-    return "vlmo", {
-        **fields,
-        **relative,
-        "fusion_layer": fusion if fusion is not None else fields["depth"] - 1,
-        "layer_scale": block_key(0, "gamma_1") in reader,
-        "pooler": "pooler.dense.weight" in reader,
-    }
+    return "vlmo", _vlmo_like_sizes(reader, overrides)
 
 
 def _paper_sizes(reader: CheckpointReader, overrides: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    width = reader.shape("cls_token")[-1]
-    layers = _layers(reader)
-    fields = _common(reader, width, layers)
+    """VLMo's sizes, and where the experts sit (the paper's variants differ in it)."""
     slots = {path.slot for key in reader.keys if (path := parse_block_path(key)) and path.modality}
     placement = next(p for p in ExpertPlacement if p.slots == slots & {"norm1", "attn", "norm2", "mlp"})
-    relative = _relative_sizes(reader, fields["depth"], fields["patch_size"], overrides)
+    return "paper", {**_vlmo_like_sizes(reader, overrides), "placement": placement.value}
+
+
+def _vlmo_like_sizes(reader: CheckpointReader, overrides: dict[str, Any]) -> dict[str, Any]:
+    """The sizes of VLMo and of the paper's model (derived from it): the common ones, the relative
+    table's, the first vl layer, layer scale and pooler where present."""
+    layers = _layers(reader)
+    fields = _common(reader, reader.shape("cls_token")[-1], layers)
     fusion = _first_vl_layer(layers)
-    return "paper", {
+    return {
         **fields,
-        **relative,
-        "placement": placement.value,
+        **_relative_sizes(reader, fields["depth"], fields["patch_size"], overrides),
         "fusion_layer": fusion if fusion is not None else fields["depth"] - 1,
         "layer_scale": block_key(0, "gamma_1") in reader,
         "pooler": "pooler.dense.weight" in reader,

@@ -217,14 +217,19 @@ class VLTransformer(nn.Module):
         is_pair = len(streams) == 2
         if is_pair and self.config.pair_attention == "across":
             streams = [join(*streams)]
-        biases = [RelativeBias(self, stream.tokens) for stream in streams]
+        biases: dict[tuple, RelativeBias] = {}  # by token layout: a pair joined from the start keeps its own
+
+        def bias_of(stream: Stream) -> RelativeBias:
+            if stream.tokens not in biases:
+                biases[stream.tokens] = RelativeBias(self, stream.tokens)
+            return biases[stream.tokens]
+
         for layer, block in enumerate(self.blocks):
             if layer == self.config.fusion_layer and (is_pair or unimodal_through_vl):
                 streams = [(join(*streams) if len(streams) == 2 else streams[0]).through_vl()]
-                biases = [RelativeBias(self, streams[0].tokens)]
             streams = [
-                replace(s, hidden=block(s.hidden, s.segments, s.mask, bias.attn_mask(layer, s.mask)))
-                for s, bias in zip(streams, biases)
+                replace(s, hidden=block(s.hidden, s.segments, s.mask, bias_of(s).attn_mask(layer, s.mask)))
+                for s in streams
             ]
         if len(streams) != 1:
             raise ConfigError("image-text pairs need a fusion layer or attention across modalities")
