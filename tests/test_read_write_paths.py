@@ -9,7 +9,6 @@
 
 import gc
 import os
-import threading
 
 import pytest
 import torch
@@ -145,29 +144,22 @@ def test_writeback_while_streaming_changes_no_byte(tmp_path, monkeypatch):
     assert all(torch.equal(reader.get(k), v) for k, v in tensors.items())
 
 
-def test_a_streamed_merge_leaves_the_hash_a_core_and_restores_the_threads(micro_config, tmp_path, monkeypatch):
-    """One intra-op thread fewer while the inputs are hashed beside the merge, all of them afterwards."""
+def test_a_merge_computes_on_one_thread_and_restores_the_callers_count(micro_config, tmp_path, monkeypatch):
+    """Every merged tensor is computed on one intra-op thread (its bytes must not follow the machine's
+    thread count, and the hash beside it gets the other cores); the caller's count is restored."""
     source = save_model(VLTransformer(micro_config), tmp_path / "specific.safetensors")
-    written, first_written = [], threading.Event()
-    real_write, real_hashes = streaming_module.TensorStreamWriter.write, engine_module._input_hashes
+    seen, real_merge_group = [], engine_module._merge_group
 
-    def write(self, name, tensor):
-        written.append(torch.get_num_threads())
-        first_written.set()
-        real_write(self, name, tensor)
+    def merge_group(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return real_merge_group(*args, **kwargs)
 
-    def hashes(prepared, pending=False):
-        if not pending:
-            first_written.wait(10)  # the hash is still running when the first tensor is written
-        return real_hashes(prepared, pending)
-
-    monkeypatch.setattr(streaming_module.TensorStreamWriter, "write", write)
-    monkeypatch.setattr(engine_module, "_input_hashes", hashes)
+    monkeypatch.setattr(engine_module, "_merge_group", merge_group)
     threads = torch.get_num_threads()
     torch.set_num_threads(3)
     try:
         merge_checkpoint(source, "interpolation", out=tmp_path / "merged.safetensors")
-        assert written[0] == 2
+        assert seen and set(seen) == {1}
         assert torch.get_num_threads() == 3
     finally:
         torch.set_num_threads(threads)

@@ -15,8 +15,7 @@ import json
 import os
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from difflib import get_close_matches
 from pathlib import Path
@@ -30,6 +29,7 @@ from vlmerge import __version__
 from vlmerge.core.config import StrictConfig
 from vlmerge.core.errors import CheckpointError, ConfigError, MergeError
 from vlmerge.core.numerics import all_finite
+from vlmerge.core.threads import one_thread
 from vlmerge.io.atomic import check_output_path
 from vlmerge.io.checkpoint import (
     CARRIED_METADATA,
@@ -102,9 +102,10 @@ class PreparedMerge:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always", MergeWarning)
                 options = self.coefficients.at(group.target) if self.coefficients else self.options
-                merged = _merge_group(
-                    group, self.reader, self.method, options, self.origin, self.grams, self.prepared, self.fisher
-                )
+                with one_thread():  # the same bytes whatever the machine's thread count
+                    merged = _merge_group(
+                        group, self.reader, self.method, options, self.origin, self.grams, self.prepared, self.fisher
+                    )
             self.warnings += [str(w.message) for w in caught if issubclass(w.category, MergeWarning)]
             yield group.target, merged
             del merged  # not alive beside the next group's inputs
@@ -237,43 +238,22 @@ def write_merge(
         for k, dtype, shape in prepared.output_layout()
         for name, squeeze in rename(k)
     ]
-    with ThreadPoolExecutor(max_workers=1) as hasher:  # the inputs are hashed beside the merge, not before it
+    # The inputs are hashed beside the merge, not before it: the merge computes on one intra-op thread
+    # (`one_thread`), which leaves the other cores to the hash.
+    with ThreadPoolExecutor(max_workers=1) as hasher:
         hashes = hasher.submit(_input_hashes, prepared)
         placeholder = _provenance(prepared, _input_hashes(prepared, pending=True), record, layout)
-        with (
-            stream_safetensors(out, layout_out, placeholder, reserve_metadata=METADATA_RESERVE) as writer,
-            _a_core_for(hashes) as give_back,
-        ):
+        with stream_safetensors(out, layout_out, placeholder, reserve_metadata=METADATA_RESERVE) as writer:
             for key, tensor in prepared.tensors(progress):
                 for name, squeeze in rename(key):
                     writer.write(name, to_layout(tensor, squeeze))
                 del tensor  # written: free before the next group is merged
-                give_back()
             writer.update_metadata(
                 _provenance(prepared, hashes.result(), record, layout)
             )  # the hashes and the warnings
     result = prepared.result()
     result.path = Path(out)
     return result
-
-
-@contextmanager
-def _a_core_for(hashing: Future) -> Iterator[Callable[[], None]]:
-    """One intra-op thread fewer while the inputs are hashed beside the merge. Between the merge's many
-    short parallel regions torch's OpenMP workers spin-wait, on the core the hash needs (2 cores, a
-    base-size interpolation: 2.9 s with two threads, 1.2 s with one). Yields `give_back`, which
-    restores the threads once the hash is done (a long merge, RegMean's, has them back in a second)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, threads - 1))
-
-    def give_back() -> None:
-        if hashing.done() and torch.get_num_threads() != threads:
-            torch.set_num_threads(threads)
-
-    try:
-        yield give_back
-    finally:
-        torch.set_num_threads(threads)
 
 
 # The layouts each family's weights can be written in: a layout names another family's modules.
@@ -402,7 +382,8 @@ def prepare_merge(
         prepass_inputs, prepass_options = coefficients.prepass(
             (_group_inputs(g, reader, method, origin, grams, fisher=fisher) for g in multi), method.model_wide
         )
-        prepared = method.prepare(prepass_inputs, prepass_options)
+        with one_thread():
+            prepared = method.prepare(prepass_inputs, prepass_options)
     return PreparedMerge(reader, plan, method, parsed_options, origin, grams, prepared, notes, fisher, coefficients)
 
 

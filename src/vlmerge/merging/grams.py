@@ -20,6 +20,7 @@ from torch import nn
 from tqdm import tqdm
 
 from vlmerge.core.keys import parse_block_path
+from vlmerge.core.threads import one_thread
 from vlmerge.merging.plan import LINEAR_SLOTS
 from vlmerge.models.transformer import Block
 
@@ -114,6 +115,7 @@ class GramCollector:
         return grams, info
 
 
+@one_thread()  # the same bytes on every machine (core/threads.py)
 def collect_grams(
     model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]], *, normalize: bool = False, progress: bool = False
 ) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, Any]]]:

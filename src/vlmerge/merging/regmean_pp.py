@@ -32,6 +32,7 @@ from tqdm import tqdm
 from vlmerge.core.config import StrictConfig
 from vlmerge.core.errors import ConfigError, MergeError
 from vlmerge.core.keys import parse_block_path
+from vlmerge.core.threads import one_thread
 from vlmerge.merging.grams import GramCollector
 from vlmerge.merging.methods import RegMeanOptions, regmean
 from vlmerge.merging.plan import ExpertSelection, MergeGroup, build_merge_plan, merged_key, parse_expert_key
@@ -77,6 +78,7 @@ class _LayerDone(Exception):
     """Raised by the next block's pre-hook: the layer being collected has seen every stream."""
 
 
+@one_thread()  # the same bytes on every machine (core/threads.py)
 def collect_sequential_grams(
     model: nn.Module,
     batches: Iterable[Mapping[str, torch.Tensor]],

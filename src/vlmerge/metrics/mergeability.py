@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from itertools import combinations
 
 from vlmerge.core.errors import MergeError
+from vlmerge.core.threads import one_thread
 from vlmerge.io.checkpoint import CheckpointReader
 from vlmerge.merging.plan import ExpertSelection, build_merge_plan
 from vlmerge.metrics.distances import DEFAULT_TOP_K, METRICS, metric_fn
@@ -50,6 +51,7 @@ class MergeabilityReport:
         return "\n".join(lines)
 
 
+@one_thread()  # the same numbers on every machine (core/threads.py)
 def mergeability(
     reader: CheckpointReader,
     *,

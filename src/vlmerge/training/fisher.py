@@ -30,6 +30,7 @@ from torch import nn
 from tqdm import tqdm
 
 from vlmerge.core.errors import CheckpointError, ConfigError
+from vlmerge.core.threads import one_thread
 from vlmerge.data.config import DataConfig
 from vlmerge.data.sources import load_pairs
 from vlmerge.io.atomic import check_output_path
@@ -67,6 +68,7 @@ def expert_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     return found
 
 
+@one_thread()  # the same bytes on every machine (core/threads.py)
 def collect_fisher(
     objective: PretrainingObjective,
     batches: Iterable[tuple[int, PairBatch]],
