@@ -13,10 +13,12 @@ from dataclasses import dataclass, replace
 
 from vlmerge.core.modality import Modality
 
+MAX_LAYER_DIGITS = 6  # a layer index; a longer run of digits is no layer (and int() refuses over 4300 digits)
+LAYER_INDEX = rf"0|[1-9][0-9]{{0,{MAX_LAYER_DIGITS - 1}}}"
 _SEGMENTS = r"[^.]+(?:\.[^.]+)*"
 # The prefix is greedy: with blocks nested in blocks, the innermost block is the one parsed.
 _BLOCK_PATH = re.compile(
-    rf"(?P<prefix>(?:[^.]+\.)*)blocks\.(?P<layer>0|[1-9][0-9]*)\.(?P<slot>\w+)"
+    rf"(?P<prefix>(?:[^.]+\.)*)blocks\.(?P<layer>{LAYER_INDEX})\.(?P<slot>\w+)"
     rf"(?:\.(?P<modality>v|l|vl)(?=\.|\Z))?(?:\.(?P<rest>{_SEGMENTS}))?"
 )
 

@@ -8,7 +8,9 @@ the same bytes.
 
 Foreign `.pt/.pth/.ckpt/.bin` files are read with `torch.load(weights_only=True)` only, so a
 file that needs code to unpickle is refused instead of executed; being read whole, they are
-refused above `MAX_TORCH_FILE_BYTES`. Released files whose pickles name config classes (Lightning
+refused above `MAX_TORCH_FILE_BYTES`. What torch.load trusts is checked around it (`torch_file`):
+before, the zip records and every pickle (nesting, keys, sizes, opcodes); after, that each tensor is
+dense CPU data of its own bytes. Released files whose pickles name config classes (Lightning
 `hyper_parameters`, argparse `args`) or a `defaultdict` are read with those as inert stand-ins
 (`safe_pickle`); their weights are taken from `state_dict`, `module` (DeepSpeed, `module.` prefix
 stripped) or `model`.
@@ -18,6 +20,7 @@ import json
 import os
 import pickle
 import re
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -31,6 +34,7 @@ from vlmerge.io.input_file import InputFile
 from vlmerge.io.layout import KeyMapping, Layout, map_keys
 from vlmerge.io.safetensors_file import SafetensorsFile
 from vlmerge.io.streaming import stream_safetensors
+from vlmerge.io.torch_file import check_tensors, check_torch_file
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
 MAX_TORCH_FILE_BYTES = 4 * 2**30  # torch files are read whole into memory; larger ones should be safetensors
@@ -190,6 +194,16 @@ class ReaderBacked:
         self.close()
 
 
+def check_floating(reader: CheckpointReader, what: str) -> None:
+    """Statistics are sums and means of products: a bool, integer or complex tensor is none, and would
+    merge into wrong values. `what` names one entry (`"Gram matrix {} is"`); the reader is closed on refusal."""
+    for key in reader.keys:
+        if not reader.dtype(key).is_floating_point:
+            reader.close()
+            dtype = str(reader.dtype(key)).removeprefix("torch.")
+            raise CheckpointError(f"{reader.path}: {what.format(key)} {dtype}, not floating point")
+
+
 def open_checkpoint(path: str | os.PathLike, layout: Layout | str | None = None) -> CheckpointReader:
     """Open a safetensors or weights-only torch checkpoint in any known layout (io/layout.py): the
     one its keys show, or `layout` when given."""
@@ -228,7 +242,9 @@ def _open_torch(path: Path, layout: Layout | str | None = None) -> CheckpointRea
                 f"{path}: a torch file of {file.size} bytes is over the {MAX_TORCH_FILE_BYTES} vlmerge reads "
                 "(torch files are read whole into memory); convert it to safetensors"
             )
+        check_torch_file(file)
         tensors = _load_torch_state(file)
+        check_tensors(tensors, path, file.size)
         return reader_from_state_dict(tensors, str(path), file=file, layout=layout)
     except BaseException:
         file.close()
@@ -247,7 +263,9 @@ def _load_torch_object(handle: BinaryIO, path: Path) -> Any:
     read again with config classes as inert stand-ins (`safe_pickle`), any other global refused."""
     try:
         handle.seek(0)
-        return torch.load(handle, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns of pickle protocols and storage types; the file is checked
+            warnings.simplefilter("ignore")
+            return torch.load(handle, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         if "weights only" not in str(error).lower():  # not refused code: a corrupt pickle
             raise CheckpointError(f"{path}: not a readable torch checkpoint ({_one_line(error)})") from None
@@ -289,6 +307,12 @@ def _unwrap_state(loaded: Any, path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(
             f"{path}: expected a state dict (or a dict with one of {list(STATE_KEYS)}), found {type(loaded).__name__}"
         )
+    named = next((k for k in state if not isinstance(k, str)), None)
+    if named is not None:
+        raise CheckpointError(
+            f"{path}: state dict key {_short_repr(named)} is not a string ({type(named).__name__}); "
+            "vlmerge reads tensors named by strings"
+        )
     if all(isinstance(k, str) and k.startswith("module.") for k in state):
         state = {k.removeprefix("module."): v for k, v in state.items()}
     tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
@@ -306,6 +330,11 @@ def _unwrap_state(loaded: Any, path: Path) -> dict[str, torch.Tensor]:
 
 def _all_tensors(mapping: dict) -> bool:
     return bool(mapping) and all(isinstance(v, torch.Tensor) for v in mapping.values())
+
+
+def _short_repr(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _one_line(error: BaseException) -> str:

@@ -19,7 +19,7 @@ import torch
 
 from vlmerge.core.errors import CheckpointError
 from vlmerge.core.numerics import all_finite
-from vlmerge.io.checkpoint import CheckpointReader, ReaderBacked, open_checkpoint, save_checkpoint
+from vlmerge.io.checkpoint import CheckpointReader, ReaderBacked, check_floating, open_checkpoint, save_checkpoint
 from vlmerge.io.layout import native_gram_key
 
 
@@ -62,6 +62,7 @@ def open_grams(path: str | os.PathLike) -> GramSet:
         raise CheckpointError(
             f"{path}: not a Gram file: {bad[0]} has shape {list(reader.shape(bad[0]))}, expected square"
         )
+    check_floating(reader, "Gram matrix {} is")
     info = reader.metadata_json("grams", {})
     provenance = reader.metadata_json("provenance", {})
     return GramSet(reader, keys, info, provenance)

@@ -25,7 +25,7 @@ from enum import Enum
 import torch
 
 from vlmerge.core.errors import CheckpointError
-from vlmerge.core.keys import parse_block_path
+from vlmerge.core.keys import LAYER_INDEX, MAX_LAYER_DIGITS, parse_block_path
 from vlmerge.core.modality import Modality
 
 
@@ -129,7 +129,7 @@ def _compile(pattern: str, experts: str, choices: dict[str, str], optional_exper
         out.append(re.escape(pattern[position : match.start()]))
         name = match.group(1)
         if name == "layer":
-            out.append(r"(?P<layer>0|[1-9][0-9]*)")
+            out.append(rf"(?P<layer>{LAYER_INDEX})")
         elif name == "expert":
             out.append(f"(?P<expert>{experts})")
         elif name == "rest":
@@ -286,6 +286,7 @@ def layout_reason(keys: Iterable[str], layout: Layout) -> str:
 def map_keys(keys: Sequence[str], layout: Layout | None = None) -> KeyMapping:
     """Native names of a file's keys, in `layout` or the detected one; refuses two keys that would
     become one (a file mixing layouts)."""
+    _check_numbers(keys)
     layout = Layout(layout) if layout is not None else detect_layout(keys)
     spec = LAYOUTS[layout]
     prefix = next((p for p in spec.prefixes if p and any(k.startswith(p) for k in keys)), "")
@@ -305,6 +306,23 @@ def map_keys(keys: Sequence[str], layout: Layout | None = None) -> KeyMapping:
     if layout is not Layout.NATIVE:
         _check_all_renamed(stored, layout)
     return KeyMapping(layout, prefix, stored, frozenset(unused))
+
+
+MAX_KEY_DIGITS = 64  # any number in a key; plans sort keys by their numbers, and int() refuses over 4300 digits
+_LAYER_POSITION = re.compile(r"(?:^|\.)(?:blocks|layers)\.([0-9]+)(?=\.|\Z)")
+_NUMBER = re.compile(r"[0-9]+")
+
+
+def _check_numbers(keys: Iterable[str]) -> None:
+    """One named error for a key whose layer index, or any number, is too long to be one."""
+    for key in keys:
+        shown = repr(key) if len(key) <= 60 else repr(key[:57] + "...")
+        layer = max(map(len, _LAYER_POSITION.findall(key)), default=0)
+        if layer > MAX_LAYER_DIGITS:
+            raise CheckpointError(f"key {shown} holds a layer index of {layer} digits; at most {MAX_LAYER_DIGITS}")
+        number = max(map(len, _NUMBER.findall(key)), default=0)
+        if number > MAX_KEY_DIGITS:
+            raise CheckpointError(f"key {shown} holds a number of {number} digits; at most {MAX_KEY_DIGITS}")
 
 
 def _check_all_renamed(stored: dict[str, tuple[str, bool]], layout: Layout) -> None:

@@ -20,15 +20,20 @@ as `vilt.moe.config.MOEConfig` in `hyper_parameters`), BEiT-3's argparse `args` 
 - refused, everything else: functions, methods, builtins, any standard-library or system name.
   One `CheckpointError` names the first refused global, before the file is unpickled.
 
+A Python 2 name is judged as the name plain `pickle.loads` maps it to (`_compat_pickle`): the file's
+`commands.Popen` is `subprocess.Popen`, refused, not a stand-in for a config class `Popen`.
+
 Why this runs no code from the file: torch's weights-only unpickler resolves a global only to an
 object on its allow-list and calls (REDUCE), constructs (NEWOBJ: `cls.__new__`) or builds (BUILD:
 `__setstate__`) only such objects. Here that list holds torch's own entries plus the objects made
 above, whose calls store their arguments and nothing else.
 """
 
+import _compat_pickle
 import argparse
 import re
 import sys
+import warnings
 from collections.abc import Iterable
 from typing import Any, BinaryIO
 
@@ -101,7 +106,38 @@ def stand_in_class(name: str) -> type[StandIn]:
 
 
 def classify(name: str) -> Any:
-    """The object admitted for global `name`, or `RefusedGlobal` raised saying why not."""
+    """The object admitted for global `name`, or `RefusedGlobal` raised saying why not.
+
+    A Python 2 name (`commands.Popen`) is judged as the name pickle maps it to (`subprocess.Popen`):
+    what the file means, whatever it spells."""
+    mapped = python3_names(name)
+    for python3_name in mapped:
+        try:
+            admitted = _classify(python3_name)
+        except RefusedGlobal as refused:
+            raise RefusedGlobal(name, f"Python 2's name for {python3_name}; {refused.reason}") from None
+        if isinstance(admitted, type) and issubclass(admitted, StandIn):  # pickle maps only standard-library names
+            raise RefusedGlobal(
+                name, f"Python 2's name for {python3_name}, of the standard library; not a config class"
+            )
+    return _classify(mapped[0] if mapped else name)
+
+
+def python3_names(name: str) -> list[str]:
+    """What pickle's Python 2 name mapping (`_compat_pickle`) makes of `module.attribute`, for every
+    place the module may end (the file gives the two apart; a dotted name joins them)."""
+    parts = name.split(".")
+    names = []
+    for split in range(1, len(parts)):
+        module, attribute = ".".join(parts[:split]), ".".join(parts[split:])
+        if (module, attribute) in _compat_pickle.NAME_MAPPING:
+            names.append(".".join(_compat_pickle.NAME_MAPPING[module, attribute]))
+        elif module in _compat_pickle.IMPORT_MAPPING:
+            names.append(f"{_compat_pickle.IMPORT_MAPPING[module]}.{attribute}")
+    return names
+
+
+def _classify(name: str) -> Any:
     if name == "collections.defaultdict":
         return _plain_dict
     if name == "argparse.Namespace":
@@ -136,7 +172,8 @@ def load_with_stand_ins(handle: BinaryIO, names: Iterable[str]) -> Any:
     """`torch.load(weights_only=True)` with `names` admitted as `classify` says (raises `RefusedGlobal` first)."""
     admitted = admitted_globals(names)
     handle.seek(0)
-    with torch.serialization.safe_globals(admitted):
+    with torch.serialization.safe_globals(admitted), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's warnings of pickle protocols and storage types: not the user's
         return torch.load(handle, map_location="cpu", weights_only=True)
 
 

@@ -19,7 +19,14 @@ import torch
 
 from vlmerge.core.errors import CheckpointError
 from vlmerge.core.numerics import all_finite
-from vlmerge.io.checkpoint import CheckpointReader, ReaderBacked, open_checkpoint, parse_json_metadata, save_checkpoint
+from vlmerge.io.checkpoint import (
+    CheckpointReader,
+    ReaderBacked,
+    check_floating,
+    open_checkpoint,
+    parse_json_metadata,
+    save_checkpoint,
+)
 
 FISHER_FORMAT = "vlmerge-fisher"
 
@@ -65,6 +72,7 @@ def open_fisher(path: str | os.PathLike) -> FisherSet:
             f"{path}: not a Fisher statistics file (metadata format {found!r}, expected {FISHER_FORMAT!r}); "
             "collect one with `vlmerge fisher`"
         )
+    check_floating(reader, "Fisher statistics {} are")
     info = parse_json_metadata(reader.metadata, "fisher", path) if "fisher" in reader.metadata else {}
     if not isinstance(info, dict) or not all(isinstance(entry, dict) for entry in info.values()):
         reader.close()
