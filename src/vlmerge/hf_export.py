@@ -27,9 +27,8 @@ is defined by what the model computes.
 
 import contextlib
 import json
+import math
 import os
-import secrets
-import shutil
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,10 +37,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from vlmerge import __version__
-from vlmerge.core.errors import CheckpointError, ConfigError, OutputError
+from vlmerge.core.errors import CheckpointError, ConfigError
 from vlmerge.core.keys import block_key, parse_block_path
-from vlmerge.io.checkpoint import open_checkpoint
-from vlmerge.models.checkpoint import load_model
+from vlmerge.io.atomic import atomic_folder, nearest_directory, remove_stale_temporaries, write_location
+from vlmerge.io.checkpoint import CheckpointReader, open_checkpoint
+from vlmerge.models.checkpoint import head_names
 from vlmerge.models.config import ModelConfig
 from vlmerge.models.families import checkpoint_config
 from vlmerge.models.positions import image_distances
@@ -125,33 +125,68 @@ def image_tower(config: ModelConfig, state: Mapping[str, torch.Tensor]) -> "PreT
 def export_hf(checkpoint: str | os.PathLike, out: str | os.PathLike, verify: bool = True) -> HFExport:
     """Write the image tower of a merged checkpoint as a transformers model folder `out`
     (config.json, model.safetensors, README.md), atomically; `verify` compares its features with
-    ours on random images first and refuses a difference above VERIFY_TOLERANCE."""
+    ours on random images first and refuses a difference above VERIFY_TOLERANCE, or one not finite.
+    The checkpoint is opened once: the hash in the README is of the file the weights were read from."""
     out = check_output_folder(out, checkpoint)
-    reader = open_checkpoint(checkpoint)
-    config = checkpoint_config(reader)  # stored, or read from a released file's shapes
-    if config is None:
-        raise CheckpointError(f"{checkpoint}: no model config in the checkpoint metadata; cannot export it")
-    try:
-        architecture = export_architecture(config)
-    except CheckpointError as error:
-        raise CheckpointError(f"{checkpoint}: {error}") from None
-    model = load_model(checkpoint).eval()
-    tower = image_tower(config, model.state_dict())
-    difference = None
-    if verify:
-        difference, scale = max_feature_difference(model, tower)
-        if difference > VERIFY_TOLERANCE * max(scale, 1.0):
-            raise CheckpointError(
-                f"{checkpoint}: the exported {architecture} differs from our image features by {difference:.3g} "
-                f"(features up to {scale:.3g}; tolerance {VERIFY_TOLERANCE:g} of that); not written"
-            )
+    with open_checkpoint(checkpoint) as reader:
+        config, architecture = _export_config(reader)
+        model = _load_model(reader, config)
+        tower = image_tower(config, model.state_dict())
+        difference = _verified_difference(model, tower, reader.path, architecture) if verify else None
+        source = (reader.path, reader.sha256(), reader.metadata_json("merge"))
+        reader.check_unchanged()  # rewritten in place while read: neither the weights nor the hash are sure
     version = _transformers().__version__
-    source = (Path(checkpoint), reader.sha256(), reader.metadata_json("merge"))
     readme = _readme(architecture, version, source, config, _carries_pooler(tower))
+    remove_stale_temporaries(out)
     with atomic_folder(out) as folder, _no_progress_bars():
         tower.save_pretrained(folder)
         (folder / "README.md").write_text(readme + _verified(difference))
     return HFExport(out, architecture, version, difference)
+
+
+def _export_config(reader: CheckpointReader) -> tuple[ModelConfig, str]:
+    """The checkpoint's model config (stored, or read from a released file's shapes) and the class it exports to."""
+    config = checkpoint_config(reader)
+    if config is None:
+        raise CheckpointError(f"{reader.path}: no model config in the checkpoint metadata; cannot export it")
+    try:
+        return config, export_architecture(config)
+    except CheckpointError as error:
+        raise CheckpointError(f"{reader.path}: {error}") from None
+
+
+def _load_model(reader: CheckpointReader, config: ModelConfig) -> VLTransformer:
+    """The model with its weights read from the open `reader`, strictly (heads and the family's unused
+    tensors apart), as `load_model` reads a path: a second opening could read another file."""
+    model = VLTransformer(config)
+    heads = tuple(f"{name}." for name in head_names(reader))
+    unused = reader.mapping.unused
+    backbone = {key for key in reader.keys if not (heads and key.startswith(heads)) and key not in unused}
+    expected = set(model.state_dict())
+    if backbone != expected:
+        missing, unexpected = sorted(expected - backbone), sorted(backbone - expected)
+        raise CheckpointError(
+            f"{reader.path}: weights do not fit the config: missing {missing[:3]}, unexpected {unexpected[:3]}"
+        )
+    model.load_state_dict({key: reader.get(key) for key in sorted(backbone)}, strict=True)
+    return model.eval()
+
+
+def _verified_difference(model: VLTransformer, tower: "PreTrainedModel", path: Path, architecture: str) -> float:
+    """The features' max |difference|, or one error where it is above tolerance or not finite (NaN
+    compares false with everything, so a plain `>` would pass it)."""
+    difference, scale = max_feature_difference(model, tower)
+    if not (math.isfinite(difference) and math.isfinite(scale)):
+        raise CheckpointError(
+            f"{path}: the image features are not finite on random images (ours up to {scale:.3g}, max |difference| "
+            f"from the exported {architecture} {difference:.3g}): weights near float32's limit? not written"
+        )
+    if difference > VERIFY_TOLERANCE * max(scale, 1.0):
+        raise CheckpointError(
+            f"{path}: the exported {architecture} differs from our image features by {difference:.3g} "
+            f"(features up to {scale:.3g}; tolerance {VERIFY_TOLERANCE:g} of that); not written"
+        )
+    return difference
 
 
 def max_feature_difference(model: VLTransformer, tower: "PreTrainedModel", seed: int = 0) -> tuple[float, float]:
@@ -180,43 +215,16 @@ def check_output_folder(out: str | os.PathLike, source: str | os.PathLike | None
     if not text:
         raise ConfigError("the output folder is empty; give a folder name")
     folder = Path(text)
-    if folder.exists() and not (folder.is_dir() and not any(folder.iterdir())):
-        what = "is the input checkpoint" if source is not None and _same_path(folder, Path(source)) else "exists"
+    if folder.name in ("", ".."):
+        raise ConfigError(f"{folder}: give the output folder a name of its own")
+    location = write_location(folder)
+    if location.exists() and not (location.is_dir() and not any(location.iterdir())):
+        what = "is the input checkpoint" if source is not None and _same_path(location, Path(source)) else "exists"
         raise ConfigError(f"{folder}: {what}; give a new (or empty) folder")
-    parent = folder.absolute().parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
+    parent = nearest_directory(location.parent)
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
         raise ConfigError(f"{folder}: {parent} is not a writable directory")
     return folder
-
-
-@contextlib.contextmanager
-def atomic_folder(destination: Path) -> Iterator[Path]:
-    """Yield a temporary folder beside `destination`, renamed into place only when the body
-    succeeds (its files fsynced first); any OS error is one `OutputError` and the folder goes.
-    Its files get the process umask, like any file the process creates."""
-    tmp = destination.parent / f".{destination.name}.{secrets.token_hex(4)}.tmp"
-    try:
-        destination.parent.mkdir(parents=True, exist_ok=True)
-        tmp.mkdir(0o777)  # the process umask applies, as to any folder
-    except OSError as error:
-        raise OutputError(f"{destination}: cannot create the folder ({error.strerror or error})") from None
-    try:
-        try:
-            yield tmp
-            mode = 0o666 & ~_umask()  # transformers writes model.safetensors 0o600; the umask decides, as elsewhere
-            for file in tmp.iterdir():
-                file.chmod(mode)
-                with open(file, "rb+") as handle:
-                    os.fsync(handle.fileno())
-            os.replace(tmp, destination)  # an empty folder in the way is replaced; one with content fails
-        except OutputError:
-            raise
-        except OSError as error:
-            raise OutputError(f"{destination}: cannot write ({error.strerror or error})") from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _check_keys(config: ModelConfig, state: Mapping[str, torch.Tensor]) -> None:
@@ -375,7 +383,13 @@ def _beit_layer_scale_init(config: ModelConfig) -> float:
 
 
 def _float32(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {key: value.detach().to(torch.float32).contiguous() for key, value in weights.items()}
+    """The weights in float32, refused where a value is not finite there: folding layer scale into a
+    weight near float32's limit overflows, and the export would compute infinities without a word."""
+    converted = {key: value.detach().to(torch.float32).contiguous() for key, value in weights.items()}
+    for key, value in converted.items():
+        if not bool(torch.isfinite(value).all()):
+            raise CheckpointError(f"the exported weight {key} is not finite in float32; the weights are too large")
+    return converted
 
 
 def _readme(
@@ -437,12 +451,6 @@ def _transformers():
             "pip install -U 'transformers>=5'"
         )
     return transformers
-
-
-def _umask() -> int:
-    current = os.umask(0o022)  # the only portable read of the umask is a set and a reset
-    os.umask(current)
-    return current
 
 
 def _same_path(a: Path, b: Path) -> bool:

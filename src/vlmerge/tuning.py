@@ -12,10 +12,12 @@ validation). The test split is never read. The best candidate, the first of equa
 It lives outside `vlmerge.merging` because it scores merges with `vlmerge.tasks`.
 """
 
+import contextlib
 import itertools
 import math
 import os
 import tempfile
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
@@ -31,7 +33,7 @@ from vlmerge.core.errors import CheckpointError, ConfigError
 from vlmerge.core.registry import suggest
 from vlmerge.data.config import DataConfig
 from vlmerge.data.sources import check_data, load_source
-from vlmerge.io.atomic import check_output_path
+from vlmerge.io.atomic import check_output_path, remove_stale_temporaries, scratch_folder
 from vlmerge.io.checkpoint import CARRIED_METADATA, CheckpointReader, open_checkpoint, save_checkpoint
 from vlmerge.io.grams import open_grams
 from vlmerge.io.layout import Layout
@@ -54,6 +56,7 @@ from vlmerge.training.setup import checkpoint_data, checkpoint_tokenizer
 SPLIT = "val"  # every candidate is scored here, and the test split is never read
 TRAIN_SPLIT = "train"  # the probe's head trains here
 SIGNIFICANT_DIGITS = 12  # grid points are rounded so that 0.3:1.0:8 gives 0.4, not 0.39999999999999997
+MAX_CANDIDATES = 10_000  # each candidate is a merge and an evaluation: a bigger grid is a typo, not a plan
 
 
 @dataclass(frozen=True)
@@ -70,16 +73,21 @@ class GridAxis:
         name, equals, spec = text.partition("=")
         name = name.strip().replace("-", "_")
         if not equals or not name:
-            raise ConfigError(f"--grid {text!r}: expected NAME=START:STOP:COUNT or NAME=A,B,C")
+            raise ConfigError(f"--grid {_shown(text)}: expected NAME=START:STOP:COUNT or NAME=A,B,C")
         kind = _option_kind(method, name)
-        where = f"--grid {text!r}"
+        where = f"--grid {_shown(text)}"
         if not spec.strip():
             raise ConfigError(f"{where}: the grid is empty; give NAME=START:STOP:COUNT or NAME=A,B,C")
         if ":" in spec and kind in (int, float):
             values = _linspace(spec, kind, where)
         else:
-            values = tuple(_scalar(item.strip(), kind, where) for item in spec.split(","))
-        repeated = [value for value in dict.fromkeys(values) if values.count(value) > 1]
+            items = spec.split(",")
+            if len(items) > MAX_CANDIDATES:
+                raise ConfigError(
+                    f"{where}: more than {MAX_CANDIDATES} values; tune scores at most that many candidates"
+                )
+            values = tuple(_scalar(item.strip(), kind, where) for item in items)
+        repeated = [value for value, times in Counter(values).items() if times > 1]
         if repeated:
             raise ConfigError(f"{where}: gives {repeated[0]!r} more than once")
         return cls(name, values)
@@ -98,6 +106,7 @@ def parse_grid(texts: Sequence[str | GridAxis], method: str, fixed: Mapping[str,
     for name in dict.fromkeys(names):
         if names.count(name) > 1:
             raise ConfigError(f"--grid names {name!r} twice; give all its values in one --grid")
+    check_grid_size(axes)
     fixed_names = {key.replace("-", "_") for key in fixed or {}}
     both = [name for name in names if name in fixed_names]
     if both:
@@ -105,10 +114,23 @@ def parse_grid(texts: Sequence[str | GridAxis], method: str, fixed: Mapping[str,
     return axes
 
 
+def check_grid_size(axes: Sequence[GridAxis]) -> int:
+    """The number of candidates, the product of the axes' lengths, computed before any is made;
+    one error above MAX_CANDIDATES."""
+    size = math.prod(len(axis.values) for axis in axes)
+    if size > MAX_CANDIDATES:
+        lengths = " x ".join(str(len(axis.values)) for axis in axes)
+        raise ConfigError(
+            f"the grid has {size} candidates ({lengths}); tune scores at most {MAX_CANDIDATES}: search fewer points"
+        )
+    return size
+
+
 def grid_points(axes: Sequence[GridAxis], method: str, fixed: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
     """Every point of the grid, the fixed options beside it, in the product's order (the last axis
     fastest). Each value is checked by the method's options first, alone, so that an error names it;
     coefficient specs among the fixed options are checked tensor by tensor by `candidate_options`."""
+    check_grid_size(axes)
     merge_method = MERGE_METHODS.get(method)
     fixed = {key.replace("-", "_"): value for key, value in (fixed or {}).items()}
     parse_options(merge_method, fixed)
@@ -245,17 +267,20 @@ def tune_checkpoint(
     input_layout: Layout | str | None = None,
     progress: bool = False,
     on_candidate: Callable[[int, int, Candidate], None] | None = None,
+    data_file: str | os.PathLike | None = None,
 ) -> TuneResult:
     """Score every grid point of `method` on `data`'s validation split, write the best to `out`.
 
-    Every check that needs no merge comes first: the output path, the grid against the method's
-    options (names, types, bounds), the inputs and the plan, the objective against the checkpoint and
-    the data. `data` defaults to the emoji data at the checkpoint's image size; `on_candidate(index,
-    total, candidate)` is called as each candidate is scored."""
+    Every check that needs no merge comes first: the output path (against every input: checkpoints,
+    statistics, `data_file`, the YAML `data` was read from, and the files the data names), the grid
+    against the method's options (names, types, bounds), the inputs and the plan, the objective
+    against the checkpoint and the data. `data` defaults to the emoji data at the checkpoint's image
+    size; `on_candidate(index, total, candidate)` is called as each candidate is scored. Temporaries
+    that an earlier, killed run left beside `out` are removed; a probe's candidates are written there."""
     objective = objective or TuneObjective()
     axes = parse_grid(grid, method, fixed)
     points = grid_points(axes, method, fixed)
-    check_output_path(out, [source, seed_checkpoint, grams, fisher])
+    check_output_path(out, [source, seed_checkpoint, grams, fisher, *_data_inputs(data, data_file)])
     reader = open_checkpoint(source, input_layout)
     check_output_layout(reader, layout)
     plan = build_merge_plan({key: reader.shape(key) for key in reader.keys}, ExpertSelection.parse(selection))
@@ -278,7 +303,11 @@ def tune_checkpoint(
 
     first = prepared(points[0])  # the inputs and the plan, checked before the scorer reads data
     data = data or checkpoint_data(reader)
-    scorer = ProbeScorer(reader, data, objective) if objective.kind == "probe" else RetrievalScorer(reader, data)
+    if objective.kind == "probe":
+        scorer = ProbeScorer(reader, data, objective, beside=out)
+    else:
+        scorer = RetrievalScorer(reader, data)
+    remove_stale_temporaries(out)
     merges = (first if index == 0 else prepared(point) for index, point in enumerate(points))
     scored = _score(merges, candidates, axes, scorer, on_candidate)
     best = best_index([c.score for c in scored])
@@ -344,9 +373,18 @@ class RetrievalScorer:
 class ProbeScorer:
     """A linear probe of each merged state dict, by the fine-tuning code (`run_finetune` with
     `freeze_backbone`): it reads its init from a file, so each candidate is saved to a temporary
-    directory, probed there on the training split, scored on validation, and deleted."""
+    folder, probed there on the training split, scored on validation, and deleted. The folder is
+    beside `beside` (the tune's output) where given, so that the next run there removes one a kill
+    left; in the system's temporary directory otherwise."""
 
-    def __init__(self, reader: CheckpointReader, data: DataConfig, objective: TuneObjective) -> None:
+    def __init__(
+        self,
+        reader: CheckpointReader,
+        data: DataConfig,
+        objective: TuneObjective,
+        beside: str | os.PathLike | None = None,
+    ) -> None:
+        self.beside = beside
         self.metric = TASKS.get(objective.task).primary_metric
         self.config, task = _candidate_task(reader, data, objective.task)
         size = _check_split(task, TRAIN_SPLIT, reader.path)
@@ -368,10 +406,24 @@ class ProbeScorer:
         FinetuneConfig.parse({**self.finetune, "init": ""}, where="probe")
 
     def __call__(self, tensors: Mapping[str, torch.Tensor]) -> Evaluation:
-        with tempfile.TemporaryDirectory(prefix="vlmerge-tune-") as tmp:
+        with self._folder() as tmp:
             init = save_checkpoint(Path(tmp) / "candidate.safetensors", tensors, self.metadata)
             config = FinetuneConfig.parse({**self.finetune, "init": str(init)}, where="probe")
             return run_finetune(config, Path(tmp) / "probe", progress=False)
+
+    def _folder(self) -> contextlib.AbstractContextManager:
+        if self.beside is None:
+            return tempfile.TemporaryDirectory(prefix="vlmerge-tune-")
+        return scratch_folder(self.beside)
+
+
+def _data_inputs(data: DataConfig | None, data_file: str | os.PathLike | None) -> list[str | os.PathLike]:
+    """The files the data is read from: the YAML config it came from (a dataset name is no file)
+    and the local paths it names."""
+    inputs: list[str | os.PathLike] = list(data.paths.values()) if data is not None else []
+    if data_file is not None and os.fspath(data_file).endswith((".yaml", ".yml")):
+        inputs.append(data_file)
+    return inputs
 
 
 def _candidate_task(reader: CheckpointReader, data: DataConfig, name: str) -> tuple[ModelConfig, Task]:
@@ -431,26 +483,31 @@ def _option_kind(method: str, name: str) -> Any:
     raise ConfigError(f"option {name!r} of {method!r} takes JSON; give it as a fixed --option, not a grid")
 
 
+def _shown(text: str, limit: int = 80) -> str:
+    """`text` quoted for a message, shortened: a grid may be thousands of values long."""
+    return repr(text) if len(text) <= limit else repr(text[: limit - 3] + "...")
+
+
 def _scalar(text: str, kind: Any, where: str) -> Any:
     if not text:
         raise ConfigError(f"{where}: an empty value in the list")
     if isinstance(kind, tuple):
         matches = [choice for choice in kind if str(choice) == text]
         if not matches:
-            raise ConfigError(f"{where}: {text!r} is not a choice of the option ({', '.join(map(str, kind))})")
+            raise ConfigError(f"{where}: {_shown(text)} is not a choice of the option ({', '.join(map(str, kind))})")
         return matches[0]
     if kind is bool:
         if text.lower() not in ("true", "false"):
-            raise ConfigError(f"{where}: {text!r} is not true or false")
+            raise ConfigError(f"{where}: {_shown(text)} is not true or false")
         return text.lower() == "true"
     if kind is str:
         return text
     try:
         value = kind(text)
     except ValueError:
-        raise ConfigError(f"{where}: {text!r} is not {'an integer' if kind is int else 'a number'}") from None
-    if not math.isfinite(value):
-        raise ConfigError(f"{where}: {text!r} is not a finite number")
+        raise ConfigError(f"{where}: {_shown(text)} is not {'an integer' if kind is int else 'a number'}") from None
+    if kind is float and not math.isfinite(value):  # an int of any size is exact: no float to overflow
+        raise ConfigError(f"{where}: {_shown(text)} is not a finite number")
     return value
 
 
@@ -462,9 +519,14 @@ def _linspace(spec: str, kind: type, where: str) -> tuple[Any, ...]:
     count = _scalar(parts[2].strip(), int, where)
     if count < 2:
         raise ConfigError(f"{where}: a range needs a COUNT of at least 2; give one value as NAME=VALUE")
-    points = [start + (stop - start) * i / (count - 1) for i in range(count)]
-    if kind is int:
-        if any(point != round(point) for point in points):
+    if count > MAX_CANDIDATES:
+        raise ConfigError(f"{where}: a COUNT above {MAX_CANDIDATES}; tune scores at most that many candidates")
+    if kind is int:  # exact: integers of any size, no float in between
+        step, rest = divmod(stop - start, count - 1)
+        if rest:
             raise ConfigError(f"{where}: the {count} evenly spaced points are not all integers")
-        return tuple(int(round(point)) for point in points)
+        return tuple(start + step * i for i in range(count))
+    points = [start + (stop - start) * i / (count - 1) for i in range(count)]
+    if not all(math.isfinite(point) for point in points):
+        raise ConfigError(f"{where}: the range's width overflows a float; give a narrower range")
     return tuple(float(f"{point:.{SIGNIFICANT_DIGITS}g}") for point in points)

@@ -1,6 +1,6 @@
 """Coefficient specs: a scalar merge option that varies by role, by expert, or as a gradient over depth.
 
-Every int or float option of a merge method takes, besides one number (SPEC section 3):
+Every int or float option of a merge method takes, besides one number:
 
     [0.2, 0.8]                                   a gradient over depth: the values spaced evenly from the
                                                  first layer to the last, linear between neighbours
@@ -28,6 +28,7 @@ object, in which a per-expert option holds a mapping modality -> value (a number
 """
 
 import json
+import sys
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -44,6 +45,8 @@ from vlmerge.merging.registry import MergeMethod, takes_spec
 ROLES = ("attn", "mlp", "norm")
 EXPERTS = tuple(m.value for m in ALL_MODALITIES)
 DEFAULT = "default"
+MAX_DEPTH = 6  # nested dicts and lists; a meaningful spec needs 3 (roles, experts, a gradient)
+_FLOAT_MAX = int(sys.float_info.max)  # an int above it overflows the float a gradient interpolates in
 
 T = TypeVar("T")
 
@@ -158,9 +161,17 @@ def _entry(spec: ByRole | ByExpert, key: str | None, site: Site, default: Any, o
     return Constant(default)
 
 
-def parse_spec(raw: Any, option: str, method: MergeMethod, _inside: frozenset[str] = frozenset()) -> Spec:
-    """A spec from its JSON/YAML/Python form; every structural problem is one ConfigError."""
+def parse_spec(
+    raw: Any, option: str, method: MergeMethod, _inside: frozenset[str] = frozenset(), _depth: int = 0
+) -> Spec:
+    """A spec from its JSON/YAML/Python form; every structural problem is one ConfigError. Nesting
+    is bounded (MAX_DEPTH) before it is followed, so no spec, however deep, exhausts the stack."""
     where = f"{method.name} option {option}"
+    if isinstance(raw, list | tuple | Mapping) and _depth >= MAX_DEPTH:
+        raise ConfigError(
+            f"{where}: nested more than {MAX_DEPTH} deep; a spec needs at most a dict by role, "
+            "a dict by expert and a gradient"
+        )
     if isinstance(raw, list | tuple):
         if len(raw) < 2:
             raise ConfigError(
@@ -168,11 +179,13 @@ def parse_spec(raw: Any, option: str, method: MergeMethod, _inside: frozenset[st
             )
         return Gradient(tuple(_number(value, where) for value in raw))
     if isinstance(raw, Mapping):
-        return _parse_dict(raw, option, method, _inside)
-    return Constant(_number(raw, where) if _inside else raw)
+        return _parse_dict(raw, option, method, _inside, _depth + 1)
+    return Constant(_number(raw, where) if _inside or _is_int(raw) else raw)
 
 
-def _parse_dict(raw: Mapping, option: str, method: MergeMethod, inside: frozenset[str]) -> ByRole | ByExpert:
+def _parse_dict(
+    raw: Mapping, option: str, method: MergeMethod, inside: frozenset[str], depth: int
+) -> ByRole | ByExpert:
     where = f"{method.name} option {option}"
     keys = [str(key) for key in raw]
     if not keys:
@@ -198,16 +211,30 @@ def _parse_dict(raw: Mapping, option: str, method: MergeMethod, inside: frozense
     if kind in inside:
         raise ConfigError(f"{where}: a dict by {kind} inside another dict by {kind}")
     below = inside | {kind} if kind else inside
-    entries = {str(key): parse_spec(value, option, method, below) for key, value in raw.items()}
+    entries = {str(key): parse_spec(value, option, method, below, depth) for key, value in raw.items()}
     return ByExpert(entries) if kind == "experts" else ByRole(entries)
 
 
 def _number(value: Any, where: str) -> float | int:
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ConfigError(f"{where}: expected a number in a gradient or dict, got {value!r}")
+        raise ConfigError(f"{where}: expected a number in a gradient or dict, got {_short(value)}")
     if value != value or value in (float("inf"), float("-inf")):
         raise ConfigError(f"{where}: expected a finite number, got {value}")
+    if isinstance(value, int) and abs(value) > _FLOAT_MAX:
+        raise ConfigError(f"{where}: an integer of {len(str(abs(value)))} digits, beyond the range of a float")
     return value
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _short(value: Any) -> str:
+    """A value for a message: a container by its type (its repr could be huge, or nest too deep)."""
+    if isinstance(value, list | tuple | Mapping):
+        return f"a {type(value).__name__}"
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 # --------------------------------------------------------------------------- a method's options

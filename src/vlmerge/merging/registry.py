@@ -208,7 +208,7 @@ def options_from_text(method_name: str, texts: Mapping[str, str]) -> dict[str, A
         name = key.replace("-", "_")
         annotation = fields[name].annotation if name in fields else None
         if name in fields and _structured(_unwrap_optional(annotation)):
-            values[name] = _json_or_text(text)
+            values[name] = _json_or_text(name, text)
         elif name in fields and takes_spec(annotation) and text.lstrip()[:1] in ("[", "{"):
             values[name] = _spec_json(name, text)
         else:
@@ -223,16 +223,28 @@ def takes_spec(annotation: Any) -> bool:
 
 def _spec_json(name: str, text: str) -> Any:
     try:
-        return json.loads(text)
-    except json.JSONDecodeError as error:
-        raise ConfigError(f"option {name}: {text!r} is not a JSON list or object ({error})") from None
+        return _bounded_json(name, text)
+    except ValueError as error:  # JSONDecodeError, or an integer of more digits than Python converts
+        raise ConfigError(f"option {name}: {_shortened(text)} is not a JSON list or object ({error})") from None
 
 
-def _json_or_text(text: str) -> Any:
+def _json_or_text(name: str, text: str) -> Any:
+    try:
+        return _bounded_json(name, text)
+    except ValueError:
+        return text  # the options class names the problem
+
+
+def _bounded_json(name: str, text: str) -> Any:
+    """`json.loads`, with nesting too deep for its recursion one `ConfigError` instead of a traceback."""
     try:
         return json.loads(text)
-    except json.JSONDecodeError:
-        return text  # the options class names the problem
+    except RecursionError:
+        raise ConfigError(f"option {name}: {_shortened(text)} is nested too deep to be a coefficient spec") from None
+
+
+def _shortened(text: str, limit: int = 60) -> str:
+    return repr(text) if len(text) <= limit else repr(text[: limit - 3]) + "..."
 
 
 def _unwrap_optional(annotation: Any) -> Any:
