@@ -39,7 +39,7 @@ from support.mergekit_side import CHILD as MERGEKIT_CHILD
 from support.mergekit_side import MergekitMethod, output_file, write_models
 
 from vlmerge.core.keys import parse_block_path
-from vlmerge.io.checkpoint import open_checkpoint
+from vlmerge.io.checkpoint import file_sha256, open_checkpoint
 from vlmerge.io.grams import save_grams
 from vlmerge.io.statistics import save_fisher
 from vlmerge.merging.grams import gram_modules
@@ -226,15 +226,19 @@ def make_inputs(size: str, workdir: Path, methods: dict[str, Method]) -> "Inputs
     identity = {
         name: torch.eye(linear.in_features, dtype=torch.float64) for name, (linear, _) in gram_modules(model).items()
     }
+    # The statistics record the checkpoint they are for: a merge refuses ones whose source it cannot verify.
+    checkpoint = {"path": str(inputs.source), "sha256": file_sha256(inputs.source)}
     for kind in kinds:
-        provenance = {"data": "identity (benchmark)"}
+        provenance = {"data": "identity (benchmark)", "checkpoint": checkpoint}
         if kind == "sequential":
             provenance[SEQUENTIAL] = SequentialOptions().model_dump(mode="json")
         inputs.grams[kind] = save_grams(workdir / f"grams-{kind}.safetensors", identity, {}, provenance)
     if any(m.fisher for m in methods.values()):
         fisher = {key: torch.rand_like(state[key]) for key in expert_keys}
         info = {key: {"modality": parse_block_path(key).modality.value, "batches": 1} for key in expert_keys}
-        inputs.fisher = save_fisher(workdir / "fisher.safetensors", fisher, info, {"data": "random (benchmark)"})
+        inputs.fisher = save_fisher(
+            workdir / "fisher.safetensors", fisher, info, {"data": "random (benchmark)", "checkpoint": checkpoint}
+        )
     return inputs
 
 

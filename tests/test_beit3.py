@@ -18,7 +18,7 @@ from torchscale_reference import beit3_class, beit3_config, random_beit3
 
 from vlmerge.cli.main import main
 from vlmerge.core.errors import CheckpointError
-from vlmerge.io.checkpoint import open_checkpoint, save_checkpoint
+from vlmerge.io.checkpoint import file_sha256, open_checkpoint, save_checkpoint
 from vlmerge.io.grams import save_grams
 from vlmerge.io.layout import Layout, detect_layout
 from vlmerge.merging.grams import collect_grams
@@ -161,7 +161,7 @@ def test_regmean_on_beit3_collects_every_separate_projection(released, tmp_path)
     assert paired_info["blocks.0.attn.l.q_proj"]["tokens"] == int(mask.sum())
     torch.testing.assert_close(paired["blocks.0.attn.v.q_proj"], grams["blocks.0.attn.v.q_proj"])  # layer 0: same input
     gram_file = tmp_path / "grams.safetensors"
-    save_grams(gram_file, grams, info, {})
+    save_grams(gram_file, grams, info, {"checkpoint": {"path": str(path), "sha256": file_sha256(path)}})
     out = tmp_path / "regmean.pth"
     code, _, err = run_cli(
         ["merge", str(path), "--method", "regmean", "--grams", str(gram_file), "--layout", "beit3", "--out", str(out)]

@@ -162,7 +162,8 @@ def test_experts_no_objective_reaches_get_zero_fisher_and_the_merge_says_so(obje
     assert statistics.info["blocks.2.mlp.vl.fc1.weight"]["batches"] == 0
     assert not statistics.fisher["blocks.2.mlp.vl.fc1.weight"].any()
     source = save_model(objective.model, tmp_path / "specific.safetensors")
-    fisher_path = save_fisher(tmp_path / "fisher.safetensors", statistics.fisher, statistics.info, {})
+    provenance = {"checkpoint": {"path": str(source), "sha256": file_sha256(source)}}
+    fisher_path = save_fisher(tmp_path / "fisher.safetensors", statistics.fisher, statistics.info, provenance)
     result = merge_checkpoint(source, "fisher", fisher=fisher_path, out=tmp_path / "merged.safetensors")
     fusion_warnings = [note for note in result.warnings if "Fisher of expert(s) ['vl'] is all zero" in note]
     fusion_targets = {g.target for g in result.plan.groups if g.layer >= objective.model.config.fusion_layer}
@@ -331,7 +332,8 @@ def bad_fisher(files, tmp_path, kind):
         fisher = {"blocks.9.mlp.v.fc1.weight": torch.ones(2, 2)}
     elif kind == "not-fisher":
         return files["grams"]
-    return save_fisher(tmp_path / f"{kind}.safetensors", fisher, {}, {})
+    provenance = {"checkpoint": {"path": str(files["source"]), "sha256": file_sha256(files["source"])}}
+    return save_fisher(tmp_path / f"{kind}.safetensors", fisher, {}, provenance)
 
 
 BAD_FISHER = {

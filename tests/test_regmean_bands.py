@@ -13,7 +13,7 @@ from conftest import make_inputs
 
 import vlmerge.merging.methods as methods_module
 from vlmerge.core.modality import Modality
-from vlmerge.io.checkpoint import open_checkpoint
+from vlmerge.io.checkpoint import file_sha256, open_checkpoint
 from vlmerge.io.grams import open_grams, save_grams
 from vlmerge.io.safetensors_file import SafetensorsFile
 from vlmerge.merging import MERGE_METHODS, MergeInputs, MergeWarning, merge_checkpoint
@@ -128,7 +128,8 @@ def test_through_the_engine_no_gram_matrix_is_read_whole(micro_config, tmp_path,
     pairs = make_inputs(micro_config, seed=4)
     batches = [{"images": pairs["images"]}, {"text_ids": pairs["text_ids"], "text_mask": pairs["text_mask"]}, pairs]
     grams, info = collect_grams(model, batches)  # every expert sees tokens: every matrix exists
-    gram_file = save_grams(tmp_path / "grams.safetensors", grams, info, {})
+    provenance = {"checkpoint": {"path": str(source), "sha256": file_sha256(source)}}
+    gram_file = save_grams(tmp_path / "grams.safetensors", grams, info, provenance)
     monkeypatch.setattr(methods_module, "GRAM_ROWS", 5)  # micro: 32 and 128 inputs, so several bands each
     whole, bands = [], []
     real_read, real_rows = SafetensorsFile.read, SafetensorsFile.read_rows

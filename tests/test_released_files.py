@@ -23,7 +23,7 @@ from vlmerge.io.checkpoint import open_checkpoint
 from vlmerge.io.grams import open_grams
 from vlmerge.io.layout import Layout, gram_key_to_reference, to_reference_key
 from vlmerge.merging.grams import collect_grams
-from vlmerge.models import VLTransformer
+from vlmerge.models import VLTransformer, model_config
 
 CONFIG_MODULE = "vilt.moe.config"  # where the paper's MOEConfig lives; no such package is installed here
 
@@ -53,7 +53,7 @@ class MOEConfig:  # the shape of the paper's config object: plain attributes
 
 
 def reference_state(model: VLTransformer) -> dict[str, torch.Tensor]:
-    extra = {"relative_position_bias_table": torch.randn(30, 8), "itm_score.fc.weight": torch.randn(2, 32)}
+    extra = {"itm_score.fc.weight": torch.randn(2, 32)}  # a task head, passed through
     return {**{to_reference_key(k): v.clone() for k, v in model.state_dict().items()}, **extra}
 
 
@@ -67,18 +67,19 @@ def save_release(path, state, config=None, **extra):
 
 
 @pytest.fixture
-def release(micro_config, tmp_path):
+def release(tmp_path):
     """A simulated paper release: checkpoint, `defaultdict` Gram file, and what they hold."""
     torch.manual_seed(3)
-    model = VLTransformer(micro_config)
-    inputs = make_inputs(micro_config, seed=5)
+    config = model_config("paper-micro")
+    model = VLTransformer(config)
+    inputs = make_inputs(config, seed=5)
     batches = [inputs, {"images": inputs["images"]}, {"text_ids": inputs["text_ids"], "text_mask": inputs["text_mask"]}]
     grams, _ = collect_grams(model, batches)
     state = reference_state(model)
     paper_grams = defaultdict(list, {gram_key_to_reference(k): g for k, g in grams.items()})
     torch.save(paper_grams, tmp_path / "grams.pth")
     return {
-        "config": micro_config,
+        "config": config,
         "ckpt": save_release(tmp_path / "epoch=3.ckpt", state),
         "grams": tmp_path / "grams.pth",
         "state": state,
@@ -124,6 +125,7 @@ def test_a_defaultdict_gram_file_loads_with_identical_matrices(release):
 def test_the_release_merges_with_regmean_through_the_cli_as_the_paper_does(release, tmp_path):
     out = tmp_path / "merged.pt"
     args = ["merge", release["ckpt"], "--method", "regmean", "--alpha", "0.8", "--grams", release["grams"]]
+    args += ["--allow-foreign-grams", "--image-size", 32]  # its Gram file records no checkpoint; its table no size
     assert main([str(a) for a in [*args, "--layout", "reference", "--out", out, "--quiet"]]) == 0
     ours = torch.load(out, weights_only=True)
     config = release["config"]

@@ -133,7 +133,8 @@ def test_a_merged_paper_model_runs_as_the_papers_agnostic_model(tmp_path):
     """Interpolation of the paper's experts, written in its layout, is what its `ufo` model runs."""
     state = random_paper_state(PAPER, seed=0)
     out = tmp_path / "merged.pt"
-    merge_checkpoint(released(tmp_path, state, "paper.ckpt"), "interpolation", out=out, layout="reference")
+    path = released(tmp_path, state, "paper.ckpt")
+    merge_checkpoint(path, "interpolation", out=out, layout="reference", overrides={"image_size": 32})
     merged = torch.load(out, weights_only=True)
     agnostic = PaperShapes(**SIZES, max_text_len=8, max_text_len_of_initckpt=10, fusion_layer=2, multiway=False)
     oracle_state = {**random_paper_state(agnostic, seed=0), **merged}
@@ -148,7 +149,8 @@ def test_a_merged_paper_model_runs_as_the_papers_agnostic_model(tmp_path):
 def test_vlmo_merges_its_ffn_experts_and_writes_them_tied(tmp_path):
     state = random_vlmo_state(VLMO, seed=0)
     out = tmp_path / "merged.pt"
-    merge_checkpoint(released(tmp_path, state, "vlmo.ckpt"), "interpolation", out=out, layout="vlmo")
+    path = released(tmp_path, state, "vlmo.ckpt")
+    merge_checkpoint(path, "interpolation", out=out, layout="vlmo", overrides={"image_size": 32})
     merged = torch.load(out, weights_only=True)
     key = "transformer.blocks.0.mlp_{}.fc1.weight"
     expected = (state[key.format("imag")] + state[key.format("text")]) / 2

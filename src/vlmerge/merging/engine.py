@@ -1,9 +1,11 @@
 """The merge engine: validate -> plan -> stream -> method -> atomic write.
 
 Every problem that names, shapes and dtypes alone reveal (an output path that is an input,
-missing experts, shape or dtype mismatches, tensors the checkpoint's config does not describe, a
-seed checkpoint or Gram file that does not fit, a tokenizer that is not one) is reported before
-the first tensor is read, and so is every Gram matrix the method needs that a Gram matrix cannot
+missing experts, shape or dtype mismatches, experts that are not floating point, tensors missing
+from, foreign to or shaped otherwise than the model the checkpoint's config describes, a released
+file whose config its shapes do not give, a seed checkpoint or statistics file that does not fit or
+whose source checkpoint cannot be verified, a tokenizer that is not one) is reported before the
+first tensor is read, and so is every Gram matrix the method needs that a Gram matrix cannot
 be (collected from another checkpoint, not finite, symmetric or positive semi-definite); values
 of the weights (NaN, Inf), and of Fisher statistics (also negative ones), are checked as tensors
 stream through. Inputs are read from the files
@@ -13,8 +15,9 @@ the whole merge has succeeded.
 
 import json
 import os
+import re
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from difflib import get_close_matches
@@ -45,14 +48,18 @@ from vlmerge.io.statistics import FisherSet, open_fisher
 from vlmerge.io.streaming import stream_safetensors
 from vlmerge.merging.coefficients import ResolvedOptions, parse_options
 from vlmerge.merging.fisher import group_fisher, validate_fisher
-from vlmerge.merging.plan import ExpertSelection, MergeGroup, MergePlan, build_merge_plan
+from vlmerge.merging.plan import MERGE_DTYPES, ExpertSelection, MergeGroup, MergePlan, build_merge_plan
 from vlmerge.merging.registry import MERGE_METHODS, MergeInputs, MergeMethod, MergeWarning, Statistics
 from vlmerge.models.checkpoint import head_names
 from vlmerge.models.config import ModelConfig
-from vlmerge.models.factory import state_keys
+from vlmerge.models.factory import state_shapes
 from vlmerge.models.families import checkpoint_config
 
 METADATA_RESERVE = 1 << 16  # bytes kept in the header for warnings known only after the merge
+WARNINGS_BUDGET = METADATA_RESERVE // 2  # the most header bytes the recorded warnings take: never outgrows the reserve
+WARNING_CHARACTERS = 1000  # a recorded warning line longer than this is cut
+WARNING_EXAMPLES = 3  # tensors named in a line that stands for one warning repeated over many
+SHA256 = re.compile(r"[0-9a-fA-F]{64}")
 GRAM_TOLERANCE = 1e-6  # relative to a Gram matrix's largest entry (symmetry) or eigenvalue (definiteness)
 
 
@@ -88,6 +95,7 @@ class PreparedMerge:
     warnings: list[str] = field(default_factory=list)
     fisher: FisherSet | None = None
     coefficients: ResolvedOptions | None = None  # the options of each merged tensor; `options`: the first one's
+    config: ModelConfig | None = None  # the source's model config (stored, or read from its shapes)
 
     def output_layout(self) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
         passthrough = [(k, self.reader.dtype(k), tuple(self.reader.shape(k))) for k in self.plan.passthrough]
@@ -139,6 +147,7 @@ def merge_checkpoint(
     fisher: str | os.PathLike | None = None,
     allow_foreign_fisher: bool = False,
     input_layout: Layout | str | None = None,
+    overrides: Mapping[str, Any] | None = None,
 ) -> MergeResult:
     """Merge a modality-specific checkpoint file into a modality-agnostic one written to `out`.
 
@@ -146,10 +155,17 @@ def merge_checkpoint(
     once and read from that open file, and a `.safetensors` output is streamed (header first,
     one merge group in memory at a time). The source is read in `input_layout` (default: the one
     its keys show) and the output written in `layout`, a multiway layout with tied experts.
+    `overrides`: fields of the source's model config, for a released file whose shapes do not tell
+    them (`image_size`, `heads`).
     """
     check_output_path(out, [source, seed_checkpoint, grams, fisher])
     files = MergeFiles.open(
-        source, seed_checkpoint=seed_checkpoint, grams=grams, fisher=fisher, input_layout=input_layout
+        source,
+        seed_checkpoint=seed_checkpoint,
+        grams=grams,
+        fisher=fisher,
+        input_layout=input_layout,
+        overrides=overrides,
     )
     check_output_layout(files.reader, layout)
     prepared = files.prepare(
@@ -171,6 +187,7 @@ class MergeFiles:
     origin: CheckpointReader | None = None
     grams: GramSet | None = None
     fisher: FisherSet | None = None
+    overrides: Mapping[str, Any] | None = None  # fields of the source's model config (`merge_checkpoint`)
 
     @classmethod
     def open(
@@ -181,12 +198,14 @@ class MergeFiles:
         grams: str | os.PathLike | None = None,
         fisher: str | os.PathLike | None = None,
         input_layout: Layout | str | None = None,
+        overrides: Mapping[str, Any] | None = None,
     ) -> "MergeFiles":
         return cls(
             open_checkpoint(source, input_layout),
             open_checkpoint(seed_checkpoint) if seed_checkpoint is not None else None,
             open_grams(grams) if grams is not None else None,
             open_fisher(fisher) if fisher is not None else None,
+            overrides,
         )
 
     def prepare(
@@ -210,6 +229,7 @@ class MergeFiles:
             source_sha256=self.reader.sha256,
             fisher=self.fisher,
             allow_foreign_fisher=allow_foreign_fisher,
+            overrides=self.overrides,
         )
 
 
@@ -270,7 +290,7 @@ def check_output_layout(reader: CheckpointReader, layout: Layout | str) -> None:
     """Refuse, before any work, an output layout whose family is not the source's: BEiT-3's separate
     projections under VLMo's names would be a file no VLMo code can load."""
     layout = Layout(layout)
-    config, _ = _source_config(reader)
+    config = _source_config(reader)
     family = config.family if config is not None else LAYOUT_FAMILY[reader.layout]
     allowed_layouts = dict.fromkeys((*FAMILY_LAYOUTS[family], reader.layout))  # its own layout, always
     if layout not in allowed_layouts:
@@ -351,29 +371,32 @@ def prepare_merge(
     source_sha256: Callable[[], str] | None = None,
     fisher: FisherSet | None = None,
     allow_foreign_fisher: bool = False,
+    overrides: Mapping[str, Any] | None = None,
 ) -> PreparedMerge:
     """Validate and plan; run the method's pre-pass if it has one. Reads no expert tensor otherwise
     (the Gram matrices a method needs are read once here, to check them).
     `selection`: which experts are merged (all, retrieval, vqa, nlvr2). `source_sha256`: the source
     file's hash, compared with the checkpoint a Gram file records (None for an in-memory state dict,
-    which has no file to compare); `allow_foreign_grams` lets a mismatch through with a warning.
-    `fisher`, `allow_foreign_fisher`: the same for a method that merges with Fisher statistics."""
+    which has no file to compare); `allow_foreign_grams` lets a mismatch, or a file that records no
+    checkable source, through with a warning. `fisher`, `allow_foreign_fisher`: the same for a method
+    that merges with Fisher statistics. `overrides`: fields of the source's model config."""
     method = MERGE_METHODS.get(method_name)
     specs = parse_options(method, dict(options or {}))  # lists and dicts: coefficient specs (coefficients.py)
     plan = build_merge_plan({k: reader.shape(k) for k in reader.keys}, ExpertSelection.parse(selection))
     coefficients = specs.resolve(plan)  # every merged tensor's options, validated
     parsed_options = coefficients.reference
     _validate_carried_metadata(reader)
-    _validate_layout(reader)
-    _validate_dtypes(plan, reader)
+    config = merge_config(reader, overrides)
+    _validate_layout(reader, config)
+    _validate_dtypes(plan, reader, origin if method.needs_origin else None)
     _validate_inputs(plan, method, origin, grams, fisher, [coefficients.at(g.target) for g in plan.groups])
     notes = []
     if method.needs_grams:
         if source_sha256 is not None:
-            notes = _check_gram_source(reader, grams, source_sha256, allow_foreign_grams)
+            notes = _check_statistics_source(reader, grams, source_sha256, allow_foreign_grams)
         _validate_gram_values(plan, grams)
     if method.statistics is Statistics.FISHER and source_sha256 is not None:
-        notes = _check_gram_source(
+        notes = _check_statistics_source(
             reader, fisher, source_sha256, allow_foreign_fisher, "Fisher file", "--allow-foreign-fisher"
         )
     prepared = None
@@ -384,7 +407,9 @@ def prepare_merge(
         )
         with one_thread():
             prepared = method.prepare(prepass_inputs, prepass_options)
-    return PreparedMerge(reader, plan, method, parsed_options, origin, grams, prepared, notes, fisher, coefficients)
+    return PreparedMerge(
+        reader, plan, method, parsed_options, origin, grams, prepared, notes, fisher, coefficients, config
+    )
 
 
 def _merge_group(
@@ -457,28 +482,93 @@ class _GroupGrams(Mapping):
         return len(self._modules)
 
 
-def _validate_layout(reader: CheckpointReader) -> None:
-    """Every tensor must be one the model of the checkpoint's own config has (heads apart), or the merged
-    checkpoint would not load strictly. A file without a config (the paper's) has only the plan's checks."""
-    if reader.config is None:
+def merge_config(reader: CheckpointReader, overrides: Mapping[str, Any] | None = None) -> ModelConfig | None:
+    """The source's model config: stored, or read from a released file's shapes, `overrides` on top.
+    A released file whose shapes do not give one is refused here (its message says what to give): its
+    merge would carry no config, and no later stage could load it. None for a native file without one."""
+    for name in ("image_size", "heads"):  # sizes the model's own checks let through at zero or below
+        value = (overrides or {}).get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+            raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+    config = checkpoint_config(reader, overrides)
+    if config is None and overrides:
+        given = ", ".join(sorted(overrides))
+        raise MergeError(
+            f"{reader.path}: carries no model config and its shapes give none, so there is nothing to set "
+            f"{given} in; merge it without them"
+        )
+    return config
+
+
+def _validate_layout(reader: CheckpointReader, config: ModelConfig | None) -> None:
+    """Every tensor of the model `config` describes must be there with its shape, and nothing else but
+    heads and what the family stores unread, or the merged checkpoint would not load strictly
+    (`vlmerge evaluate`, `export-hf`). Names and shapes only: built on the meta device."""
+    if config is None:
         return
-    expected = state_keys(ModelConfig.parse(reader.config, where=f"{reader.path} config"))
-    heads = tuple(f"{name}." for name in head_names(reader))
-    known = set(expected)
-    unknown = sorted(key for key in reader.keys if key not in known and not key.startswith(heads))
-    missing = [key for key in expected if key not in reader]
+    expected = state_shapes(config)
+    backbone = _backbone_keys(reader, expected)
+    unknown = [key for key in backbone if key not in expected]
     if unknown:
         close = get_close_matches(unknown[0], list(expected), n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        more = f" ({len(unknown) - 1} more unknown)" if len(unknown) > 1 else ""
+        hint = f"; did you mean {_stored_name(reader, close[0])!r}?" if close else ""
         raise CheckpointError(
-            f"{reader.path}: unknown tensor {unknown[0]!r}, not part of the model its config describes{hint}{more}"
+            f"{reader.path}: unknown tensor {_stored_name(reader, unknown[0])!r}, not part of the model its "
+            f"config describes{hint}{_more(reader, unknown, 'unknown')}"
         )
+    missing = [key for key in expected if key not in reader]
     if missing:
-        more = f" ({len(missing) - 1} more missing)" if len(missing) > 1 else ""
         raise CheckpointError(
-            f"{reader.path}: missing tensor {missing[0]!r}, which the model its config describes needs{more}"
+            f"{reader.path}: missing tensor {_stored_name(reader, missing[0])!r}, which the model its config "
+            f"describes needs{_more(reader, missing, 'missing')}"
         )
+    misshapen = [key for key in expected if tuple(reader.shape(key)) != expected[key]]
+    if misshapen:
+        key = misshapen[0]
+        raise CheckpointError(
+            f"{reader.path}: tensor {_stored_name(reader, key)!r} has shape {_stored_shape(reader, key)}, but the "
+            f"model its config describes has {_stored_shape(reader, key, expected[key])}"
+            f"{_more(reader, misshapen, 'of another shape')}"
+        )
+
+
+def _backbone_keys(reader: CheckpointReader, expected: Mapping[str, tuple[int, ...]]) -> list[str]:
+    """The source's keys that must be the model's: all but its heads (a native file names them in its
+    metadata; in a released file they are the keys its layout does not rename that lie outside the
+    model's modules, such as `itm_score.*`) and what its family stores but never reads (index buffers)."""
+    heads = tuple(f"{name}." for name in head_names(reader))
+    modules = {key.split(".")[0] for key in expected}
+    released = reader.layout is not Layout.NATIVE
+
+    def is_head(key: str) -> bool:
+        if heads and key.startswith(heads):
+            return True
+        renamed = reader.mapping.stored[key][0] != key
+        return released and not renamed and key.split(".")[0] not in modules
+
+    return [key for key in reader.keys if key not in reader.mapping.unused and not is_head(key)]
+
+
+def _stored_name(reader: CheckpointReader, key: str) -> str:
+    """A native key as the source's file names it (its layout's name where the file lacks it)."""
+    if key in reader:
+        return reader.mapping.stored[key][0]
+    return foreign_keys(key, reader.layout, reader.mapping.prefix)[0][0]
+
+
+def _stored_shape(reader: CheckpointReader, key: str, shape: tuple[int, ...] | None = None) -> list[int]:
+    """A native shape (the source's own where None) as the source's file stores it."""
+    shape = tuple(reader.shape(key)) if shape is None else shape
+    batched = key in reader and reader.mapping.stored[key][1]
+    return list(shape[1:] if batched else shape)
+
+
+def _more(reader: CheckpointReader, keys: Sequence[str], what: str) -> str:
+    """` (N more <what>: a, b, c, ...)` after the first of `keys`; empty when it is the only one."""
+    if len(keys) < 2:
+        return ""
+    named = ", ".join(_stored_name(reader, key) for key in keys[1 : 1 + WARNING_EXAMPLES])
+    return f" ({len(keys) - 1} more {what}: {named}{', ...' if len(keys) > 1 + WARNING_EXAMPLES else ''})"
 
 
 def _validate_inputs(
@@ -515,14 +605,29 @@ def _validate_inputs(
             method.check_statistics(grams if method.needs_grams else fisher, each, plan.selection.value)
 
 
-def _validate_dtypes(plan: MergePlan, reader: CheckpointReader) -> None:
-    """The experts of a tensor share one dtype: casting them all to the first one's would merge a
-    float32 expert at float16 precision without a word."""
+def _validate_dtypes(plan: MergePlan, reader: CheckpointReader, origin: CheckpointReader | None = None) -> None:
+    """Every merged tensor is floating point (`MERGE_DTYPES`): an integer or boolean expert would be
+    truncated by the cast back, a complex one averaged into NaN, unseen by the finiteness check. The
+    experts of a tensor share one dtype: casting them all to the first one's would merge a float32
+    expert at float16 precision without a word. `origin`: the seed checkpoint a method reads."""
     for group in plan.groups:
         dtypes = {m: reader.dtype(e.key) for m, e in group.experts.items()}
+        for modality, dtype in dtypes.items():
+            _check_merge_dtype(reader, group.experts[modality].key, dtype, "expert tensor")
         if len(set(dtypes.values())) > 1:
             detail = ", ".join(f"{m.value} {str(d).removeprefix('torch.')}" for m, d in dtypes.items())
             raise MergeError(f"experts of {group.target} differ in dtype: {detail}; cast the checkpoint to one dtype")
+        if origin is not None and group.target in origin:
+            _check_merge_dtype(origin, group.target, origin.dtype(group.target), "seed checkpoint tensor")
+
+
+def _check_merge_dtype(reader: CheckpointReader, key: str, dtype: torch.dtype, what: str) -> None:
+    if dtype not in MERGE_DTYPES:
+        allowed = ", ".join(str(d).removeprefix("torch.") for d in MERGE_DTYPES)
+        raise MergeError(
+            f"{reader.path}: {what} {_stored_name(reader, key)} is {str(dtype).removeprefix('torch.')}; "
+            f"a merge needs floating point ({allowed})"
+        )
 
 
 def _validate_carried_metadata(reader: CheckpointReader) -> None:
@@ -548,12 +653,19 @@ def _validate_grams(plan: MergePlan, grams: GramSet) -> None:
         raise MergeError(f"Gram file {grams.path} has none of the matrices this merge needs (e.g. {needed[0][1]})")
     for group, module in needed:
         if module in grams:
+            _check_statistics_dtype(grams.path, f"Gram matrix {module}", grams.reader.dtype(grams.keys[module]))
             inputs = group.shape[1]
             if tuple(grams.shape(module)) != (inputs, inputs):
                 raise MergeError(
                     f"Gram matrix {module} is {list(grams.shape(module))} but {group.target} "
                     f"takes {inputs} inputs (expected [{inputs}, {inputs}])"
                 )
+
+
+def _check_statistics_dtype(path: Path, what: str, dtype: torch.dtype) -> None:
+    """Statistics are floating point, as the merge computes with them."""
+    if dtype not in MERGE_DTYPES:
+        raise MergeError(f"{path}: {what} is {str(dtype).removeprefix('torch.')}, not floating point")
 
 
 def _validate_gram_values(plan: MergePlan, grams: GramSet) -> None:
@@ -654,30 +766,55 @@ def _recorded_tokens(grams: GramSet, module: str) -> int | None:
     return tokens
 
 
-def _check_gram_source(
+def _check_statistics_source(
     reader: CheckpointReader,
-    grams: GramSet | FisherSet,
+    statistics: GramSet | FisherSet,
     source_sha256: Callable[[], str],
     allow_foreign: bool,
     kind: str = "Gram file",
     flag: str = "--allow-foreign-grams",
 ) -> list[str]:
-    """The checkpoint a native Gram (or Fisher) file says it was collected from must be the source, by
-    content. Returns the warning to record when `allow_foreign` lets a foreign file through."""
-    recorded = grams.provenance.get("checkpoint")
-    recorded_sha = recorded.get("sha256") if isinstance(recorded, dict) else None
-    if recorded_sha is None:  # the paper's files, and native ones written without provenance
+    """Statistics must come from the source, by content: a file that records another checkpoint's hash,
+    or none that can be checked (no record, a null or a string that is no SHA-256, a torch file such as
+    the paper's, which has no metadata), would weigh the merge with another model's data without a word.
+    Returns the warning to record when `allow_foreign` lets such a file through."""
+    problem = _unverified_source(statistics, kind) or _foreign_source(reader, statistics, source_sha256, kind)
+    if problem is None:
         return []
-    actual = source_sha256()
-    if recorded_sha == actual:
-        return []
-    message = (
-        f"{kind} {grams.path} was collected from checkpoint {recorded.get('path')} (sha256 {recorded_sha}), "
-        f"not from {reader.path} (sha256 {actual})"
-    )
     if not allow_foreign:
-        raise MergeError(f"{message}; collect them for this checkpoint, or pass {flag}")
-    return [f"{message}; used anyway ({flag})"]
+        raise MergeError(f"{problem}; collect them for this checkpoint, or pass {flag}")
+    return [f"{problem}; used anyway ({flag})"]
+
+
+def _unverified_source(statistics: GramSet | FisherSet, kind: str) -> str | None:
+    """Why the checkpoint a statistics file was collected from cannot be checked; None where it can."""
+    recorded = statistics.provenance.get("checkpoint")
+    sha = recorded.get("sha256") if isinstance(recorded, dict) else None
+    if isinstance(sha, str) and SHA256.fullmatch(sha):
+        return None
+    if statistics.path.suffix in PICKLE_SUFFIXES and not statistics.provenance:
+        why = f"a {statistics.path.suffix} file records no provenance"
+    elif not isinstance(recorded, dict):
+        why = "its provenance records no checkpoint"
+    elif sha is None:
+        why = "its checkpoint record has no sha256"
+    else:
+        why = f"its recorded sha256 {str(sha)[:80]!r} is not a SHA-256 hash"
+    return f"{kind} {statistics.path} does not say which checkpoint it was collected from ({why})"
+
+
+def _foreign_source(
+    reader: CheckpointReader, statistics: GramSet | FisherSet, source_sha256: Callable[[], str], kind: str
+) -> str | None:
+    """Why a statistics file's recorded checkpoint is not the source; None where it is."""
+    recorded = statistics.provenance["checkpoint"]
+    actual = source_sha256()
+    if recorded["sha256"].lower() == actual:
+        return None
+    return (
+        f"{kind} {statistics.path} was collected from checkpoint {recorded.get('path')} "
+        f"(sha256 {recorded['sha256']}), not from {reader.path} (sha256 {actual})"
+    )
 
 
 def _read_finite(reader: CheckpointReader, key: str) -> torch.Tensor:
@@ -708,12 +845,13 @@ def _input_hashes(prepared: PreparedMerge, pending: bool = False) -> dict[str, d
     }
 
 
-def _source_config(reader: CheckpointReader) -> tuple[ModelConfig | None, str | None]:
-    """The source's config (stored, or read from a released file's shapes), or why there is none."""
+def _source_config(reader: CheckpointReader) -> ModelConfig | None:
+    """The source's config (stored, or read from a released file's shapes), for its family; None where
+    there is none or it needs overrides (`merge_config` refuses those, naming why)."""
     try:
-        return checkpoint_config(reader), None
-    except (CheckpointError, ConfigError) as error:
-        return None, f"the merged file carries no model config: {error}"
+        return checkpoint_config(reader)
+    except (CheckpointError, ConfigError):
+        return None
 
 
 def _provenance(
@@ -724,8 +862,9 @@ def _provenance(
 ) -> dict[str, str]:
     """The merged file's metadata. Its config is the source's (stored, or read from a released file's
     shapes) made modality-agnostic; in a multiway layout, whose experts hold the merged weights tied,
-    the source's multiway config as it is."""
-    config, note = _source_config(prepared.reader)
+    the source's multiway config as it is. Its warnings are bounded (`metadata_warnings`), so the
+    header reserved before the merge always holds them."""
+    config = prepared.config
     record = {
         **(extra or {}),  # the standard entries below take precedence over same-named extras
         "method": prepared.method.name,
@@ -734,7 +873,7 @@ def _provenance(
         "prepared": prepared.prepared.model_dump(mode="json") if prepared.prepared is not None else None,
         "selection": prepared.plan.selection.value,
         "inputs": inputs,
-        "warnings": prepared.warnings + ([note] if note else []),
+        "warnings": metadata_warnings(prepared.warnings),
         "vlmerge_version": __version__,
     }
     metadata = {"format": "vlmerge", "merge": json.dumps(record, sort_keys=True)}
@@ -742,4 +881,66 @@ def _provenance(
         described = config if layout is not Layout.NATIVE else config.agnostic()
         metadata["config"] = json.dumps(described.model_dump(mode="json"), sort_keys=True)
     metadata.update({key: prepared.reader.metadata[key] for key in CARRIED_METADATA if key in prepared.reader.metadata})
+    if "heads" not in metadata and (heads := _released_heads(prepared.reader, config)):
+        metadata["heads"] = json.dumps(heads)
     return metadata
+
+
+def _released_heads(reader: CheckpointReader, config: ModelConfig | None) -> list[str]:
+    """The heads a released source carries (`itm_score`, ...), to be named in the merged file's metadata
+    as a native checkpoint names its own: without them the merged file would not load strictly."""
+    if reader.layout is Layout.NATIVE or config is None:
+        return []
+    backbone = set(_backbone_keys(reader, state_shapes(config)))
+    heads = [key for key in reader.keys if key not in backbone and key not in reader.mapping.unused]
+    return sorted({key.split(".")[0] for key in heads})
+
+
+_TENSOR_WARNING = re.compile(r"(?P<tensor>[^\s:]+): (?P<message>.+)", re.DOTALL)  # a method's `target: what`
+
+
+def metadata_warnings(notes: Sequence[str], budget: int = WARNINGS_BUDGET) -> list[str]:
+    """The warnings a merged file's header records: one warning repeated over many tensors as one line
+    with their count and first names, each line cut at WARNING_CHARACTERS, at most `budget` header
+    bytes in all, and then a line saying how many were left out. The header's room is reserved before
+    the merge runs, so what the merge finds can never outgrow it once the work is done; the merge's
+    result, and `vlmerge merge`, keep every warning."""
+    lines = _collapse_warnings(notes)
+    room = budget - _header_bytes(_left_out(len(lines), len(notes)))  # the longest such line: the most left out
+    for index, line in enumerate(lines):
+        room -= _header_bytes(line)
+        if room < 0:
+            return [*lines[:index], _left_out(len(lines) - index, len(notes))]
+    return lines
+
+
+def _left_out(lines: int, notes: int) -> str:
+    return f"{lines} more warning lines left out of the file's metadata ({notes} warnings in all)"
+
+
+def _collapse_warnings(notes: Sequence[str]) -> list[str]:
+    """One line per distinct warning, in order of first appearance: a `tensor: message` repeated over
+    tensors as `N tensors (a, b, c, ...): message`, any other repeated note with its count."""
+    tensors: dict[str, list[str | None]] = {}
+    for note in notes:
+        match = _TENSOR_WARNING.fullmatch(note)
+        message, tensor = (match["message"], match["tensor"]) if match else (note, None)
+        tensors.setdefault(message, []).append(tensor)
+    lines = []
+    for message, named in tensors.items():
+        examples = [name for name in named if name is not None]
+        if len(named) == 1:
+            line = f"{examples[0]}: {message}" if examples else message
+        elif examples:
+            more = ", ..." if len(examples) > WARNING_EXAMPLES else ""
+            line = f"{len(named)} tensors ({', '.join(examples[:WARNING_EXAMPLES])}{more}): {message}"
+        else:
+            line = f"{message} ({len(named)} times)"
+        lines.append(line if len(line) <= WARNING_CHARACTERS else line[: WARNING_CHARACTERS - 3] + "...")
+    return lines
+
+
+def _header_bytes(line: str) -> int:
+    """An upper bound on the bytes one warning takes in the header: JSON in the merge record, which the
+    header encodes as a JSON string again, and the separator before it."""
+    return len(json.dumps(json.dumps(line))) + 2

@@ -4,7 +4,9 @@ import json
 from importlib import resources
 from typing import Any
 
+import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from vlmerge.core.registry import Registry
 from vlmerge.models.config import ExpertPlacement, ModelConfig
@@ -36,7 +38,16 @@ def count_parameters(model: nn.Module, backbone_only: bool = False) -> int:
     return sum(p.numel() for p in params)
 
 
-__all__ = ["ExpertPlacement", "MODEL_SIZES", "ModelConfig", "count_parameters", "create_model", "model_config"]
+__all__ = [
+    "ExpertPlacement",
+    "MODEL_SIZES",
+    "ModelConfig",
+    "count_parameters",
+    "create_model",
+    "model_config",
+    "state_keys",
+    "state_shapes",
+]
 
 
 def state_keys(config: ModelConfig) -> list[str]:
@@ -47,3 +58,24 @@ def state_keys(config: ModelConfig) -> list[str]:
         update={"width": 2 * config.heads, "image_size": config.patch_size, "vocab_size": 2, "max_text_len": 2}
     )
     return list(VLTransformer(miniature).state_dict())
+
+
+def state_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every state-dict key of the model `config` describes with its shape, in `state_dict` order,
+    so a file can be checked against the model before any tensor is read. Built on the meta device
+    (no memory) with the initialisers skipped (their meta kernels cost a second of imports)."""
+    with torch.device("meta"), _SkipInPlace():
+        model = VLTransformer(config)
+    return {key: tuple(value.shape) for key, value in model.state_dict().items()}
+
+
+class _SkipInPlace(TorchFunctionMode):
+    """Turns every in-place op (an initialiser's `uniform_`, `normal_`, `erfinv_`...) into a no-op:
+    on meta tensors they compute nothing anyway."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        if name.endswith("_") and not name.startswith("_"):
+            return args[0] if args else next(iter(kwargs.values()))
+        return func(*args, **kwargs)

@@ -79,7 +79,11 @@ def checkpoint_config(reader: CheckpointReader, overrides: Mapping[str, Any] | N
     infer = {Layout.BEIT3: _beit3_sizes, Layout.VLMO: _vlmo_sizes, Layout.REFERENCE: _paper_sizes}[reader.layout]
     try:
         family, fields = infer(reader, dict(overrides or {}))
-    except (KeyError, ValueError) as error:
+    except KeyError as error:
+        raise CheckpointError(
+            f"{reader.path}: cannot read the model's sizes from its tensors (no tensor {error.args[0]!r})"
+        ) from None
+    except ValueError as error:
         raise CheckpointError(f"{reader.path}: cannot read the model's sizes from its tensors ({error})") from None
     return family_config(family, **{**fields, **(overrides or {})})
 
@@ -104,30 +108,49 @@ def _first_vl_layer(layers: dict[int, set[Modality]]) -> int | None:
 
 def _common(reader: CheckpointReader, width: int, layers: dict[int, set[Modality]]) -> dict[str, Any]:
     """Sizes every family shows the same way: width, depth, FFN ratio, patch size, vocabulary."""
-    fc1 = next(key for key in reader.keys if key.endswith("fc1.weight"))
+    fc1 = next((key for key in reader.keys if key.endswith("fc1.weight")), None)
+    if fc1 is None:
+        raise ValueError("no FFN weight (fc1) to read the FFN width from")
+    _, channels, _, patch = _shape(reader, "patch_embed.proj.weight", 4)
     return {
         "width": width,
         "depth": len(layers),
-        "mlp_ratio": reader.shape(fc1)[0] / width,
-        "patch_size": reader.shape("patch_embed.proj.weight")[-1],
-        "channels": reader.shape("patch_embed.proj.weight")[1],
-        "vocab_size": reader.shape("text_embed.word.weight")[0],
+        "mlp_ratio": _shape(reader, fc1, 2)[0] / width,
+        "patch_size": patch,
+        "channels": channels,
+        "vocab_size": _shape(reader, "text_embed.word.weight", 2)[0],
     }
+
+
+def _shape(reader: CheckpointReader, key: str, dims: int) -> tuple[int, ...]:
+    """The shape of tensor `key`, which the sizes are read from: one with another number of
+    dimensions (a scalar, say) is named here, not met as an IndexError."""
+    shape = reader.shape(key)
+    if len(shape) != dims:
+        stored, batched = reader.mapping.stored[key]
+        shown = list(shape[1:] if batched else shape)
+        raise ValueError(f"tensor {stored!r} has shape {shown}, expected {dims - batched} dimensions")
+    return shape
 
 
 def _beit3_sizes(reader: CheckpointReader, overrides: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    width = reader.shape("cls_token")[-1]
+    width = _shape(reader, "cls_token", 3)[-1]
     fields = _common(reader, width, _layers(reader))
-    patches = reader.shape("pos_embed")[1] - 1 - FAMILY_OPTIONS["beit3"]["position_offset"]
-    grid = math.isqrt(patches)
-    if grid * grid != patches:
-        raise ValueError(f"the image position table has {patches} patch rows, not a square grid")
+    patches = _shape(reader, "pos_embed", 3)[1] - 1 - FAMILY_OPTIONS["beit3"]["position_offset"]
     return "beit3", {
         **fields,
         "heads": width // BEIT3_HEAD_WIDTH,
-        "image_size": grid * fields["patch_size"],
-        "max_text_len": reader.shape("text_embed.position.weight")[0] - FAMILY_OPTIONS["beit3"]["position_offset"],
+        "image_size": _grid(patches) * fields["patch_size"],
+        "max_text_len": _shape(reader, "text_embed.position.weight", 2)[0] - FAMILY_OPTIONS["beit3"]["position_offset"],
     }
+
+
+def _grid(patches: int) -> int:
+    """Patches along one side of the square grid an image position table has rows for."""
+    grid = math.isqrt(max(patches, 0))
+    if grid == 0 or grid * grid != patches:
+        raise ValueError(f"the image position table has {patches} patch rows, not a square grid")
+    return grid
 
 
 def _relative_sizes(reader: CheckpointReader, depth: int, patch: int, overrides: dict[str, Any]) -> dict[str, Any]:
@@ -135,23 +158,26 @@ def _relative_sizes(reader: CheckpointReader, depth: int, patch: int, overrides:
     without a table (VLMo base+), absolute positions and the head count from `overrides`."""
     if "relative_position_bias_table" not in reader:
         if "heads" not in overrides:
-            raise ValueError("without a relative position table the head count is not in the shapes; give heads")
+            raise ValueError(
+                "without a relative position table the head count is not in the shapes; give heads (--heads)"
+            )
         return {
             "position_bias": "none",
             "image_positions": True,
             "text_positions": True,
             "heads": overrides["heads"],
-            "image_size": math.isqrt(reader.shape("pos_embed")[1] - 1) * patch,
-            "max_text_len": reader.shape("text_embed.position.weight")[0],
+            "image_size": _grid(_shape(reader, "pos_embed", 3)[1] - 1) * patch,
+            "max_text_len": _shape(reader, "text_embed.position.weight", 2)[0],
         }
-    rows, columns = reader.shape("relative_position_bias_table")
+    rows, columns = _shape(reader, "relative_position_bias_table", 2)
     if columns % depth:
         raise ValueError(f"the relative position table's {columns} columns are not heads x {depth} layers")
     image_size = overrides.get("image_size", VLMO_IMAGE_SIZE)
     text_rows = rows - image_distances(image_size // patch) - 2
     if text_rows <= 0 or text_rows % 2:
         raise ValueError(
-            f"a relative position table of {rows} rows does not fit {image_size}-pixel images; give image_size"
+            f"a relative position table of {rows} rows does not fit {image_size}-pixel images; "
+            "give the image size (--image-size)"
         )
     span = text_rows // 2
     table = "text_embed.position.weight"
@@ -160,7 +186,7 @@ def _relative_sizes(reader: CheckpointReader, depth: int, patch: int, overrides:
         "image_size": image_size,
         "relative_text_span": span,
         "text_position_table": table in reader,  # BERT's, carried unused beside the relative table
-        "max_text_len": reader.shape(table)[0] if table in reader else span,
+        "max_text_len": _shape(reader, table, 2)[0] if table in reader else span,
     }
 
 
@@ -171,7 +197,10 @@ def _vlmo_sizes(reader: CheckpointReader, overrides: dict[str, Any]) -> tuple[st
 def _paper_sizes(reader: CheckpointReader, overrides: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     """VLMo's sizes, and where the experts sit (the paper's variants differ in it)."""
     slots = {path.slot for key in reader.keys if (path := parse_block_path(key)) and path.modality}
-    placement = next(p for p in ExpertPlacement if p.slots == slots & {"norm1", "attn", "norm2", "mlp"})
+    experts = slots & {"norm1", "attn", "norm2", "mlp"}
+    placement = next((p for p in ExpertPlacement if p.slots == experts), None)
+    if placement is None:
+        raise ValueError(f"experts in {sorted(experts)} are no expert placement the model has")
     return "paper", {**_vlmo_like_sizes(reader, overrides), "placement": placement.value}
 
 
@@ -179,7 +208,7 @@ def _vlmo_like_sizes(reader: CheckpointReader, overrides: dict[str, Any]) -> dic
     """The sizes of VLMo and of the paper's model (derived from it): the common ones, the relative
     table's, the first vl layer, layer scale and pooler where present."""
     layers = _layers(reader)
-    fields = _common(reader, reader.shape("cls_token")[-1], layers)
+    fields = _common(reader, _shape(reader, "cls_token", 3)[-1], layers)
     fusion = _first_vl_layer(layers)
     return {
         **fields,
