@@ -212,6 +212,13 @@ def at_step(step: int):
     return lambda state: {**state, "step": step}
 
 
+def nested_200_deep(state: dict) -> dict:
+    extra: list = []
+    for _ in range(200):
+        extra = [extra]
+    return {**state, "extra": extra}
+
+
 CHECKPOINT_CASES = {
     "another-model": (reshaped, "not a checkpoint of this model (model."),
     "no-optimizer": (without("optimizer"), "it has no optimizer"),
@@ -222,6 +229,7 @@ CHECKPOINT_CASES = {
     "an-older-step": (at_step(2), "it holds step 2, but the run had checkpointed step 4"),
     "a-pickled-object": (lambda state: {**state, "extra": pathlib.PurePosixPath("x")}, "never unpickled"),
     "not-torch": (None, "not a checkpoint written by torch.save"),
+    "nested-200-deep": (nested_200_deep, "nested more than 100"),  # refused before torch.load walks it
     "deleted": (False, "missing, but the run checkpointed step 4"),
 }
 

@@ -16,6 +16,7 @@ from vlmerge.io.checkpoint import open_checkpoint
 from vlmerge.io.layout import Layout
 from vlmerge.merging import MergeWarning, describe_methods, merge_checkpoint, method_options, options_from_text
 from vlmerge.merging.plan import ExpertSelection
+from vlmerge.training.distributed import PeerFailure
 
 SELECTION_CHOICES = [s.value for s in ExpertSelection]
 STAGES = ["seed", "specific", "finetune"]
@@ -78,6 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="key names of the output: native, or a family's (a multiway layout holds the merged weights "
         "under every expert's name, tied)",
     )
+    merge.add_argument(
+        "--image-size",
+        type=int,
+        help="image size of a released paper/VLMo file, which its shapes do not tell (default: 224 where it fits)",
+    )
+    merge.add_argument("--heads", type=int, help="head count of a released file whose shapes do not tell it")
     merge.add_argument("--out", required=True, help="output file (.safetensors, or .pt for the reference layout)")
     merge.add_argument("--quiet", action="store_true", help="no progress bar")
     add_method_options(merge)
@@ -290,6 +297,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", MergeWarning)  # merges report their warnings themselves
             return COMMANDS[args.command](args)
+    except PeerFailure:  # another process of the torchrun job failed and printed why
+        return 2
     except VlmergeError as error:
         print(f"vlmerge {args.command}: error: {error}", file=sys.stderr)
         return 2
@@ -314,6 +323,7 @@ def run_merge(args: argparse.Namespace) -> int:
         fisher=args.fisher,
         allow_foreign_fisher=args.allow_foreign_fisher,
         input_layout=args.input_layout,
+        overrides={name: value for name in ("image_size", "heads") if (value := getattr(args, name)) is not None},
     )
     for note in result.warnings:
         print(f"warning: {note}", file=sys.stderr)
@@ -356,6 +366,7 @@ def run_tune(args: argparse.Namespace) -> int:
         out=args.out,
         objective=objective,
         data=resolve_data(args.data, args.source, args.limit),
+        data_file=args.data,
         selection=args.selection,
         seed_checkpoint=args.seed_checkpoint,
         grams=args.grams,
@@ -448,6 +459,7 @@ def run_grams(args: argparse.Namespace) -> int:
         args.normalize,
         progress=not args.quiet,
         sequential=sequential,
+        data_file=args.data,
     )
     print(f"{'sequential ' if sequential else ''}gram matrices -> {out}")
     return 0
@@ -459,7 +471,14 @@ def run_fisher(args: argparse.Namespace) -> int:
 
     data = resolve_data(args.data, args.checkpoint, args.limit)
     out = collect_checkpoint_fisher(
-        args.checkpoint, args.out, data, args.split, args.batch_size, args.random_seed, progress=not args.quiet
+        args.checkpoint,
+        args.out,
+        data,
+        args.split,
+        args.batch_size,
+        args.random_seed,
+        progress=not args.quiet,
+        data_file=args.data,
     )
     print(f"fisher statistics -> {out}")
     return 0
@@ -483,8 +502,8 @@ def run_study_command(args: argparse.Namespace) -> int:
         submitit = SubmititOptions(Path(args.submitit), args.timeout_min, args.slurm_partition)
     timing = run_study(recipe, out, progress=not args.quiet, workers=args.workers, submitit=submitit).timing
     print(
-        f"study {recipe.name}: {timing.stages_run} stages run, {timing.stages_cached} reused, "
-        f"{timing.seconds:.0f} s -> {out / 'report.md'}, {out / 'report.html'}"
+        f"study {recipe.name}: {timing.stages}/{timing.stages} stages done ({timing.stages_run} run, "
+        f"{timing.stages_cached} reused) in {timing.seconds:.0f} s -> {out / 'report.md'}, {out / 'report.html'}"
     )
     return 0
 

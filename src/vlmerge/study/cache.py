@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tqdm import tqdm
+
 from vlmerge.io.atomic import atomic_path
 from vlmerge.study.plan import Stage
 
@@ -76,5 +78,6 @@ class StageCache:
         return StageOutput(directory, json.loads(text)["result"], seconds, cached=False)
 
     def say(self, line: str) -> None:
+        """A line above the study's progress bar (tqdm's write keeps the bar whole)."""
         if self.progress:
-            print(f"[study] {line}", file=sys.stderr, flush=True)
+            tqdm.write(f"[study] {line}", file=sys.stderr)

@@ -5,9 +5,14 @@ library call that produces it (a pre-training run, a merge, a fine-tuning run, .
 small JSON result the assembler reads (metrics, warnings, parameter counts).
 """
 
+import contextlib
+import ctypes
 import json
 import multiprocessing
 import os
+import signal
+import sys
+import threading
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -16,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
 from vlmerge.core.errors import ConfigError, StudyError, VlmergeError
 from vlmerge.data.config import DataConfig
@@ -27,7 +33,7 @@ from vlmerge.metrics.mergeability import mergeability
 from vlmerge.models.checkpoint import load_model
 from vlmerge.models.factory import count_parameters
 from vlmerge.pretrained import save_pretrained_seed
-from vlmerge.study.cache import StageCache, StageOutput
+from vlmerge.study.cache import DONE, StageCache, StageOutput
 from vlmerge.study.gallery import retrieval_gallery
 from vlmerge.study.plan import Stage, StageKind, StudyPlan
 from vlmerge.tasks.finetune import RESULTS_FILE, evaluate_checkpoint, run_finetune
@@ -37,7 +43,7 @@ from vlmerge.training.grams import collect_checkpoint_grams
 from vlmerge.training.pretrain import run_pretraining, save_untrained
 from vlmerge.training.setup import resolve_tokenizer
 
-Inputs = Mapping[str, Path]  # role -> the output file of that input stage
+Inputs = Mapping[str, Path]  # role -> the output file of that input stage, relative to the study's cache
 Work = Callable[[Stage, Path, Inputs, bool], dict[str, Any]]
 
 
@@ -151,7 +157,7 @@ WORK: dict[StageKind, Work] = {
 STAGE_THREADS = 1  # every stage computes on one intra-op thread, however the study runs
 
 
-def run_stage(root: Path, stage: Stage, inputs: Inputs, progress: bool) -> StageOutput:
+def run_stage(root: Path, stage: Stage, progress: bool) -> StageOutput:
     """One stage through the cache (in this process, or in a worker of a parallel run), on STAGE_THREADS
     threads: a different thread count sums in another order, and training amplifies the last bits (one
     fine-tuning run measured here moved from 0.618 to 0.500 accuracy), so the count is fixed to make a
@@ -159,11 +165,18 @@ def run_stage(root: Path, stage: Stage, inputs: Inputs, progress: bool) -> Stage
     previous = torch.get_num_threads()
     torch.set_num_threads(STAGE_THREADS)
     try:
-        return StageCache(root, progress).run(
-            stage, lambda directory: WORK[stage.kind](stage, directory, inputs, progress)
-        )
+        return StageCache(root, progress).run(stage, lambda directory: _work(root, stage, progress))
     finally:
         torch.set_num_threads(previous)
+
+
+def _work(root: Path, stage: Stage, progress: bool) -> dict[str, Any]:
+    """The stage's work, run inside the cache on paths relative to it: what a stage records of its inputs
+    (a run's config, a merge's provenance) then names no study directory, so the same stage writes the
+    same bytes wherever its study lives, and a recorded path resolves against the cache it sits in."""
+    inputs = {role: Path(s.name) / s.output for role, s in stage.inputs.items()}
+    with contextlib.chdir(root):
+        return WORK[stage.kind](stage, Path(stage.name), inputs, progress)
 
 
 @dataclass(frozen=True)
@@ -190,19 +203,20 @@ def execute(
     same bytes; on small models two single-threaded stages side by side beat one after the other, see
     benchmarks/study_throughput.py); with `submitit`, each stage is a job of that scheduler instead. A
     stage that fails is named, and the next invocation runs it again: finished stages stay in the cache,
-    which is content-addressed, so jobs on a shared directory need no other coordination.
+    which is content-addressed, so jobs on a shared directory need no other coordination. With `progress`,
+    a bar counts the stages done out of all and estimates the time left.
     """
     root = Path(study_dir) / "cache"
-    if submitit is not None:
-        return _schedule(plan, root, progress, _SubmititJobs(submitit), max(workers, 1))
-    if workers <= 1:
+    with _Progress(plan, root, progress) as bar:
+        if submitit is not None:
+            return _schedule(plan, root, bar, _SubmititJobs(submitit), max(workers, 1))
+        if workers > 1:
+            return _schedule(plan, root, bar, _ProcessJobs(workers), workers)
         outputs: dict[str, StageOutput] = {}
         for stage in plan.stages:
-            outputs[stage.key] = _named_failure(
-                stage, lambda s=stage: run_stage(root, s, _inputs(s, outputs), progress)
-            )
+            outputs[stage.key] = _named_failure(stage, lambda s=stage: run_stage(root, s, progress))
+            bar.done(stage)
         return outputs
-    return _schedule(plan, root, progress, _ProcessJobs(workers), workers)
 
 
 def lock_study(study_dir: str | os.PathLike) -> DirectoryLock:
@@ -212,8 +226,37 @@ def lock_study(study_dir: str | os.PathLike) -> DirectoryLock:
     return DirectoryLock(Path(study_dir), "study")
 
 
-def _inputs(stage: Stage, outputs: Mapping[str, StageOutput]) -> dict[str, Path]:
-    return {role: outputs[s.key].directory / s.output for role, s in stage.inputs.items()}
+PROGRESS_FORMAT = "[study] {n_fmt}/{total_fmt} stages |{bar:20}| {elapsed} elapsed, {remaining} left"
+
+
+class _Progress:
+    """Stages done out of the plan's and the time left, as one bar (tqdm, on stderr) that the stage lines
+    print above. Stages already in the cache count as done from the start, so the time left is estimated
+    from the stages that run (tqdm's rate over this run, unsmoothed)."""
+
+    def __init__(self, plan: StudyPlan, root: Path, enabled: bool) -> None:
+        self.enabled = enabled
+        self.pending = {stage.key for stage in plan.stages if not (root / stage.name / DONE).exists()}
+        total = len(plan.stages)
+        self.bar = tqdm(
+            total=total,
+            initial=total - len(self.pending),
+            bar_format=PROGRESS_FORMAT,
+            smoothing=0,
+            disable=not enabled,
+            file=sys.stderr,
+        )
+
+    def done(self, stage: Stage) -> None:
+        if stage.key in self.pending:
+            self.pending.remove(stage.key)
+            self.bar.update()
+
+    def __enter__(self) -> "_Progress":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.bar.close()
 
 
 def _named_failure(stage: Stage, run: Callable[[], StageOutput]) -> StageOutput:
@@ -224,16 +267,49 @@ def _named_failure(stage: Stage, run: Callable[[], StageOutput]) -> StageOutput:
         raise StudyError(f"stage {stage.name} ({stage.kind.value} {stage.label}): {what}") from error
 
 
+PR_SET_PDEATHSIG = 1  # prctl option (linux/prctl.h): the signal the kernel sends a process when its parent dies
+PARENT_POLL_SECONDS = 1.0
+
+
+def _die_with_parent(parent: int) -> None:
+    """A worker's initializer: the worker ends when the study process does. A study that is SIGKILLed
+    cannot shut its pool down, and its workers would finish their stages, then wait for work forever
+    (and keep multiprocessing's resource tracker alive, which exits once the last of them is gone)."""
+    if not _kernel_kills_on_parent_death():
+        threading.Thread(target=_watch_parent, args=(parent,), name="parent-watchdog", daemon=True).start()
+    if os.getppid() != parent:  # it died before anyone watched
+        os._exit(1)
+
+
+def _kernel_kills_on_parent_death() -> bool:
+    """Linux: have the kernel SIGKILL this process when its parent dies (prctl PR_SET_PDEATHSIG)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def _watch_parent(parent: int) -> None:
+    """Elsewhere: poll the parent's pid (an orphan is adopted by another process) and exit once it changes."""
+    while os.getppid() == parent:
+        time.sleep(PARENT_POLL_SECONDS)
+    os._exit(1)
+
+
 class _ProcessJobs:
-    """Stages in a pool of fresh processes on this machine."""
+    """Stages in a pool of fresh processes on this machine, each of which dies with this one."""
 
     def __init__(self, workers: int) -> None:
         context = multiprocessing.get_context("spawn")  # no forked copy of this process's torch threads
-        self.pool = ProcessPoolExecutor(workers, mp_context=context)
+        self.pool = ProcessPoolExecutor(
+            workers, mp_context=context, initializer=_die_with_parent, initargs=(os.getpid(),)
+        )
 
-    def submit(self, root: Path, stage: Stage, inputs: Inputs) -> Future:
+    def submit(self, root: Path, stage: Stage) -> Future:
         # Parallel stages print their start and end; their progress bars would overwrite each other.
-        return self.pool.submit(run_stage, root, stage, inputs, False)
+        return self.pool.submit(run_stage, root, stage, False)
 
     def finished(self, jobs: list[Future]) -> list[Future]:
         return list(wait(jobs, return_when=FIRST_COMPLETED).done)
@@ -258,8 +334,8 @@ class _SubmititJobs:
             parameters["slurm_partition"] = options.partition
         self.executor.update_parameters(**parameters)
 
-    def submit(self, root: Path, stage: Stage, inputs: Inputs):
-        return self.executor.submit(run_stage, root.resolve(), stage, inputs, False)
+    def submit(self, root: Path, stage: Stage):
+        return self.executor.submit(run_stage, root.resolve(), stage, False)
 
     def finished(self, jobs: list) -> list:
         while not (done := [job for job in jobs if job.done()]):
@@ -270,12 +346,12 @@ class _SubmititJobs:
         """Jobs already submitted finish on their own (the scheduler owns them); nothing is cancelled."""
 
 
-def _schedule(plan: StudyPlan, root: Path, progress: bool, jobs, limit: int) -> dict[str, StageOutput]:
+def _schedule(plan: StudyPlan, root: Path, bar: _Progress, jobs, limit: int) -> dict[str, StageOutput]:
     """Submit every stage whose inputs are done (at most `limit` at a time), collect them as they finish."""
     outputs: dict[str, StageOutput] = {}
     waiting = list(plan.stages)
     running: dict = {}
-    cache = StageCache(root, progress)
+    cache = StageCache(root, bar.enabled)
     failed = True
     try:
         while waiting or running:
@@ -283,16 +359,18 @@ def _schedule(plan: StudyPlan, root: Path, progress: bool, jobs, limit: int) -> 
                 if (cached := cache.cached(stage)) is not None:
                     waiting.remove(stage)
                     outputs[stage.key] = cached
+                    bar.done(stage)
                 elif len(running) < limit:
                     waiting.remove(stage)
                     cache.say(f"{stage.kind.value:<10} {stage.label} ...")
-                    running[jobs.submit(root, stage, _inputs(stage, outputs))] = stage
+                    running[jobs.submit(root, stage)] = stage
             if not running:
                 continue
             for job in jobs.finished(list(running)):
                 stage = running.pop(job)
                 outputs[stage.key] = _named_failure(stage, job.result)
                 cache.say(f"{stage.kind.value:<10} {stage.label} done in {outputs[stage.key].seconds:.1f} s")
+                bar.done(stage)
         failed = False
     finally:
         jobs.close(cancel=failed)

@@ -10,7 +10,7 @@ import os
 import re
 from typing import Any, Literal, Self
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 from vlmerge.core.config import FiniteFloat, StrictConfig
 from vlmerge.core.errors import ConfigError
@@ -142,6 +142,18 @@ class StudyRecipe(StrictConfig):
         description="parity is non-inferiority: the merged model counts as matching the one trained from "
         "scratch when the interval of their difference lies above -margin",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _absolute_paths(cls, data: Any) -> Any:
+        """Relative file paths name files from where the study is started; made absolute here, because
+        each stage runs inside the study's cache (so that what it records names no study directory)."""
+        if not isinstance(data, dict):
+            return data
+        data = {key: _anchored(value) if key in ("data", "tokenizer") else value for key, value in data.items()}
+        if isinstance(data.get("task_data"), dict):
+            data["task_data"] = {task: _anchored(own) for task, own in data["task_data"].items()}
+        return data
 
     @field_validator("name")
     @classmethod
@@ -275,6 +287,25 @@ class StudyRecipe(StrictConfig):
 
     def seed_steps(self, fraction: float) -> int:
         return round(fraction * self.total_steps)
+
+
+PATH_FIELDS = ("cache_dir", "path", "vocab_file")  # of a data or tokenizer section; each of `paths` too
+
+
+def _anchored(section: Any) -> Any:
+    """A data or tokenizer section (as given) with its relative file paths made absolute."""
+    if isinstance(section, BaseModel):
+        section = section.model_dump()
+    if not isinstance(section, dict):
+        return section
+    section = {key: _absolute(value) if key in PATH_FIELDS else value for key, value in section.items()}
+    if isinstance(section.get("paths"), dict):
+        section["paths"] = {key: _absolute(value) for key, value in section["paths"].items()}
+    return section
+
+
+def _absolute(path: Any) -> Any:
+    return os.path.abspath(os.path.expanduser(path)) if isinstance(path, str) and path else path
 
 
 def load_recipe(path: str | os.PathLike) -> StudyRecipe:

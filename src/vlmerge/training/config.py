@@ -4,8 +4,9 @@ directory a stage runs in.
 A run directory keeps the resolved config it was started with (`config.yaml`) and a manifest of
 what it holds (`manifest.json`: the config's hash, with its input files named by content, the
 tokenizer's hash and the last checkpointed step); starting it again with a different config, or
-on files that no longer match the manifest, is refused rather than silently mixing two runs. A
-run holds the directory's lock (an OS file lock, dropped when its process dies) from start to end.
+on files that no longer match the manifest, is refused rather than silently mixing two runs. Each
+checkpoint carries a copy of the manifest, which stands in for a lost `manifest.json`. A run holds
+the directory's lock (an OS file lock, dropped when its process dies) from start to end.
 """
 
 import fcntl
@@ -17,6 +18,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import IO, Any, Literal, Self
 
+import torch
 import yaml
 from pydantic import Field, model_validator
 
@@ -32,6 +34,7 @@ STAGES: tuple[str, ...] = ("seed", "specific", "finetune")
 CONFIG_FILE = "config.yaml"
 MANIFEST_FILE = "manifest.json"
 CHECKPOINT = "checkpoint.pt"  # written by the Trainer
+CHECKPOINT_MANIFEST = "manifest"  # the checkpoint's copy of the manifest, as of its step
 LOCK_FILE = ".lock"
 INPUT_FIELDS = ("init", "tokenizer.path", "tokenizer.vocab_file")  # config fields that name input files
 
@@ -218,6 +221,19 @@ def read_manifest(run_dir: str | os.PathLike) -> RunManifest | None:
         ) from None
 
 
+def checkpoint_manifest(run_dir: str | os.PathLike) -> RunManifest | None:
+    """The manifest the run directory's checkpoint carries; None without one (no checkpoint, one from before
+    checkpoints carried it, or one that cannot be read: the trainer names what is wrong with it on resume)."""
+    path = Path(run_dir) / CHECKPOINT
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return RunManifest.from_json(state[CHECKPOINT_MANIFEST]) if isinstance(state, dict) else None
+    except Exception:  # torch raises whatever its zip and pickle readers raise; the trainer reports it
+        return None
+
+
 def update_manifest(run_dir: str | os.PathLike, **changes: Any) -> None:
     """Record `changes` (e.g. the step just checkpointed) in the run directory's manifest, if it has one."""
     if (manifest := read_manifest(run_dir)) is not None:
@@ -277,6 +293,8 @@ class RunDirectory:
     def __init__(self, path: str | os.PathLike, config: StageConfig) -> None:
         check_inputs(config)
         self.path, self.config = Path(path), config
+        self.recorded_in = f"{MANIFEST_FILE}'s"  # where the manifest checked against comes from, for messages
+        self._restore = False  # the manifest came from the checkpoint: claim() writes it back
         self._lock = DirectoryLock(self.path, "run")
         try:
             self._digest, self._inputs = config_identity(config)
@@ -289,9 +307,18 @@ class RunDirectory:
     def has_checkpoint(self) -> bool:
         return (self.path / CHECKPOINT).exists()
 
+    def _recorded(self) -> RunManifest | None:
+        """The run's manifest: manifest.json, else the copy its checkpoint carries (a lost manifest.json
+        must not let a changed tokenizer or input pass unnoticed)."""
+        if (manifest := read_manifest(self.path)) is not None:
+            return manifest
+        if (manifest := checkpoint_manifest(self.path)) is not None:
+            self.recorded_in, self._restore = f"the record in {CHECKPOINT}", True
+        return manifest
+
     def _check(self) -> RunManifest | None:
         """The manifest of the run the directory holds, if any; refuse one that is not this config's."""
-        path, manifest = self.path / CONFIG_FILE, read_manifest(self.path)
+        path, manifest = self.path / CONFIG_FILE, self._recorded()
         if not path.exists():
             if found := [name for name in (MANIFEST_FILE, CHECKPOINT) if (self.path / name).exists()]:
                 raise ConfigError(
@@ -317,11 +344,11 @@ class RunDirectory:
                 named = ", ".join(f"{n} {_field(resolved, n)}" for n in moved)
                 raise ConfigError(
                     f"{self.path}: {named} is not the file this run started from (its SHA-256 differs from "
-                    f"{MANIFEST_FILE}'s); use a new run directory"
+                    f"{self.recorded_in}); use a new run directory"
                 )
             raise ConfigError(
                 f"{self.path}: {CONFIG_FILE} was changed after the run started (its hash differs from "
-                f"{MANIFEST_FILE}'s); restore it or use a new run directory"
+                f"{self.recorded_in}); restore it or use a new run directory"
             )
         return manifest
 
@@ -334,6 +361,9 @@ class RunDirectory:
         if self.manifest is None:
             self.manifest = RunManifest(self._digest, self._inputs)
             write_manifest(self.path, self.manifest)
+        elif self._restore:
+            write_manifest(self.path, self.manifest)
+            self._restore = False
 
     def release(self) -> None:
         self._lock.release()

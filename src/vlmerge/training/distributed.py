@@ -8,9 +8,15 @@ over ranks equals the gradient of the single-process loss on the global batch:
 - a mean over a varying number of items (masked tokens) uses `global_mean`;
 - a loss over the whole batch (contrastive) uses `gather`: features of every rank, with
   gradients flowing back to the rank that computed them.
+
+Checks that run on one rank (the main one claims the run directory, writes the files) sit in a
+`together()` block: its outcome reaches every rank, so a failure ends them all, reported once.
 """
 
+import atexit
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -19,7 +25,17 @@ import torch.distributed.nn.functional as dist_fn
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from vlmerge.core.errors import ConfigError
+from vlmerge.core.errors import ConfigError, VlmergeError
+
+
+class PeerFailure(VlmergeError):
+    """This process stops because another process of the job failed: that one reports the error, so
+    the job's output holds it once (the command line prints nothing more for this one)."""
+
+    def __init__(self, rank: int | None) -> None:
+        who = f"process {rank}" if rank is not None else "another process"
+        super().__init__(f"{who} of the job failed (its error says why)")
+        self.rank = rank
 
 
 @dataclass(frozen=True)
@@ -77,8 +93,42 @@ class DistributedContext:
         return DistributedDataParallel(module, device_ids=device_ids, find_unused_parameters=find_unused_parameters)
 
     def barrier(self) -> None:
+        """Wait for every rank; a rank that died meanwhile is a PeerFailure, not gloo's traceback."""
         if self.is_distributed:
-            dist.barrier()
+            try:
+                dist.barrier()
+            except RuntimeError:  # the backend's errors (a closed connection) are RuntimeErrors
+                raise PeerFailure(None) from None
+
+    @contextmanager
+    def together(self) -> Iterator[None]:
+        """A block whose outcome every rank shares, ending in a barrier: if it raises on some ranks, the
+        first of them raises its error and every other rank a PeerFailure. Without it a check that fails
+        on the main rank alone (say, a run directory of another config) leaves the others waiting for it."""
+        try:
+            yield
+        except Exception:
+            first = self._first_failed(failed=True)
+            if first is not None and first != self.rank:
+                raise PeerFailure(first) from None
+            raise
+        first = self._first_failed(failed=False)
+        if first is not None:
+            raise PeerFailure(first)
+
+    def _first_failed(self, failed: bool) -> int | None:
+        """The lowest rank that failed, from every rank's word (None: none did)."""
+        if not self.is_distributed:
+            return self.rank if failed else None
+        word = torch.tensor([self.rank if failed else self.world_size], device=self.device)
+        try:
+            dist.all_reduce(word, op=dist.ReduceOp.MIN)
+        except RuntimeError:  # a rank died without its word
+            if failed:
+                return self.rank
+            raise PeerFailure(None) from None
+        first = int(word.item())
+        return first if first < self.world_size else None
 
 
 SINGLE_PROCESS = DistributedContext()
@@ -96,4 +146,12 @@ def init_distributed() -> DistributedContext:
         return DistributedContext(device=device)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo")
+        atexit.register(_end_process_group)
     return DistributedContext(dist.get_rank(), dist.get_world_size(), device)
+
+
+def _end_process_group() -> None:
+    """At exit, before the interpreter tears down: a process group left to the C++ runtime's own teardown
+    can abort a process that is exiting on an error ("terminate called without an active exception")."""
+    if dist.is_initialized():
+        dist.destroy_process_group()

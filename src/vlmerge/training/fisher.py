@@ -40,6 +40,7 @@ from vlmerge.merging.plan import parse_expert_key
 from vlmerge.models.checkpoint import load_head_state, load_model
 from vlmerge.models.heads import PretrainingHeads
 from vlmerge.training.distributed import SINGLE_PROCESS, DistributedContext, init_distributed
+from vlmerge.training.grams import data_files
 from vlmerge.training.objectives import ObjectiveWeights, PairBatch, PretrainingObjective
 from vlmerge.training.pretrain import HEADS
 from vlmerge.training.setup import PairData, checkpoint_data, checkpoint_tokenizer
@@ -160,16 +161,18 @@ def collect_checkpoint_fisher(
     random_seed: int = 0,
     progress: bool = True,
     dist_context: DistributedContext | None = None,
+    data_file: str | os.PathLike | None = None,
 ) -> Path:
     """Collect and save the Fisher file, recording where it came from (checkpoint, data, batches).
 
-    As for Gram files: `out` is checked before any work, the file appears only once the pass is
-    complete, and the recorded hash is of the checkpoint's open file."""
+    As for Gram files: `out` is checked before any work (not the checkpoint, the data config file
+    `data_file` or a file its datasets read), the file appears only once the pass is complete, and
+    the recorded hash is of the checkpoint's open file."""
     if batch_size < 2:
         raise ConfigError(
             f"--batch-size must be at least 2 (ITM draws each pair's negatives from its batch), got {batch_size}"
         )
-    check_output_path(out, [checkpoint])
+    check_output_path(out, [checkpoint, *data_files(data_file, data)])
     context = dist_context or init_distributed()
     reader = open_checkpoint(checkpoint)
     objective = load_pretraining_objective(checkpoint, reader).to(context.device)
@@ -197,7 +200,7 @@ def collect_checkpoint_fisher(
         "random_seed": random_seed,
         "estimator": ESTIMATOR,
     }
-    if context.is_main:
-        save_fisher(out, statistics.fisher, statistics.info, provenance)
-    context.barrier()
+    with context.together():  # a write that fails on the main process ends the others too
+        if context.is_main:
+            save_fisher(out, statistics.fisher, statistics.info, provenance)
     return Path(out)

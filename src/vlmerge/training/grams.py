@@ -52,6 +52,13 @@ class GramBatches:
         return gram_batches(self.pairs, self.batch_size, self.dist)
 
 
+def data_files(data_file: str | os.PathLike | None, data: DataConfig | None) -> list[Path]:
+    """The files a pass reads its data from: the data config file (`--data x.yaml`; a dataset's name
+    names no file) and the local files its datasets read. An output written over one would destroy it."""
+    named = [Path(data_file)] if data_file is not None and Path(data_file).is_file() else []
+    return named + [Path(path) for path in (data.paths.values() if data is not None else ())]
+
+
 def collect_checkpoint_grams(
     checkpoint: str | os.PathLike,
     out: str | os.PathLike,
@@ -62,15 +69,17 @@ def collect_checkpoint_grams(
     progress: bool = True,
     dist: DistributedContext | None = None,
     sequential: SequentialOptions | None = None,
+    data_file: str | os.PathLike | None = None,
 ) -> Path:
     """Collect and save the Gram file, recording where it came from (checkpoint and data) and, for
     RegMean++ (`sequential`), with which merge of the lower layers.
 
-    `out` is checked before any work (not the checkpoint, not a directory, writable); the file
-    appears only once the pass is complete. The recorded hash is of the checkpoint's open file,
-    and a checkpoint replaced while the model was loaded from it is an error, not a mismatch.
+    `out` is checked before any work (not the checkpoint, not the data config file `data_file` or a
+    file its datasets read, not a directory, writable); the file appears only once the pass is
+    complete. The recorded hash is of the checkpoint's open file, and a checkpoint replaced while
+    the model was loaded from it is an error, not a mismatch.
     """
-    check_output_path(out, [checkpoint])
+    check_output_path(out, [checkpoint, *data_files(data_file, data)])
     dist = dist or init_distributed()
     reader = open_checkpoint(checkpoint)
     model = load_model(checkpoint).to(dist.device)
@@ -94,7 +103,7 @@ def collect_checkpoint_grams(
     }
     if sequential is not None:
         provenance[SEQUENTIAL] = sequential.model_dump(mode="json")
-    if dist.is_main:
-        save_grams(out, grams, info, provenance)
-    dist.barrier()
+    with dist.together():  # a write that fails on the main process ends the others too
+        if dist.is_main:
+            save_grams(out, grams, info, provenance)
     return Path(out)

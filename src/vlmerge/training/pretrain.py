@@ -27,7 +27,6 @@ from vlmerge.models.factory import model_config
 from vlmerge.models.heads import PretrainingHeads
 from vlmerge.models.transformer import VLTransformer
 from vlmerge.training.config import (
-    MANIFEST_FILE,
     PretrainConfig,
     RunDirectory,
     file_sha256,
@@ -99,7 +98,7 @@ def run_tokenizer(run: RunDirectory, config: PretrainConfig, train: CaptionPairs
         if recorded is not None and hashlib.sha256(data).hexdigest() != recorded:
             raise ConfigError(
                 f"{path} is not the tokenizer this run was trained with (its SHA-256 differs from "
-                f"{MANIFEST_FILE}'s); restore it or use a new run directory"
+                f"{run.recorded_in}); restore it or use a new run directory"
             )
         try:
             return TextTokenizer.from_json(data.decode(), config.tokenizer.max_len), False
@@ -131,16 +130,17 @@ def run_pretraining(
     batch size are known to work: a config error leaves the directory free for the corrected config."""
     dist = dist or init_distributed()
     run_dir = Path(run_dir)
-    with open_run_dir(run_dir, config) if dist.is_main else contextlib.nullcontext() as run:
-        train = load_pairs(config.data, "train", progress=progress and dist.is_main)
-        if len(train) < config.optimizer.batch_size:
-            raise ConfigError(f"batch_size {config.optimizer.batch_size} exceeds the {len(train)} training pairs")
-        if run is not None:
-            tokenizer, new = run_tokenizer(run, config, train)
-            model, heads = build_pretraining_model(config, tokenizer.vocab_size, tokenizer.max_len)  # checks init
-            run.claim()
-            keep_tokenizer(run, tokenizer, new)
-        dist.barrier()
+    with contextlib.ExitStack() as held:
+        with dist.together():  # the main process's checks end every process when they fail
+            run = held.enter_context(open_run_dir(run_dir, config)) if dist.is_main else None
+            train = load_pairs(config.data, "train", progress=progress and dist.is_main)
+            if len(train) < config.optimizer.batch_size:
+                raise ConfigError(f"batch_size {config.optimizer.batch_size} exceeds the {len(train)} training pairs")
+            if run is not None:
+                tokenizer, new = run_tokenizer(run, config, train)
+                model, heads = build_pretraining_model(config, tokenizer.vocab_size, tokenizer.max_len)  # checks init
+                run.claim()
+                keep_tokenizer(run, tokenizer, new)
         tokenizer = TextTokenizer.load(run_dir / TOKENIZER_FILE, config.tokenizer.max_len)  # what every rank reads
         if run is None:
             model, heads = build_pretraining_model(config, tokenizer.vocab_size, tokenizer.max_len)
@@ -178,14 +178,14 @@ def _pretrain(
     )
     trainer.fit(step_fn)
     out = run_dir / MODEL_FILE
-    if dist.is_main:
-        metadata = {
-            "stage": config.stage,
-            "tokenizer": tokenizer.to_json(),
-            "run_config": json.dumps(config.model_dump(mode="json"), sort_keys=True),
-        }
-        save_model(model, out, step=config.steps, extra_metadata=metadata, heads={HEADS: heads})
-    dist.barrier()
+    with dist.together():  # a write that fails on the main process ends the others too
+        if dist.is_main:
+            metadata = {
+                "stage": config.stage,
+                "tokenizer": tokenizer.to_json(),
+                "run_config": json.dumps(config.model_dump(mode="json"), sort_keys=True),
+            }
+            save_model(model, out, step=config.steps, extra_metadata=metadata, heads={HEADS: heads})
     return out
 
 

@@ -13,6 +13,7 @@ import os
 import pickle
 import zipfile
 from collections.abc import Callable
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,15 @@ from tqdm import tqdm
 from vlmerge.core.errors import CheckpointError
 from vlmerge.core.numerics import all_finite
 from vlmerge.io.atomic import atomic_path
-from vlmerge.training.config import CHECKPOINT, MANIFEST_FILE, read_manifest, update_manifest
+from vlmerge.io.input_file import InputFile
+from vlmerge.io.torch_file import check_torch_file
+from vlmerge.training.config import (
+    CHECKPOINT,
+    CHECKPOINT_MANIFEST,
+    MANIFEST_FILE,
+    read_manifest,
+    update_manifest,
+)
 from vlmerge.training.distributed import SINGLE_PROCESS, DistributedContext
 
 METRICS = "metrics.jsonl"
@@ -107,24 +116,36 @@ class Trainer:
         return [p for module in self.modules.values() for p in module.parameters()]
 
     def save(self, step: int) -> None:
-        """Rank 0 writes; the others wait so that no rank runs ahead of the file on disk."""
-        if not self.dist.is_main:
-            self.dist.barrier()
-            return
+        """Rank 0 writes; the others wait so that no rank runs ahead of the file on disk (and stop with it
+        when the write fails)."""
+        with self.dist.together():
+            if self.dist.is_main:
+                self._write(step)
+
+    def _write(self, step: int) -> None:
+        """The checkpoint, carrying the run's manifest as of this step: a resume whose manifest.json is
+        lost still knows which config, inputs and tokenizer the weights were trained with."""
+        manifest = read_manifest(self.run_dir)
         state = {
             "step": step,
             "modules": {name: module.state_dict() for name, module in self.modules.items()},
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
         }
-        with atomic_path(self.checkpoint_path) as tmp:
-            torch.save(state, tmp)
+        if manifest is not None:
+            state[CHECKPOINT_MANIFEST] = asdict(replace(manifest, step=step))
+        with atomic_path(self.checkpoint_path) as tmp, open(tmp, "wb") as handle:
+            torch.save(state, handle)  # through a handle: the archive is not named after the temporary file
         # After the file: a crash between the two leaves the manifest's step behind, never ahead.
         update_manifest(self.run_dir, step=step)
-        self.dist.barrier()
 
     def resume(self) -> int:
-        """Load the last checkpoint if there is one (checked first); drop metrics logged after it."""
+        """Load the last checkpoint if there is one (checked first); drop metrics logged after it. Every
+        rank checks it; a refusal is reported once, by the first rank that refused."""
+        with self.dist.together():
+            return self._resume()
+
+    def _resume(self) -> int:
         manifest = read_manifest(self.run_dir)
         recorded = manifest.step if manifest is not None else 0
         if not self.checkpoint_path.exists():
@@ -157,6 +178,11 @@ class Trainer:
         only, this run's modules with their shapes, finite values, a step in the run, an optimizer state."""
         if not zipfile.is_zipfile(self.checkpoint_path):  # what torch.save writes
             raise self._refusal("not a checkpoint written by torch.save (not a zip archive)")
+        try:  # what torch.load trusts (records, sizes, pickle nesting) is checked before it runs
+            with InputFile(self.checkpoint_path) as file:
+                check_torch_file(file)
+        except CheckpointError as error:
+            raise self._refusal(str(error).removeprefix(f"{self.checkpoint_path}: ")) from None
         try:
             state = torch.load(self.checkpoint_path, map_location=self.dist.device, weights_only=True)
         except pickle.UnpicklingError:
