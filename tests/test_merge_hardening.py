@@ -18,6 +18,8 @@ import torch
 from conftest import make_inputs
 
 import vlmerge.merging.engine as engine
+import vlmerge.merging.prepared_merge as prepared_merge
+import vlmerge.merging.provenance as provenance
 import vlmerge.training.grams as training_grams
 from vlmerge.cli.main import main
 from vlmerge.data.tokenizer import SPECIAL_TOKENS, TextTokenizer
@@ -65,7 +67,7 @@ def refused(monkeypatch, capsys, args, message, inputs, out) -> str:
     capsys.readouterr()
     with monkeypatch.context() as patch:  # the checks come before any expert tensor is read or output written
         for owner, name in [
-            (engine, "_read_finite"),
+            (prepared_merge, "_read_finite"),
             (engine, "stream_safetensors"),
             (engine, "save_checkpoint"),
             (training_grams, "load_pairs"),
@@ -124,7 +126,7 @@ def test_a_gram_file_of_another_checkpoint_is_refused_unless_allowed(files, tmp_
     own = merge_checkpoint(files["source"], "regmean", grams=files["grams"], out=tmp_path / "own.safetensors")
     assert not any("Gram file" in note for note in own.warnings)  # the fixture's Gram file records the source
     merged = open_checkpoint(files["out"])
-    recorded = engine.metadata_warnings([warned[0].removeprefix("warning: "), *own.warnings])  # repeats collapsed
+    recorded = provenance.metadata_warnings([warned[0].removeprefix("warning: "), *own.warnings])  # repeats collapsed
     assert json.loads(merged.metadata["merge"])["warnings"] == recorded
     expected = open_checkpoint(own.path)
     assert all(torch.equal(merged.get(key), expected.get(key)) for key in expected.keys)

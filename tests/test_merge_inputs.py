@@ -13,6 +13,8 @@ import pytest
 import torch
 
 import vlmerge.merging.engine as engine
+import vlmerge.merging.prepared_merge as prepared_merge
+import vlmerge.merging.statistics_checks as statistics_checks
 import vlmerge.training.fisher as training_fisher
 import vlmerge.training.grams as training_grams
 from vlmerge.cli.main import main
@@ -22,8 +24,8 @@ from vlmerge.io.grams import save_grams
 from vlmerge.io.layout import Layout, foreign_keys
 from vlmerge.io.statistics import save_fisher
 from vlmerge.merging import build_merge_plan, merge_state_dict
-from vlmerge.merging.engine import WARNINGS_BUDGET, metadata_warnings
 from vlmerge.merging.plan import parse_expert_key
+from vlmerge.merging.provenance import WARNINGS_BUDGET, metadata_warnings
 from vlmerge.models import VLTransformer, load_model, model_config, save_model
 
 
@@ -42,8 +44,8 @@ def refused(monkeypatch, capsys, args, message, inputs, out) -> str:
     capsys.readouterr()
     with monkeypatch.context() as patch:
         for owner, name in [
-            (engine, "_read_finite"),
-            (engine, "_read_gram"),
+            (prepared_merge, "_read_finite"),
+            (statistics_checks, "_read_gram"),
             (engine, "stream_safetensors"),
             (engine, "save_checkpoint"),
             (training_grams, "load_model"),

@@ -78,12 +78,12 @@ def test_the_bytes_do_not_depend_on_when_the_inputs_finish_hashing(checkpoints, 
     assert main(["grams", str(specific), "--limit", "8", "--batch-size", "8", "--quiet", "--out", str(grams)]) == 0
     kwargs = {"seed_checkpoint": seed} if method == "tsv" else {"grams": grams}
     early = merge_checkpoint(specific, method, out=tmp_path / "early.safetensors", **kwargs).path.read_bytes()
-    hashes = engine._input_hashes
+    hashes = engine.input_hashes
 
     def late(prepared, pending=False):
         if not pending:
             time.sleep(0.5)  # the merge is done long before the hash
         return hashes(prepared, pending)
 
-    monkeypatch.setattr(engine, "_input_hashes", late)
+    monkeypatch.setattr(engine, "input_hashes", late)
     assert merge_checkpoint(specific, method, out=tmp_path / "late.safetensors", **kwargs).path.read_bytes() == early

@@ -3,7 +3,7 @@
 from enum import Enum
 from typing import Literal, Self
 
-from pydantic import AliasChoices, Field, model_validator
+from pydantic import AliasChoices, Field, field_validator, model_validator
 
 from vlmerge.core.config import StrictConfig
 from vlmerge.core.modality import Modality
@@ -47,9 +47,10 @@ class ModelConfig(StrictConfig):
     max_text_len: int = 40
     layer_scale_init: float = 0.1
     norm_eps: float = 1e-6
-    # The options below let the one model run the public families' weights exactly (SPEC section 1);
-    # the defaults are vlmerge's native model. `family` only names the combination, for messages.
-    family: Literal["native", "paper", "vlmo", "beit3"] = "native"
+    # The options below let the one model run the public families' weights exactly; the defaults are
+    # vlmerge's native model. `family` names a registered Family (models/families.py): which layouts the
+    # weights may be written in, and the options its released files are read with.
+    family: str = "native"
     vl_experts: bool = True  # vl experts from fusion_layer on; BEiT-3 has none (pairs keep v and l)
     pair_attention: Literal["within", "across"] = "within"  # below the fusion layer (across: VLMo, BEiT-3)
     qkv: Literal["fused", "separate"] = "fused"  # one qkv Linear (VLMo) or q_proj/k_proj/v_proj (BEiT-3)
@@ -69,6 +70,16 @@ class ModelConfig(StrictConfig):
     final_norm_experts: bool = False  # one final LayerNorm per modality (BEiT-3)
     pooler: bool = True  # tanh pooler on the first token (VLMo, native)
     image_mask_token: bool = False  # masked-image-modelling token; carried, unused by the encoder (BEiT-3)
+
+    @field_validator("family", mode="before")
+    @classmethod
+    def _registered_family(cls, family: object) -> object:
+        from vlmerge.models.families import FAMILIES  # imported here: the families build configs of this class
+
+        if not isinstance(family, str) or family not in FAMILIES:
+            *others, last = (repr(name) for name in FAMILIES)
+            raise ValueError(f"Input should be {', '.join(others)} or {last}")
+        return family
 
     @model_validator(mode="after")
     def _check(self) -> Self:

@@ -1,4 +1,4 @@
-"""The public families as configs of the one model, and a file's config read from its shapes.
+"""The model families (`Family`, registered by name in FAMILIES), and a file's config read from its shapes.
 
 A released VLMo, BEiT-3 or paper checkpoint carries no vlmerge config; its layout (io/layout.py)
 names the family, and the tensor shapes give the sizes. What shapes cannot tell (BEiT-3's head
@@ -6,65 +6,62 @@ count, VLMo's image size) takes the family's published value, and `overrides` se
 """
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any
 
 from vlmerge.core.errors import CheckpointError
 from vlmerge.core.keys import block_key, parse_block_path
 from vlmerge.core.modality import Modality
+from vlmerge.core.registry import Registry
 from vlmerge.io.checkpoint import CheckpointReader
 from vlmerge.io.layout import Layout
 from vlmerge.models.config import ExpertPlacement, ModelConfig
 from vlmerge.models.positions import image_distances
 
-# The options (beyond sizes) that make the one model run each family's weights exactly.
-FAMILY_OPTIONS: dict[str, dict[str, Any]] = {
-    "native": {},
-    "paper": {
-        "family": "paper",
-        "image_mask_token": True,  # its masked-image-modelling token, carried
-        "text_norm_eps": 1e-12,
-        "position_bias": "relative",
-        "image_positions": False,
-        "text_positions": False,
-        "text_position_table": True,  # BERT's, carried unused beside the relative table
-        "text_type_embedding": True,
-    },
-    "vlmo": {
-        "family": "vlmo",
-        "text_norm_eps": 1e-12,
-        "placement": "ffn",
-        "pair_attention": "across",
-        "position_bias": "relative",
-        "image_positions": False,
-        "text_positions": False,
-        "text_position_table": True,  # BERT's, carried unused beside the relative table
-        "text_type_embedding": True,
-    },
-    "beit3": {
-        "family": "beit3",
-        "vl_experts": False,
-        "pair_attention": "across",
-        "qkv": "separate",
-        "k_bias": True,
-        "sub_ln": True,
-        "layer_scale": False,
-        "position_offset": 2,
-        "text_norm": False,
-        "token_types": False,
-        "final_norm_experts": True,
-        "pooler": False,
-        "image_mask_token": True,
-        "norm_eps": 1e-5,
-    },
-}
+SizeInference = Callable[[CheckpointReader, dict[str, Any]], dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class Family:
+    """What a model family is, in one place: the layout its released files use, the options (beyond
+    sizes) that make the one model run its weights exactly, how its sizes are read from a released
+    file's shapes, and the layouts its weights may be written in (another family's layout names
+    modules it does not have)."""
+
+    name: str
+    layout: Layout
+    options: Mapping[str, Any]
+    infer_sizes: SizeInference | None  # None: its files carry their config (vlmerge's own)
+    output_layouts: tuple[Layout, ...]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "options", MappingProxyType(dict(self.options)))  # frozen, as the record
+
+
+FAMILIES: Registry[Family] = Registry("model family")
+
+
+def layout_family(layout: Layout) -> Family:
+    """The family whose released files use `layout`."""
+    families = (FAMILIES.get(name) for name in FAMILIES)
+    return next(family for family in families if family.layout is layout)
+
+
+def family_options(name: str) -> dict[str, Any]:
+    """The options of family `name`, as config fields (a copy: the record's own are read-only)."""
+    return dict(FAMILIES.get(name).options)
+
+
 BEIT3_HEAD_WIDTH = 64  # every BEiT-3 size has 64-wide heads (base 768/12, large 1024/16)
+BEIT3_POSITION_OFFSET = 2  # fairseq's leading unused rows of BEiT-3's position tables
 VLMO_IMAGE_SIZE = 224  # VLMo's released checkpoints; the shared table's rows also depend on it
 
 
 def family_config(family: str, **fields: Any) -> ModelConfig:
     """A config of `family` with the given sizes."""
-    return ModelConfig.parse({**FAMILY_OPTIONS[family], **fields}, where=f"{family} model")
+    return ModelConfig.parse({**family_options(family), **fields}, where=f"{family} model")
 
 
 def checkpoint_config(reader: CheckpointReader, overrides: Mapping[str, Any] | None = None) -> ModelConfig | None:
@@ -76,16 +73,16 @@ def checkpoint_config(reader: CheckpointReader, overrides: Mapping[str, Any] | N
         return None
     if reader.layout is Layout.REFERENCE and "relative_position_bias_table" not in reader:
         return None  # a native model under the paper's names: nothing tells its head count
-    infer = {Layout.BEIT3: _beit3_sizes, Layout.VLMO: _vlmo_sizes, Layout.REFERENCE: _paper_sizes}[reader.layout]
+    family = layout_family(reader.layout)
     try:
-        family, fields = infer(reader, dict(overrides or {}))
+        fields = family.infer_sizes(reader, dict(overrides or {}))
     except KeyError as error:
         raise CheckpointError(
             f"{reader.path}: cannot read the model's sizes from its tensors (no tensor {error.args[0]!r})"
         ) from None
     except ValueError as error:
         raise CheckpointError(f"{reader.path}: cannot read the model's sizes from its tensors ({error})") from None
-    return family_config(family, **{**fields, **(overrides or {})})
+    return family_config(family.name, **{**fields, **(overrides or {})})
 
 
 def _layers(reader: CheckpointReader) -> dict[int, set[Modality]]:
@@ -133,15 +130,15 @@ def _shape(reader: CheckpointReader, key: str, dims: int) -> tuple[int, ...]:
     return shape
 
 
-def _beit3_sizes(reader: CheckpointReader, overrides: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+def _beit3_sizes(reader: CheckpointReader, overrides: dict[str, Any]) -> dict[str, Any]:
     width = _shape(reader, "cls_token", 3)[-1]
     fields = _common(reader, width, _layers(reader))
-    patches = _shape(reader, "pos_embed", 3)[1] - 1 - FAMILY_OPTIONS["beit3"]["position_offset"]
-    return "beit3", {
+    patches = _shape(reader, "pos_embed", 3)[1] - 1 - BEIT3_POSITION_OFFSET
+    return {
         **fields,
         "heads": width // BEIT3_HEAD_WIDTH,
         "image_size": _grid(patches) * fields["patch_size"],
-        "max_text_len": _shape(reader, "text_embed.position.weight", 2)[0] - FAMILY_OPTIONS["beit3"]["position_offset"],
+        "max_text_len": _shape(reader, "text_embed.position.weight", 2)[0] - BEIT3_POSITION_OFFSET,
     }
 
 
@@ -190,18 +187,14 @@ def _relative_sizes(reader: CheckpointReader, depth: int, patch: int, overrides:
     }
 
 
-def _vlmo_sizes(reader: CheckpointReader, overrides: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    return "vlmo", _vlmo_like_sizes(reader, overrides)
-
-
-def _paper_sizes(reader: CheckpointReader, overrides: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+def _paper_sizes(reader: CheckpointReader, overrides: dict[str, Any]) -> dict[str, Any]:
     """VLMo's sizes, and where the experts sit (the paper's variants differ in it)."""
     slots = {path.slot for key in reader.keys if (path := parse_block_path(key)) and path.modality}
     experts = slots & {"norm1", "attn", "norm2", "mlp"}
     placement = next((p for p in ExpertPlacement if p.slots == experts), None)
     if placement is None:
         raise ValueError(f"experts in {sorted(experts)} are no expert placement the model has")
-    return "paper", {**_vlmo_like_sizes(reader, overrides), "placement": placement.value}
+    return {**_vlmo_like_sizes(reader, overrides), "placement": placement.value}
 
 
 def _vlmo_like_sizes(reader: CheckpointReader, overrides: dict[str, Any]) -> dict[str, Any]:
@@ -217,3 +210,68 @@ def _vlmo_like_sizes(reader: CheckpointReader, overrides: dict[str, Any]) -> dic
         "layer_scale": block_key(0, "gamma_1") in reader,
         "pooler": "pooler.dense.weight" in reader,
     }
+
+
+# The options (beyond sizes) in each record are what make the one model run that family's weights exactly.
+for _family in (
+    Family("native", Layout.NATIVE, {}, None, (Layout.NATIVE, Layout.REFERENCE)),
+    Family(
+        "paper",
+        Layout.REFERENCE,
+        {
+            "family": "paper",
+            "image_mask_token": True,  # its masked-image-modelling token, carried
+            "text_norm_eps": 1e-12,
+            "position_bias": "relative",
+            "image_positions": False,
+            "text_positions": False,
+            "text_position_table": True,  # BERT's, carried unused beside the relative table
+            "text_type_embedding": True,
+        },
+        _paper_sizes,
+        (Layout.NATIVE, Layout.REFERENCE),
+    ),
+    Family(
+        "vlmo",
+        Layout.VLMO,
+        {
+            "family": "vlmo",
+            "text_norm_eps": 1e-12,
+            "placement": "ffn",
+            "pair_attention": "across",
+            "position_bias": "relative",
+            "image_positions": False,
+            "text_positions": False,
+            "text_position_table": True,  # BERT's, carried unused beside the relative table
+            "text_type_embedding": True,
+        },
+        _vlmo_like_sizes,
+        (Layout.NATIVE, Layout.VLMO),
+    ),
+    Family(
+        "beit3",
+        Layout.BEIT3,
+        {
+            "family": "beit3",
+            "vl_experts": False,
+            "pair_attention": "across",
+            "qkv": "separate",
+            "k_bias": True,
+            "sub_ln": True,
+            "layer_scale": False,
+            "position_offset": BEIT3_POSITION_OFFSET,
+            "text_norm": False,
+            "token_types": False,
+            "final_norm_experts": True,
+            "pooler": False,
+            "image_mask_token": True,
+            "norm_eps": 1e-5,
+        },
+        _beit3_sizes,
+        (Layout.NATIVE, Layout.BEIT3),
+    ),
+):
+    FAMILIES.add(_family.name, _family)
+
+# Each family's options by name, as plain dicts (read from the records), for code that builds configs.
+FAMILY_OPTIONS: dict[str, dict[str, Any]] = {name: family_options(name) for name in FAMILIES}
