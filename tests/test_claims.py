@@ -12,6 +12,7 @@ from vlmerge.study.observations import Observations
 from vlmerge.study.plan import PlannedModel, PlannedRun, Stage, StageKind, StudyPlan
 from vlmerge.study.recipe import StudyRecipe
 from vlmerge.study.results import Comparison, ModelKind, StudyResults, Verdict
+from vlmerge.study.stages import EvaluationOutput, MergeabilitySettings, MergeSettings
 from vlmerge.study.stats import Estimate, estimate, seed_interval, spearman_interval
 
 T_975 = {1: math.tan(math.pi * 0.475), 2: 0.95 / math.sqrt(2 * 0.975 * 0.025)}  # closed forms of Student's t
@@ -62,11 +63,10 @@ def _observations(correct: dict[str, list[np.ndarray]]) -> Observations:
     for model_id, per_seed in correct.items():
         runs = []
         for seed, hits in enumerate(per_seed):
-            stage = Stage(StageKind.FINETUNE, {"model": model_id, "seed": seed})
-            checkpoint = Stage(StageKind.SEED, {"model": model_id, "seed": seed})
-            outputs[stage.key] = StageOutput(
-                None, {"metrics": {"accuracy": float(hits.mean())}, "samples": {"correct": hits.tolist()}}, 0.0, False
-            )
+            checkpoint = Stage(StageKind.MERGE, MergeSettings(method=model_id, options={"seed": seed}))
+            stage = Stage(StageKind.FINETUNE, MergeabilitySettings(), {"model": checkpoint})
+            result = EvaluationOutput(metrics={"accuracy": float(hits.mean())}, samples={"correct": hits.tolist()})
+            outputs[stage.key] = StageOutput(None, result, 0.0, False)
             runs.append(PlannedRun(seed, checkpoint, {"finetune": {"classify_image": stage}}, None))
         models[model_id] = PlannedModel(model_id, model_id, ModelKind.MERGED, (), 0.5, "all", None, None, tuple(runs))
     return Observations(StudyPlan(recipe, (), models, None), outputs)
@@ -148,9 +148,11 @@ def test_a_claim_is_read_on_the_first_protocol_the_control_shows_can_see_pretrai
         _gain("probe", "mean", -0.02, 0.04),
         _gain("zeroshot", "retrieval", 0.01, 0.05),
     )
-    ctx = Context(StudyResults("c", {}, (), {}, tuple(recipe.protocols), {}, control=blind_finetune), _Tasks(), recipe)
+    ctx = Context(
+        StudyResults("c", recipe, (), {}, tuple(recipe.protocols), {}, control=blind_finetune), _Tasks(), recipe
+    )
     assert ctx.blind == {("finetune", "mean"), ("probe", "mean")}
     assert ctx.deciding_protocol == "zeroshot" and "fine-tuning blind to pre-training" in ctx.deciding_note()
     seeing = (_gain("finetune", "mean", 0.01, 0.05),)
-    ctx = Context(StudyResults("c", {}, (), {}, tuple(recipe.protocols), {}, control=seeing), _Tasks(), recipe)
+    ctx = Context(StudyResults("c", recipe, (), {}, tuple(recipe.protocols), {}, control=seeing), _Tasks(), recipe)
     assert ctx.deciding_protocol == "finetune" and ctx.deciding_note() == ""

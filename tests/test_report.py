@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from vlmerge.core.errors import ConfigError
+from vlmerge.study.recipe import StudyRecipe
 from vlmerge.study.report import fmt, interval, write_report
 from vlmerge.study.results import (
     MEAN,
@@ -20,6 +21,7 @@ from vlmerge.study.results import (
     Group,
     Mergeability,
     MergeabilityPoint,
+    MetricName,
     ModelKind,
     ModelResult,
     StudyResults,
@@ -205,13 +207,15 @@ CORRELATION = Correlation(-0.987, -1.0, -0.6, 6)
 
 RESULTS = StudyResults(
     name="micro-study",
-    recipe={
-        "name": "micro-study",
-        "total_steps": 40,
-        "seed_fraction": 0.5,
-        "seed_fractions": [0.0, 0.5],
-        "random_seeds": [0, 1, 2],
-    },
+    recipe=StudyRecipe.parse(
+        {
+            "name": "micro-study",
+            "total_steps": 40,
+            "seed_fraction": 0.5,
+            "seed_fractions": [0.0, 0.5],
+            "random_seeds": [0, 1, 2],
+        }
+    ),
     tasks=("retrieval", "vqa"),
     primary_metrics={"retrieval": "mean_recall", "vqa": "vqa_score"},
     protocols=("finetune", "zeroshot"),
@@ -233,7 +237,7 @@ RESULTS = StudyResults(
                 0,
                 0.5,
                 "all",
-                {"l2": 3.14, "cosine": 0.052, "ssd": 0.301},
+                {MetricName("l2"): 3.14, MetricName("cosine"): 0.052, MetricName("ssd"): 0.301},
                 {"finetune": -0.024},
             ),
             MergeabilityPoint(
@@ -242,15 +246,15 @@ RESULTS = StudyResults(
                 0,
                 0.0,
                 "all",
-                {"l2": 9.02, "cosine": 0.41, "ssd": 0.452},
+                {MetricName("l2"): 9.02, MetricName("cosine"): 0.41, MetricName("ssd"): 0.452},
                 {"finetune": -0.107},
             ),
         ),
         correlations={
             "finetune": {
-                "l2": CORRELATION,
-                "cosine": Correlation(-0.5, -1.0, 0.4, 6),
-                "ssd": Correlation(None, None, None, 6),
+                MetricName("l2"): CORRELATION,
+                MetricName("cosine"): Correlation(-0.5, -1.0, 0.4, 6),
+                MetricName("ssd"): Correlation(None, None, None, 6),
             }
         },
     ),
@@ -478,7 +482,12 @@ def test_absent_sections_are_said_absent(tmp_path):
         for m in RESULTS.models.values()
     }
     results = StudyResults(
-        RESULTS.name, {"name": RESULTS.name}, RESULTS.tasks, RESULTS.primary_metrics, RESULTS.protocols, models
+        RESULTS.name,
+        StudyRecipe.parse({"name": RESULTS.name}),
+        RESULTS.tasks,
+        RESULTS.primary_metrics,
+        RESULTS.protocols,
+        models,
     )
     paths, markdown, html = _study(tmp_path, results)
     for what in [
@@ -513,7 +522,7 @@ def test_without_matplotlib_plots_ask_for_the_extra(tmp_path, monkeypatch):
 
 def test_the_scale_note_names_the_datasets_and_the_start_the_recipe_used(tmp_path):
     recipe = {
-        **RESULTS.recipe,
+        **RESULTS.recipe.model_dump(exclude_defaults=True),
         "init": "pretrained",
         "model": {"size": "small-p14"},
         "tasks": ["retrieval", "vqa"],
@@ -521,7 +530,7 @@ def test_the_scale_note_names_the_datasets_and_the_start_the_recipe_used(tmp_pat
         "finetune": {"steps": 20},
         "task_data": {"retrieval": {"dataset": "tuxpaint"}, "vqa": {"dataset": "easy_vqa"}},
     }
-    results = dataclasses.replace(RESULTS, recipe=recipe)
+    results = dataclasses.replace(RESULTS, recipe=StudyRecipe.parse(recipe))
     markdown = _study(tmp_path, results)[1]
     assert (
         "starting from the pretrained ViT-S/14, pre-trained for 40 steps in all on tuxpaint + emoji image-text "

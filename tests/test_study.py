@@ -1,6 +1,7 @@
 """The study runner end to end on a micro recipe: every stage, results.json, the report; a
 second run reuses every stage; the shipped recipes validate."""
 
+import dataclasses
 import importlib.util
 import math
 import shutil
@@ -94,7 +95,9 @@ def test_a_failing_stage_is_named_and_the_next_run_retries_only_it(study, tmp_pa
     def broken(*args):
         raise ConfigError("the evaluation data went missing")
 
-    monkeypatch.setitem(execute.WORK, StageKind.ZERO_SHOT, broken)
+    monkeypatch.setitem(
+        execute.WORK, StageKind.ZERO_SHOT, dataclasses.replace(execute.WORK[StageKind.ZERO_SHOT], execute=broken)
+    )
     with pytest.raises(StudyError, match=rf"stage {zero_shot.name} \(zeroshot .*\): the evaluation data went missing"):
         run_study(load_recipe(RECIPES / "micro-test.yaml"), tmp_path / "study", progress=False)
     monkeypatch.undo()

@@ -63,15 +63,17 @@ def test_fisher_and_sequential_grams_are_one_stage_per_specific_model_and_seed(s
     assert sorted(seed_of[s.inputs["model"].key] for s in fisher) == [0, 1]
     for stage in fisher:
         assert stage.output.name == "fisher.safetensors"
-        assert stage.settings["random_seed"] == seed_of[stage.inputs["model"].key]
-        assert (stage.settings["split"], stage.settings["batch_size"], stage.settings["data"]["limit"]) == (
+        assert stage.settings.random_seed == seed_of[stage.inputs["model"].key]
+        assert (stage.settings.split, stage.settings.batch_size, stage.settings.data.limit) == (
             "train",
             24,
             300,
         )
-    ordinary = [s for s in grams if "sequential" not in s.settings]
+    ordinary = [s for s in grams if s.settings.sequential is None]
     sequential = {
-        (seed_of[s.inputs["model"].key], json.dumps(s.settings["sequential"])) for s in grams if s not in ordinary
+        (seed_of[s.inputs["model"].key], json.dumps(s.settings.sequential.model_dump(mode="json")))
+        for s in grams
+        if s not in ordinary
     }
     assert sorted(seed_of[s.inputs["model"].key] for s in ordinary) == [0, 1]
     assert sequential == {
@@ -101,10 +103,13 @@ def test_each_merge_reads_the_statistics_its_registry_entry_names(statistics_pla
                 assert statistics.inputs["model"] is merge.inputs["source"]  # of the model it merges
                 assert position[statistics.key] < position[merge.key]
             if model.merge.method == "regmean":
-                assert "sequential" not in merge.inputs["grams"].settings
+                assert merge.inputs["grams"].settings.sequential is None
             if model.merge.method == "regmean_pp":
                 alpha = model.merge.options.get("alpha", 1.0)
-                assert merge.inputs["grams"].settings["sequential"] == {"alpha": alpha, "selection": "all"}
+                assert merge.inputs["grams"].settings.sequential.model_dump(mode="json") == {
+                    "alpha": alpha,
+                    "selection": "all",
+                }
             if model.merge.method == "fisher":
                 fisher_files.setdefault(run.random_seed, set()).add(merge.inputs["fisher"].key)
     assert {seed: len(keys) for seed, keys in fisher_files.items()} == {0: 1, 1: 1}
@@ -129,7 +134,8 @@ def test_the_statistics_come_from_the_registry_entry_not_the_name(tmp_path, user
     (fisher_run,) = plan.model("merge-weighted_by_fisher").runs
     (layerwise_run,) = plan.model("merge-layerwise-alpha0.5").runs
     assert fisher_run.checkpoint.inputs["fisher"].kind is StageKind.FISHER
-    assert layerwise_run.checkpoint.inputs["grams"].settings["sequential"] == {"alpha": 0.5, "selection": "all"}
+    sequential = layerwise_run.checkpoint.inputs["grams"].settings.sequential
+    assert sequential.model_dump(mode="json") == {"alpha": 0.5, "selection": "all"}
 
 
 def test_new_methods_leave_every_existing_stage_as_it_was(statistics_plan):
@@ -196,7 +202,7 @@ def _metadata(path: Path) -> dict:
 
 
 def _expert_key(merged_key: str, modality: str) -> str:
-    """blocks.1.mlp.fc1.weight -> blocks.1.mlp.v.fc1.weight (the paper's layout, SPEC section 6)."""
+    """blocks.1.mlp.fc1.weight -> blocks.1.mlp.v.fc1.weight (the paper's layout)."""
     _, layer, slot, rest = merged_key.split(".", 3)
     return f"blocks.{layer}.{slot}.{modality}.{rest}"
 
@@ -299,7 +305,7 @@ def test_a_recipe_with_coefficient_specs_validates_and_plans(tmp_path):
     ties = plan.model("merge-ties-density{attn:0.3,mlp:[0.1,0.5]}-lam1.0")
     assert ties.label.startswith("ties (density={attn:0.3,mlp:[0.1,0.5]}, lam=1.0)")
     (run,) = ties.runs
-    assert run.checkpoint.settings["options"] == SPECS[0]["options"]  # the engine resolves the spec as given
+    assert run.checkpoint.settings.options == SPECS[0]["options"]  # the engine resolves the spec as given
     assert "merge-arithmetic-lam{default:0.5,l:0.4,v:0.6}" in plan.models
     assert plan.model("arch-ffn-merge").merge.options == {"ratio": [0.3, 0.7]}
 

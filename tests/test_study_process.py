@@ -18,6 +18,7 @@ from vlmerge.study.cache import DONE
 from vlmerge.study.plan import Stage, StageKind, plan_study
 from vlmerge.study.recipe import load_recipe
 from vlmerge.study.results import Timing
+from vlmerge.study.stages import Written
 
 MICRO = Path(__file__).parent.parent / "recipes" / "micro-test.yaml"
 TIMEOUT_S = 180  # generous for a loaded machine; a wait past it fails rather than hangs
@@ -136,14 +137,18 @@ def test_the_same_stages_in_two_study_directories_write_the_same_bytes(emoji_sou
 
 
 # ---- progress --------------------------------------------------------------------------------------
-def instant(stage, directory, inputs, progress) -> dict:
+def instant(settings, inputs, directory, progress) -> Written:
     time.sleep(0.02)
-    return {}
+    return Written()
+
+
+def work_instantly(monkeypatch) -> None:
+    for kind in StageKind:
+        monkeypatch.setitem(execute.WORK, kind, execute.StageWork(execute.WORK[kind].settings, Written, instant))
 
 
 def test_a_study_shows_stages_done_of_all_and_the_time_left(tmp_path, monkeypatch, capsys):
-    for kind in StageKind:
-        monkeypatch.setitem(execute.WORK, kind, instant)
+    work_instantly(monkeypatch)
     plan = plan_study(load_recipe(MICRO))
     total = len(plan.stages)
     execute.execute(plan, tmp_path, progress=True)
@@ -161,8 +166,7 @@ def test_a_study_shows_stages_done_of_all_and_the_time_left(tmp_path, monkeypatc
 
 
 def test_a_quiet_study_prints_nothing_while_it_runs_and_one_summary_line(tmp_path, monkeypatch, capsys):
-    for kind in StageKind:
-        monkeypatch.setitem(execute.WORK, kind, instant)
+    work_instantly(monkeypatch)
     execute.execute(plan_study(load_recipe(MICRO)), tmp_path, progress=False)
     assert capsys.readouterr().err == ""
 

@@ -16,12 +16,14 @@ from vlmerge.study.results import (
     Group,
     Mergeability,
     MergeabilityPoint,
+    MetricName,
     ModelResult,
     StudyResults,
     SweepPoint,
     Sweeps,
     Timing,
 )
+from vlmerge.study.stages import CheckpointOutput, DistancesOutput, GalleryOutput
 from vlmerge.study.stats import spearman_interval
 
 Outputs = Mapping[str, StageOutput]
@@ -51,7 +53,7 @@ def model_result(model: PlannedModel, outputs: Outputs, observations: Observatio
         model.merge.method if model.merge else None,
         dict(model.merge.options) if model.merge else {},
         checkpoints,
-        outputs[first.key].result["parameters"],
+        outputs[first.key].result_as(CheckpointOutput).parameters,
         scores,
     )
 
@@ -84,22 +86,15 @@ def sweeps(models: Mapping[str, ModelResult]) -> Sweeps:
     )
 
 
-def layer_groups(layers: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
+def layer_groups(layers: Mapping[int, Mapping[str, float]]) -> dict[MetricName, float]:
     """Each distance averaged over the lower and the upper half of the layers."""
-    order = sorted(layers, key=int)
-    halves = (
-        {
-            f"layers {order[0]}-{order[len(order) // 2 - 1]}": order[: len(order) // 2],
-            f"layers {order[len(order) // 2]}-{order[-1]}": order[len(order) // 2 :],
-        }
-        if len(order) > 1
-        else {}
-    )
+    order = sorted(layers)
+    middle = len(order) // 2
+    halves = [order[:middle], order[middle:]] if len(order) > 1 else []
     return {
-        f"{metric} ({name})": float(np.mean([layers[layer][metric] for layer in part]))
-        for name, part in halves.items()
-        if part
-        for metric in layers[order[0]]
+        MetricName(family, (part[0], part[-1])): float(np.mean([layers[layer][family] for layer in part]))
+        for part in halves
+        for family in layers[order[0]]
     }
 
 
@@ -120,8 +115,9 @@ def mergeability(plan: StudyPlan, models: Mapping[str, ModelResult], outputs: Ou
                     retention[protocol] = by_task[task].per_seed[run.random_seed] - theirs.per_seed[run.random_seed]
             if not retention:
                 continue
-            distances = outputs[run.mergeability.key].result
-            metrics = {**distances["model"], **layer_groups(distances["layers"])}
+            distances = outputs[run.mergeability.key].result_as(DistancesOutput)
+            model_level = {MetricName(family): value for family, value in distances.model.items()}
+            metrics = {**model_level, **layer_groups(distances.layers)}
             points.append(
                 MergeabilityPoint(
                     planned.specific,
@@ -147,9 +143,9 @@ def mergeability(plan: StudyPlan, models: Mapping[str, ModelResult], outputs: Ou
 def gallery(plan: StudyPlan, outputs: Outputs) -> tuple[GalleryEntry, ...]:
     if plan.gallery is None:
         return ()
-    entries = outputs[plan.gallery.key].result["entries"]
+    entries = outputs[plan.gallery.key].result_as(GalleryOutput).entries
     where = Path("cache", plan.gallery.name)
-    return tuple(GalleryEntry.from_json({**entry, "image": (where / entry["image"]).as_posix()}) for entry in entries)
+    return tuple(replace(entry, image=(where / entry.image).as_posix()) for entry in entries)
 
 
 def assemble(plan: StudyPlan, outputs: Outputs, seconds: float) -> tuple[StudyResults, Observations]:
@@ -166,7 +162,7 @@ def assemble(plan: StudyPlan, outputs: Outputs, seconds: float) -> tuple[StudyRe
     )
     results = StudyResults(
         recipe.name,
-        recipe.model_dump(mode="json"),
+        recipe,
         tuple(recipe.tasks),
         observations.primary,
         tuple(recipe.protocols),

@@ -244,24 +244,25 @@ def longer_seed_helps(ctx: Context) -> Claim:
 
 
 def metrics_predict_merging(ctx: Context) -> Claim:
-    trends = [
-        Trend(f"{metric} vs retention", protocol, correlation, direction_verdict(correlation, -1))
-        for protocol, by_metric in ctx.results.mergeability.correlations.items()
-        for metric, correlation in by_metric.items()
+    by_metric = [
+        (metric, Trend(f"{metric.label} vs retention", protocol, correlation, direction_verdict(correlation, -1)))
+        for protocol, correlations in ctx.results.mergeability.correlations.items()
+        for metric, correlation in correlations.items()
     ]
-    model_level = [t for t in trends if "(layers" not in t.name]
-    deciding = [t for t in model_level if t.protocol == ctx.deciding_protocol]
+    trends = [t for _, t in by_metric]
+    model_level = [(metric.family, t) for metric, t in by_metric if metric.layers is None]
+    deciding = [t for _, t in model_level if t.protocol == ctx.deciding_protocol]
     decided = {t.verdict for t in deciding} - {Verdict.INCONCLUSIVE}
     verdict = decided.pop() if len(decided) == 1 else Verdict.INCONCLUSIVE
     on_target = [
-        f"{t.name.split(' vs ')[0]} {protocol_name(t.protocol)}"
-        for t in model_level
+        f"{family} {protocol_name(t.protocol)}"
+        for family, t in model_level
         if t.correlation.rho is not None and t.correlation.rho <= TARGET_RHO and t.correlation.high < 0
     ]
     by_protocol = []
     for protocol in ctx.results.mergeability.correlations:
         listing = "; ".join(
-            f"{t.name.split(' vs ')[0]} {_rho_text(t.correlation)}" for t in model_level if t.protocol == protocol
+            f"{family} {_rho_text(t.correlation)}" for family, t in model_level if t.protocol == protocol
         )
         by_protocol.append(f"{protocol_name(protocol)}: {listing}")
     summary = (

@@ -1,156 +1,213 @@
 """Runs a planned study's stages in order, each through the stage cache (its only caller).
 
-One work function per stage kind turns the stage's settings and its inputs' output files into the
-library call that produces it (a pre-training run, a merge, a fine-tuning run, ...) and returns the
-small JSON result the assembler reads (metrics, warnings, parameter counts).
+Each stage kind is one entry of `WORK`: its settings type, its output type, and the function that turns
+typed settings and its inputs' output files into the library call that produces it (a pre-training run,
+a merge, a fine-tuning run, ...) and returns the typed output the assembler reads.
 """
 
 import contextlib
 import ctypes
-import json
 import multiprocessing
 import os
 import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Generic, TypeVar
 
 import torch
 from tqdm import tqdm
 
+from vlmerge.core.config import StrictConfig
 from vlmerge.core.errors import ConfigError, StudyError, VlmergeError
-from vlmerge.data.config import DataConfig
 from vlmerge.data.sources import load_pairs
 from vlmerge.io.checkpoint import open_checkpoint
 from vlmerge.merging.engine import merge_checkpoint
-from vlmerge.merging.regmean_pp import SequentialOptions
 from vlmerge.metrics.mergeability import mergeability
-from vlmerge.models.checkpoint import load_model
-from vlmerge.models.factory import count_parameters
-from vlmerge.pretrained import save_pretrained_seed
+from vlmerge.models.checkpoint import head_names
 from vlmerge.study.cache import DONE, StageCache, StageOutput
 from vlmerge.study.gallery import retrieval_gallery
-from vlmerge.study.plan import Stage, StageKind, StudyPlan
-from vlmerge.tasks.finetune import RESULTS_FILE, evaluate_checkpoint, run_finetune
-from vlmerge.training.config import DirectoryLock, FinetuneConfig, PretrainConfig, TokenizerConfig
+from vlmerge.study.plan import MODEL_FILE, OUTPUT_FILES, Stage, StageKind, StudyPlan
+from vlmerge.study.stages import (
+    CheckpointOutput,
+    DistancesOutput,
+    EvaluationOutput,
+    FinetuneSettings,
+    FisherSettings,
+    GalleryOutput,
+    GallerySettings,
+    GramsSettings,
+    MergeabilitySettings,
+    MergeOutput,
+    MergeSettings,
+    PretrainedSettings,
+    TokenizerSettings,
+    UntrainedSettings,
+    Written,
+    ZeroShotSettings,
+    with_fields,
+)
+from vlmerge.tasks.finetune import evaluate_checkpoint, run_finetune
+from vlmerge.training.config import PretrainConfig, TokenizerConfig
 from vlmerge.training.fisher import collect_checkpoint_fisher
 from vlmerge.training.grams import collect_checkpoint_grams
 from vlmerge.training.pretrain import run_pretraining, save_untrained
+from vlmerge.training.pretrained_init import save_pretrained_seed
+from vlmerge.training.run_directory import DirectoryLock
 from vlmerge.training.setup import resolve_tokenizer
 
-Inputs = Mapping[str, Path]  # role -> the output file of that input stage, relative to the study's cache
-Work = Callable[[Stage, Path, Inputs, bool], dict[str, Any]]
+
+@dataclass(frozen=True)
+class Inputs:
+    """The output files of a stage's input stages, by role, relative to the study's cache (None: no such input)."""
+
+    model: Path | None = None  # the checkpoint (or run) a stage reads
+    init: Path | None = None  # the checkpoint pre-training starts from
+    tokenizer: Path | None = None  # the study's vocabulary, for a run from random weights
+    source: Path | None = None  # the specific model a merge merges
+    seed_checkpoint: Path | None = None  # the experts' origin, for methods that need it
+    grams: Path | None = None
+    fisher: Path | None = None
+    specific: Path | None = None  # the unmerged model mergeability measures
+
+    @classmethod
+    def of(cls, stage: Stage) -> "Inputs":
+        roles = {f.name for f in fields(cls)}
+        if unknown := set(stage.inputs) - roles:
+            raise StudyError(f"stage {stage.name}: inputs {sorted(unknown)} have no role here ({sorted(roles)})")
+        return cls(**{role: Path(s.name) / s.output for role, s in stage.inputs.items()})
 
 
-def _tokenizer(stage: Stage, directory: Path, inputs: Inputs, progress: bool) -> dict[str, Any]:
-    captions = load_pairs(DataConfig.parse(stage.settings["data"]), "train", progress).captions
-    resolve_tokenizer(TokenizerConfig.parse(stage.settings["tokenizer"]), captions, None).save(directory / stage.output)
-    return {}
+S = TypeVar("S", bound=StrictConfig)
+O = TypeVar("O", bound=StrictConfig)
 
 
-def _pretrained(stage: Stage, directory: Path, inputs: Inputs, progress: bool) -> dict[str, Any]:
-    out = save_pretrained_seed(directory / stage.output, **stage.settings)
-    return {"parameters": count_parameters(load_model(out))}
+@dataclass(frozen=True)
+class StageWork(Generic[S, O]):
+    """What a stage kind is: the settings it is planned with, the output it records, and its work.
+
+    mergekit's `Task` binds its arguments to the object that executes them; here the settings are data
+    (hashed into the cache key, written to done.json, sent to worker processes and scheduler jobs) and
+    the work is a plain function of (settings, inputs, directory, progress) looked up by kind, so a
+    planned `Stage` stays a small picklable value and planning imports none of the training code."""
+
+    settings: type[S]
+    output: type[O]
+    execute: Callable[[S, Inputs, Path, bool], O]
 
 
-def _pretrain(stage: Stage, directory: Path, inputs: Inputs, progress: bool) -> dict[str, Any]:
-    settings = dict(stage.settings)
-    if "init" in inputs:
-        settings["init"] = str(inputs["init"])
-    if "tokenizer" in inputs:
-        settings["tokenizer"] = {**settings["tokenizer"], "path": str(inputs["tokenizer"])}
-    out = run_pretraining(PretrainConfig.parse(settings, where=f"stage {stage.name}"), directory, progress)
-    return {"parameters": count_parameters(load_model(out))}
+def _parameters(checkpoint: Path) -> CheckpointOutput:
+    """The backbone's parameter count (heads apart, as `count_parameters` counts a loaded model), from
+    the written file's header: shapes only, no tensor is read and no model built."""
+    reader = open_checkpoint(checkpoint)
+    heads = tuple(f"{name}." for name in head_names(reader))
+    backbone = [key for key in reader.keys if not (heads and key.startswith(heads))]
+    return CheckpointOutput(parameters=sum(reader.numel(key) for key in backbone))
 
 
-def _grams(stage: Stage, directory: Path, inputs: Inputs, progress: bool) -> dict[str, Any]:
-    settings = stage.settings
-    sequential = settings.get("sequential")  # RegMean++'s pass: the lower layers merged as it goes
+def _tokenizer(settings: TokenizerSettings, inputs: Inputs, directory: Path, progress: bool) -> Written:
+    captions = load_pairs(settings.data, "train", progress).captions
+    resolve_tokenizer(settings.tokenizer, captions, None).save(directory / OUTPUT_FILES[StageKind.TOKENIZER])
+    return Written()
+
+
+def _pretrained(settings: PretrainedSettings, inputs: Inputs, directory: Path, progress: bool) -> CheckpointOutput:
+    out = save_pretrained_seed(
+        directory / MODEL_FILE,
+        image_size=settings.image_size,
+        max_text_len=settings.max_text_len,
+        random_seed=settings.random_seed,
+    )
+    return _parameters(out)
+
+
+def _pretrain(settings: PretrainConfig, inputs: Inputs, directory: Path, progress: bool) -> CheckpointOutput:
+    """A run from a checkpoint starts from it and takes its tokenizer; one from random weights the study's."""
+    changes: dict[str, object] = {}
+    if inputs.init is not None:
+        changes["init"] = str(inputs.init)
+    if inputs.tokenizer is not None:
+        changes["tokenizer"] = with_fields(TokenizerConfig, settings.tokenizer, path=str(inputs.tokenizer))
+    return _parameters(run_pretraining(with_fields(PretrainConfig, settings, **changes), directory, progress))
+
+
+def _untrained(settings: UntrainedSettings, inputs: Inputs, directory: Path, progress: bool) -> CheckpointOutput:
+    return _parameters(save_untrained(settings.config(inputs.tokenizer), directory / MODEL_FILE))
+
+
+def _grams(settings: GramsSettings, inputs: Inputs, directory: Path, progress: bool) -> Written:
     collect_checkpoint_grams(
-        inputs["model"],
-        directory / stage.output,
-        DataConfig.parse(settings["data"]),
-        settings["split"],
-        settings["batch_size"],
+        inputs.model,
+        directory / OUTPUT_FILES[StageKind.GRAMS],
+        settings.data,
+        settings.split,
+        settings.batch_size,
         progress=progress,
-        sequential=SequentialOptions.parse(sequential, where=f"stage {stage.name}") if sequential else None,
+        sequential=settings.sequential,  # RegMean++'s pass: the lower layers merged as it goes
     )
-    return {}
+    return Written()
 
 
-def _fisher(stage: Stage, directory: Path, inputs: Inputs, progress: bool) -> dict[str, Any]:
-    settings = stage.settings
+def _fisher(settings: FisherSettings, inputs: Inputs, directory: Path, progress: bool) -> Written:
     collect_checkpoint_fisher(
-        inputs["model"],
-        directory / stage.output,
-        DataConfig.parse(settings["data"]),
-        settings["split"],
-        settings["batch_size"],
-        random_seed=settings["random_seed"],
+        inputs.model,
+        directory / OUTPUT_FILES[StageKind.FISHER],
+        settings.data,
+        settings.split,
+        settings.batch_size,
+        random_seed=settings.random_seed,
         progress=progress,
     )
-    return {}
+    return Written()
 
 
-def _merge(stage: Stage, directory: Path, inputs: Inputs, progress: bool) -> dict[str, Any]:
+def _merge(settings: MergeSettings, inputs: Inputs, directory: Path, progress: bool) -> MergeOutput:
     result = merge_checkpoint(
-        inputs["source"],
-        stage.settings["method"],
-        stage.settings["options"],
-        out=directory / stage.output,
-        seed_checkpoint=inputs.get("seed_checkpoint"),
-        grams=inputs.get("grams"),
-        fisher=inputs.get("fisher"),
+        inputs.source,
+        settings.method,
+        settings.options,
+        out=directory / MODEL_FILE,
+        seed_checkpoint=inputs.seed_checkpoint,
+        grams=inputs.grams,
+        fisher=inputs.fisher,
     )
-    return {"warnings": result.warnings, "parameters": count_parameters(load_model(result.path))}
+    return MergeOutput(parameters=_parameters(result.path).parameters, warnings=tuple(result.warnings))
 
 
-def _untrained(stage: Stage, directory: Path, inputs: Inputs, progress: bool) -> dict[str, Any]:
-    settings = {**stage.settings, "tokenizer": {**stage.settings["tokenizer"], "path": str(inputs["tokenizer"])}}
-    out = save_untrained(PretrainConfig.parse(settings, where=f"stage {stage.name}"), directory / stage.output)
-    return {"parameters": count_parameters(load_model(out))}
+def _finetune(settings: FinetuneSettings, inputs: Inputs, directory: Path, progress: bool) -> EvaluationOutput:
+    return EvaluationOutput.of(run_finetune(settings.config(inputs.model), directory, progress))
 
 
-def _finetune(stage: Stage, directory: Path, inputs: Inputs, progress: bool) -> dict[str, Any]:
-    config = FinetuneConfig.parse({**stage.settings, "init": str(inputs["model"])}, where=f"stage {stage.name}")
-    run_finetune(config, directory, progress)
-    results = json.loads((directory / RESULTS_FILE).read_text())
-    return {"metrics": results["metrics"], "samples": results["samples"]}
+def _zero_shot(settings: ZeroShotSettings, inputs: Inputs, directory: Path, progress: bool) -> EvaluationOutput:
+    return EvaluationOutput.of(evaluate_checkpoint(inputs.model, "retrieval", "test", settings.data))
 
 
-def _zero_shot(stage: Stage, directory: Path, inputs: Inputs, progress: bool) -> dict[str, Any]:
-    data = DataConfig.parse(stage.settings["data"])
-    return evaluate_checkpoint(inputs["model"], "retrieval", "test", data).as_dict()
+def _mergeability(settings: MergeabilitySettings, inputs: Inputs, directory: Path, progress: bool) -> DistancesOutput:
+    report = mergeability(open_checkpoint(inputs.specific))
+    return DistancesOutput(model=report.model, layers=report.per_layer)
 
 
-def _mergeability(stage: Stage, directory: Path, inputs: Inputs, progress: bool) -> dict[str, Any]:
-    report = mergeability(open_checkpoint(inputs["specific"]))
-    return {"model": report.model, "layers": {str(layer): values for layer, values in report.per_layer.items()}}
+def _gallery(settings: GallerySettings, inputs: Inputs, directory: Path, progress: bool) -> GalleryOutput:
+    return GalleryOutput(entries=retrieval_gallery(inputs.model, settings.data, settings.size, directory))
 
 
-def _gallery(stage: Stage, directory: Path, inputs: Inputs, progress: bool) -> dict[str, Any]:
-    data = DataConfig.parse(stage.settings["data"])
-    return {"entries": retrieval_gallery(inputs["model"], data, stage.settings["size"], directory)}
-
-
-WORK: dict[StageKind, Work] = {
-    StageKind.TOKENIZER: _tokenizer,
-    StageKind.PRETRAINED: _pretrained,
-    StageKind.UNTRAINED: _untrained,
-    StageKind.SEED: _pretrain,
-    StageKind.SPECIFIC: _pretrain,
-    StageKind.GRAMS: _grams,
-    StageKind.FISHER: _fisher,
-    StageKind.MERGE: _merge,
-    StageKind.FINETUNE: _finetune,
-    StageKind.ZERO_SHOT: _zero_shot,
-    StageKind.MERGEABILITY: _mergeability,
-    StageKind.GALLERY: _gallery,
+WORK: dict[StageKind, StageWork] = {
+    StageKind.TOKENIZER: StageWork(TokenizerSettings, Written, _tokenizer),
+    StageKind.PRETRAINED: StageWork(PretrainedSettings, CheckpointOutput, _pretrained),
+    StageKind.UNTRAINED: StageWork(UntrainedSettings, CheckpointOutput, _untrained),
+    StageKind.SEED: StageWork(PretrainConfig, CheckpointOutput, _pretrain),
+    StageKind.SPECIFIC: StageWork(PretrainConfig, CheckpointOutput, _pretrain),
+    StageKind.GRAMS: StageWork(GramsSettings, Written, _grams),
+    StageKind.FISHER: StageWork(FisherSettings, Written, _fisher),
+    StageKind.MERGE: StageWork(MergeSettings, MergeOutput, _merge),
+    StageKind.FINETUNE: StageWork(FinetuneSettings, EvaluationOutput, _finetune),
+    StageKind.ZERO_SHOT: StageWork(ZeroShotSettings, EvaluationOutput, _zero_shot),
+    StageKind.MERGEABILITY: StageWork(MergeabilitySettings, DistancesOutput, _mergeability),
+    StageKind.GALLERY: StageWork(GallerySettings, GalleryOutput, _gallery),
 }
 
 
@@ -162,21 +219,24 @@ def run_stage(root: Path, stage: Stage, progress: bool) -> StageOutput:
     threads: a different thread count sums in another order, and training amplifies the last bits (one
     fine-tuning run measured here moved from 0.618 to 0.500 accuracy), so the count is fixed to make a
     stage's output depend on its spec alone."""
+    work = WORK[stage.kind]
     previous = torch.get_num_threads()
     torch.set_num_threads(STAGE_THREADS)
     try:
-        return StageCache(root, progress).run(stage, lambda directory: _work(root, stage, progress))
+        return StageCache(root, progress).run(stage, work.output, lambda directory: _work(root, stage, work, progress))
     finally:
         torch.set_num_threads(previous)
 
 
-def _work(root: Path, stage: Stage, progress: bool) -> dict[str, Any]:
+def _work(root: Path, stage: Stage, work: StageWork, progress: bool) -> StrictConfig:
     """The stage's work, run inside the cache on paths relative to it: what a stage records of its inputs
     (a run's config, a merge's provenance) then names no study directory, so the same stage writes the
     same bytes wherever its study lives, and a recorded path resolves against the cache it sits in."""
-    inputs = {role: Path(s.name) / s.output for role, s in stage.inputs.items()}
+    if not isinstance(stage.settings, work.settings):
+        raise StudyError(f"stage {stage.name}: {type(stage.settings).__name__} settings, not {work.settings.__name__}")
+    inputs = Inputs.of(stage)
     with contextlib.chdir(root):
-        return WORK[stage.kind](stage, Path(stage.name), inputs, progress)
+        return work.execute(stage.settings, inputs, Path(stage.name), progress)
 
 
 @dataclass(frozen=True)
@@ -356,7 +416,7 @@ def _schedule(plan: StudyPlan, root: Path, bar: _Progress, jobs, limit: int) -> 
     try:
         while waiting or running:
             for stage in [s for s in waiting if all(i.key in outputs for i in s.inputs.values())]:
-                if (cached := cache.cached(stage)) is not None:
+                if (cached := cache.cached(stage, WORK[stage.kind].output)) is not None:
                     waiting.remove(stage)
                     outputs[stage.key] = cached
                     bar.done(stage)

@@ -2,13 +2,13 @@
 
 import os
 from pathlib import Path
-from typing import Any
 
 import torch
 from PIL import Image
 
 from vlmerge.data.config import DataConfig
 from vlmerge.models.checkpoint import load_head_state
+from vlmerge.study.results import GalleryEntry, GalleryHit
 from vlmerge.tasks.finetune import TASK_HEAD, load_task
 
 TOP = 3
@@ -17,7 +17,7 @@ UPSCALE = 3
 
 def retrieval_gallery(
     checkpoint: str | os.PathLike, data: DataConfig, size: int, out: Path, split: str = "test"
-) -> list[dict[str, Any]]:
+) -> tuple[GalleryEntry, ...]:
     """`size` evenly spaced test queries: their picture (a PNG in `out`, named relative to it) and top captions."""
     model, task = load_task("retrieval", checkpoint, data)
     head = task.make_head(model.config)
@@ -32,14 +32,8 @@ def retrieval_gallery(
         picture.resize((picture.width * UPSCALE, picture.height * UPSCALE), Image.NEAREST).save(path)
         own = (pairs.image_of == query).nonzero().squeeze(1).tolist()
         scores, indices = similarity[query].topk(min(TOP, similarity.shape[1]))
-        gallery.append(
-            {
-                "image": path.name,
-                "caption": pairs.captions[own[0]] if own else "",
-                "top": [
-                    {"caption": pairs.captions[i], "score": round(s, 4), "correct": i in own}
-                    for s, i in zip(scores.tolist(), indices.tolist())
-                ],
-            }
+        top = tuple(
+            GalleryHit(pairs.captions[i], round(s, 4), i in own) for s, i in zip(scores.tolist(), indices.tolist())
         )
-    return gallery
+        gallery.append(GalleryEntry(path.name, pairs.captions[own[0]] if own else "", top))
+    return tuple(gallery)

@@ -14,6 +14,7 @@ from vlmerge.core.errors import ConfigError
 from vlmerge.study.cache import StageOutput
 from vlmerge.study.plan import StudyPlan
 from vlmerge.study.results import MEAN, TaskScore
+from vlmerge.study.stages import EvaluationOutput
 from vlmerge.study.stats import Estimate, Statistic, estimate
 from vlmerge.tasks import TASKS
 
@@ -37,9 +38,9 @@ class Observations:
             for run in model.runs:
                 for protocol, stages in run.evaluations.items():
                     for task, stage in stages.items():
-                        result = outputs[stage.key].result
-                        samples = {name: np.asarray(v, dtype=float) for name, v in result["samples"].items()}
-                        observation = Observation(result["metrics"], samples, result["metrics"][self.primary[task]])
+                        result = outputs[stage.key].result_as(EvaluationOutput)
+                        samples = {name: np.asarray(v, dtype=float) for name, v in result.samples.items()}
+                        observation = Observation(result.metrics, samples, result.metrics[self.primary[task]])
                         self.by_key[model.id, protocol, task, run.random_seed] = observation
                         if task not in self.tasks[protocol]:
                             self.tasks[protocol].append(task)

