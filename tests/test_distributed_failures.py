@@ -14,7 +14,7 @@ import yaml
 from conftest import free_port
 
 from vlmerge.cli.main import main
-from vlmerge.training.config import CONFIG_FILE, MANIFEST_FILE
+from vlmerge.training.run_directory import CONFIG_FILE, MANIFEST_FILE
 from vlmerge.training.trainer import CHECKPOINT
 
 SEED = {

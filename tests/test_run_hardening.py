@@ -1,4 +1,4 @@
-"""Run directories and the study, guarded (issue 15): a run holds its directory's lock and keeps a
+"""Run directories and the study, guarded: a run holds its directory's lock and keeps a
 manifest that resume checks; a config error claims nothing; a checkpoint is checked before it is
 trusted; config numbers are finite and never bools; study names are plain file names; a corrupt
 cache entry is run again; a study directory is locked; a moved study reuses its stages; a study
@@ -24,7 +24,8 @@ from vlmerge.study.execute import lock_study
 from vlmerge.study.plan import StageKind, plan_study
 from vlmerge.study.recipe import load_recipe
 from vlmerge.study.runner import load_results, run_study
-from vlmerge.training.config import CONFIG_FILE, LOCK_FILE, MANIFEST_FILE, parse_stage_config
+from vlmerge.training.config import parse_stage_config
+from vlmerge.training.run_directory import CONFIG_FILE, LOCK_FILE, MANIFEST_FILE
 from vlmerge.training.trainer import CHECKPOINT, read_metrics
 
 RECIPES = Path(__file__).parent.parent / "recipes"

@@ -22,9 +22,10 @@ from vlmerge.io.checkpoint import open_checkpoint
 from vlmerge.models.checkpoint import load_head_state, load_model, save_model
 from vlmerge.models.transformer import VLTransformer
 from vlmerge.tasks.base import TASKS, Evaluation, Task
-from vlmerge.training.config import CONFIG_FILE, FinetuneConfig, RunDirectory, open_run_dir, read_yaml
+from vlmerge.training.config import FinetuneConfig, read_yaml
 from vlmerge.training.distributed import DistributedContext, init_distributed
 from vlmerge.training.pretrain import HEADS, MODEL_FILE
+from vlmerge.training.run_directory import CONFIG_FILE, RunDirectory, open_run_dir
 from vlmerge.training.setup import checkpoint_data, checkpoint_tokenizer, make_optimizer, resolve_data
 from vlmerge.training.trainer import Trainer, batch_indices
 

@@ -1,4 +1,4 @@
-"""Pre-training objectives (SPEC section 2), as functions of the model, heads and a batch.
+"""Pre-training objectives, as functions of the model, heads and a batch.
 
 - ITC: image-text contrastive over the dual encoder (v path for images, l path for text);
 - ITC-vl: the same on unimodal inputs run through the vl experts, with its own projections

@@ -19,22 +19,17 @@ import torch
 from vlmerge.core.errors import ConfigError
 from vlmerge.data.sources import CaptionPairs, load_pairs
 from vlmerge.data.tokenizer import TextTokenizer
-from vlmerge.io.checkpoint import open_checkpoint
+from vlmerge.io.checkpoint import file_sha256, open_checkpoint
 from vlmerge.merging.plan import expand_to_experts
 from vlmerge.models.checkpoint import load_head_state, load_model, save_model
 from vlmerge.models.config import ModelConfig
 from vlmerge.models.factory import model_config
 from vlmerge.models.heads import PretrainingHeads
 from vlmerge.models.transformer import VLTransformer
-from vlmerge.training.config import (
-    PretrainConfig,
-    RunDirectory,
-    file_sha256,
-    open_run_dir,
-    update_manifest,
-)
+from vlmerge.training.config import PretrainConfig
 from vlmerge.training.distributed import DistributedContext, init_distributed
 from vlmerge.training.objectives import PretrainingObjective
+from vlmerge.training.run_directory import RunDirectory, open_run_dir, update_manifest
 from vlmerge.training.setup import PairData, make_optimizer, resolve_tokenizer
 from vlmerge.training.trainer import Trainer, batch_indices, step_generator
 

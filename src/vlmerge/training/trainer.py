@@ -26,14 +26,14 @@ from vlmerge.core.numerics import all_finite
 from vlmerge.io.atomic import atomic_path
 from vlmerge.io.input_file import InputFile
 from vlmerge.io.torch_file import check_torch_file
-from vlmerge.training.config import (
+from vlmerge.training.distributed import SINGLE_PROCESS, DistributedContext
+from vlmerge.training.run_directory import (
     CHECKPOINT,
     CHECKPOINT_MANIFEST,
     MANIFEST_FILE,
     read_manifest,
     update_manifest,
 )
-from vlmerge.training.distributed import SINGLE_PROCESS, DistributedContext
 
 METRICS = "metrics.jsonl"
 StepFn = Callable[[int], dict[str, torch.Tensor]]

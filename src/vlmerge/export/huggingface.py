@@ -21,7 +21,7 @@ too), sub-LN inside attention and FFN (BEiT-3), and block weights the export wou
 
 Weights are written in float32. The module names filled are those of transformers >= 5 (whose
 `save_pretrained` writes the classic key names, so the folder also reads in older versions).
-This file reads `vlmerge.models` (config, loader), above `io` in the layering, because exporting
+This package reads `vlmerge.models` (config, loader), above `io` in the layering, because exporting
 is defined by what the model computes.
 """
 

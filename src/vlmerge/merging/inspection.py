@@ -12,6 +12,7 @@ from vlmerge.io.layout import layout_reason
 from vlmerge.merging.coefficients import ResolvedOptions, resolve_options, role_of
 from vlmerge.merging.plan import MergePlan, build_merge_plan, parse_expert_key
 from vlmerge.merging.registry import MERGE_METHODS
+from vlmerge.merging.request import MergeRequest
 
 
 @dataclass
@@ -98,11 +99,15 @@ def format_summary(summary: CheckpointSummary) -> str:
 
 
 def describe_plan(
-    reader: CheckpointReader, selection: str, method: str | None = None, options: Mapping[str, Any] | None = None
+    reader: CheckpointReader,
+    request: MergeRequest,
+    method: str | None = None,
+    options: Mapping[str, Any] | None = None,
 ) -> str:
-    """The merge plan of a checkpoint and, given a method, the value every option takes at each merged
-    tensor (its specs resolved and checked as a merge would, reading no tensor)."""
-    plan = build_merge_plan({k: reader.shape(k) for k in reader.keys}, selection)
+    """The merge plan of a checkpoint (`reader`, opened from `request.source`) for the request's expert
+    selection and, given a method, the value every option takes at each merged tensor (its specs
+    resolved and checked as a merge would, reading no tensor)."""
+    plan = build_merge_plan({k: reader.shape(k) for k in reader.keys}, request.selection)
     if method is None:
         return plan.describe()
     resolved = resolve_options(MERGE_METHODS.get(method), dict(options or {}), plan)
