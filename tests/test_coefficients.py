@@ -10,6 +10,7 @@ import torch
 from safetensors import safe_open
 
 from vlmerge.cli.main import main
+from vlmerge.cli.options import options_from_text
 from vlmerge.core.config import StrictConfig
 from vlmerge.core.errors import ConfigError
 from vlmerge.core.modality import Modality
@@ -19,7 +20,6 @@ from vlmerge.merging import (
     build_merge_plan,
     merge_checkpoint,
     merge_state_dict,
-    options_from_text,
     register_method,
 )
 from vlmerge.merging.coefficients import resolve_options
@@ -64,7 +64,7 @@ def depth(values: list[float], layer: int, layers: int = LAYERS) -> float:
 
 
 def interpolation(state, target: str, ratio: float) -> torch.Tensor:
-    """SPEC 3: r V + (1 - r) L; with vl, (2/3) r V + (2/3)(1 - r) L + (1/3) VL, in float64."""
+    """Interpolation: r V + (1 - r) L; with vl, (2/3) r V + (2/3)(1 - r) L + (1/3) VL, in float64."""
     v, l_ = (expert(state, target, m).double() for m in (V, L))
     if layer_of(target) < 2:
         return ratio * v + (1 - ratio) * l_

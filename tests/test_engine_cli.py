@@ -12,7 +12,6 @@ from safetensors import safe_open
 from vlmerge.cli.main import main
 from vlmerge.core.config import StrictConfig
 from vlmerge.data.config import DataConfig
-from vlmerge.inspection import format_summary, summarize
 from vlmerge.io.checkpoint import file_sha256, open_checkpoint, save_checkpoint
 from vlmerge.io.grams import open_grams, save_grams
 from vlmerge.merging import (
@@ -23,8 +22,9 @@ from vlmerge.merging import (
     register_method,
     unregister_method,
 )
-from vlmerge.merging.engine import metadata_warnings
 from vlmerge.merging.grams import collect_grams
+from vlmerge.merging.inspection import format_summary, summarize
+from vlmerge.merging.provenance import metadata_warnings
 from vlmerge.metrics import mergeability
 from vlmerge.models import VLTransformer, count_parameters, load_model, model_config, save_model
 from vlmerge.tasks.finetune import run_checkpoint
@@ -222,7 +222,7 @@ SINGULAR = "summed Gram matrix is singular; using the minimum-norm least-squares
 
 
 def test_singular_grams_still_merge_with_one_warning_per_tensor(files, tmp_path, capsys):
-    """Not an error: SPEC's fallback for a singular Gram sum is least squares, and it says so."""
+    """Not an error: the documented fallback for a singular Gram sum is least squares, and it says so."""
     grams = open_grams(files["grams"])
     singular = {}
     for key in grams.keys:  # no token ever reached input 0 of any layer: row and column 0 are zero

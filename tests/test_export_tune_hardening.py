@@ -123,18 +123,18 @@ def tune_args(files, out, *extra, method: str = "arithmetic") -> list:
 
 # ----------------------------------------------------------------------------- export-hf: one opening
 def test_export_hf_reads_weights_and_hash_from_one_opening(tmp_path, capsys, monkeypatch):
-    from vlmerge import hf_export
+    from vlmerge.export import huggingface
 
     source = merged_model(tmp_path)
     other = merged_model(tmp_path, "other.safetensors", change=lambda p: p["norm.bias"].add_(1.0))
-    read_config = hf_export.checkpoint_config
+    read_config = huggingface.checkpoint_config
 
     def then_replace(reader, *args, **kwargs):  # the path names another file once the input is open
         config = read_config(reader, *args, **kwargs)
         os.replace(other, source)
         return config
 
-    monkeypatch.setattr(hf_export, "checkpoint_config", then_replace)
+    monkeypatch.setattr(huggingface, "checkpoint_config", then_replace)
     out = tmp_path / "hf"
     refused(capsys, ["export-hf", source, "--out", out], "replaced by another file while it was being read", [], out)
 
@@ -188,7 +188,7 @@ def prepare_child(point: str) -> None:
         time.sleep(HANG_S)
 
     if point == "probe":  # the candidate checkpoint is written; its probe would run now
-        tuning.run_finetune = hang
+        tuning.scorers.run_finetune = hang
     else:  # the exported folder is written; it would be renamed into place now
         from transformers import ViTModel
 

@@ -15,10 +15,10 @@ from vlmerge.core.errors import ConfigError
 from vlmerge.data.config import DataConfig
 from vlmerge.data.sources import SOURCES, CaptionPairs, DataSource, LabelledImages
 from vlmerge.data.tokenizer import TextTokenizer
-from vlmerge.inspection import format_summary, summarize
 from vlmerge.io.checkpoint import open_checkpoint
 from vlmerge.merging import MERGE_METHODS, build_merge_plan, merge_checkpoint
 from vlmerge.merging.engine import PreparedMerge
+from vlmerge.merging.inspection import format_summary, summarize
 from vlmerge.models import VLTransformer, model_config, save_model
 from vlmerge.models.heads import PretrainingHeads
 from vlmerge.tasks.base import Evaluation
@@ -166,7 +166,7 @@ def test_a_bad_grid_is_one_clear_error_before_any_merge(files, tmp_path, monkeyp
     def no_merge(*args, **kwargs):
         raise AssertionError("a merge was prepared before the grid was checked")
 
-    monkeypatch.setattr("vlmerge.tuning.MergeFiles.prepare", no_merge)
+    monkeypatch.setattr("vlmerge.merging.engine.MergeFiles.prepare", no_merge)
     out = tmp_path / "best.safetensors"
     with pytest.raises(ConfigError) as error:
         tune(files, out, grid, method, fixed)

@@ -9,12 +9,11 @@ from vlmerge.merging.registry import (
     MergeMethod,
     MergeWarning,
     MethodOption,
-    describe_methods,
     method_options,
-    options_from_text,
     register_method,
     unregister_method,
 )
+from vlmerge.merging.request import MergeRequest
 
 __all__ = [
     "ExpertSelection",
@@ -23,16 +22,15 @@ __all__ = [
     "MergeInputs",
     "MergeMethod",
     "MergePlan",
+    "MergeRequest",
     "MergeResult",
     "MergeWarning",
     "MethodOption",
     "build_merge_plan",
-    "describe_methods",
     "merge",
     "merge_checkpoint",
     "merge_state_dict",
     "method_options",
-    "options_from_text",
     "register_method",
     "unregister_method",
 ]

@@ -52,10 +52,12 @@ from vlmerge.merging.plan import ExpertSelection, build_merge_plan
 from vlmerge.merging.prepared_merge import MergeResult, PreparedMerge, group_inputs
 from vlmerge.merging.provenance import METADATA_RESERVE, input_hashes, provenance
 from vlmerge.merging.registry import MERGE_METHODS, MergeWarning, Statistics
+from vlmerge.merging.request import MergeRequest
 from vlmerge.merging.statistics_checks import check_statistics_source, validate_gram_values
 
 __all__ = [  # beside the merge itself, what other modules take from here
     "MergeFiles",
+    "MergeRequest",
     "MergeResult",
     "PreparedMerge",
     "check_output_layout",
@@ -68,104 +70,71 @@ __all__ = [  # beside the merge itself, what other modules take from here
 
 
 def merge_checkpoint(
-    source: str | os.PathLike,
+    source: MergeRequest | str | os.PathLike,
     method: str,
     options: Mapping[str, Any] | None = None,
     *,
     out: str | os.PathLike,
-    selection: str = "all",
-    seed_checkpoint: str | os.PathLike | None = None,
-    grams: str | os.PathLike | None = None,
-    layout: Layout | str = Layout.NATIVE,
-    allow_foreign_grams: bool = False,
     progress: bool = False,
-    fisher: str | os.PathLike | None = None,
-    allow_foreign_fisher: bool = False,
-    input_layout: Layout | str | None = None,
     overrides: Mapping[str, Any] | None = None,
+    **fields: Any,
 ) -> MergeResult:
     """Merge a modality-specific checkpoint file into a modality-agnostic one written to `out`.
 
-    `out` is checked first (not an input, not a directory, writable), every input is opened
-    once and read from that open file, and a `.safetensors` output is streamed (header first,
-    one merge group in memory at a time). The source is read in `input_layout` (default: the one
-    its keys show) and the output written in `layout`, a multiway layout with tied experts.
-    `grams`, `fisher`: the statistics files' paths. `overrides`: fields of the source's model config,
-    for a released file whose shapes do not tell them (`image_size`, `heads`).
+    `source`: a `MergeRequest`, or the source's path with the request's other fields as keywords
+    (`selection`, `seed_checkpoint`, `grams`, `fisher`, `layout`, `input_layout`, ...) and its
+    `image_size` and `heads` also as one `overrides` mapping. `out` is checked first (not an input,
+    not a directory, writable), every input is opened once and read from that open file, and a
+    `.safetensors` output is streamed (header first, one merge group in memory at a time). The source
+    is read in the request's `input_layout` (default: the one its keys show) and the output written
+    in its `layout`, a multiway layout with tied experts.
     """
-    check_output_path(out, [source, seed_checkpoint, grams, fisher])
-    files = MergeFiles.open(
-        source,
-        seed_checkpoint=seed_checkpoint,
-        grams_path=grams,
-        fisher_path=fisher,
-        input_layout=input_layout,
-        overrides=overrides,
-    )
-    prepared = files.prepare(
-        method,
-        options,
-        selection=selection,
-        allow_foreign_grams=allow_foreign_grams,
-        allow_foreign_fisher=allow_foreign_fisher,
-        layout=layout,
-    )
-    return write_merge(prepared, out, layout=layout, progress=progress)
+    request = MergeRequest.of(source, **{**(overrides or {}), **fields})
+    check_output_path(out, request.inputs)
+    prepared = MergeFiles.open(request).prepare(method, options, layout=request.layout)
+    return write_merge(prepared, out, layout=request.layout, progress=progress)
 
 
 @dataclass
 class MergeFiles:
-    """The input files of a merge, each opened once and read from that open file (a search merges
-    many candidates from one opening)."""
+    """The input files of a merge request, each opened once and read from that open file (a search
+    merges many candidates from one opening)."""
 
+    request: MergeRequest
     reader: CheckpointReader
     origin: CheckpointReader | None = None
     grams: GramSet | None = None
     fisher: FisherSet | None = None
-    overrides: Mapping[str, Any] | None = None  # fields of the source's model config (`merge_checkpoint`)
 
     @classmethod
-    def open(
-        cls,
-        source: str | os.PathLike,
-        *,
-        seed_checkpoint: str | os.PathLike | None = None,
-        grams_path: str | os.PathLike | None = None,
-        fisher_path: str | os.PathLike | None = None,
-        input_layout: Layout | str | None = None,
-        overrides: Mapping[str, Any] | None = None,
-    ) -> "MergeFiles":
+    def open(cls, request: MergeRequest, reader: CheckpointReader | None = None) -> "MergeFiles":
+        """`reader`: the source, where the caller has opened it already (to check it before the rest)."""
         return cls(
-            open_checkpoint(source, input_layout),
-            open_checkpoint(seed_checkpoint) if seed_checkpoint is not None else None,
-            open_grams(grams_path) if grams_path is not None else None,
-            open_fisher(fisher_path) if fisher_path is not None else None,
-            overrides,
+            request,
+            reader if reader is not None else open_checkpoint(request.source, request.input_layout),
+            open_checkpoint(request.seed_checkpoint) if request.seed_checkpoint is not None else None,
+            open_grams(request.grams) if request.grams is not None else None,
+            open_fisher(request.fisher) if request.fisher is not None else None,
         )
 
     def prepare(
-        self,
-        method: str,
-        options: Mapping[str, Any] | None = None,
-        *,
-        selection: str = "all",
-        allow_foreign_grams: bool = False,
-        allow_foreign_fisher: bool = False,
-        layout: Layout | str | None = None,
+        self, method: str, options: Mapping[str, Any] | None = None, *, layout: Layout | str | None = None
     ) -> PreparedMerge:
-        """`prepare_merge` on these files, the statistics checked against the source file's hash."""
+        """`prepare_merge` on these files, the statistics checked against the source file's hash.
+        `layout`: the output's, refused here where the source's family cannot be written in it."""
+        request = self.request
         return prepare_merge(
             self.reader,
             method,
             options,
-            selection=selection,
+            selection=request.selection,
             origin=self.origin,
             grams=self.grams,
-            allow_foreign_grams=allow_foreign_grams,
+            allow_foreign_grams=request.allow_foreign_grams,
             source_sha256=self.reader.sha256,
             fisher=self.fisher,
-            allow_foreign_fisher=allow_foreign_fisher,
-            overrides=self.overrides,
+            allow_foreign_fisher=request.allow_foreign_fisher,
+            overrides=request.overrides,
             layout=layout,
         )
 

@@ -1,17 +1,16 @@
 """The merge-method registry: what a method receives (`MergeInputs`), how it is registered, and the
-options of every registered method as the command line sees them (one flag per option name).
+options of every registered method by name (one type per name, so that one name is one flag).
 
 A method is a small pure function `fn(inputs, options) -> tensor` with a pydantic options class;
-its options class is all the command line needs (`vlmerge merge --NAME VALUE` or `--option NAME=VALUE`).
+its options class is all the command line needs (`vlmerge.cli.options` turns it into flags).
 """
 
-import json
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 from types import UnionType
-from typing import Any, Literal, Protocol, Union, get_args, get_origin
+from typing import Any, Protocol, Union, get_args, get_origin
 
 import torch
 from pydantic import BaseModel
@@ -87,17 +86,6 @@ class MergeMethod:
     def needs_grams(self) -> bool:
         return self.statistics is Statistics.GRAMS
 
-    def describe(self) -> str:
-        """The method, what it needs, and each option with its default and description (`vlmerge merge --help`)."""
-        needs = ["--seed-checkpoint"] if self.needs_origin else []
-        needs += [self.statistics.flag] if self.statistics is not None else []
-        lines = [f"  {self.name:<15} {self.summary}" + (f" [needs {', '.join(needs)}]" if needs else "")]
-        for name, field in self.options.model_fields.items():
-            default = "required" if field.is_required() else f"default {field.get_default(call_default_factory=True)}"
-            each = " [per expert]" if name in self.per_expert else ""
-            lines.append(f"      {option_flag(name):<18} {field.description or ''} ({default}){each}")
-        return "\n".join(lines)
-
 
 MERGE_METHODS: Registry[MergeMethod] = Registry("merge method")
 
@@ -150,30 +138,12 @@ def unregister_method(name: str) -> None:
 
 @dataclass(frozen=True)
 class MethodOption:
-    """One option name and its type, shared by every registered method that has it: one CLI flag."""
+    """One option name and its type, shared by every registered method that has it: one CLI flag
+    (`vlmerge.cli.options`)."""
 
     name: str
     annotation: Any
     methods: tuple[str, ...]
-
-    @property
-    def flag(self) -> str:
-        return option_flag(self.name)
-
-    @property
-    def type_name(self) -> str:
-        """FLOAT, INT, TEXT, BOOL, {a,b} for a choice, JSON for lists, dicts and models."""
-        kind = _unwrap_optional(self.annotation)
-        if get_origin(kind) is Literal:
-            return "{" + ",".join(str(choice) for choice in get_args(kind)) + "}"
-        if isinstance(kind, type) and issubclass(kind, Enum):
-            return "{" + ",".join(str(member.value) for member in kind) + "}"
-        scalars = {float: "FLOAT", int: "INT", str: "TEXT", bool: "BOOL"}
-        return scalars.get(kind, "JSON" if _structured(kind) else "VALUE")
-
-
-def option_flag(name: str) -> str:
-    return f"--{name.replace('_', '-')}"
 
 
 def method_options() -> dict[str, MethodOption]:
@@ -192,72 +162,15 @@ def method_options() -> dict[str, MethodOption]:
     return found
 
 
-def describe_methods() -> str:
-    """Every registered method with its options, defaults and descriptions."""
-    return "\n".join(MERGE_METHODS.get(name).describe() for name in MERGE_METHODS)
-
-
-def options_from_text(method_name: str, texts: Mapping[str, str]) -> dict[str, Any]:
-    """Option values given as text (the command line), ready for the method's options class:
-    JSON for list, dict and model options, and for an int or float option given a coefficient spec
-    (a JSON list or object: merging/coefficients.py); the text itself otherwise (the options class
-    parses numbers, booleans and choices). `random-seed` and `random_seed` name the same option."""
-    fields = MERGE_METHODS.get(method_name).options.model_fields
-    values = {}
-    for key, text in texts.items():
-        name = key.replace("-", "_")
-        annotation = fields[name].annotation if name in fields else None
-        if name in fields and _structured(_unwrap_optional(annotation)):
-            values[name] = _json_or_text(name, text)
-        elif name in fields and takes_spec(annotation) and text.lstrip()[:1] in ("[", "{"):
-            values[name] = _spec_json(name, text)
-        else:
-            values[name] = text
-    return values
-
-
 def takes_spec(annotation: Any) -> bool:
     """An int or float option (also optional): one that takes a coefficient spec (merging/coefficients.py)."""
-    return _unwrap_optional(annotation) in (int, float)
+    return unwrap_optional(annotation) in (int, float)
 
 
-def _spec_json(name: str, text: str) -> Any:
-    try:
-        return _bounded_json(name, text)
-    except ValueError as error:  # JSONDecodeError, or an integer of more digits than Python converts
-        raise ConfigError(f"option {name}: {_shortened(text)} is not a JSON list or object ({error})") from None
-
-
-def _json_or_text(name: str, text: str) -> Any:
-    try:
-        return _bounded_json(name, text)
-    except ValueError:
-        return text  # the options class names the problem
-
-
-def _bounded_json(name: str, text: str) -> Any:
-    """`json.loads`, with nesting too deep for its recursion one `ConfigError` instead of a traceback."""
-    try:
-        return json.loads(text)
-    except RecursionError:
-        raise ConfigError(f"option {name}: {_shortened(text)} is nested too deep to be a coefficient spec") from None
-
-
-def _shortened(text: str, limit: int = 60) -> str:
-    return repr(text) if len(text) <= limit else repr(text[: limit - 3]) + "..."
-
-
-def _unwrap_optional(annotation: Any) -> Any:
+def unwrap_optional(annotation: Any) -> Any:
     """X for `X | None`, else the annotation itself."""
     args = [a for a in get_args(annotation) if a is not type(None)]
     return args[0] if get_origin(annotation) in (Union, UnionType) and len(args) == 1 else annotation
-
-
-def _structured(annotation: Any) -> bool:
-    """Lists, dicts, tuples, sets and models: options written as JSON on the command line."""
-    return (get_origin(annotation) or annotation) in (list, dict, tuple, set, frozenset) or (
-        isinstance(annotation, type) and issubclass(annotation, BaseModel)
-    )
 
 
 def _type_label(annotation: Any) -> str:
