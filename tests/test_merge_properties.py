@@ -65,7 +65,7 @@ def spd_grams(modalities, n: int, seed: int) -> dict[Modality, torch.Tensor]:
 
 
 def shrunk(gram: torch.Tensor, alpha: float) -> torch.Tensor:
-    """SPEC's G~ = alpha G + (1 - alpha) diag(G), written out again here."""
+    """RegMean's G~ = alpha G + (1 - alpha) diag(G), written out again here."""
     return alpha * gram + (1 - alpha) * torch.diag(torch.diag(gram))
 
 

@@ -11,7 +11,7 @@ from vlmerge.merging.plan import merged_key
 from vlmerge.models import MODEL_SIZES, ExpertPlacement, VLTransformer, count_parameters, model_config
 from vlmerge.models.transformer import Segment
 
-# Backbone sizes at base width from the paper's architecture study (SPEC section 1), in millions.
+# Backbone sizes at base width from the paper's architecture study, in millions.
 PAPER_BACKBONE_M = {"none": 85, "all": 184, "ffn": 151, "attention": 118, "norms": 85}
 
 

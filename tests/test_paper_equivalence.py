@@ -13,7 +13,7 @@ from vlmerge.models import VLTransformer, model_config
 
 TASKS = ["all", "retrieval", "vqa", "nlvr2"]
 # The paper's RegMean ignores its "only activate used experts" switch: for NLVR2 it merges all
-# three experts in the fusion layers, which is our `all` selection (SPEC: nlvr2 uses vl only).
+# three experts in the fusion layers, which is our `all` selection (our `nlvr2` uses vl only).
 REGMEAN_SELECTION = {"all": "all", "retrieval": "retrieval", "vqa": "vqa", "nlvr2": "all"}
 EXTRA_KEYS = {  # non-encoder tensors the paper's checkpoints carry; they must pass through untouched
     "text_embeddings.position_ids": torch.arange(24)[None],

@@ -1,6 +1,6 @@
 """The vision-language transformer, modality-specific (multiway) or modality-agnostic.
 
-Routing (SPEC section 1) is decided once per batch as a set of *streams*, each a token
+Routing is decided once per batch as a set of *streams*, each a token
 sequence whose *segments* say which experts their tokens use: images -> one {v} segment,
 text -> one {l} segment. A pair is either two streams kept apart (attention within each
 modality, the paper's model) or one stream of a text and an image segment attending to each
