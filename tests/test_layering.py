@@ -25,7 +25,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("data",),
     ("training",),
     ("tasks",),
-    # tuning.py (`vlmerge tune`) merges in memory and scores with tasks and training.
+    # tuning (`vlmerge tune`) merges in memory and scores with tasks and training.
     ("study", "tuning"),
     ("cli",),
     ("__main__",),

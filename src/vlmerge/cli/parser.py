@@ -77,7 +77,7 @@ def add_tune(commands: Commands) -> None:
         "--grid",
         action="append",
         default=[],
-        metavar="NAME=SPEC",
+        metavar="NAME=VALUE",
         help="searched option: NAME=START:STOP:COUNT (evenly spaced, both ends included) or NAME=A,B,C; "
         "repeat for the product (the last varies fastest); options not searched are fixed as in merge",
     )

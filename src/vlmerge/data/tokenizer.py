@@ -21,7 +21,7 @@ from vlmerge.core.errors import ConfigError
 from vlmerge.io.atomic import atomic_path
 
 PAD, UNK, CLS, SEP, MASK = "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"
-SPECIAL_TOKENS = [PAD, UNK, CLS, SEP, MASK]
+RESERVED_TOKENS = [PAD, UNK, CLS, SEP, MASK]
 PIECE_PREFIX = "##"  # marks a WordPiece that continues a word
 
 
@@ -45,7 +45,7 @@ class TextTokenizer:
     """Encodes batches of captions into padded id tensors for the model."""
 
     def __init__(self, tokenizer: Tokenizer, max_len: int) -> None:
-        missing = [t for t in SPECIAL_TOKENS if tokenizer.token_to_id(t) is None]
+        missing = [t for t in RESERVED_TOKENS if tokenizer.token_to_id(t) is None]
         if missing:
             raise ConfigError(f"tokenizer vocabulary lacks the special tokens {missing}")
         self.tokenizer = tokenizer
@@ -64,9 +64,9 @@ class TextTokenizer:
             for text in texts
             for word, _ in words.pre_tokenizer.pre_tokenize_str(words.normalizer.normalize_str(text))
         )
-        vocab = _learn_wordpiece(counts, vocab_size, min_frequency, SPECIAL_TOKENS)
+        vocab = _learn_wordpiece(counts, vocab_size, min_frequency, RESERVED_TOKENS)
         tokenizer = _bert_pipeline(models.WordPiece(vocab, unk_token=UNK))
-        tokenizer.add_special_tokens(SPECIAL_TOKENS)  # as `train_from_iterator` does
+        tokenizer.add_special_tokens(RESERVED_TOKENS)  # as `train_from_iterator` does
         return cls(_with_template(tokenizer), max_len)
 
     @classmethod

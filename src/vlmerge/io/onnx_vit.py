@@ -19,7 +19,7 @@ What maps where (keys of our modality-agnostic `VLTransformer`):
 - the position embeddings are anonymous (the class row and the grid), found as the initializers
   the embedding nodes consume;
 - dropped: the k bias (our attention has none; a vector added to every key shifts each query's
-  logits by one constant, which softmax ignores: tests/test_onnx_vit.py checks it) and the decoder.
+  logits by one constant, which softmax ignores: tests/io/test_onnx_vit.py checks it) and the decoder.
 DINOv2 has no token types: the token-type table is zero, so image tokens see exactly the
 backbone's embeddings.
 """

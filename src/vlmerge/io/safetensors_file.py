@@ -9,7 +9,7 @@ files, and `sha256()` hashes the file the tensors came from.
 
 The header is checked in full when the file is opened, so a corrupt or truncated file fails
 there, by name, rather than on the last tensor of a long merge. The checks are the safetensors
-library's (tests/test_io_hardening.py runs the same malformed files through both): the header
+library's (tests/io/test_io_hardening.py runs the same malformed files through both): the header
 is UTF-8 JSON (no NaN literals, no lone surrogates), an object whose `__metadata__` maps strings
 to strings; every tensor has a known dtype, a shape of non-negative integers and exactly the
 bytes dtype x shape needs; the data regions are contiguous, do not overlap and cover the rest

@@ -15,7 +15,7 @@ from vlmerge.study.results import (
     MEAN,
     NAIVE_MERGE,
     SEED_MERGE,
-    SPECIFIC,
+    UNMERGED,
     Claim,
     Comparison,
     StudyResults,
@@ -284,7 +284,7 @@ def metrics_predict_merging(ctx: Context) -> Claim:
 
 
 def merged_is_smaller(ctx: Context) -> Claim:
-    ratio = ctx.results.model(SEED_MERGE).parameters / ctx.results.model(SPECIFIC).parameters
+    ratio = ctx.results.model(SEED_MERGE).parameters / ctx.results.model(UNMERGED).parameters
     verdict = Verdict.REPRODUCED if ratio < 0.75 else Verdict.CONTRADICTED
     return Claim(
         "size",

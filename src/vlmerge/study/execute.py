@@ -200,7 +200,7 @@ WORK: dict[StageKind, StageWork] = {
     StageKind.PRETRAINED: StageWork(PretrainedSettings, CheckpointOutput, _pretrained),
     StageKind.UNTRAINED: StageWork(UntrainedSettings, CheckpointOutput, _untrained),
     StageKind.SEED: StageWork(PretrainConfig, CheckpointOutput, _pretrain),
-    StageKind.SPECIFIC: StageWork(PretrainConfig, CheckpointOutput, _pretrain),
+    StageKind.MULTIWAY: StageWork(PretrainConfig, CheckpointOutput, _pretrain),
     StageKind.GRAMS: StageWork(GramsSettings, Written, _grams),
     StageKind.FISHER: StageWork(FisherSettings, Written, _fisher),
     StageKind.MERGE: StageWork(MergeSettings, MergeOutput, _merge),

@@ -25,7 +25,7 @@ from vlmerge.merging.registry import Statistics
 from vlmerge.merging.regmean_pp import SequentialOptions
 from vlmerge.models.config import ExpertPlacement
 from vlmerge.study.recipe import MergeSpec, Protocol, StudyRecipe
-from vlmerge.study.results import AGNOSTIC_SCRATCH, CONTROL, NAIVE_MERGE, SEED_MERGE, SPECIFIC, Group, ModelKind
+from vlmerge.study.results import AGNOSTIC_SCRATCH, CONTROL, NAIVE_MERGE, SEED_MERGE, UNMERGED, Group, ModelKind
 from vlmerge.study.stages import (
     FinetuneSettings,
     FisherSettings,
@@ -46,7 +46,7 @@ class StageKind(str, Enum):
     PRETRAINED = "pretrained"  # the imported ViT-S/14 + MiniLM embeddings
     UNTRAINED = "untrained"  # the seed stage's model at step 0: the no-pre-training control
     SEED = "seed"  # modality-agnostic pre-training (seed pre-training, or the from-scratch baseline)
-    SPECIFIC = "specific"  # modality-specific pre-training
+    MULTIWAY = "specific"  # modality-specific (multiway) pre-training
     GRAMS = "grams"  # Gram matrices for RegMean, or collected sequentially for RegMean++
     FISHER = "fisher"  # diagonal Fisher statistics for Fisher merging
     MERGE = "merge"
@@ -251,7 +251,7 @@ class _Planner:
 
     def specific_model(self, fraction: float, placement: ExpertPlacement, seed: int) -> Stage:
         steps = self.recipe.total_steps - self.recipe.seed_steps(fraction)
-        return self.pretrain(StageKind.SPECIFIC, seed, steps, placement, self.origin(fraction, seed))
+        return self.pretrain(StageKind.MULTIWAY, seed, steps, placement, self.origin(fraction, seed))
 
     def merged(self, specific: Stage, spec: MergeSpec, origin: Stage | None, seed: int) -> Stage:
         method = MERGE_METHODS.get(spec.method)
@@ -386,11 +386,11 @@ class _Planner:
             ),
         )
         self.add(
-            SPECIFIC,
+            UNMERGED,
             Group.BASELINES,
             lambda: _Model(
                 "modality-specific (not merged)",
-                ModelKind.SPECIFIC,
+                ModelKind.MULTIWAY,
                 main_fraction,
                 every,
                 lambda seed: self.specific_model(main_fraction, every, seed),
@@ -435,7 +435,7 @@ class _Planner:
             if model.merge != recipe.main_merge or model.specific is None:
                 continue
             if (model.seed_fraction, model.placement) == (recipe.seed_fraction, ExpertPlacement.ALL):
-                found[model_id] = SPECIFIC
+                found[model_id] = UNMERGED
                 continue
             specific_id = f"specific-seed{model.seed_fraction:g}-{model.placement.value}"
             label = f"modality-specific, seed {model.seed_fraction:.0%}, experts {model.placement.value} (not merged)"
@@ -443,7 +443,7 @@ class _Planner:
                 specific_id,
                 _Model(
                     label,
-                    ModelKind.SPECIFIC,
+                    ModelKind.MULTIWAY,
                     model.seed_fraction,
                     model.placement,
                     model.specific,
@@ -504,7 +504,7 @@ BEFORE_FINETUNING = (
     StageKind.PRETRAINED,
     StageKind.UNTRAINED,
     StageKind.SEED,
-    StageKind.SPECIFIC,
+    StageKind.MULTIWAY,
     StageKind.GRAMS,
     StageKind.FISHER,
     StageKind.MERGE,

@@ -22,7 +22,7 @@ MEAN = "mean"  # the task name of a score averaged over the tasks of a protocol
 
 class ModelKind(str, Enum):
     AGNOSTIC = "agnostic"  # pre-trained as one modality-agnostic model
-    SPECIFIC = "specific"  # modality-specific, not merged
+    MULTIWAY = "specific"  # modality-specific (multiway), not merged
     MERGED = "merged"
     CONTROL = "control"  # never pre-trained on image-text pairs
 
@@ -46,7 +46,7 @@ class Verdict(str, Enum):
 
 # The models the paper's comparisons are about.
 AGNOSTIC_SCRATCH = "agnostic-scratch"
-SPECIFIC = "specific"
+UNMERGED = "specific"
 NAIVE_MERGE = "naive-merge"
 SEED_MERGE = "seed-merge"
 CONTROL = "no-pretraining"

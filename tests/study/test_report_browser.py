@@ -19,7 +19,7 @@ from PIL import Image
 from test_report import RESULTS, _study
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
+ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
 WINDOW = (1280, 2400)
 # A quiet, self-contained browser: no network services, no first-run pages, a profile of its own.
 FLAGS = [

@@ -20,7 +20,7 @@ from vlmerge.study.recipe import load_recipe
 from vlmerge.study.results import Timing
 from vlmerge.study.stages import Written
 
-MICRO = Path(__file__).parent.parent / "recipes" / "micro-test.yaml"
+MICRO = Path(__file__).parents[2] / "recipes" / "micro-test.yaml"
 TIMEOUT_S = 180  # generous for a loaded machine; a wait past it fails rather than hangs
 GONE_WITHIN_S = 20
 

@@ -10,7 +10,7 @@ from conftest import make_inputs
 
 from vlmerge.cli.main import main
 from vlmerge.core.modality import Modality
-from vlmerge.data.tokenizer import SPECIAL_TOKENS, TextTokenizer, TokenBatch
+from vlmerge.data.tokenizer import RESERVED_TOKENS, TextTokenizer, TokenBatch
 from vlmerge.io.checkpoint import file_sha256, open_checkpoint
 from vlmerge.io.grams import open_grams, save_grams
 from vlmerge.io.statistics import open_fisher, save_fisher
@@ -400,7 +400,7 @@ def test_regmean_pp_merges_a_sequential_file_as_regmean_does(files, tmp_path):
 @pytest.fixture
 def trained_checkpoint(emoji_sources, tmp_path):
     """A micro modality-specific checkpoint as `vlmerge train specific` leaves it: tokenizer, heads, run config."""
-    (tmp_path / "vocab.txt").write_text("\n".join([*SPECIAL_TOKENS, "a", "face", "smiling", "cat"]) + "\n")
+    (tmp_path / "vocab.txt").write_text("\n".join([*RESERVED_TOKENS, "a", "face", "smiling", "cat"]) + "\n")
     tokenizer = TextTokenizer.from_vocab(tmp_path / "vocab.txt")
     torch.manual_seed(0)
     config = model_config("micro", vocab_size=tokenizer.vocab_size)

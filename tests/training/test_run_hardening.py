@@ -28,7 +28,7 @@ from vlmerge.training.config import parse_stage_config
 from vlmerge.training.run_directory import CONFIG_FILE, LOCK_FILE, MANIFEST_FILE
 from vlmerge.training.trainer import CHECKPOINT, read_metrics
 
-RECIPES = Path(__file__).parent.parent / "recipes"
+RECIPES = Path(__file__).parents[2] / "recipes"
 MICRO = RECIPES / "micro-test.yaml"
 DATA = {"image_size": 32, "limit": 64}
 SEED = {

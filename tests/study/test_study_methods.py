@@ -27,7 +27,7 @@ from vlmerge.study.recipe import MergeSpec, load_recipe
 from vlmerge.study.results import Group, ModelKind, ModelResult, SweepPoint
 from vlmerge.study.runner import run_study
 
-RECIPES = Path(__file__).parent.parent / "recipes"
+RECIPES = Path(__file__).parents[2] / "recipes"
 MICRO = yaml.safe_load((RECIPES / "micro-test.yaml").read_text())
 MICRO_MERGES = MICRO["merges"]  # arithmetic and regmean (alpha 0.9)
 
@@ -291,7 +291,7 @@ def test_the_tsv_merge_averages_what_has_no_singular_basis(tiny):
 
 
 # ----------------------------------------------------------------------------- coefficient specs
-SPECS = [
+COEFFICIENT_MERGES = [
     {"method": "ties", "options": {"density": {"attn": 0.3, "mlp": [0.1, 0.5]}, "lam": 1.0}},
     {"method": "arithmetic", "options": {"lam": {"v": 0.6, "l": 0.4, "default": 0.5}}},
 ]
@@ -299,13 +299,13 @@ SPECS = [
 
 def test_a_recipe_with_coefficient_specs_validates_and_plans(tmp_path):
     path = write_recipe(
-        tmp_path, merges=SPECS, main_merge={"method": "interpolation", "options": {"ratio": [0.3, 0.7]}}
+        tmp_path, merges=COEFFICIENT_MERGES, main_merge={"method": "interpolation", "options": {"ratio": [0.3, 0.7]}}
     )
     plan = plan_study(load_recipe(path))
     ties = plan.model("merge-ties-density{attn:0.3,mlp:[0.1,0.5]}-lam1.0")
     assert ties.label.startswith("ties (density={attn:0.3,mlp:[0.1,0.5]}, lam=1.0)")
     (run,) = ties.runs
-    assert run.checkpoint.settings.options == SPECS[0]["options"]  # the engine resolves the spec as given
+    assert run.checkpoint.settings.options == COEFFICIENT_MERGES[0]["options"]  # the engine resolves the spec as given
     assert "merge-arithmetic-lam{default:0.5,l:0.4,v:0.6}" in plan.models
     assert plan.model("arch-ffn-merge").merge.options == {"ratio": [0.3, 0.7]}
 

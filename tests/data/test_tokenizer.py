@@ -10,10 +10,10 @@ import torch
 
 from vlmerge.core.errors import ConfigError
 from vlmerge.data.masking import IGNORE_INDEX, whole_word_mask
-from vlmerge.data.tokenizer import SPECIAL_TOKENS, TextTokenizer
+from vlmerge.data.tokenizer import RESERVED_TOKENS, TextTokenizer
 
 CAPTIONS = ["grinning face with big eyes", "slice of pizza", "red heart", "smiling face with sunglasses"] * 5
-BERT_VOCAB = SPECIAL_TOKENS + ["play", "##ing", "##ed", "cat", "dog", "the", "a", "un", "##happy"]
+BERT_VOCAB = RESERVED_TOKENS + ["play", "##ing", "##ed", "cat", "dog", "the", "a", "un", "##happy"]
 
 
 @pytest.fixture
@@ -37,7 +37,7 @@ def test_trained_tokenizer_pads_and_wraps_with_cls_sep(tmp_path):
 # Merges worked by hand: ##u+##g (20), ##u+##n (16), h+##ug (15), p+##un (12), then p+##ug and
 # hug+##s tie at 5 and the lower ids win (p=9, ##ug=16 before hug=18), then b+##un (4).
 HUG_PUN = ["hug"] * 10 + ["pug"] * 5 + ["pun"] * 12 + ["bun"] * 4 + ["hugs"] * 5
-HUG_PUN_VOCAB = SPECIAL_TOKENS + ["b", "g", "h", "n", "p", "s", "u", "##u", "##n", "##g", "##s"]
+HUG_PUN_VOCAB = RESERVED_TOKENS + ["b", "g", "h", "n", "p", "s", "u", "##u", "##n", "##g", "##s"]
 HUG_PUN_MERGES = ["##ug", "##un", "hug", "pun", "pug", "hugs", "bun"]
 
 

@@ -21,7 +21,7 @@ from vlmerge.study.recipe import load_recipe
 from vlmerge.study.results import MEAN, Group, ModelKind
 from vlmerge.study.runner import load_results, run_study
 
-RECIPES = Path(__file__).parent.parent / "recipes"
+RECIPES = Path(__file__).parents[2] / "recipes"
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ import vlmerge.merging.prepared_merge as prepared_merge
 import vlmerge.merging.provenance as provenance
 import vlmerge.training.grams as training_grams
 from vlmerge.cli.main import main
-from vlmerge.data.tokenizer import SPECIAL_TOKENS, TextTokenizer
+from vlmerge.data.tokenizer import RESERVED_TOKENS, TextTokenizer
 from vlmerge.io.checkpoint import file_sha256, open_checkpoint, save_checkpoint
 from vlmerge.io.grams import open_grams, save_grams
 from vlmerge.merging import MERGE_METHODS, build_merge_plan, merge_checkpoint, register_method, unregister_method
@@ -299,7 +299,7 @@ def test_a_tokenizer_in_the_metadata_that_is_not_one_is_refused(files, tmp_path,
 
 
 def test_a_valid_tokenizer_is_carried_into_the_merge(files, tmp_path):
-    (tmp_path / "vocab.txt").write_text("\n".join([*SPECIAL_TOKENS, "a", "cat"]) + "\n")
+    (tmp_path / "vocab.txt").write_text("\n".join([*RESERVED_TOKENS, "a", "cat"]) + "\n")
     tokenizer = TextTokenizer.from_vocab(tmp_path / "vocab.txt").to_json()
     source = open_checkpoint(files["source"])
     good = save_checkpoint(
@@ -326,7 +326,7 @@ def test_the_same_merge_gives_the_same_bytes_in_this_process_and_another(files, 
 
 # ----------------------------------------------------------------------------- 7. SIGKILL of `vlmerge grams`
 def test_sigkill_mid_gram_pass_leaves_no_gram_file(emoji_sources, tmp_path):
-    (tmp_path / "vocab.txt").write_text("\n".join([*SPECIAL_TOKENS, "a", "face", "smiling", "cat"]) + "\n")
+    (tmp_path / "vocab.txt").write_text("\n".join([*RESERVED_TOKENS, "a", "face", "smiling", "cat"]) + "\n")
     tokenizer = TextTokenizer.from_vocab(tmp_path / "vocab.txt")
     torch.manual_seed(0)
     model = VLTransformer(model_config("micro", vocab_size=tokenizer.vocab_size))

@@ -2,13 +2,16 @@
 
 import os
 import sys
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from conftest import make_inputs
 
 from vlmerge.merging.grams import collect_grams
 from vlmerge.models import VLTransformer, model_config
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tests' shared helpers
+from conftest import make_inputs  # noqa: E402
 
 BATCHES = 4
 

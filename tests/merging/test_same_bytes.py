@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import vlmerge.merging.engine as engine
-from vlmerge.data.tokenizer import SPECIAL_TOKENS, TextTokenizer
+from vlmerge.data.tokenizer import RESERVED_TOKENS, TextTokenizer
 from vlmerge.merging import MERGE_METHODS, merge_checkpoint
 from vlmerge.models import VLTransformer, model_config, save_model
 from vlmerge.models.heads import PretrainingHeads
@@ -30,7 +30,7 @@ SCRIPT = Path(__file__).with_name("same_bytes_script.py")
 def checkpoints(emoji_sources, tmp_path_factory):
     """A modality-specific checkpoint as training leaves it (tokenizer, heads, objectives) and a seed."""
     root = tmp_path_factory.mktemp("same-bytes")
-    (root / "vocab.txt").write_text("\n".join([*SPECIAL_TOKENS, "a", "face", "smiling", "cat", "dog"]) + "\n")
+    (root / "vocab.txt").write_text("\n".join([*RESERVED_TOKENS, "a", "face", "smiling", "cat", "dog"]) + "\n")
     tokenizer = TextTokenizer.from_vocab(root / "vocab.txt")
     torch.manual_seed(0)
     config = model_config("micro", width=64, vocab_size=tokenizer.vocab_size)

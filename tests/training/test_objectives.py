@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from vlmerge.data.tokenizer import SPECIAL_TOKENS, TextTokenizer
+from vlmerge.data.tokenizer import RESERVED_TOKENS, TextTokenizer
 from vlmerge.models import VLTransformer
 from vlmerge.models.heads import PretrainingHeads
 from vlmerge.training.objectives import (
@@ -24,7 +24,7 @@ def setup(micro_config, tmp_path):
     torch.manual_seed(0)
     # A fixed vocabulary: WordPiece *training* is not deterministic across processes.
     words = sorted({word for caption in CAPTIONS for word in caption.split()})
-    (tmp_path / "vocab.txt").write_text("\n".join(SPECIAL_TOKENS + words) + "\n")
+    (tmp_path / "vocab.txt").write_text("\n".join(RESERVED_TOKENS + words) + "\n")
     tokenizer = TextTokenizer.from_vocab(tmp_path / "vocab.txt", max_len=micro_config.max_text_len)
     config = micro_config.model_copy(update={"vocab_size": tokenizer.vocab_size})
     model, heads = VLTransformer(config), PretrainingHeads(config.width, tokenizer.vocab_size)

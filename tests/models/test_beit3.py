@@ -25,7 +25,7 @@ from vlmerge.merging.grams import collect_grams
 from vlmerge.models.checkpoint import load_model
 
 TOLERANCE = 1e-4  # float32
-ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"  # where a person reads the differences
+ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"  # where a person reads the differences
 
 
 def report(name: str, differences: dict[str, float]) -> None:
