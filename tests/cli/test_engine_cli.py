@@ -25,6 +25,7 @@ from vlmerge.merging import (
 from vlmerge.merging.grams import collect_grams
 from vlmerge.merging.inspection import format_summary, summarize
 from vlmerge.merging.provenance import metadata_warnings
+from vlmerge.merging.registry import Statistics
 from vlmerge.metrics import mergeability
 from vlmerge.models import VLTransformer, count_parameters, load_model, model_config, save_model
 from vlmerge.tasks.finetune import run_checkpoint
@@ -53,7 +54,16 @@ def cli(*args) -> int:
     return main([str(a) for a in args])
 
 
-@pytest.mark.parametrize("method", ["interpolation", "arithmetic", "regmean", "ties", "dare"])
+# Every method the fixture's files serve: a seed and an ordinary Gram file (not a Fisher or a sequential one).
+FILE_METHODS = [
+    name
+    for name in MERGE_METHODS
+    if MERGE_METHODS.get(name).statistics in (None, Statistics.GRAMS)
+    and MERGE_METHODS.get(name).check_statistics is None
+]
+
+
+@pytest.mark.parametrize("method", FILE_METHODS)
 def test_cli_merge_writes_a_strictly_loadable_self_describing_checkpoint(files, method, capsys):
     assert (
         cli(

@@ -167,6 +167,11 @@ NOT_IDEMPOTENT = {  # methods that change copies of one expert whatever their op
 }
 
 
+def test_every_method_says_whether_it_returns_identical_experts():
+    assert set(IDEMPOTENT) | set(NOT_IDEMPOTENT) == set(MERGE_METHODS.names())
+    assert not set(IDEMPOTENT) & set(NOT_IDEMPOTENT)
+
+
 @pytest.mark.parametrize("method", MERGE_METHODS.names())
 def test_merging_identical_experts_returns_them(method):
     if method in NOT_IDEMPOTENT:

@@ -19,7 +19,8 @@ from hypothesis.extra import numpy as hnp
 
 from vlmerge.core.modality import Modality
 from vlmerge.io.checkpoint import reader_from_state_dict
-from vlmerge.merging import MERGE_METHODS, MergeInputs
+from vlmerge.merging import MERGE_METHODS, MergeInputs, svd
+from vlmerge.merging.registry import Statistics
 from vlmerge.metrics import METRICS, mergeability, metric_fn
 from vlmerge.metrics.distances import cosine_dissimilarity, l2_distance
 
@@ -166,6 +167,23 @@ IDENTITY = {  # options under which copies of one expert merge back to it, given
 }
 
 
+COPIES_ELSEWHERE = {  # methods whose copies of one expert are checked by their own test above or below, and why
+    "interpolation": "any ratio returns the copy",
+    "arithmetic": "idempotent only at lam = 1/N",
+    "regmean": "any nonsingular Gram matrices return the copy",
+    "ties": "the trim keeps the top k",
+    "dare": "whole rescaled copies of the vector",
+    "iso_c": "not idempotent: the spectrum is flattened",
+    "iso_cts": "not idempotent: the spectrum is flattened",
+    "fisher": "without statistics the plain mean (tests/merging/test_merge_methods.py)",
+    "regmean_pp": "RegMean on its sequential Gram matrices (tests/merging/test_merge_methods.py)",
+}
+
+
+def test_every_method_has_a_copies_of_one_expert_test():
+    assert set(IDENTITY) | set(COPIES_ELSEWHERE) == set(MERGE_METHODS.names())
+
+
 @pytest.mark.parametrize("method", sorted(IDENTITY))
 @FAST
 @given(copies())
@@ -242,7 +260,22 @@ SYMMETRIC = {  # methods that treat every expert alike, with options drawn per e
     "iso_c": lambda draw: {"lam": draw(DYADIC)},
     "iso_cts": lambda draw: {"common_share": draw(st.sampled_from([0.0, 0.5, 0.8, 1.0])), "lam": draw(DYADIC)},
 }
-SOLVED = {"regmean", "tsv", "iso_c", "iso_cts"}  # a solve or SVDs: the same up to rounding, not bit for bit
+NOT_SYMMETRIC = {  # methods left out of SYMMETRIC, and why
+    "interpolation": "weighs v and l by ratio and 1 - ratio (its mirror test follows)",
+    "fisher": "weighs by the experts' Fisher, which these inputs lack",
+    "regmean_pp": "RegMean's solve on a sequential Gram file; regmean covers the solve",
+}
+# A solve (the Gram-weighted methods) or SVDs (merging/svd.py): the same up to rounding, not bit for bit.
+SOLVED = {
+    name
+    for name in MERGE_METHODS
+    if MERGE_METHODS.get(name).statistics is Statistics.GRAMS or MERGE_METHODS.get(name).fn.__module__ == svd.__name__
+}
+
+
+def test_every_method_is_either_symmetric_or_says_why_not():
+    assert set(SYMMETRIC) | set(NOT_SYMMETRIC) == set(MERGE_METHODS.names())
+    assert not set(SYMMETRIC) & set(NOT_SYMMETRIC)
 
 
 @pytest.mark.parametrize("method", sorted(SYMMETRIC))
@@ -286,6 +319,12 @@ RANDOM_MASKS = {  # options of the methods that draw a mask per (tensor, modalit
     "della": lambda draw: {"density": draw(st.floats(0.3, 0.7)), "epsilon": draw(st.floats(0.0, 0.25))},
     "della_ties": lambda draw: {"density": draw(st.floats(0.3, 0.7)), "epsilon": draw(st.floats(0.0, 0.25))},
 }
+
+
+def test_random_masks_cover_every_method_with_a_random_seed():
+    """A method that takes a random_seed draws masks: each needs its own options drawn above."""
+    seeded = {name for name in MERGE_METHODS if "random_seed" in MERGE_METHODS.get(name).options.model_fields}
+    assert set(RANDOM_MASKS) == seeded
 
 
 @pytest.mark.parametrize("method", sorted(RANDOM_MASKS))
@@ -341,7 +380,14 @@ def gaussian_experts(shape: tuple[int, int], modalities, seed: int) -> tuple[dic
     return {m: draw() for m in modalities}, draw()
 
 
-@pytest.mark.parametrize("method", ["iso_c", "iso_cts"])
+ISOTROPIC = ["iso_c", "iso_cts"]
+
+
+def test_the_svd_family_is_tsv_and_the_isotropic_methods():
+    assert {n for n in MERGE_METHODS if MERGE_METHODS.get(n).fn.__module__ == svd.__name__} == {"tsv", *ISOTROPIC}
+
+
+@pytest.mark.parametrize("method", ISOTROPIC)
 @FAST
 @given(st.tuples(st.integers(1, 8), st.integers(1, 8)), MODALITY_SETS, st.integers(0, 2**16), st.floats(0.1, 2))
 def test_isotropic_methods_give_every_direction_one_singular_value(method, shape, modalities, seed, lam):

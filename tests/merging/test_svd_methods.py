@@ -20,12 +20,13 @@ import torch
 
 from vlmerge.core.modality import Modality
 from vlmerge.core.threads import one_thread
-from vlmerge.merging import MERGE_METHODS, MergeInputs, merge_state_dict
+from vlmerge.merging import MERGE_METHODS, MergeInputs, merge_state_dict, svd
 from vlmerge.merging.svd import subspace_sizes
 from vlmerge.models import VLTransformer
 
 V, L, VL = Modality.V, Modality.L, Modality.VL
-SVD_METHODS = ["tsv", "iso_c", "iso_cts"]
+# The family is what merging/svd.py registers: a method written there decomposes its modality vectors.
+SVD_METHODS = [name for name in MERGE_METHODS if MERGE_METHODS.get(name).fn.__module__ == svd.__name__]
 
 
 def run(method: str, inputs: MergeInputs, **options) -> torch.Tensor:
@@ -305,6 +306,10 @@ FUSION_BENCH = {  # method -> (file, function of a list of task-vector state dic
     "iso_c": ("method/isotropic_merging/iso_utils.py", "iso_c"),
     "iso_cts": ("method/isotropic_merging/iso_utils.py", "iso_cts"),
 }
+
+
+def test_every_svd_method_has_a_fusion_bench_reference():
+    assert SVD_METHODS and sorted(FUSION_BENCH) == sorted(SVD_METHODS)
 
 
 @pytest.mark.parametrize("method", sorted(FUSION_BENCH))

@@ -25,7 +25,8 @@ from pydantic import Field
 from vlmerge.core.config import StrictConfig
 from vlmerge.core.errors import ConfigError
 from vlmerge.core.modality import Modality
-from vlmerge.merging import MERGE_METHODS, MergeInputs, merge_state_dict, register_method, unregister_method
+from vlmerge.merging import MERGE_METHODS, MergeInputs, merge_state_dict, methods, register_method, unregister_method
+from vlmerge.merging.methods import LAM_TIES
 from vlmerge.merging.task_vectors import (
     breadcrumbs,
     consensus_sum,
@@ -37,7 +38,21 @@ from vlmerge.merging.task_vectors import (
 from vlmerge.models import VLTransformer
 
 V, L, VL = Modality.V, Modality.L, Modality.VL
-FAMILY = ["arithmetic", "ties", "dare", "dare_ties", "breadcrumbs", "breadcrumbs_ties", "della", "della_ties"]
+# The presets are the methods merging/methods.py registers on the seed's modality vectors (needs_origin);
+# the other seed-based methods decompose them instead (merging/svd.py, tests/merging/test_svd_methods.py).
+FAMILY = [
+    name
+    for name in MERGE_METHODS
+    if MERGE_METHODS.get(name).needs_origin and MERGE_METHODS.get(name).fn.__module__ == methods.__name__
+]
+# TIES-consensus presets: their lam scales the one merged vector (a sum-consensus lam scales the summed ones).
+TIES_CONSENSUS = [
+    name for name in FAMILY if MERGE_METHODS.get(name).options.model_fields["lam"].description.startswith(LAM_TIES)
+]
+# Deterministic ones draw no random mask: nothing to seed.
+DETERMINISTIC_TIES = [
+    name for name in TIES_CONSENSUS if "random_seed" not in MERGE_METHODS.get(name).options.model_fields
+]
 FAST = settings(max_examples=40, deadline=None)
 
 
@@ -377,7 +392,8 @@ def expert_sets(draw, elements=REAL):
 
 
 def test_every_family_preset_is_covered_here():
-    assert set(OPTIONS) == set(FAMILY) <= set(MERGE_METHODS.names())
+    assert set(OPTIONS) == set(SYMMETRIC) == set(FAMILY) and FAMILY
+    assert set(NO_DROP) == set(TIES_CONSENSUS) and DETERMINISTIC_TIES
 
 
 @pytest.mark.parametrize("method", FAMILY)
@@ -398,7 +414,7 @@ NO_DROP = {  # ties-consensus presets whose sparsification keeps every entry
 }
 
 
-@pytest.mark.parametrize("method", sorted(NO_DROP))
+@pytest.mark.parametrize("method", TIES_CONSENSUS)
 @FAST
 @given(expert_sets(DYADIC), st.sampled_from([0.25, 0.5, 1.0, 1.5]))
 def test_ties_consensus_on_identical_experts_is_the_seed_plus_lambda_tau(method, inputs, lam):
@@ -409,15 +425,17 @@ def test_ties_consensus_on_identical_experts_is_the_seed_plus_lambda_tau(method,
     assert torch.equal(merged, inputs.origin + lam * (w - inputs.origin))
 
 
-@pytest.mark.parametrize("method", ["ties", "breadcrumbs_ties"])
+@pytest.mark.parametrize("method", DETERMINISTIC_TIES)
 @FAST
 @given(expert_sets(DYADIC), DENSITIES, st.sampled_from([0.0, 0.125, 0.25]))
 def test_deterministic_ties_presets_on_identical_experts_add_the_one_sparsified_vector(method, inputs, density, gamma):
+    """TIES' top-k trim is Breadcrumbs' mask without outliers (gamma 0): a preset without gamma trims so."""
     w = next(iter(inputs.experts.values()))
     copies = MergeInputs("w", {m: w.clone() for m in inputs.experts}, origin=inputs.origin)
     tau = w - inputs.origin
-    sparsify = breadcrumbs(density, gamma if method == "breadcrumbs_ties" else 0.0)
-    options = {"density": density} | ({"gamma": gamma} if method == "breadcrumbs_ties" else {})
+    has_gamma = "gamma" in MERGE_METHODS.get(method).options.model_fields
+    sparsify = breadcrumbs(density, gamma if has_gamma else 0.0)
+    options = {"density": density} | ({"gamma": gamma} if has_gamma else {})
     assert torch.equal(run(method, copies, lam=0.5, **options), inputs.origin + 0.5 * sparsify(V, tau))
 
 

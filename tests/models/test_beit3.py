@@ -193,7 +193,20 @@ def test_save_checkpoint_of_a_beit3_state_reads_back_in_its_layout(released, tmp
     assert reader.shape("pos_embed") == (1, IMAGE_TOKENS + 2, 128)  # torchscale's (rows, width) table, batched
 
 
-@pytest.mark.parametrize("size, layers, width, heads", [("beit3-base", 12, 768, 12), ("beit3-large", 24, 1024, 16)])
+TORCHSCALE_SIZES = [("beit3-base", 12, 768, 12), ("beit3-large", 24, 1024, 16)]  # torchscale's own hyper-parameters
+
+
+def test_every_registered_full_size_beit3_is_compared_with_torchscale():
+    """Test-sized entries (under 224 pixels) have no torchscale counterpart; every other beit3 size must."""
+    from vlmerge.models import MODEL_SIZES, model_config
+
+    full = [
+        name for name in MODEL_SIZES if model_config(name).family == "beit3" and model_config(name).image_size >= 224
+    ]
+    assert sorted(full) == sorted(size for size, *_ in TORCHSCALE_SIZES)
+
+
+@pytest.mark.parametrize("size, layers, width, heads", TORCHSCALE_SIZES)
 def test_registered_beit3_sizes_have_torchscales_keys_and_shapes(size, layers, width, heads):
     """The registered size, written in the beit3 layout, is exactly torchscale's BEiT3 of that size
     (both built on the meta device: shapes without memory)."""
