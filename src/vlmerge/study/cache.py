@@ -19,7 +19,7 @@ from tqdm import tqdm
 from vlmerge.core.config import FiniteFloat, StrictConfig
 from vlmerge.core.errors import StudyError
 from vlmerge.io.atomic import atomic_path
-from vlmerge.study.plan import Stage
+from vlmerge.study.graph import Stage
 
 DONE = "done.json"
 R = TypeVar("R", bound=StrictConfig)

@@ -27,11 +27,14 @@ from vlmerge.core.errors import ConfigError, StudyError, VlmergeError
 from vlmerge.data.sources import load_pairs
 from vlmerge.io.checkpoint import open_checkpoint
 from vlmerge.merging.engine import merge_checkpoint
+from vlmerge.merging.request import MergeRequest
 from vlmerge.metrics.mergeability import mergeability
 from vlmerge.models.checkpoint import head_names
 from vlmerge.study.cache import DONE, StageCache, StageOutput
 from vlmerge.study.gallery import retrieval_gallery
-from vlmerge.study.plan import MODEL_FILE, OUTPUT_FILES, Stage, StageKind, StudyPlan
+from vlmerge.study.graph import MODEL_FILE, OUTPUT_FILES, Stage, StageKind
+from vlmerge.study.plan import StudyPlan
+from vlmerge.study.planner import MERGE_SELECTION
 from vlmerge.study.stages import (
     CheckpointOutput,
     DistancesOutput,
@@ -165,16 +168,23 @@ def _fisher(settings: FisherSettings, inputs: Inputs, directory: Path, progress:
     return Written()
 
 
-def _merge(settings: MergeSettings, inputs: Inputs, directory: Path, progress: bool) -> MergeOutput:
-    result = merge_checkpoint(
-        inputs.source,
-        settings.method,
-        settings.options,
-        out=directory / MODEL_FILE,
-        seed_checkpoint=inputs.seed_checkpoint,
-        grams=inputs.grams,
-        fisher=inputs.fisher,
+def merge_request(inputs: Inputs) -> MergeRequest:
+    """The files a merge stage reads, as the one request the engine takes; every merge of the study
+    merges every expert, so the selection is the plan's, not a setting of the stage."""
+    return MergeRequest.parse(
+        {
+            "source": inputs.source,
+            "seed_checkpoint": inputs.seed_checkpoint,
+            "grams": inputs.grams,
+            "fisher": inputs.fisher,
+            "selection": MERGE_SELECTION,
+        },
+        where="merge",
     )
+
+
+def _merge(settings: MergeSettings, inputs: Inputs, directory: Path, progress: bool) -> MergeOutput:
+    result = merge_checkpoint(merge_request(inputs), settings.method, settings.options, out=directory / MODEL_FILE)
     return MergeOutput(parameters=_parameters(result.path).parameters, warnings=tuple(result.warnings))
 
 
