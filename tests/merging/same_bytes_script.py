@@ -36,6 +36,7 @@ def merge_every_method(checkpoint: Path, seed: Path, statistics: dict[str, Path]
             name,
             {"alpha": SEQUENTIAL_ALPHA} if method.check_statistics else None,
             out=out / f"merged-{name}.safetensors",
+            selection="retrieval" if method.max_experts == 2 else "all",  # slerp: v and l, not the fusion vl
             seed_checkpoint=seed if method.needs_origin else None,
             grams=grams if method.statistics is Statistics.GRAMS else None,
             fisher=statistics["fisher"] if method.statistics is Statistics.FISHER else None,

@@ -7,6 +7,7 @@ import pytest
 import torch
 from conftest import make_inputs
 
+from vlmerge.core.errors import MergeError
 from vlmerge.data.tokenizer import TokenBatch
 from vlmerge.io.grams import open_grams, save_grams
 from vlmerge.io.statistics import open_fisher, save_fisher
@@ -53,6 +54,12 @@ def micro(tmp_path_factory):
     return model.state_dict(), seed.state_dict(), files
 
 
+def selection_for(method) -> str:
+    """All experts, or v and l only (retrieval) for a method that takes at most two per tensor (slerp):
+    the fusion layers of `all` have three."""
+    return "retrieval" if method.max_experts is not None and method.max_experts < 3 else "all"
+
+
 def merge_with_its_inputs(name: str, state: dict, seed_state: dict, files: dict):
     """merge_state_dict with exactly the inputs the method's registry entry asks for, default options."""
     method = MERGE_METHODS.get(name)
@@ -61,7 +68,12 @@ def merge_with_its_inputs(name: str, state: dict, seed_state: dict, files: dict)
         grams = open_grams(files[name] if method.check_statistics is not None else files["grams"])
     fisher = open_fisher(files["fisher"]) if method.statistics is Statistics.FISHER else None
     return merge_state_dict(
-        state, name, seed_state=seed_state if method.needs_origin else None, grams=grams, fisher=fisher
+        state,
+        name,
+        selection=selection_for(method),
+        seed_state=seed_state if method.needs_origin else None,
+        grams=grams,
+        fisher=fisher,
     ).tensors
 
 
@@ -97,3 +109,9 @@ def test_every_method_merges_experts_equal_to_the_seed_back_to_the_seed(micro, m
             assert torch.equal(tensor, seed_state[key]), key
         else:
             torch.testing.assert_close(tensor, seed_state[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_a_two_expert_method_refuses_three_expert_tensors_before_reading_any(micro):
+    state, _, _ = micro
+    with pytest.raises(MergeError, match=r"method 'slerp' takes at most 2 experts, but blocks\.\d+\..* has 3"):
+        merge_state_dict(state, "slerp")

@@ -160,6 +160,8 @@ IDEMPOTENT = {
     "tsv": {"share": 1.0, "lam": 1.0},
     "fisher": {},  # without statistics: the plain mean (tests/test_data_aware_methods.py weighs by them)
     "regmean_pp": {"alpha": 0.7},
+    "model_stock": {},  # equal vectors: cos 1, t = 1, the mean
+    "slerp": {"t": 0.3},  # colinear: the linear branch, (1 - t) w + t w
 }
 NOT_IDEMPOTENT = {  # methods that change copies of one expert whatever their options, and why
     "iso_c": "a flat spectrum changes any vector whose singular values differ",

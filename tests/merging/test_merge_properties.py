@@ -164,6 +164,7 @@ IDENTITY = {  # options under which copies of one expert merge back to it, given
     "della": lambda n: {"density": 1.0, "epsilon": 0.0, "lam": 1 / n},  # every keep probability 1
     "della_ties": lambda n: {"density": 1.0, "epsilon": 0.0, "lam": 1.0},
     "tsv": lambda n: {"share": 1.0, "lam": 1.0, "non_matrix": "mean"},  # every component; 1-D tensors averaged
+    "model_stock": lambda n: {},  # equal vectors: cos 1, t = 1, their mean; zero vectors: t = 0, the seed
 }
 
 
@@ -177,6 +178,7 @@ COPIES_ELSEWHERE = {  # methods whose copies of one expert are checked by their 
     "iso_cts": "not idempotent: the spectrum is flattened",
     "fisher": "without statistics the plain mean (tests/merging/test_merge_methods.py)",
     "regmean_pp": "RegMean on its sequential Gram matrices (tests/merging/test_merge_methods.py)",
+    "slerp": "two experts only; any t returns the copy (tests/merging/test_model_stock_slerp.py)",
 }
 
 
@@ -259,18 +261,20 @@ SYMMETRIC = {  # methods that treat every expert alike, with options drawn per e
     "tsv": lambda draw: {"share": draw(st.sampled_from([None, 0.25, 0.5, 1.0])), "lam": draw(DYADIC)},
     "iso_c": lambda draw: {"lam": draw(DYADIC)},
     "iso_cts": lambda draw: {"common_share": draw(st.sampled_from([0.0, 0.5, 0.8, 1.0])), "lam": draw(DYADIC)},
+    "model_stock": lambda draw: {"filter_wise": draw(st.booleans())},
 }
 NOT_SYMMETRIC = {  # methods left out of SYMMETRIC, and why
     "interpolation": "weighs v and l by ratio and 1 - ratio (its mirror test follows)",
     "fisher": "weighs by the experts' Fisher, which these inputs lack",
     "regmean_pp": "RegMean's solve on a sequential Gram file; regmean covers the solve",
+    "slerp": "t runs from the first expert to the second: swapping them maps t to 1 - t (its own test file)",
 }
 # A solve (the Gram-weighted methods) or SVDs (merging/svd.py): the same up to rounding, not bit for bit.
 SOLVED = {
     name
     for name in MERGE_METHODS
     if MERGE_METHODS.get(name).statistics is Statistics.GRAMS or MERGE_METHODS.get(name).fn.__module__ == svd.__name__
-}
+} | {"model_stock"}  # and the mean of pairwise cosines, summed in another order
 
 
 def test_every_method_is_either_symmetric_or_says_why_not():
@@ -368,6 +372,8 @@ def test_arithmetic_with_lambda_zero_is_the_seed(data):
 def test_every_method_is_finite_on_random_inputs(method, data):
     """Default options, any shape (a 1-D tensor takes each method's non-matrix path), zeros and all."""
     experts, origin = data.draw(expert_sets(linear=data.draw(st.booleans())))
+    most = MERGE_METHODS.get(method).max_experts
+    experts = dict(list(experts.items())[:most])  # slerp takes two: v and l of a three-expert set
     grams = spd_grams(experts, origin.shape[1], data.draw(st.integers(0, 2**16))) if origin.ndim == 2 else None
     merged = run(method, MergeInputs("w", experts, origin=origin, grams=grams))
     assert merged.shape == origin.shape and bool(torch.isfinite(merged).all())

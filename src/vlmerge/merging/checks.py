@@ -171,6 +171,7 @@ def validate_inputs(
 ) -> None:
     """What the method reads beside the experts is there and fits. `options`: those of the merged
     tensors, for a method that checks how its statistics were collected."""
+    _validate_expert_count(plan, method)
     if method.needs_origin:
         _validate_origin(plan, method, origin)
     if method.needs_grams:
@@ -185,6 +186,19 @@ def validate_inputs(
         distinct = {each.model_dump_json(): each for each in options}
         for each in distinct.values():
             method.check_statistics(grams if method.needs_grams else fisher, each, plan.selection.value)
+
+
+def _validate_expert_count(plan: MergePlan, method: MergeMethod) -> None:
+    """No merged tensor has more experts than the method takes (its first such tensor is named)."""
+    if method.max_experts is None:
+        return
+    over = [g for g in plan.groups if len(g.experts) > method.max_experts]
+    if over:
+        raise MergeError(
+            f"method {method.name!r} takes at most {method.max_experts} experts, but {over[0].target} "
+            f"(and {len(over) - 1} more tensors) has {len(over[0].experts)} with --experts {plan.selection.value}; "
+            "choose an expert selection with fewer (retrieval, vqa, nlvr2) or another method"
+        )
 
 
 def _validate_origin(plan: MergePlan, method: MergeMethod, origin: CheckpointReader | None) -> None:

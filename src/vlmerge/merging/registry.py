@@ -81,6 +81,9 @@ class MergeMethod:
     per_expert: frozenset[str] = frozenset()
     # Options the pre-pass reads, which must then take one value over the whole model (None: all).
     model_wide: tuple[str, ...] | None = None
+    # The most experts one merged tensor may have for this method (None: any number); checked over
+    # the whole plan before any tensor is read.
+    max_experts: int | None = None
 
     @property
     def needs_grams(self) -> bool:
@@ -101,9 +104,11 @@ def register_method(
     check_statistics: Callable[[StatisticsFile, StrictConfig, str], None] | None = None,
     per_expert: Iterable[str] = (),
     model_wide: Iterable[str] | None = None,
+    max_experts: int | None = None,
 ):
     """`needs_grams=True` is short for `statistics=Statistics.GRAMS`. `per_expert`: the int or float
-    options the method applies expert by expert; `model_wide`: the options its pre-pass reads."""
+    options the method applies expert by expert; `model_wide`: the options its pre-pass reads;
+    `max_experts`: the most experts one merged tensor may have for it."""
     if needs_grams:
         statistics = Statistics.GRAMS
     fields = options.model_fields
@@ -124,6 +129,7 @@ def register_method(
             check_statistics=check_statistics,
             per_expert=frozenset(per_expert),
             model_wide=tuple(model_wide) if model_wide is not None else None,
+            max_experts=max_experts,
         )
         MERGE_METHODS.add(name, method)
         return fn
