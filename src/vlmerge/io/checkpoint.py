@@ -199,8 +199,8 @@ def check_floating(reader: CheckpointReader, what: str) -> None:
     merge into wrong values. `what` names one entry (`"Gram matrix {} is"`); the reader is closed on refusal."""
     for key in reader.keys:
         if not reader.dtype(key).is_floating_point:
-            reader.close()
             dtype = str(reader.dtype(key)).removeprefix("torch.")
+            reader.close()
             raise CheckpointError(f"{reader.path}: {what.format(key)} {dtype}, not floating point")
 
 

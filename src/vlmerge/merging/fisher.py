@@ -33,7 +33,7 @@ from vlmerge.core.errors import MergeError
 from vlmerge.core.modality import Modality
 from vlmerge.io.statistics import FisherSet
 from vlmerge.merging.methods import plain_mean
-from vlmerge.merging.plan import MERGE_DTYPES, MergeGroup, MergePlan
+from vlmerge.merging.plan import MergeGroup, MergePlan
 from vlmerge.merging.registry import MergeInputs, MergeWarning, Statistics, register_method
 
 
@@ -117,19 +117,14 @@ def group_fisher(group: MergeGroup, fisher: FisherSet) -> dict[Modality, torch.T
 
 
 def validate_fisher(plan: MergePlan, fisher: FisherSet) -> None:
-    """From names, dtypes and shapes alone: the file has floating-point statistics for this merge, each of
-    its expert's shape. Values (finite, non-negative) are checked as they stream through, like the weights'."""
+    """From names and shapes alone: the file has statistics for this merge, each of its expert's shape
+    (that they are floating point, `open_fisher` checked). Values (finite, non-negative) are checked as they stream through, like the weights'."""
     needed = [(g, e.key) for g in plan.groups if len(g.experts) > 1 for e in g.experts.values()]
     if needed and not any(key in fisher for _, key in needed):
         raise MergeError(f"Fisher file {fisher.path} has none of the tensors this merge needs (e.g. {needed[0][1]})")
     for group, key in needed:
         if key not in fisher:
             continue
-        dtype = fisher.reader.dtype(key)
-        if dtype not in MERGE_DTYPES:
-            raise MergeError(
-                f"{fisher.path}: Fisher statistics {key} are {str(dtype).removeprefix('torch.')}, not floating point"
-            )
         if tuple(fisher.shape(key)) != group.shape:
             raise MergeError(
                 f"Fisher statistics {key} are {list(fisher.shape(key))} but the expert tensor is {list(group.shape)}"

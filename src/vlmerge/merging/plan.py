@@ -20,7 +20,7 @@ from vlmerge.core.modality import Modality
 from vlmerge.core.registry import suggest
 
 LINEAR_SLOTS = frozenset({"attn", "mlp"})
-MERGE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # what experts and statistics may be
+MERGE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # what experts and seed tensors may be
 
 
 class ExpertSelection(str, Enum):

@@ -1,12 +1,11 @@
 """Checks of the statistics a merge weighs with (Gram matrices, Fisher files), before any expert is read.
 
-A Gram matrix must fit the tensor it weighs, be floating point, and be one (finite, symmetric, positive
+A Gram matrix must fit the tensor it weighs and be one (finite, symmetric, positive
 semi-definite); a Gram or Fisher file must say, by content hash, that it was collected from the source.
 """
 
 import re
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
@@ -14,32 +13,26 @@ from vlmerge.core.errors import MergeError
 from vlmerge.io.checkpoint import PICKLE_SUFFIXES, CheckpointReader
 from vlmerge.io.grams import GramSet
 from vlmerge.io.statistics import FisherSet
-from vlmerge.merging.plan import MERGE_DTYPES, MergePlan
+from vlmerge.merging.plan import MergePlan
 
 SHA256 = re.compile(r"[0-9a-fA-F]{64}")
 GRAM_TOLERANCE = 1e-6  # relative to a Gram matrix's largest entry (symmetry) or eigenvalue (definiteness)
 
 
 def validate_grams(plan: MergePlan, grams: GramSet) -> None:
-    """The Gram file has matrices this merge needs, each floating point and square over its tensor's inputs."""
+    """The Gram file has matrices this merge needs, each square over its tensor's inputs (that they are
+    floating point, `open_grams` checked)."""
     needed = [(g, m) for g in plan.groups if g.is_linear_weight and len(g.experts) > 1 for m in g.gram_keys().values()]
     if needed and not any(module in grams for _, module in needed):
         raise MergeError(f"Gram file {grams.path} has none of the matrices this merge needs (e.g. {needed[0][1]})")
     for group, module in needed:
         if module in grams:
-            check_statistics_dtype(grams.path, f"Gram matrix {module}", grams.reader.dtype(grams.keys[module]))
             inputs = group.shape[1]
             if tuple(grams.shape(module)) != (inputs, inputs):
                 raise MergeError(
                     f"Gram matrix {module} is {list(grams.shape(module))} but {group.target} "
                     f"takes {inputs} inputs (expected [{inputs}, {inputs}])"
                 )
-
-
-def check_statistics_dtype(path: Path, what: str, dtype: torch.dtype) -> None:
-    """Statistics are floating point, as the merge computes with them."""
-    if dtype not in MERGE_DTYPES:
-        raise MergeError(f"{path}: {what} is {str(dtype).removeprefix('torch.')}, not floating point")
 
 
 def validate_gram_values(plan: MergePlan, grams: GramSet) -> None:
