@@ -149,6 +149,17 @@ class Sections:
         )
         return [Paragraph(text), Table(["protocol", "task", "gain [95 % interval]", "seeds", "verdict"], gain)]
 
+    def score_series(self, models: Sequence[ModelResult], protocol: str) -> dict[str, list]:
+        """Per task, each model's (mean, low, high) under `protocol`, None where it has no score: what the
+        method and sweep figures draw."""
+        return {
+            t: [
+                (s.estimate.mean, s.estimate.low, s.estimate.high) if (s := m.score(protocol, t)) else None
+                for m in models
+            ]
+            for t in self.tasks(protocol)
+        }
+
     def model_table(self, models: Sequence[ModelResult], columns: Sequence[Column]) -> list[Block]:
         """Per protocol, one row per model: `columns` first, then each task's score, then the seed count."""
         blocks: list[Block] = []
@@ -180,13 +191,7 @@ class Sections:
         # In the figure a method is named by what tells it apart (method and options, `ties (density=0.2)`):
         # the seed share and expert placement the models' labels repeat are the same for every one.
         names = [MergeSpec(method=m.method, options=dict(m.options)).label if m.method else m.label for m in models]
-        series = {
-            t: [
-                (s.estimate.mean, s.estimate.low, s.estimate.high) if (s := m.score(protocol, t)) else None
-                for m in models
-            ]
-            for t in self.tasks(protocol)
-        }
+        series = self.score_series(models, protocol)
         title = f"Score per method and task ({protocol_name(protocol)}, 95 % intervals)"
         blocks.append(
             self.plot("methods", title, lambda p: plots.method_panels(p, title, names, series, "primary metric"))
@@ -207,13 +212,7 @@ class Sections:
             blocks.append(Paragraph(f"Listed in the sweep but missing from the models: {', '.join(missing)}."))
         if plot:
             protocol = self.r.protocols[0]
-            series = {
-                t: [
-                    (s.estimate.mean, s.estimate.low, s.estimate.high) if (s := m.score(protocol, t)) else None
-                    for m in models
-                ]
-                for t in self.tasks(protocol)
-            }
+            series = self.score_series(models, protocol)
             title = f"Merged score vs {xlabel} ({protocol_name(protocol)}, 95 % bands)"
             blocks.append(
                 self.plot(
