@@ -41,7 +41,7 @@ from vlmerge.core.errors import CheckpointError, ConfigError
 from vlmerge.core.keys import block_key, parse_block_path
 from vlmerge.io.atomic import atomic_folder, nearest_directory, remove_stale_temporaries, write_location
 from vlmerge.io.checkpoint import CheckpointReader, open_checkpoint
-from vlmerge.models.checkpoint import head_names
+from vlmerge.models.checkpoint import model_from_reader
 from vlmerge.models.config import ModelConfig
 from vlmerge.models.families import checkpoint_config
 from vlmerge.models.positions import image_distances
@@ -130,7 +130,7 @@ def export_hf(checkpoint: str | os.PathLike, out: str | os.PathLike, verify: boo
     out = check_output_folder(out, checkpoint)
     with open_checkpoint(checkpoint) as reader:
         config, architecture = _export_config(reader)
-        model = _load_model(reader, config)
+        model = model_from_reader(reader, config).eval()  # the opening the README's hash is of
         tower = image_tower(config, model.state_dict())
         difference = _verified_difference(model, tower, reader.path, architecture) if verify else None
         source = (reader.path, reader.sha256(), reader.metadata_json("merge"))
@@ -153,23 +153,6 @@ def _export_config(reader: CheckpointReader) -> tuple[ModelConfig, str]:
         return config, export_architecture(config)
     except CheckpointError as error:
         raise CheckpointError(f"{reader.path}: {error}") from None
-
-
-def _load_model(reader: CheckpointReader, config: ModelConfig) -> VLTransformer:
-    """The model with its weights read from the open `reader`, strictly (heads and the family's unused
-    tensors apart), as `load_model` reads a path: a second opening could read another file."""
-    model = VLTransformer(config)
-    heads = tuple(f"{name}." for name in head_names(reader))
-    unused = reader.mapping.unused
-    backbone = {key for key in reader.keys if not (heads and key.startswith(heads)) and key not in unused}
-    expected = set(model.state_dict())
-    if backbone != expected:
-        missing, unexpected = sorted(expected - backbone), sorted(backbone - expected)
-        raise CheckpointError(
-            f"{reader.path}: weights do not fit the config: missing {missing[:3]}, unexpected {unexpected[:3]}"
-        )
-    model.load_state_dict({key: reader.get(key) for key in sorted(backbone)}, strict=True)
-    return model.eval()
 
 
 def _verified_difference(model: VLTransformer, tower: "PreTrainedModel", path: Path, architecture: str) -> float:

@@ -15,6 +15,7 @@ from torch import nn
 
 from vlmerge.core.errors import CheckpointError
 from vlmerge.io.checkpoint import CheckpointReader, open_checkpoint, save_checkpoint
+from vlmerge.models.config import ModelConfig
 from vlmerge.models.families import checkpoint_config
 from vlmerge.models.transformer import VLTransformer
 
@@ -54,6 +55,12 @@ def load_model(
     config = checkpoint_config(reader, overrides)
     if config is None:
         raise CheckpointError(f"{path}: no model config in the checkpoint metadata; cannot build the model")
+    return model_from_reader(reader, config)
+
+
+def model_from_reader(reader: CheckpointReader, config: ModelConfig) -> VLTransformer:
+    """The model `config` describes with its backbone weights read from the open `reader`, strictly
+    (heads apart): for a caller that also hashes or checks that same opening."""
     model = VLTransformer(config)
     head_prefixes = tuple(f"{name}." for name in head_names(reader))
     unused = reader.mapping.unused  # what the family stores but never reads (index buffers, video tables)
@@ -64,7 +71,7 @@ def load_model(
     if expected != found:
         missing, unexpected = sorted(expected - found), sorted(found - expected)
         raise CheckpointError(
-            f"{path}: weights do not fit the config: missing {missing[:3]}{'...' if len(missing) > 3 else ''}"
+            f"{reader.path}: weights do not fit the config: missing {missing[:3]}{'...' if len(missing) > 3 else ''}"
             f", unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}"
         )
     model.load_state_dict({key: reader.get(key) for key in backbone}, strict=True)
