@@ -1,7 +1,10 @@
 """Model sizes as data (sizes.json) feeding one factory."""
 
+import functools
 import json
+from collections.abc import Mapping
 from importlib import resources
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -60,13 +63,15 @@ def state_keys(config: ModelConfig) -> list[str]:
     return list(VLTransformer(miniature).state_dict())
 
 
-def state_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+@functools.lru_cache(maxsize=16)
+def state_shapes(config: ModelConfig) -> Mapping[str, tuple[int, ...]]:
     """Every state-dict key of the model `config` describes with its shape, in `state_dict` order,
     so a file can be checked against the model before any tensor is read. Built on the meta device
-    (no memory) with the initialisers skipped (their meta kernels cost a second of imports)."""
+    (no memory) with the initialisers skipped (their meta kernels cost a second of imports); kept per
+    config (read-only), since one merge asks for it while checking and again for its record."""
     with torch.device("meta"), _SkipInPlace():
         model = VLTransformer(config)
-    return {key: tuple(value.shape) for key, value in model.state_dict().items()}
+    return MappingProxyType({key: tuple(value.shape) for key, value in model.state_dict().items()})
 
 
 class _SkipInPlace(TorchFunctionMode):
