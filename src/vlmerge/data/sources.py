@@ -6,7 +6,8 @@ A data source (emoji, COCO, VQAv2, NLVR2, ...) provides some of these uses, per 
 - `questions`: VQA questions with soft-scored answers;
 - `statements`: NLVR2-style statements about two images, true or false;
 - `image_classes` / `text_classes`: single-modality classification;
-- `texts`: text alone (masked language modelling).
+- `texts`: text alone (masked language modelling);
+- `segments`: images with a class per pixel (semantic segmentation).
 
 Examples index their images by row into an image store, so a picture asked about ten
 times is held once, and a store may read its files lazily: anything with `len()` and
@@ -25,7 +26,8 @@ from vlmerge.core.errors import ConfigError
 from vlmerge.core.registry import Registry, suggest
 from vlmerge.data.config import DataConfig
 
-USES = ("pairs", "questions", "statements", "image_classes", "text_classes", "texts")
+USES = ("pairs", "questions", "statements", "image_classes", "text_classes", "texts", "segments")
+IGNORE_LABEL = 255  # a mask's value for pixels that no class is scored on (unlabelled, "other")
 
 
 class ImageStore(Protocol):
@@ -112,6 +114,25 @@ class LabelledTexts:
         return len(self.texts)
 
 
+@dataclass(frozen=True, eq=False)
+class SegmentedImages:
+    """Images with a class per pixel: `masks[rows]` is uint8 (n, S, S), aligned with `images[rows]`, a class
+    index or IGNORE_LABEL per pixel. A mask store may read its files when indexed, as an image store does."""
+
+    images: ImageStore
+    masks: ImageStore
+    classes: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        if len(self.masks) != len(self.images):
+            raise ConfigError(f"{len(self.images)} images but {len(self.masks)} masks")
+        if not 0 < len(self.classes) < IGNORE_LABEL:
+            raise ConfigError(f"segmentation needs 1 to {IGNORE_LABEL - 1} classes, got {len(self.classes)}")
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+
 def _check_rows(what: str, count: int, indices: dict[str, torch.Tensor], images: int) -> None:
     for name, tensor in indices.items():
         if tensor.shape != (count,):
@@ -190,6 +211,9 @@ class DataSource(ABC):
 
     def texts(self, split: str) -> tuple[str, ...]:
         raise self.unsupported("texts")
+
+    def segments(self, split: str) -> SegmentedImages:
+        raise self.unsupported("segments")
 
 
 SOURCES: Registry[type[DataSource]] = Registry("dataset")

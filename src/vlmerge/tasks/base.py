@@ -39,7 +39,7 @@ class Evaluation:
     order from which the task's `primary_statistic` recomputes `metrics[primary_metric]`."""
 
     metrics: dict[str, float]
-    samples: dict[str, list[float]]
+    samples: dict[str, list[float] | list[list[float]]]  # a list per example, or rows of such lists
 
     def as_dict(self) -> dict[str, Any]:
         return {"metrics": dict(self.metrics), "samples": {name: list(values) for name, values in self.samples.items()}}
@@ -49,8 +49,13 @@ class Evaluation:
         """The inverse of `as_dict` (extra keys, such as those of results.json, are ignored)."""
         return cls(
             {name: float(value) for name, value in data["metrics"].items()},
-            {name: [float(value) for value in values] for name, values in data["samples"].items()},
+            {name: _floats(values) for name, values in data["samples"].items()},
         )
+
+
+def _floats(values: Sequence) -> list:
+    """Numbers as floats, nested lists kept nested (per-example rows of several counts)."""
+    return [_floats(value) if isinstance(value, list) else float(value) for value in values]
 
 
 def sample_mean(values: Sequence[float] | np.ndarray, axis: int = -1) -> float | np.ndarray:
@@ -83,6 +88,7 @@ class Task(ABC):
     use: ClassVar[str]  # what it reads from its data source (see vlmerge.data.sources.USES)
     primary_metric: ClassVar[str]  # the metric a study scores the task by
     image_fields: ClassVar[tuple[str, ...]] = ("images",)  # example fields that are rows of the image store
+    opt_in: ClassVar[bool] = False  # named only: left out of TASKS' listing, hence of default task lists
 
     def __init__(self, source: DataSource, tokenizer: TextTokenizer, seed: int = 0) -> None:
         if self.use not in source.provides():
@@ -120,6 +126,18 @@ class Task(ABC):
 
     @abstractmethod
     def make_head(self, config: ModelConfig) -> nn.Module: ...
+
+    def make_probe_head(self, config: ModelConfig) -> nn.Module:
+        """The head a linear probe trains (`freeze_backbone`); the fine-tuning head unless a task has its own."""
+        return self.make_head(config)
+
+    def restore_head(self, config: ModelConfig, state: Mapping[str, torch.Tensor]) -> nn.Module:
+        """The head `state` was saved from, loaded strictly: the fine-tuning head, else the probe head."""
+        head = self.make_head(config)
+        if set(state) != set(head.state_dict()):
+            head = self.make_probe_head(config)
+        head.load_state_dict(state, strict=True)
+        return head
 
     def init_head(self, head: nn.Module, pretraining_heads: dict[str, torch.Tensor] | None) -> None:  # noqa: B027
         """Start from the pre-training heads where they fit the task (retrieval); else keep the random init."""
@@ -196,7 +214,21 @@ def evaluation_mode(*modules: nn.Module) -> Iterator[None]:
             module.train(mode)
 
 
-TASKS: Registry[type[Task]] = Registry("task")
+class TaskRegistry(Registry[type[Task]]):
+    """Tasks by name. Listing it (iteration, `names`) gives the default tasks; an `opt_in` task is found
+    by name (`get`, `in`) but listed only by `all_names`, so registering one changes no default task list."""
+
+    def names(self) -> list[str]:
+        return [name for name in self.all_names() if not self.get(name).opt_in]
+
+    def all_names(self) -> list[str]:
+        return super().names()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names())
+
+
+TASKS = TaskRegistry("task")
 
 
 def correct(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -82,7 +82,7 @@ def _finetune(
 ) -> Evaluation:
     model, task = load_task(config.task, config.init, config.data, config.random_seed, progress and dist.is_main)
     torch.manual_seed(config.random_seed)
-    head = task.make_head(model.config)
+    head = (task.make_probe_head if config.freeze_backbone else task.make_head)(model.config)
     task.init_head(head, load_head_state(config.init, HEADS))
     model, head = model.to(dist.device), head.to(dist.device)
     if config.freeze_backbone:
@@ -151,11 +151,11 @@ def evaluate_checkpoint(
         raise ConfigError(f"{checkpoint} was fine-tuned for {finetuned_task!r}, not {task_name!r}")
     data = data or checkpoint_data(reader)
     model, task = load_task(task_name, checkpoint, data)
-    head = task.make_head(model.config)
     head_state = load_head_state(checkpoint, TASK_HEAD)
     if head_state is not None:
-        head.load_state_dict(head_state, strict=True)
+        head = task.restore_head(model.config, head_state)
     elif task_name == "retrieval" and (pretraining := load_head_state(checkpoint, HEADS)) is not None:
+        head = task.make_head(model.config)
         task.init_head(head, pretraining)
     else:
         raise CheckpointError(
