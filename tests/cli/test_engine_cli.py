@@ -358,7 +358,7 @@ class OutOption(StrictConfig):
         (
             IntLam,
             "merge option 'lam' is float for arithmetic, ties, dare, dare_ties, breadcrumbs, breadcrumbs_ties, della, "
-            "della_ties, tsv, iso_c, iso_cts but int for unflaggable",
+            "della_ties, magmax, tsv, iso_c, iso_cts, wudi but int for unflaggable",
         ),
         (OutOption, "merge option 'out' of unflaggable clashes with `vlmerge merge --out`"),
     ],

@@ -162,6 +162,10 @@ IDEMPOTENT = {
     "regmean_pp": {"alpha": 0.7},
     "model_stock": {},  # equal vectors: cos 1, t = 1, the mean
     "slerp": {"t": 0.3},  # colinear: the linear branch, (1 - t) w + t w
+    "wudi": {},  # (sum_m tau G_m)(sum_m G_m)^+ = tau on its own row space
+    "magmax": {"lam": 1.0},
+    "karcher": {},  # one direction, the mean norm of equal norms
+    "sce": {},  # equal weights, every sign agrees
 }
 NOT_IDEMPOTENT = {  # methods that change copies of one expert whatever their options, and why
     "iso_c": "a flat spectrum changes any vector whose singular values differ",

@@ -165,6 +165,9 @@ IDENTITY = {  # options under which copies of one expert merge back to it, given
     "della_ties": lambda n: {"density": 1.0, "epsilon": 0.0, "lam": 1.0},
     "tsv": lambda n: {"share": 1.0, "lam": 1.0, "non_matrix": "mean"},  # every component; 1-D tensors averaged
     "model_stock": lambda n: {},  # equal vectors: cos 1, t = 1, their mean; zero vectors: t = 0, the seed
+    "magmax": lambda n: {"lam": 1.0},  # every expert offers the same entry
+    "karcher": lambda n: {"tol": 1e-300},  # one direction; a tiny tol so that no small copy counts as zero
+    "sce": lambda n: {},  # equal weights, every sign agrees: the weighted mean of equal entries
 }
 
 
@@ -179,6 +182,7 @@ COPIES_ELSEWHERE = {  # methods whose copies of one expert are checked by their 
     "fisher": "without statistics the plain mean (tests/merging/test_merge_methods.py)",
     "regmean_pp": "RegMean on its sequential Gram matrices (tests/merging/test_merge_methods.py)",
     "slerp": "two experts only; any t returns the copy (tests/merging/test_model_stock_slerp.py)",
+    "wudi": "a pseudo-inverse: the copy back within its condition number (tests/merging/test_round2_methods.py)",
 }
 
 
@@ -262,19 +266,23 @@ SYMMETRIC = {  # methods that treat every expert alike, with options drawn per e
     "iso_c": lambda draw: {"lam": draw(DYADIC)},
     "iso_cts": lambda draw: {"common_share": draw(st.sampled_from([0.0, 0.5, 0.8, 1.0])), "lam": draw(DYADIC)},
     "model_stock": lambda draw: {"filter_wise": draw(st.booleans())},
+    "wudi": lambda draw: {"lam": draw(DYADIC)},
+    "karcher": lambda draw: {"tol": 1e-300},  # every step taken: a stop at tol could fall on another step
+    "sce": lambda draw: {},  # select_topk 1: below it, variances summed in another order may rank ties otherwise
 }
 NOT_SYMMETRIC = {  # methods left out of SYMMETRIC, and why
     "interpolation": "weighs v and l by ratio and 1 - ratio (its mirror test follows)",
     "fisher": "weighs by the experts' Fisher, which these inputs lack",
     "regmean_pp": "RegMean's solve on a sequential Gram file; regmean covers the solve",
     "slerp": "t runs from the first expert to the second: swapping them maps t to 1 - t (its own test file)",
+    "magmax": "of two entries of one magnitude the later expert's wins, so +d and -d depend on the order",
 }
 # A solve (the Gram-weighted methods) or SVDs (merging/svd.py): the same up to rounding, not bit for bit.
 SOLVED = {
     name
     for name in MERGE_METHODS
     if MERGE_METHODS.get(name).statistics is Statistics.GRAMS or MERGE_METHODS.get(name).fn.__module__ == svd.__name__
-} | {"model_stock"}  # and the mean of pairwise cosines, summed in another order
+} | {"model_stock", "karcher", "sce", "wudi"}  # sums in another order (cosines, tangents, weights) and an SVD
 
 
 def test_every_method_is_either_symmetric_or_says_why_not():

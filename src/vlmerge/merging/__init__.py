@@ -1,6 +1,6 @@
 """Merging modality-specific experts into one modality-agnostic model."""
 
-from vlmerge.merging import fisher, geometric, methods, regmean_pp, svd  # noqa: F401  (register the built-in methods)
+from vlmerge.merging import fisher, geometric, methods, regmean_pp, selection, svd, wudi  # noqa: F401  (register the built-in methods)
 from vlmerge.merging.engine import MergeResult, merge, merge_checkpoint, merge_state_dict
 from vlmerge.merging.plan import ExpertSelection, MergeGroup, MergePlan, build_merge_plan
 from vlmerge.merging.registry import (

@@ -1,7 +1,8 @@
-"""Geometric merges of one tensor's experts, after mergekit's `model_stock` and `slerp`.
+"""Geometric merges of one tensor's experts, after mergekit's `model_stock`, `slerp` and `karcher`.
 
 Model Stock (Jang et al., ECCV 2024) moves from the seed towards the experts' mean by how much their
-modality vectors agree; SLERP interpolates two experts along the great circle between them.
+modality vectors agree; SLERP interpolates two experts along the great circle between them; the
+Karcher mean is the point on that sphere closest to all of them, for any number of experts.
 """
 
 import torch
@@ -15,6 +16,8 @@ NORM_FLOOR = 1e-6  # model_stock: floor of the product of two vectors' norms, as
 SINGULAR = 1e-6  # model_stock: |1 + (K-1) cos| below this keeps the seed, as mergekit's
 DOT_THRESHOLD = 0.9995  # slerp: |cos| above this interpolates linearly, as mergekit's
 EPS = 1e-8  # slerp: a norm at most this is taken as 1 for the angle, as mergekit's
+KARCHER_STEPS = 10  # karcher: mergekit's most Riemannian gradient steps
+KARCHER_TOL = 1e-5  # karcher: mergekit's tolerance
 
 
 # --------------------------------------------------------------------------- Model Stock
@@ -97,3 +100,61 @@ def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
         sin_theta = torch.sin(theta)
         coef_a, coef_b = torch.sin((1 - t) * theta) / sin_theta, torch.sin(t * theta) / sin_theta
     return (coef_a * a + coef_b * b).reshape(v0.shape).to(v0.dtype)
+
+
+# --------------------------------------------------------------------------- Karcher mean
+class KarcherOptions(StrictConfig):
+    max_iter: int = Field(KARCHER_STEPS, ge=1, le=1000, description="most Riemannian gradient steps")
+    tol: float = Field(
+        KARCHER_TOL, gt=0.0, lt=1.0, description="a norm, angle or step below this counts as zero (mergekit's)"
+    )
+
+
+@register_method("karcher", KarcherOptions)
+def karcher(inputs: MergeInputs, options: KarcherOptions) -> torch.Tensor:
+    """Karcher mean (mergekit's `karcher`): the experts' Fréchet mean on the unit sphere times their mean norm.
+
+    The direction u minimises Σₘ arccos(⟨u, θₘ/‖θₘ‖⟩)², found by at most `max_iter` Riemannian gradient
+    steps from the normalised mean of the directions, u ← cos‖g‖·u + sin‖g‖·g/‖g‖ with the tangent
+    g = (1/K) Σₘ θ/sin θ·(eₘ − cos θ·u); it stops once ‖g‖ < `tol`. Each flattened tensor counts once;
+    tensors of norm at most `tol` give no direction (all of them: zero), but their norm still enters
+    the mean norm (1/K) Σₘ ‖θₘ‖. Computed in float32 (float64 for float64 inputs), returned in the
+    inputs' dtype. One expert is returned as it is."""
+    weights = list(inputs.experts.values())
+    if len(weights) == 1:
+        return weights[0].clone()
+    return karcher_mean(weights, options.max_iter, options.tol)
+
+
+def karcher_mean(tensors: list[torch.Tensor], max_iter: int, tol: float) -> torch.Tensor:
+    """The equally weighted Karcher mean of tensors of one shape, flattened (mergekit's `karcher_merge_tensors`)."""
+    dtype = torch.float64 if tensors[0].dtype == torch.float64 else torch.float32
+    flat = [t.reshape(-1).to(dtype) for t in tensors]
+    norms = [torch.linalg.vector_norm(x) for x in flat]
+    alpha = 1.0 / len(flat)
+    live = [x / norm for x, norm in zip(flat, norms) if norm.item() > tol]  # unit directions
+    if not live:
+        return torch.zeros_like(tensors[0])
+    weight = alpha / sum(alpha for _ in live)  # 1 / (live count), rounded as mergekit rounds it
+    mean = torch.zeros_like(live[0])
+    for unit in live:
+        mean += weight * unit
+    mean_norm = torch.linalg.vector_norm(mean)
+    mean = live[0].clone() if mean_norm.item() < tol else mean / mean_norm
+    for _ in range(max_iter):
+        tangent = torch.zeros_like(mean)
+        for unit in live:
+            cos = torch.clamp(torch.dot(mean, unit), -1.0, 1.0)
+            theta = torch.arccos(cos)
+            if theta.item() < tol:
+                continue
+            tangent += weight * (theta / torch.sin(theta)) * (unit - cos * mean)
+        step = torch.linalg.vector_norm(tangent)
+        if step.item() < tol:
+            break
+        mean = torch.cos(step) * mean + torch.sin(step) * (tangent / step)
+        mean_norm = torch.linalg.vector_norm(mean)
+        if mean_norm.item() > tol:
+            mean = mean / mean_norm
+    scale = sum(alpha * norm for norm in norms)
+    return (scale * mean).reshape(tensors[0].shape).to(tensors[0].dtype)

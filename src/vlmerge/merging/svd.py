@@ -14,7 +14,7 @@ defined, where the papers' code adds a term as large as the vectors in direction
 """
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Literal, NamedTuple
 
 import torch
@@ -22,6 +22,7 @@ from pydantic import Field
 
 from vlmerge.core.config import StrictConfig
 from vlmerge.core.errors import MergeError
+from vlmerge.core.modality import Modality
 from vlmerge.merging.registry import MergeInputs, register_method
 
 COMPUTE_DTYPE = torch.float64
@@ -83,13 +84,22 @@ def combine_non_matrix(vectors: Sequence[torch.Tensor], how: NonMatrix) -> torch
 
 
 def svd_merge(
-    inputs: MergeInputs, lam: float, how: NonMatrix, merge_matrix: Callable[[Sequence[torch.Tensor]], torch.Tensor]
+    inputs: MergeInputs,
+    lam: float | Mapping[Modality, float],
+    how: NonMatrix,
+    merge_matrix: Callable[[Sequence[torch.Tensor]], torch.Tensor],
 ) -> torch.Tensor:
-    """theta_0 + lam * merged: `merge_matrix` for 2-D weights, `non_matrix` for the rest; the SVD in float64."""
+    """theta_0 + lam * merged: `merge_matrix` for 2-D weights, `non_matrix` for the rest; the SVD in float64.
+    With lam per expert, each modality vector is scaled by its own lam_m before the merge (theta_0 +
+    merged(lam_m tau_m)); the merges are homogeneous, so one value for all is the scalar form."""
     dtype = next(iter(inputs.experts.values())).dtype
     origin = inputs.origin.to(COMPUTE_DTYPE)
     vectors = [w.to(COMPUTE_DTYPE) - origin for w in inputs.experts.values()]  # subtracted in float64 too
+    if isinstance(lam, Mapping):
+        vectors = [lam[m] * v for m, v in zip(inputs.experts, vectors)]
     merged = merge_matrix(vectors) if origin.ndim == 2 else combine_non_matrix(vectors, how)
+    if isinstance(lam, Mapping):
+        return (origin + merged).to(dtype)
     return (origin + lam * merged).to(dtype)
 
 
@@ -113,7 +123,7 @@ def tsv_matrix(vectors: Sequence[torch.Tensor], share: float | None, target: str
     return recombine([singular_components(v, target).top(k) for v in vectors], None, target)
 
 
-@register_method("tsv", TsvOptions, needs_origin=True)
+@register_method("tsv", TsvOptions, needs_origin=True, per_expert=("lam",))
 def tsv(inputs: MergeInputs, options: TsvOptions) -> torch.Tensor:
     """TSV-M (Gargiulo et al., CVPR 2025, Task Singular Vectors): each vector's top 1/M singular components, decorrelated."""
     return svd_merge(
@@ -135,7 +145,7 @@ def iso_c_matrix(vectors: Sequence[torch.Tensor], target: str) -> torch.Tensor:
     return (u * s.mean()) @ vh
 
 
-@register_method("iso_c", IsoCOptions, needs_origin=True)
+@register_method("iso_c", IsoCOptions, needs_origin=True, per_expert=("lam",))
 def iso_c(inputs: MergeInputs, options: IsoCOptions) -> torch.Tensor:
     """Iso-C (Marczak et al., ICML 2025, No Task Left Behind): the summed vector with a flat spectrum."""
     return svd_merge(inputs, options.lam, options.non_matrix, lambda vectors: iso_c_matrix(vectors, inputs.target))
@@ -171,7 +181,7 @@ def iso_cts_matrix(vectors: Sequence[torch.Tensor], common_share: float, target:
     return recombine(parts, values.mean().expand_as(values), target)
 
 
-@register_method("iso_cts", IsoCtsOptions, needs_origin=True)
+@register_method("iso_cts", IsoCtsOptions, needs_origin=True, per_expert=("lam",))
 def iso_cts(inputs: MergeInputs, options: IsoCtsOptions) -> torch.Tensor:
     """Iso-CTS (Marczak et al., ICML 2025, No Task Left Behind): common and task-specific subspaces, flat spectrum."""
     return svd_merge(
