@@ -15,7 +15,7 @@ from train_script import CAPTIONS
 from vlmerge.data.tokenizer import TextTokenizer
 from vlmerge.training.config import OptimizerConfig
 from vlmerge.training.setup import make_optimizer
-from vlmerge.training.trainer import CHECKPOINT, METRICS, batch_indices, read_metrics
+from vlmerge.training.trainer import CHECKPOINT, METRICS, Trainer, batch_indices, read_metrics
 
 SCRIPT = Path(__file__).parent / "train_script.py"
 STEPS = 12
@@ -86,3 +86,50 @@ def test_optimizer_groups_decay_matrices_only_and_the_task_head_learns_faster():
     groups = [(len(g["params"]), g["weight_decay"], g["initial_lr"]) for g in optimizer.param_groups]
     assert groups == [(1, 0.1, 1e-3), (3, 0.0, 1e-3), (1, 0.1, 1e-2), (1, 0.0, 1e-2)]
     assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([5e-4, 5e-4, 5e-3, 5e-3])  # warm-up step 1 of 2
+
+
+@pytest.mark.parametrize("name", ["adamw", "sgd"])
+def test_the_optimizer_updates_give_the_bytes_of_torchs_per_parameter_loop(name):
+    """make_optimizer runs the update as foreach kernels (and the trainer clips with them): the same
+    bytes as the per-parameter loop that torch uses on the CPU by default, so runs keep their numbers."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 7), nn.LayerNorm(7), nn.Linear(7, 3))
+    twin = nn.Sequential(nn.Linear(5, 7), nn.LayerNorm(7), nn.Linear(7, 3))
+    twin.load_state_dict(model.state_dict())
+    config = OptimizerConfig(name=name, lr=1e-2, weight_decay=0.1, warmup_steps=2)
+    optimizer, scheduler = make_optimizer([model], config, steps=6)
+    names = {id(p): n for n, p in model.named_parameters()}
+    twins = dict(twin.named_parameters())
+    loop_groups = [
+        {**g, "params": [twins[names[id(p)]] for p in g["params"]], "foreach": False} for g in optimizer.param_groups
+    ]
+    loop = (torch.optim.SGD if name == "sgd" else torch.optim.AdamW)(loop_groups)
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(6):
+        inputs = torch.randn(4, 5, generator=generator)
+        for net, opt, foreach in ((model, optimizer, True), (twin, loop, False)):
+            opt.zero_grad()
+            net(inputs).pow(2).sum().backward()
+            nn.utils.clip_grad_norm_(net.parameters(), 0.5, foreach=foreach)
+            opt.step()
+        scheduler.step()
+        for group in loop.param_groups:
+            group["lr"] = optimizer.param_groups[0]["lr"]
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), twin.state_dict().values()))
+
+
+def test_a_resumed_run_keeps_its_own_update_kernels_over_the_checkpoints(tmp_path):
+    """A checkpoint records its writer's foreach setting; resuming takes its state, not that setting."""
+
+    def trainer(foreach: bool | None, steps: int) -> Trainer:
+        torch.manual_seed(0)
+        model = nn.Linear(3, 2)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, foreach=foreach)
+        return Trainer(tmp_path, {"model": model}, optimizer, steps, checkpoint_every=1, progress=False)
+
+    old = trainer(None, 2)
+    old.fit(lambda step: {"loss": old.modules["model"](torch.ones(1, 3)).sum()})
+    new = trainer(True, 3)
+    assert new.resume() == 2
+    assert new.optimizer.param_groups[0]["foreach"] is True
+    assert new.optimizer.state_dict()["state"][0]["exp_avg"].abs().sum() > 0

@@ -118,15 +118,17 @@ class TextTokenizer:
     def encode(self, texts: Sequence[str]) -> TokenBatch:
         encodings = self.tokenizer.encode_batch(list(texts))
         length = max(len(e.ids) for e in encodings)
-        ids = torch.full((len(texts), length), self.pad_id, dtype=torch.long)
-        word_ids = torch.full((len(texts), length), -1, dtype=torch.long)
-        for row, encoding in enumerate(encodings):
-            ids[row, : len(encoding.ids)] = torch.tensor(encoding.ids)
+        pad_id = self.pad_id
+        ids, word_ids = [], []
+        for encoding in encodings:  # padded as lists, then one tensor each: a tensor per row costs more
+            padding = length - len(encoding.ids)
+            ids.append(encoding.ids + [pad_id] * padding)
             words = [
                 -1 if w is None or special else w for w, special in zip(encoding.word_ids, encoding.special_tokens_mask)
             ]
-            word_ids[row, : len(words)] = torch.tensor(words)
-        return TokenBatch(ids, ids != self.pad_id, word_ids)
+            word_ids.append(words + [-1] * padding)
+        ids = torch.tensor(ids, dtype=torch.long)
+        return TokenBatch(ids, ids != pad_id, torch.tensor(word_ids, dtype=torch.long))
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids))

@@ -36,6 +36,7 @@ from vlmerge.training.run_directory import (
 )
 
 METRICS = "metrics.jsonl"
+KERNEL_CHOICES = ("foreach", "fused")  # optimizer settings that choose kernels, kept over a checkpoint's
 StepFn = Callable[[int], dict[str, torch.Tensor]]
 
 
@@ -86,6 +87,7 @@ class Trainer:
         start = self.resume()
         for module in self.modules.values():
             module.train()
+        parameters = self._parameters()
         bar = tqdm(
             range(start, self.steps),
             initial=start,
@@ -99,7 +101,7 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             losses["loss"].backward()
             if self.grad_clip is not None:
-                nn.utils.clip_grad_norm_(self._parameters(), self.grad_clip)
+                nn.utils.clip_grad_norm_(parameters, self.grad_clip, foreach=True)  # the loop's bytes
             self.optimizer.step()
             if self.scheduler is not None:
                 self.scheduler.step()
@@ -107,7 +109,7 @@ class Trainer:
             record = {"step": step, **{k: round(v, 6) for k, v in logged.items()}}
             if self.dist.is_main:
                 self._append_metrics(record)
-            bar.set_postfix(loss=f"{record['loss']:.3f}")
+            bar.set_postfix(loss=f"{record['loss']:.3f}", refresh=False)  # drawn at tqdm's own interval
             if (step + 1) % self.checkpoint_every == 0 or step + 1 == self.steps:
                 self.save(step + 1)
         return self.steps - start
@@ -161,7 +163,12 @@ class Trainer:
         try:
             for name, module in self.modules.items():
                 module.load_state_dict(state["modules"][name], strict=True)
+            kernels = [
+                {key: group[key] for key in KERNEL_CHOICES if key in group} for group in self.optimizer.param_groups
+            ]
             self.optimizer.load_state_dict(state["optimizer"])
+            for group, own in zip(self.optimizer.param_groups, kernels):
+                group.update(own)  # how this code runs the update, not how the checkpoint's writer did
             if self.scheduler is not None and state.get("scheduler") is not None:
                 self.scheduler.load_state_dict(state["scheduler"])
         except (AttributeError, KeyError, IndexError, TypeError, ValueError, RuntimeError) as error:
