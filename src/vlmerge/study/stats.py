@@ -1,17 +1,27 @@
-"""Intervals for the study: a score over random seeds, and over test examples by bootstrap.
+"""Intervals for the study: a score over random seeds and test examples, by a two-level bootstrap.
 
-A score is the mean over seeds of one number per seed. Two sources of uncertainty: which seeds
-were drawn (a t-interval over the per-seed values) and which test examples happened to be in the
-test set (a percentile bootstrap that resamples every seed's test examples). The reported 95 %
-interval is the wider of the two. A paired comparison does the same on per-seed differences and on
-per-example differences: every primary metric is a mean of per-example values (or a mean of such
-means), so the difference of two scores on the same test examples is the statistic of the
-per-example differences.
+A score is the mean over seeds of one number per seed. Two sources of uncertainty: which seeds were
+drawn (training randomness) and which test examples happened to be in the test set. One interval
+covers both: each bootstrap resample draws seeds with replacement, then test examples with
+replacement, and recomputes the score from the resampled per-example values. The test set of a task
+is one draw shared by every seed (the same examples in the same order), so where a sample array has
+the same length under every seed its examples are resampled with the same indices for all of them
+(a crossed design); resampling them independently per seed would treat one shared test set as S
+independent ones and shrink its share of the error S-fold. Arrays whose length differs between seeds
+are resampled within each seed (nested).
+
+The interval is mean +- t(S-1) x se, se the bootstrap's standard deviation rescaled by sqrt(S/(S-1))
+(the bootstrap's variance of a mean over S values is (S-1)/S of the unbiased one): with negligible
+test-set noise it is exactly the t-interval over seeds; where test-set noise dominates it is a little
+conservative. A paired comparison runs the same on per-example differences: every primary metric is a
+mean of per-example values (or a mean of such means), so the difference of two scores on the same
+test examples is the statistic of the per-example differences.
 
 Correlations (mergeability, seed length) are Spearman's rho with a bootstrap interval over points.
-All from scipy.stats; resampling is seeded, so the same numbers give the same intervals.
+All from scipy.stats and numpy; resampling is seeded, so the same numbers give the same intervals.
 """
 
+import math
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -22,116 +32,108 @@ from scipy import stats
 CONFIDENCE = 0.95
 RESAMPLES = 2000
 BOOTSTRAP_SEED = 0
+CHUNK_VALUES = 4_000_000  # resampled values held at once (32 MB of float64)
 
 Samples = Mapping[str, np.ndarray]  # one seed's per-example values of one task, by sample name
 Statistic = Callable[[Samples], float | np.ndarray]  # a task's primary metric from its samples (vectorised)
+Parts = Sequence[Sequence[tuple[Samples, Statistic]]]  # per seed: the (samples, statistic) its score averages
 
 
 @dataclass(frozen=True)
 class Estimate:
-    """A mean with its 95 % interval and where the interval's width comes from."""
+    """A mean over seeds with its 95 % interval, from the standard error over seeds and test examples."""
 
     mean: float
     low: float
     high: float
     seeds: int
-    seed_half_width: float | None  # t-interval over seeds; None with one seed
-    example_half_width: float | None  # bootstrap over test examples; None without per-example values
+    se: float | None = None  # None: nothing to resample (one seed, no per-example values)
 
     @property
     def half_width(self) -> float:
         return (self.high - self.low) / 2
 
     @property
-    def source(self) -> str:
-        """Which uncertainty sets the interval: 'seeds' or 'test examples'."""
-        seed, example = self.seed_half_width, self.example_half_width
-        return "test examples" if seed is None or (example is not None and example > seed) else "seeds"
+    def df(self) -> float:
+        """Degrees of freedom of the interval's t quantile: seeds - 1 (normal with one seed)."""
+        return self.seeds - 1 if self.seeds > 1 else math.inf
 
     def excludes_zero(self) -> int:
         """+1 when the interval lies above zero, -1 below, 0 when it contains zero."""
         return 1 if self.low > 0 else -1 if self.high < 0 else 0
 
     def to_json(self) -> dict[str, float | int | None]:
-        return {
-            "mean": self.mean,
-            "low": self.low,
-            "high": self.high,
-            "seeds": self.seeds,
-            "seed_half_width": self.seed_half_width,
-            "example_half_width": self.example_half_width,
-        }
+        return {"mean": self.mean, "low": self.low, "high": self.high, "seeds": self.seeds, "se": self.se}
 
     @classmethod
     def from_json(cls, data: Mapping[str, float | int | None]) -> "Estimate":
-        return cls(**data)
+        return cls(data["mean"], data["low"], data["high"], data["seeds"], data.get("se"))
 
 
-def seed_interval(values: Sequence[float]) -> tuple[float, float] | None:
-    """Student's t 95 % interval of the mean of per-seed values; None for fewer than two seeds."""
-    values = np.asarray(values, dtype=float)
-    if len(values) < 2:
-        return None
-    if np.all(values == values[0]):
-        return float(values[0]), float(values[0])
-    low, high = stats.t.interval(CONFIDENCE, len(values) - 1, loc=values.mean(), scale=stats.sem(values))
-    return float(low), float(high)
+def t_quantile(df: float, confidence: float = CONFIDENCE) -> float:
+    """The two-sided t quantile (normal for infinite df)."""
+    tail = 1 - (1 - confidence) / 2
+    return float(stats.norm.ppf(tail) if math.isinf(df) else stats.t.ppf(tail, df))
 
 
-def example_interval(per_seed: Sequence[Sequence[tuple[Samples, Statistic]]]) -> tuple[float, float] | None:
-    """Percentile bootstrap of the mean over seeds of `statistic(samples)` summed over parts.
-
-    `per_seed[s]` lists the parts of seed s's score (one task, or every task of a mean over tasks) as
-    (samples, statistic); each seed's score is the mean of its parts' statistics. Every sample array is
-    resampled on its own, so the test examples of each seed, task and direction vary independently.
-    """
-    layout = [
-        (s, p, name) for s, parts in enumerate(per_seed) for p, (samples, _) in enumerate(parts) for name in samples
-    ]
+def bootstrap_means(parts: Parts, resamples: int = RESAMPLES, seed: int = BOOTSTRAP_SEED) -> np.ndarray | None:
+    """`resamples` draws of the mean over seeds, seeds and test examples resampled (see the module's
+    docstring); None where an array has fewer than two examples (nothing to resample)."""
+    seeds = len(parts)
+    layout = [(s, p, name) for s in range(seeds) for p, (samples, _) in enumerate(parts[s]) for name in samples]
     if not layout:
         return None
-    arrays = [np.asarray(per_seed[s][p][0][name], dtype=float) for s, p, name in layout]
-    if any(len(a) < 2 for a in arrays):
+    arrays = {key: np.asarray(parts[key[0]][key[1]][0][key[2]], dtype=np.float64) for key in layout}
+    if any(len(a) < 2 for a in arrays.values()):
         return None
+    lengths: dict[tuple[int, str], set[int]] = {}
+    for (_, p, name), values in arrays.items():
+        lengths.setdefault((p, name), set()).add(len(values))
+    shared = {key for key, found in lengths.items() if len(found) == 1 and seeds > 1}
+    rng = np.random.default_rng(seed)
+    picked = rng.integers(0, seeds, size=(resamples, seeds))
+    per_resample = max(1, sum(len(a) for a in arrays.values()))
+    chunk = max(1, min(resamples, CHUNK_VALUES // per_resample))
+    means = np.empty(resamples)
+    for start in range(0, resamples, chunk):
+        count = min(chunk, resamples - start)
+        common = {
+            key: rng.integers(0, next(iter(lengths[key])), size=(count, next(iter(lengths[key])))) for key in shared
+        }
+        scores = np.empty((count, seeds))
+        for s in range(seeds):
+            by_part = []
+            for p, (samples, statistic) in enumerate(parts[s]):
+                drawn = {}
+                for name in samples:
+                    values = arrays[s, p, name]
+                    rows = common.get((p, name))
+                    if rows is None:
+                        rows = rng.integers(0, len(values), size=(count, len(values)))
+                    drawn[name] = values[rows]
+                by_part.append(np.asarray(statistic(drawn), dtype=np.float64))
+            scores[:, s] = np.mean(by_part, axis=0)
+        means[start : start + count] = np.take_along_axis(scores, picked[start : start + count], axis=1).mean(axis=1)
+    return means
 
-    def score(*resampled: np.ndarray, axis: int = -1) -> np.ndarray:
-        by_part: dict[tuple[int, int], dict[str, np.ndarray]] = {}
-        for (s, p, name), values in zip(layout, resampled):
-            by_part.setdefault((s, p), {})[name] = values
-        seeds = [
-            np.mean([per_seed[s][p][1](by_part[s, p]) for p in range(len(per_seed[s]))], axis=0)
-            for s in range(len(per_seed))
-        ]
-        return np.mean(seeds, axis=0)
 
-    result = stats.bootstrap(
-        arrays,
-        score,
-        n_resamples=RESAMPLES,
-        confidence_level=CONFIDENCE,
-        method="percentile",
-        vectorized=True,
-        rng=np.random.default_rng(BOOTSTRAP_SEED),
-    )
-    return float(result.confidence_interval.low), float(result.confidence_interval.high)
+def estimate(values: Sequence[float], parts: Parts | None = None) -> Estimate:
+    """The mean of per-seed `values` with one 95 % interval over seeds and test examples.
 
-
-def estimate(values: Sequence[float], parts: Sequence[Sequence[tuple[Samples, Statistic]]] | None = None) -> Estimate:
-    """The mean of per-seed `values` with the wider of the seed and the test-example interval.
-
-    `parts`, when given, are the per-example samples behind each seed's value (see `example_interval`).
-    """
-    values = np.asarray(values, dtype=float)
-    mean = float(values.mean())
-    by_seed = seed_interval(values)
-    by_example = example_interval(parts) if parts else None
-    half = {
-        name: None if interval is None else (interval[1] - interval[0]) / 2
-        for name, interval in (("seed", by_seed), ("example", by_example))
-    }
-    candidates = [interval for interval in (by_seed, by_example) if interval is not None]
-    low, high = max(candidates, key=lambda i: i[1] - i[0]) if candidates else (mean, mean)
-    return Estimate(mean, low, high, len(values), half["seed"], half["example"])
+    `parts`, when given, are the per-example samples behind each seed's value (see `bootstrap_means`);
+    without them (or with one example) only the seeds are resampled, i.e. Student's t over seeds."""
+    values = np.asarray(values, dtype=np.float64)
+    mean, seeds = float(values.mean()), len(values)
+    draws = bootstrap_means(parts) if parts else None
+    if draws is not None:
+        se = float(draws.std(ddof=1)) * (math.sqrt(seeds / (seeds - 1)) if seeds > 1 else 1.0)
+    elif seeds > 1:
+        se = float(values.std(ddof=1)) / math.sqrt(seeds)
+    else:
+        return Estimate(mean, mean, mean, seeds)
+    result = Estimate(mean, mean, mean, seeds, se)
+    half = t_quantile(result.df) * se
+    return Estimate(mean, mean - half, mean + half, seeds, se)
 
 
 def spearman(x: Sequence[float], y: Sequence[float]) -> float | None:
