@@ -29,6 +29,7 @@ from vlmerge.study.results import (
     Sweeps,
     TaskScore,
     Timing,
+    Test,
     Trend,
     Verdict,
 )
@@ -39,9 +40,8 @@ pytest.importorskip("matplotlib")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-def _estimate(mean, half, seeds=3, source="seeds"):
-    seed_half, example_half = (half, half / 2) if source == "seeds" else (half / 2, half)
-    return Estimate(mean, mean - half, mean + half, seeds, seed_half, example_half)
+def _estimate(mean, half, seeds=3):
+    return Estimate(mean, mean - half, mean + half, seeds, half / 4.3)
 
 
 def _score(metric, values, half, metrics=None):
@@ -174,6 +174,8 @@ MODELS = [
 
 
 def _comparison(a, b, protocol, task, mean, half, verdict, paper=None, note=""):
+    headline = task == MEAN or protocol == "zeroshot" or a == "agnostic-scratch" and task == "vqa"
+    test = Test(0.25, 0.5, 2, 0.125, 0.02, 0.0625, 0.03, 12)
     return Comparison(
         a,
         b,
@@ -184,6 +186,8 @@ def _comparison(a, b, protocol, task, mean, half, verdict, paper=None, note=""):
         Verdict(verdict),
         paper,
         note,
+        test=test,
+        headline=headline,
     )
 
 
@@ -378,16 +382,16 @@ def test_claim_verdicts_and_their_paragraphs(report):
     assert verdicts == {"seed": "reproduced", "parity": "contradicted", "seed_length": "inconclusive"}
     assert "parity: contradicted. merged is worse by more than the margin" in markdown
     assert "<td>contradicted</td>" in html
-    vqa = _row(markdown, "seed", "| claim | compared |")
-    assert (
-        _md("| after fine-tuning | retrieval | 0.063 [0.043, 0.083] | 3 | seeds | +7 (COCO) | reproduced | - |") in vqa
-    )
+    vqa = _row(markdown, "seed (per task)", "| claim | compared |")
+    row = "| after fine-tuning | retrieval | 0.063 [0.043, 0.083] | 3 | 0.250 | 0.500 (of 2) | 0.125 (±0.020) | 0.062 |"
+    assert _md(row + " +7 (COCO) | reproduced |") in vqa
 
 
 def test_the_control_says_where_a_protocol_cannot_separate_pretraining(report):
     _, _, markdown, _ = report
     section = markdown[markdown.index("## Pre-training gain") : markdown.index("## Baselines")]
-    assert "no claim about pre-training can be decided there: retrieval zero-shot." in section
+    assert "Protocols not shown to see pre-training: zero-shot." in section
+    assert "never equivalent" in section
     assert _md("| after fine-tuning | vqa | 0.054 [0.034, 0.074] | 3 | reproduced |") in section
     baselines = markdown[markdown.index("## Baselines") : markdown.index("## Merging methods")]
     assert "| no pre-training (random weights) | control |" in baselines

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 
 from vlmerge.study.cache import StageOutput
-from vlmerge.study.claims import pretraining_gain
-from vlmerge.study.observations import Observations
+from vlmerge.study.claims import better, pretraining_gain
+from vlmerge.study.observations import HELDOUT, HELDOUT_HEADLINE, Observations, path_protocol
 from vlmerge.study.plan import PlannedModel, StudyPlan
 from vlmerge.study.results import (
     MEAN,
@@ -18,6 +18,7 @@ from vlmerge.study.results import (
     MergeabilityPoint,
     MetricName,
     ModelResult,
+    PathPoint,
     StudyResults,
     SweepPoint,
     Sweeps,
@@ -109,10 +110,11 @@ def mergeability(plan: StudyPlan, models: Mapping[str, ModelResult], outputs: Ou
         for run in planned.runs:
             retention = {}
             for protocol, by_task in merged.scores.items():
-                task = MEAN if MEAN in by_task else next(iter(by_task))
+                task = HELDOUT_HEADLINE if protocol == HELDOUT else MEAN if MEAN in by_task else next(iter(by_task))
                 theirs = specific.score(protocol, task)
                 if theirs is not None and run.random_seed in theirs.per_seed:
-                    retention[protocol] = by_task[task].per_seed[run.random_seed] - theirs.per_seed[run.random_seed]
+                    kept = by_task[task].per_seed[run.random_seed] - theirs.per_seed[run.random_seed]
+                    retention[protocol] = better(protocol) * kept  # a loss kept is a loss not risen
             if not retention:
                 continue
             distances = outputs[run.mergeability.key].result_as(DistancesOutput)
@@ -138,6 +140,19 @@ def mergeability(plan: StudyPlan, models: Mapping[str, ModelResult], outputs: Ou
                 for metric in chosen[0].metrics
             }
     return Mergeability(tuple(points), correlations)
+
+
+def path(plan: StudyPlan, observations: Observations) -> tuple[PathPoint, ...]:
+    """The held-out loss along the path between the experts of each model whose path was scored."""
+    points = []
+    for model in plan.models.values():
+        if not any(run.path is not None for run in model.runs):
+            continue
+        for ratio in plan.recipe.heldout.path_ratios:
+            score = observations.score(model.id, path_protocol(ratio), HELDOUT_HEADLINE)
+            if score is not None:
+                points.append(PathPoint(model.id, ratio, score.estimate))
+    return tuple(points)
 
 
 def gallery(plan: StudyPlan, outputs: Outputs) -> tuple[GalleryEntry, ...]:
@@ -171,5 +186,6 @@ def assemble(plan: StudyPlan, outputs: Outputs, seconds: float) -> tuple[StudyRe
         mergeability=mergeability(plan, models, outputs),
         gallery=gallery(plan, outputs),
         timing=timing,
+        path=path(plan, observations),
     )
     return replace(results, control=pretraining_gain(results, observations, recipe)), observations

@@ -44,9 +44,12 @@ from vlmerge.study.stages import (
     GalleryOutput,
     GallerySettings,
     GramsSettings,
+    HeldoutSettings,
     MergeabilitySettings,
     MergeOutput,
     MergeSettings,
+    PathOutput,
+    PathSettings,
     PretrainedSettings,
     TokenizerSettings,
     UntrainedSettings,
@@ -55,6 +58,7 @@ from vlmerge.study.stages import (
     with_fields,
 )
 from vlmerge.tasks.finetune import evaluate_checkpoint, run_finetune
+from vlmerge.tasks.heldout import checkpoint_heldout
 from vlmerge.training.config import PretrainConfig, TokenizerConfig
 from vlmerge.training.fisher import collect_checkpoint_fisher
 from vlmerge.training.grams import collect_checkpoint_grams
@@ -196,6 +200,33 @@ def _zero_shot(settings: ZeroShotSettings, inputs: Inputs, directory: Path, prog
     return EvaluationOutput.of(evaluate_checkpoint(inputs.model, "retrieval", "test", settings.data))
 
 
+def _heldout(settings: HeldoutSettings, inputs: Inputs, directory: Path, progress: bool) -> EvaluationOutput:
+    evaluation = checkpoint_heldout(
+        inputs.model, settings.data, settings.objectives, settings.split, settings.batch_size
+    )
+    return EvaluationOutput.of(evaluation)
+
+
+PATH_METHOD = "interpolation"
+
+
+def _path(settings: PathSettings, inputs: Inputs, directory: Path, progress: bool) -> PathOutput:
+    """Each ratio's merge is written to the stage's directory, scored, and removed: only the objectives
+    stay (the main merge, at its own ratio, is a stage of its own)."""
+    points = {}
+    for ratio in settings.ratios:
+        merged = directory / f"ratio-{ratio:g}.safetensors"
+        merge_checkpoint(merge_request(inputs), PATH_METHOD, {"ratio": ratio}, out=merged)
+        try:
+            evaluation = checkpoint_heldout(
+                merged, settings.data, settings.objectives, settings.split, settings.batch_size
+            )
+        finally:
+            merged.unlink(missing_ok=True)
+        points[f"{ratio:g}"] = EvaluationOutput.of(evaluation)
+    return PathOutput(points=points)
+
+
 def _mergeability(settings: MergeabilitySettings, inputs: Inputs, directory: Path, progress: bool) -> DistancesOutput:
     report = mergeability(open_checkpoint(inputs.specific))
     return DistancesOutput(model=report.model, layers=report.per_layer)
@@ -216,6 +247,8 @@ WORK: dict[StageKind, StageWork] = {
     StageKind.MERGE: StageWork(MergeSettings, MergeOutput, _merge),
     StageKind.FINETUNE: StageWork(FinetuneSettings, EvaluationOutput, _finetune),
     StageKind.ZERO_SHOT: StageWork(ZeroShotSettings, EvaluationOutput, _zero_shot),
+    StageKind.HELDOUT: StageWork(HeldoutSettings, EvaluationOutput, _heldout),
+    StageKind.PATH: StageWork(PathSettings, PathOutput, _path),
     StageKind.MERGEABILITY: StageWork(MergeabilitySettings, DistancesOutput, _mergeability),
     StageKind.GALLERY: StageWork(GallerySettings, GalleryOutput, _gallery),
 }

@@ -23,6 +23,8 @@ class StageKind(str, Enum):
     MERGE = "merge"
     FINETUNE = "finetune"  # full fine-tuning, or the linear probe (frozen backbone)
     ZERO_SHOT = "zeroshot"
+    HELDOUT = "heldout"  # the pre-training objectives on held-out pairs, per pair
+    PATH = "path"  # the held-out objectives along the interpolation path between a model's experts
     MERGEABILITY = "mergeability"  # distances between a specific model's experts
     GALLERY = "gallery"
 

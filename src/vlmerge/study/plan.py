@@ -18,7 +18,16 @@ from vlmerge.models.config import ExpertPlacement
 from vlmerge.study.graph import Stage, StageKind
 from vlmerge.study.planner import StagePlanner
 from vlmerge.study.recipe import MergeSpec, Protocol, StudyRecipe
-from vlmerge.study.results import AGNOSTIC_SCRATCH, CONTROL, NAIVE_MERGE, SEED_MERGE, UNMERGED, Group, ModelKind
+from vlmerge.study.results import (
+    AGNOSTIC_SCRATCH,
+    CONTROL,
+    NAIVE_MERGE,
+    NAIVE_UNMERGED,
+    SEED_MERGE,
+    UNMERGED,
+    Group,
+    ModelKind,
+)
 from vlmerge.study.stages import GallerySettings, MergeabilitySettings
 
 
@@ -30,6 +39,7 @@ class PlannedRun:
     checkpoint: Stage
     evaluations: Mapping[Protocol, Mapping[str, Stage]]  # protocol -> task -> the stage that scores it
     mergeability: Stage | None  # for merges by the main method: distances of the experts it merged
+    path: Stage | None = None  # for the seed + merge and naive merge models: objectives between their experts
 
 
 @dataclass(frozen=True)
@@ -63,6 +73,7 @@ class StudyPlan:
 
 
 MAIN_GROUPS = frozenset({Group.BASELINES, Group.CONTROL})  # compared under every random seed
+PATH_MODELS = (SEED_MERGE, NAIVE_MERGE)  # the path between the experts is scored for the main comparison
 
 
 @dataclass
@@ -78,6 +89,7 @@ class _Model:
     specific: Callable[[int], Stage] | None = None  # for merges: random seed -> the specific model merged
     groups: list[Group] = field(default_factory=list)
     has_heads: bool = True  # carries pre-training heads (zero-shot retrieval needs them)
+    protocols: frozenset[str] | None = None  # evaluated under these only (default: every protocol)
 
 
 class _Planner(StagePlanner):
@@ -145,6 +157,20 @@ class _Planner(StagePlanner):
                 lambda seed: self.specific_model(main_fraction, every, seed),
             ),
         )
+        if "heldout" in recipe.protocols:
+            # What naive merging loses is measured against its own unmerged parent, on held-out pairs only.
+            self.add(
+                NAIVE_UNMERGED,
+                Group.BASELINES,
+                lambda: _Model(
+                    "modality-specific, no seed (not merged)",
+                    ModelKind.MULTIWAY,
+                    0.0,
+                    every,
+                    lambda seed: self.specific_model(0.0, every, seed),
+                    protocols=frozenset({"heldout"}),
+                ),
+            )
         self.add(NAIVE_MERGE, Group.BASELINES, naive_merge)
         self.add(SEED_MERGE, Group.BASELINES, seed_merge)
         if recipe.control:
@@ -212,7 +238,11 @@ class _Planner(StagePlanner):
                 distances = self.stage(
                     StageKind.MERGEABILITY, MergeabilitySettings(), {"specific": specific}, f"of {specific.name}"
                 )
-            runs.append(PlannedRun(seed, checkpoint, self.evaluations(checkpoint, seed, model.has_heads), distances))
+            evaluations = self.evaluations(checkpoint, seed, model.has_heads, model.protocols)
+            path = None
+            if model_id in PATH_MODELS and "heldout" in evaluations and self.recipe.heldout.path_ratios:
+                path = self.path(model.specific(seed))
+            runs.append(PlannedRun(seed, checkpoint, evaluations, distances, path))
         return PlannedModel(
             model_id,
             model.label,

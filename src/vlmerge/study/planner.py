@@ -17,7 +17,9 @@ from vlmerge.study.stages import (
     FinetuneSettings,
     FisherSettings,
     GramsSettings,
+    HeldoutSettings,
     MergeSettings,
+    PathSettings,
     PretrainedSettings,
     TokenizerSettings,
     UntrainedSettings,
@@ -25,6 +27,7 @@ from vlmerge.study.stages import (
 )
 from vlmerge.training.config import PretrainConfig
 
+HELDOUT_TASK = "pretraining"  # the one evaluation of the heldout protocol; observations split it by objective
 MERGE_SELECTION = ExpertSelection.ALL  # every merge of the study merges every expert (the engine's default)
 
 
@@ -203,12 +206,32 @@ class StagePlanner:
         settings = ZeroShotSettings(data=self.recipe.data_for("retrieval"))
         return self.stage(StageKind.ZERO_SHOT, settings, {"model": checkpoint}, f"retrieval of {checkpoint.name}")
 
-    def evaluations(self, checkpoint: Stage, seed: int, has_heads: bool) -> dict[Protocol, dict[str, Stage]]:
+    def heldout_settings(self) -> HeldoutSettings:
+        spec = self.recipe.heldout
+        return HeldoutSettings(
+            data=self.recipe.data, split=spec.split, batch_size=spec.batch_size, objectives=self.recipe.objectives
+        )
+
+    def heldout(self, checkpoint: Stage) -> Stage:
+        return self.stage(StageKind.HELDOUT, self.heldout_settings(), {"model": checkpoint}, f"of {checkpoint.name}")
+
+    def path(self, specific: Stage) -> Stage:
+        """The held-out objectives of the interpolation merges of `specific`'s experts along the path."""
+        settings = PathSettings(**self.heldout_settings().model_dump(), ratios=tuple(self.recipe.heldout.path_ratios))
+        return self.stage(StageKind.PATH, settings, {"source": specific}, f"between the experts of {specific.name}")
+
+    def evaluations(
+        self, checkpoint: Stage, seed: int, has_heads: bool, protocols: frozenset[str] | None = None
+    ) -> dict[Protocol, dict[str, Stage]]:
+        """Every protocol of the recipe (or of `protocols`) that evaluates under `seed`."""
         found: dict[Protocol, dict[str, Stage]] = {}
         for protocol in self.recipe.protocols:
-            if protocol == "zeroshot":
+            if seed not in self.recipe.protocol_random_seeds(protocol) or (protocols and protocol not in protocols):
+                continue
+            if protocol in ("zeroshot", "heldout"):  # read the pre-training heads
                 if has_heads:
-                    found[protocol] = {"retrieval": self.zero_shot(checkpoint)}
+                    stage = self.zero_shot(checkpoint) if protocol == "zeroshot" else self.heldout(checkpoint)
+                    found[protocol] = {"retrieval" if protocol == "zeroshot" else HELDOUT_TASK: stage}
             else:
                 found[protocol] = {
                     task: self.finetune(checkpoint, task, seed, protocol == "probe") for task in self.recipe.tasks

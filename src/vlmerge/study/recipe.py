@@ -28,9 +28,10 @@ from vlmerge.training.objectives import ObjectiveWeights
 
 PRETRAINED_SIZE = "small-p14"  # the registered size of the imported ViT-S/14
 
-Protocol = Literal["finetune", "probe", "zeroshot"]
-PROTOCOLS: tuple[str, ...] = ("finetune", "probe", "zeroshot")  # the paper's first; zeroshot is retrieval only
-CLAIM_IDS: tuple[str, ...] = ("seed", "parity", "seed_length", "metrics", "size")
+Protocol = Literal["finetune", "probe", "zeroshot", "heldout"]
+# The paper's first; zeroshot is retrieval only; heldout scores the pre-training objectives on held-out pairs.
+PROTOCOLS: tuple[str, ...] = ("finetune", "probe", "zeroshot", "heldout")
+CLAIM_IDS: tuple[str, ...] = ("seed", "parity", "barrier", "seed_length", "metrics", "size")
 SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")  # one file name: no path, nothing hidden
 
 
@@ -89,6 +90,30 @@ class TaskData(StrictConfig):
     limit: int | None = Field(None, ge=1, description="first N examples of each split (default: data.limit)")
 
 
+class HeldoutSpec(StrictConfig):
+    """The held-out protocol: the pre-training objectives on a split no run trains on, one value per pair."""
+
+    split: Literal["val", "test"] = "test"
+    batch_size: int = Field(
+        32, ge=2, description="pairs per batch; the contrastive losses score a pair against its batch"
+    )
+    margin: FiniteFloat = Field(
+        0.05, gt=0, description="equivalence margin in nats of the summed held-out loss: smaller is no difference"
+    )
+    path_ratios: list[FiniteFloat] = Field(
+        [0.0, 0.25, 0.5, 0.75, 1.0],
+        description="interpolation ratios (vision expert's weight) at which the path between the experts of the "
+        "seed + merge and the naive merge models is scored; empty: no path",
+    )
+
+    @field_validator("path_ratios")
+    @classmethod
+    def _ratios(cls, ratios: list[float]) -> list[float]:
+        if ratios and (sorted(set(ratios)) != ratios or ratios[0] != 0 or ratios[-1] != 1 or len(ratios) < 3):
+            raise ValueError(f"path_ratios must rise from 0 to 1 with a point between, without repeats, got {ratios}")
+        return ratios
+
+
 class StudyRecipe(StrictConfig):
     name: str = Field(description="names the study directory, studies/<name>: a plain file name")
     random_seeds: list[int] = Field(
@@ -104,14 +129,24 @@ class StudyRecipe(StrictConfig):
         ["finetune", "zeroshot"],
         min_length=1,
         description="how every model is evaluated: full fine-tuning (the "
-        "paper's), a linear probe (frozen backbone, trained head), zero-shot retrieval",
+        "paper's), a linear probe (frozen backbone, trained head), zero-shot retrieval, the pre-training "
+        "objectives on held-out pairs",
     )
+    protocol_seeds: dict[Protocol, int] = Field(
+        {},
+        description="a protocol evaluates under the first N random_seeds only (default: all): the cheap "
+        "protocols on many seeds, fine-tuning on a subset",
+    )
+    heldout: HeldoutSpec = HeldoutSpec()
     control: bool = Field(
         True,
         description="also fine-tune a model that saw no pre-training (random weights, or the "
         "imported ViT for init: pretrained): the pre-training gain per task",
     )
-    claims: list[str] = Field(list(CLAIM_IDS), description="the paper's claims to judge")
+    claims: list[str] = Field(
+        list(CLAIM_IDS),
+        description="the paper's claims to judge (default: every claim the protocols can judge; barrier needs heldout)",
+    )
     init: Literal["random", "pretrained"] = Field(
         "random",
         description="what every pre-training run starts from: random weights, or the pretrained ViT-S/14 "
@@ -153,6 +188,18 @@ class StudyRecipe(StrictConfig):
         data = {key: _anchored(value) if key in ("data", "tokenizer") else value for key, value in data.items()}
         if isinstance(data.get("task_data"), dict):
             data["task_data"] = {task: _anchored(own) for task, own in data["task_data"].items()}
+        return data
+
+    @model_validator(mode="before")
+    @classmethod
+    def _judgeable_claims(cls, data: Any) -> Any:
+        """Without claims given, every claim the recipe's protocols can judge (barrier needs heldout)."""
+        if isinstance(data, dict) and "claims" not in data:
+            protocols = data.get("protocols", cls.model_fields["protocols"].default)
+            heldout = data.get("heldout")
+            ratios = heldout.get("path_ratios", True) if isinstance(heldout, dict) else True
+            judgeable = "heldout" in (protocols or []) and bool(ratios)
+            data = {**data, "claims": [c for c in CLAIM_IDS if c != "barrier" or judgeable]}
         return data
 
     @field_validator("name")
@@ -237,6 +284,15 @@ class StudyRecipe(StrictConfig):
                 raise ValueError(f"{name} names {repeated} more than once")
         if self.sweep_seeds is not None and self.sweep_seeds > len(self.random_seeds):
             raise ValueError(f"sweep_seeds {self.sweep_seeds} exceeds the {len(self.random_seeds)} random_seeds")
+        for protocol, count in self.protocol_seeds.items():
+            if protocol not in self.protocols:
+                raise ValueError(
+                    f"protocol_seeds names {protocol!r}, which is not among the protocols {self.protocols}"
+                )
+            if not 1 <= count <= len(self.random_seeds):
+                raise ValueError(f"protocol_seeds.{protocol} must lie in [1, {len(self.random_seeds)}], got {count}")
+        if "barrier" in self.claims and ("heldout" not in self.protocols or not self.heldout.path_ratios):
+            raise ValueError("claim barrier needs the heldout protocol and heldout.path_ratios; drop it from claims")
         if self.probe is not None and "probe" not in self.protocols:
             raise ValueError("probe settings are given but protocols has no 'probe'")
         for claim in self.claims:
@@ -257,6 +313,10 @@ class StudyRecipe(StrictConfig):
     @property
     def sweep_random_seeds(self) -> list[int]:
         return self.random_seeds[: self.sweep_seeds] if self.sweep_seeds else self.random_seeds
+
+    def protocol_random_seeds(self, protocol: str) -> list[int]:
+        """The random seeds a protocol evaluates under: the first protocol_seeds[protocol], else all."""
+        return self.random_seeds[: self.protocol_seeds.get(protocol, len(self.random_seeds))]
 
     @property
     def probe_spec(self) -> FinetuneSpec:

@@ -58,10 +58,14 @@ class _Report(Sections):
             tasks=task_data,
         )
         how = (
-            "Every score is the mean over random seeds with its 95 % interval in brackets: the wider of a "
-            "t-interval over seeds and a bootstrap over test examples. Every comparison is a paired difference "
-            "(same seed, same test examples); it reproduces the paper when its interval excludes zero in the "
-            "paper's direction, contradicts it when it excludes zero the other way, and is inconclusive otherwise."
+            "Every score is the mean over random seeds with its 95 % interval in brackets, from one two-level "
+            "bootstrap (seeds, then test examples; a test set shared by the seeds is resampled once for all of "
+            "them) and Student's t with seeds - 1 degrees of freedom. Every comparison is a paired difference "
+            "(same seed, same test examples) with an exact sign-flip test over seeds, Holm-adjusted over the "
+            "comparisons its claim rests on. It reproduces the paper when its interval excludes zero on the "
+            "paper's side and its adjusted p is below 0.05, contradicts it when that holds on the other side, "
+            "is equivalent when two one-sided tests show it within the stated margin, and is inconclusive "
+            "otherwise, with the smallest difference the run could have detected."
         )
         return [
             Heading(f"Study report: {recipe.name}", 1),
@@ -77,6 +81,7 @@ class _Report(Sections):
             ("Paper vs this run", "claims", self.claims),
             ("Pre-training gain (no-pre-training control)", "control", self.control),
             ("Baselines at equal total steps", "baseline models", self.baselines),
+            ("The path between the experts", "interpolation path", self.path),
             ("Merging methods", "merging methods", self.methods),
             ("Seed pre-training length", "seed fraction sweep", lambda: self.sweep("seed_fraction", "seed fraction")),
             ("Interpolation ratio", "interpolation ratio sweep", lambda: self.sweep("interpolation_ratio", "ratio")),

@@ -5,12 +5,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from vlmerge.study import plots
-from vlmerge.study.claims import PAPER_SEED_GAIN_VALUES, TARGET_RHO, protocol_name
+from vlmerge.study.claims import PAPER_SEED_GAIN_VALUES, TARGET_RHO, protocol_name, reason
 from vlmerge.study.recipe import MergeSpec, option_text
 from vlmerge.study.report_blocks import Block, Image, Paragraph, Table, fmt, interval
 from vlmerge.study.results import (
     MEAN,
     Claim,
+    Comparison,
     GalleryHit,
     Group,
     Mergeability,
@@ -60,8 +61,11 @@ class Sections:
         blocks += [Paragraph(f"{c.id}: {c.verdict.value}. {c.summary}") for c in claims]
         return blocks + self.comparisons(claims) + self.trends(claims)
 
+    def compared(self, c: Comparison) -> str:
+        return c.label or f"{c.a} minus {c.b}"
+
     def comparisons(self, claims: Sequence[Claim]) -> list[Block]:
-        """Every paired difference of the claims: as a forest plot, then as a table."""
+        """Every paired difference of the claims: as a forest plot, then as a table with its tests."""
         rows = [
             plots.ForestRow(
                 f"{c.task}, {protocol_name(c.protocol)}",
@@ -70,14 +74,15 @@ class Sections:
                 c.difference.low,
                 c.difference.high,
                 c.verdict.value,
-                PAPER_SEED_GAIN_VALUES.get(c.task) if claim.id == "seed" else None,
+                PAPER_SEED_GAIN_VALUES.get(c.task) if claim.id == "seed" and c.protocol != "heldout" else None,
             )
             for claim in claims
             for c in claim.comparisons
+            if c.headline
         ]
         if not rows:
             return []
-        title = "Paired differences with 95 % intervals (paper's figure: hollow diamond)"
+        title = "Headline paired differences with 95 % intervals (paper's figure: hollow diamond)"
         compared = dict.fromkeys(m for claim in claims for c in claim.comparisons for m in (c.a, c.b))
         header = [
             "claim",
@@ -86,30 +91,38 @@ class Sections:
             "task",
             "difference [95 % interval]",
             "seeds",
-            "interval from",
+            "p (sign-flip)",
+            "Holm-adjusted p",
+            "equivalence p (margin)",
+            "detectable at 80 %",
             "paper",
             "verdict",
-            "note",
         ]
         table = [
             [
-                claim.id,
-                f"{c.a} minus {c.b}",
+                claim.id + ("" if c.headline else " (per task)"),
+                self.compared(c),
                 protocol_name(c.protocol),
                 c.task,
                 interval(c.difference),
                 fmt(c.difference.seeds),
-                c.difference.source,
+                fmt(c.test.p) if c.test else "-",
+                f"{fmt(c.test.adjusted_p)} (of {c.test.family})" if c.test else "-",
+                f"{fmt(c.test.tost_p)} (±{fmt(c.test.margin)})" if c.test and c.test.tost_p is not None else "-",
+                fmt(c.test.detectable) if c.test else "-",
                 c.paper or "-",
                 c.verdict.value,
-                "protocol blind here (see the control)" if c.note else "-",
             ]
             for claim in claims
             for c in claim.comparisons
         ]
         return [
             self.plot("forest", title, lambda p: plots.forest_plot(p, title, rows, "difference")),
-            Paragraph("Models compared: " + "; ".join(f"{m} = {self.label(m)}" for m in compared) + "."),
+            Paragraph(
+                "Models compared: " + "; ".join(f"{m} = {self.label(m)}" for m in compared) + ". A difference is "
+                "oriented so that positive favours the claim (a loss enters with its sign turned). The headline rows "
+                "decide the claim; the per-task rows are a second Holm family, reported but not deciding."
+            ),
             Table(header, table),
         ]
 
@@ -123,11 +136,13 @@ class Sections:
                 protocol_name(t.protocol),
                 self.rho(t.correlation),
                 fmt(t.correlation.points),
+                fmt(t.adjusted_p) if t.adjusted_p is not None else "-",
                 t.verdict.value,
             ]
             for cid, t in trends
         ]
-        return [Table(["claim", "trend", "protocol", "Spearman rho [95 % interval]", "points", "verdict"], rows)]
+        header = ["claim", "trend", "protocol", "Spearman rho [95 % interval]", "points", "Holm-adjusted p", "verdict"]
+        return [Table(header, rows)]
 
     @staticmethod
     def rho(c: Correlation) -> str:
@@ -140,14 +155,46 @@ class Sections:
             [protocol_name(c.protocol), c.task, interval(c.difference), fmt(c.difference.seeds), c.verdict.value]
             for c in rows
         ]
-        blind = [f"{c.task} {protocol_name(c.protocol)}" for c in rows if c.verdict is not Verdict.REPRODUCED]
+        headline = [c for c in rows if c.headline]
+        blind = [protocol_name(c.protocol) for c in headline if c.verdict is not Verdict.REPRODUCED]
         text = (
             "Pre-training gain: the modality-agnostic model from scratch minus the same model with no "
-            "pre-training, each fine-tuned and evaluated alike. Where this gain is not distinguishable from zero, "
-            "the protocol cannot separate pre-training conditions on that task, and no claim about pre-training "
-            "can be decided there: " + (", ".join(blind) if blind else "none") + "."
+            "pre-training, evaluated alike (held-out loss: its fall), decided like the claims. A protocol that "
+            "cannot show this gain cannot show that two pre-training conditions are the same: there, a claim's "
+            "'no difference' reads inconclusive, never equivalent. A difference a protocol does detect stands "
+            "whatever the control shows. Protocols not shown to see pre-training: "
+            + (", ".join(blind) if blind else "none")
+            + ". "
+            + " ".join(f"{protocol_name(c.protocol)}: {reason(c)}." for c in headline)
         )
         return [Paragraph(text), Table(["protocol", "task", "gain [95 % interval]", "seeds", "verdict"], gain)]
+
+    def path(self) -> list[Block]:
+        """The held-out loss along the interpolation path between the experts, per model, with bands."""
+        if not (points := self.r.path):
+            return []
+        ratios = sorted({p.ratio for p in points})
+        models = list(dict.fromkeys(p.model for p in points))
+        by = {(p.model, p.ratio): p.loss for p in points}
+        series = {
+            self.label(m): [(e.mean, e.low, e.high) if (e := by.get((m, r))) else None for r in ratios] for m in models
+        }
+        title = "Held-out loss along the path between the experts (95 % bands)"
+        rows = [[self.label(m), *(interval(by.get((m, r))) for r in ratios)] for m in models]
+        return [
+            Paragraph(
+                "Each point merges the experts of the model's own modality-specific parent by interpolation at that "
+                "ratio (the vision expert's weight; a vision-language expert keeps its third) and scores the "
+                "pre-training objectives on held-out pairs. A path that bulges above the line between its ends has "
+                "a loss barrier: the experts are not linearly connected (the barrier claim reads its middle)."
+            ),
+            self.plot(
+                "path",
+                title,
+                lambda p: plots.sweep_bands(p, title, "vision expert's weight", ratios, series, "held-out loss (nats)"),
+            ),
+            Table(["model", *(f"ratio {fmt(r)}" for r in ratios)], rows),
+        ]
 
     def score_series(self, models: Sequence[ModelResult], protocol: str) -> dict[str, list]:
         """Per task, each model's (mean, low, high) under `protocol`, None where it has no score: what the

@@ -13,6 +13,7 @@ from enum import Enum
 from typing import Any
 
 from vlmerge.core.errors import ConfigError
+from vlmerge.study.decisions import Verdict
 from vlmerge.study.recipe import StudyRecipe
 from vlmerge.study.stats import Correlation, Estimate
 
@@ -38,16 +39,11 @@ class Group(str, Enum):
     MERGEABILITY = "mergeability"  # unmerged models the merges are compared with
 
 
-class Verdict(str, Enum):
-    REPRODUCED = "reproduced"  # the interval excludes zero in the paper's direction
-    CONTRADICTED = "contradicted"  # it excludes zero the other way
-    INCONCLUSIVE = "inconclusive"
-
-
 # The models the paper's comparisons are about.
 AGNOSTIC_SCRATCH = "agnostic-scratch"
 UNMERGED = "specific"
 NAIVE_MERGE = "naive-merge"
+NAIVE_UNMERGED = "specific-seed0-all"  # naive merging's own unmerged parent (the mergeability sweep's id too)
 SEED_MERGE = "seed-merge"
 CONTROL = "no-pretraining"
 
@@ -141,18 +137,43 @@ class ModelResult:
 
 
 @dataclass(frozen=True)
+class Test:
+    """How a paired difference was decided: its tests, and what the run could have detected."""
+
+    p: float  # exact sign-flip over seeds (parity: one-sided, against -margin)
+    adjusted_p: float  # Holm over the family of comparisons it was decided with
+    family: int  # how many comparisons that family holds
+    tost_p: float | None  # equivalence within ±margin (None: not tested)
+    margin: float | None
+    detectable: float  # the smallest difference detectable at 80 % power
+    target: float  # the difference the seed count below is for (the paper's, else the margin)
+    seeds_needed: int
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> "Test":
+        return cls(**data)
+
+
+@dataclass(frozen=True)
 class Comparison:
-    """A paired difference a − b on one task (or the mean over tasks) under one protocol."""
+    """A paired difference on one task (or the mean over tasks) under one protocol: a − b, oriented so
+    that positive favours a (a loss enters with its sign turned), or the contrast `label` names."""
 
     a: str
     b: str
     protocol: str
     task: str
-    per_seed: Mapping[int, float]  # random seed -> a's score minus b's
+    per_seed: Mapping[int, float]  # random seed -> the difference under that seed
     difference: Estimate
     verdict: Verdict
     paper: str | None = None  # the paper's figure for the nearest task, in words
     note: str = ""
+    label: str = ""  # what the difference is, where it is not a's score minus b's
+    test: Test | None = None
+    headline: bool = False  # one of the comparisons the claim's verdict is decided on
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -165,6 +186,9 @@ class Comparison:
             "verdict": self.verdict.value,
             "paper": self.paper,
             "note": self.note,
+            "label": self.label,
+            "test": self.test.to_json() if self.test else None,
+            "headline": self.headline,
         }
 
     @classmethod
@@ -179,6 +203,9 @@ class Comparison:
             Verdict(data["verdict"]),
             data["paper"],
             data["note"],
+            data.get("label", ""),
+            Test.from_json(data["test"]) if data.get("test") else None,
+            data.get("headline", False),
         )
 
 
@@ -190,6 +217,8 @@ class Trend:
     protocol: str
     correlation: Correlation
     verdict: Verdict
+    p: float | None = None  # Spearman's test of rho = 0
+    adjusted_p: float | None = None  # Holm over the claim's trends that decide it
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -197,11 +226,20 @@ class Trend:
             "protocol": self.protocol,
             "correlation": self.correlation.to_json(),
             "verdict": self.verdict.value,
+            "p": self.p,
+            "adjusted_p": self.adjusted_p,
         }
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> "Trend":
-        return cls(data["name"], data["protocol"], Correlation.from_json(data["correlation"]), Verdict(data["verdict"]))
+        return cls(
+            data["name"],
+            data["protocol"],
+            Correlation.from_json(data["correlation"]),
+            Verdict(data["verdict"]),
+            data.get("p"),
+            data.get("adjusted_p"),
+        )
 
 
 @dataclass(frozen=True)
@@ -347,6 +385,22 @@ class Mergeability:
 
 
 @dataclass(frozen=True)
+class PathPoint:
+    """A point of the interpolation path between a model's experts: its held-out loss at one ratio."""
+
+    model: str  # the merged model whose experts the path joins (seed + merge, naive merge)
+    ratio: float  # the vision expert's weight
+    loss: Estimate
+
+    def to_json(self) -> dict[str, Any]:
+        return {"model": self.model, "ratio": self.ratio, "loss": self.loss.to_json()}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> "PathPoint":
+        return cls(data["model"], data["ratio"], Estimate.from_json(data["loss"]))
+
+
+@dataclass(frozen=True)
 class GalleryHit:
     caption: str
     score: float
@@ -398,6 +452,7 @@ class StudyResults:
     gallery: tuple[GalleryEntry, ...] = ()
     timing: Timing | None = None
     claims: tuple[Claim, ...] = ()
+    path: tuple[PathPoint, ...] = ()
 
     def model(self, model_id: str) -> ModelResult:
         if model_id not in self.models:
@@ -431,6 +486,7 @@ class StudyResults:
             "gallery": [entry.to_json() for entry in self.gallery],
             "timing": timing,
             "claims": [claim.to_json() for claim in self.claims],
+            "path": [point.to_json() for point in self.path],
         }
 
     @classmethod
@@ -450,6 +506,7 @@ class StudyResults:
                 tuple(map(GalleryEntry.from_json, data["gallery"])),
                 timing,
                 tuple(map(Claim.from_json, data["claims"])),
+                tuple(map(PathPoint.from_json, data.get("path", ()))),
             )
         except (KeyError, TypeError, ValueError) as error:
             raise ConfigError(f"not a study results file: {type(error).__name__} {error}") from None

@@ -18,6 +18,7 @@ from vlmerge.merging.regmean_pp import SequentialOptions
 from vlmerge.study.results import GalleryEntry
 from vlmerge.tasks.base import Evaluation
 from vlmerge.training.config import FinetuneConfig, PretrainConfig, TokenizerConfig
+from vlmerge.training.objectives import ObjectiveWeights
 
 M = TypeVar("M", bound=StrictConfig)
 
@@ -93,6 +94,22 @@ class ZeroShotSettings(StrictConfig):
     data: DataConfig
 
 
+class HeldoutSettings(StrictConfig):
+    """The pre-training objectives on a held-out split (`tasks.heldout`): the recipe's objective weights,
+    the same for every model, so that the models' values pair up pair by pair."""
+
+    data: DataConfig
+    split: str
+    batch_size: int
+    objectives: ObjectiveWeights
+
+
+class PathSettings(HeldoutSettings):
+    """The held-out objectives of the interpolation merge of a specific model's experts at each ratio."""
+
+    ratios: tuple[float, ...]
+
+
 class MergeabilitySettings(StrictConfig):
     """Distances between a specific model's experts depend on nothing but that model."""
 
@@ -139,6 +156,12 @@ class EvaluationOutput(StrictConfig):
     @classmethod
     def of(cls, evaluation: Evaluation) -> Self:
         return cls(metrics=evaluation.metrics, samples=evaluation.samples)
+
+
+class PathOutput(StrictConfig):
+    """Per ratio (as text, e.g. '0.25'), the held-out objectives of the merge at that ratio."""
+
+    points: dict[str, EvaluationOutput]
 
 
 class DistancesOutput(StrictConfig):
