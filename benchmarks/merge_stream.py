@@ -5,8 +5,9 @@ Usage: python benchmarks/merge_stream.py [--size base] [--methods interpolation 
        [--no-mergekit] [--workdir DIR]
 Every registered method family is timed (`--methods` chooses); the statistics-based ones get
 synthetic inputs (identity Gram matrices, random Fisher diagonals), since their cost is the merge's.
-Goals (issue): no method slower than mergekit's counterpart; interpolation within 1.5x a durable
-copy of the file; RegMean's peak RSS at most 0.3x the checkpoint file.
+Goals: no method slower than mergekit's counterpart; interpolation within 1.5x a durable copy of the
+file; RegMean's peak RSS at most 0.3x the checkpoint file; each SVD method (tsv, iso_c, iso_cts) at
+most 0.5x FusionBench's own function on the same tensors and at most 5x the durable copy.
 
 Two copies anchor the time: a plain copy (the kernel copies the bytes, nothing reaches the disk
 before the command returns) and a durable copy written the way every vlmerge output is
@@ -20,15 +21,28 @@ The experts are the seed plus a small perturbation each (as fine-tuning leaves t
 modality vectors are small and dense, as in practice. mergekit (benchmarks/support/mergekit_side.py)
 gets each expert as a model directory and the seed as its base model, the same options where both
 have them; where the two define a method differently, the note under the table says how.
+
+The SVD methods are also timed in this process beside FusionBench's functions (fusion-bench 0.2.33,
+installed with --no-deps; its two pure-torch files are loaded by path): the same task vectors of every
+expert group, ours through the registered function on one thread (as the engine runs it), FusionBench's
+on the tensors' dtype (float32, as it runs on this checkpoint) at the process's thread count, one after
+the other in each run. Agreement is max |ours - FusionBench| / max |FusionBench| over the merged modality
+vectors, against FusionBench on float64 copies of the same vectors (`--reference-float64`, once).
 """
 
 import argparse
+import contextlib
+import importlib.util
+import io
 import json
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
+import time
+import types
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,15 +53,23 @@ from support.mergekit_side import CHILD as MERGEKIT_CHILD
 from support.mergekit_side import MergekitMethod, output_file, write_models
 
 from vlmerge.core.keys import parse_block_path
+from vlmerge.core.threads import one_thread
 from vlmerge.io.checkpoint import file_sha256, open_checkpoint
 from vlmerge.io.grams import save_grams
 from vlmerge.io.statistics import save_fisher
+from vlmerge.merging import MERGE_METHODS, MergeInputs
 from vlmerge.merging.grams import gram_modules
-from vlmerge.merging.plan import expand_to_experts
+from vlmerge.merging.plan import expand_to_experts, merged_key, parse_expert_key
 from vlmerge.merging.regmean_pp import SEQUENTIAL, SequentialOptions
 from vlmerge.models import VLTransformer, model_config, save_model
 
-GOALS = {"copy": 1.5, "regmean_memory": 0.3}
+GOALS = {"copy": 1.5, "regmean_memory": 0.3, "svd_reference": 0.5, "svd_copy": 5.0}
+# FusionBench's function for each SVD method: (file under fusion_bench/, function, options).
+FUSION_BENCH = {
+    "tsv": ("method/task_singular_vector/utils/TSVM_utils.py", "compute_and_sum_svd_mem_reduction", {}),
+    "iso_c": ("method/isotropic_merging/iso_utils.py", "iso_c", {}),
+    "iso_cts": ("method/isotropic_merging/iso_utils.py", "iso_cts", {"common_space_fraction": 0.8}),
+}
 RANDOM_SEED = 0
 # VmHWM, not ru_maxrss: ru_maxrss survives exec and would include the forked parent's image.
 PEAK_RSS = "int(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1]) * 1024"
@@ -262,6 +284,93 @@ def agreement(ours: Path, theirs: Path) -> float:
     return difference / scale if scale else difference
 
 
+def fusion_bench_function(method: str) -> Callable | None:
+    """FusionBench's function for `method`, loaded from its file with the two imports it needs stubbed
+    (`import fusion_bench` pulls in lightning and omegaconf); None where fusion-bench is not installed."""
+    spec = importlib.util.find_spec("fusion_bench")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    relative, name, _ = FUSION_BENCH[method]
+    path = Path(spec.submodule_search_locations[0]) / relative
+    stubs = {name: types.ModuleType(name) for name in ("fusion_bench", "fusion_bench.utils", "fusion_bench.utils.type")}
+    stubs["fusion_bench.utils"].timeit_context = lambda *args, **kwargs: contextlib.nullcontext()
+    stubs["fusion_bench.utils.type"].StateDictType = dict
+    saved = {key: sys.modules.get(key) for key in stubs}
+    sys.modules.update(stubs)
+    try:
+        module = importlib.util.module_from_spec(importlib.util.spec_from_file_location(path.stem, path))
+        module.__spec__.loader.exec_module(module)
+    finally:
+        for key, previous in saved.items():
+            if previous is None:
+                sys.modules.pop(key, None)
+            else:
+                sys.modules[key] = previous
+    return getattr(module, name)
+
+
+@dataclass
+class Groups:
+    """Every merged group of the checkpoint: its experts' tensors and the seed's, by merged key."""
+
+    experts: dict[str, dict[str, torch.Tensor]]
+    origin: dict[str, torch.Tensor]
+
+    @classmethod
+    def read(cls, source: Path, seed: Path) -> "Groups":
+        a, b = open_checkpoint(source), open_checkpoint(seed)
+        experts: dict[str, dict[str, torch.Tensor]] = {}
+        for key in a.keys:
+            path = parse_expert_key(key)
+            if path is not None:
+                experts.setdefault(merged_key(key), {})[path.modality.value] = a.get(key)
+        experts = {key: ws for key, ws in experts.items() if len(ws) > 1}
+        return cls(experts, {key: b.get(key) for key in experts})
+
+    def task_vectors(self, dtype: torch.dtype) -> list[list[dict[str, torch.Tensor]]]:
+        """FusionBench's input, one call per set of experts: a list of task-vector state dicts."""
+        by_experts: dict[tuple[str, ...], dict[str, dict[str, torch.Tensor]]] = {}
+        for key, ws in self.experts.items():
+            by_experts.setdefault(tuple(ws), {})[key] = ws
+        return [
+            [{key: ws[m].to(dtype) - self.origin[key].to(dtype) for key, ws in groups.items()} for m in modalities]
+            for modalities, groups in by_experts.items()
+        ]
+
+
+def ours_svd(method: str, groups: Groups, dtype: torch.dtype) -> tuple[float, dict[str, torch.Tensor]]:
+    """Seconds to merge every group as the engine does (one thread, FusionBench's mean for the other tensors),
+    and the merged modality vectors (float64)."""
+    entry = MERGE_METHODS.get(method)
+    options = entry.options.parse({"lam": 1.0, "non_matrix": "mean"})
+    merged = {}
+    start = time.perf_counter()
+    with one_thread():
+        for key, ws in groups.experts.items():
+            inputs = MergeInputs(key, {m: w.to(dtype) for m, w in ws.items()}, origin=groups.origin[key].to(dtype))
+            merged[key] = entry.fn(inputs, options)
+    seconds = time.perf_counter() - start
+    return seconds, {key: value.double() - groups.origin[key].double() for key, value in merged.items()}
+
+
+def reference_svd(method: str, function: Callable, groups: Groups, dtype: torch.dtype) -> tuple[float, dict]:
+    """Seconds for FusionBench's function over every group (its per-key printing silenced), and its result."""
+    batches = groups.task_vectors(dtype)
+    merged = {}
+    start = time.perf_counter()
+    with contextlib.redirect_stdout(io.StringIO()):
+        for task_vectors in batches:
+            merged.update(function(task_vectors, accelerator="cpu", **FUSION_BENCH[method][2]))
+    return time.perf_counter() - start, merged
+
+
+def relative_difference(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor]) -> float:
+    """max |ours - theirs| / max |theirs| over the merged 2-D modality vectors."""
+    keys = [key for key in ours if ours[key].ndim == 2]
+    difference = max(float((ours[k] - theirs[k].double()).abs().max()) for k in keys)
+    return difference / max(float(theirs[k].double().abs().max()) for k in keys)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", default="base")
@@ -275,6 +384,14 @@ def main() -> None:
     )
     parser.add_argument("--no-mergekit", action="store_true", help="vlmerge and the copies only")
     parser.add_argument("--workdir", default=None)
+    parser.add_argument(
+        "--no-fusion-bench", action="store_true", help="skip the SVD methods' in-process comparison with FusionBench"
+    )
+    parser.add_argument(
+        "--reference-float64",
+        action="store_true",
+        help="also run FusionBench once on float64 vectors and report the agreement against it",
+    )
     args = parser.parse_args()
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="vlmerge-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
@@ -293,6 +410,11 @@ def main() -> None:
     ours = {name: Samples() for name in methods}
     theirs = {name: Samples() for name, m in methods.items() if m.mergekit and use_mergekit}
     agree: dict[str, float] = {}
+    references = {}
+    if not args.no_fusion_bench:
+        functions = {name: fusion_bench_function(name) for name in methods if name in FUSION_BENCH}
+        references = {name: (function, Samples(), Samples(), {}) for name, function in functions.items() if function}
+        groups = Groups.read(source, seed) if references else None
     for run in range(args.runs):
         for task, samples in copies.items():
             out = fresh(workdir / f"{task}.safetensors")
@@ -312,8 +434,22 @@ def main() -> None:
                 )
                 if run == 0:
                     agree[name] = agreement(out, output_file(their_out))
+        for name, (function, our_side, their_side, differences) in references.items():
+            seconds, merged = ours_svd(name, groups, torch.float32)
+            our_side.seconds.append(seconds)
+            seconds, theirs_merged = reference_svd(name, function, groups, torch.float32)
+            their_side.seconds.append(seconds)
+            if run == 0:
+                differences["fusion_bench float32"] = relative_difference(merged, theirs_merged)
+                if args.reference_float64:
+                    exact = reference_svd(name, function, groups, torch.float64)[1]
+                    differences["fusion_bench float64"] = relative_difference(
+                        ours_svd(name, groups, torch.float64)[1], exact
+                    )
+                    differences["its float32 vs its float64"] = relative_difference(theirs_merged, exact)
         print(f"run {run + 1}/{args.runs} done", file=sys.stderr)
     report(args, file_bytes, copies, ours, theirs, agree, methods)
+    report_references(references, copies["durable-copy"].time(), ours)
     if args.workdir is None:
         shutil.rmtree(workdir)
 
@@ -352,6 +488,32 @@ def report(args, file_bytes, copies, ours, theirs, agree, methods) -> None:
         for name in theirs:
             print(f"  {name} vs {methods[name].mergekit.name} (agreement {agree[name]:.1e}): {methods[name].note}")
         print("  mergekit does not fsync its output; vlmerge's times include making the file durable")
+
+
+def report_references(references: dict, durable: float, ours: dict[str, Samples]) -> None:
+    """The SVD methods beside FusionBench's functions on the same tensors, in this process."""
+    if not references:
+        return
+    print(
+        f"SVD methods beside FusionBench 0.2.33 on the same task vectors (ours on 1 thread, FusionBench on "
+        f"{torch.get_num_threads()}), median [range]; the merge's whole time (file to file) against the durable copy:"
+    )
+    verdicts = []
+    for name, (_, our_side, their_side, differences) in references.items():
+        ratio = our_side.time() / their_side.time()
+        agreement = ", ".join(f"{value:.1e} vs {what}" for what, value in differences.items())
+        print(
+            f"  {name:<8} ours {our_side.time_text()}  FusionBench {their_side.time_text()}  {ratio:.2f}x;"
+            f" whole merge {ours[name].time() / durable:.2f}x the copy; agreement {agreement}"
+        )
+        verdicts.append(
+            (f"{name} <= {GOALS['svd_reference']}x FusionBench ({ratio:.2f}x)", ratio <= GOALS["svd_reference"])
+        )
+        copy_ratio = ours[name].time() / durable
+        verdicts.append(
+            (f"{name} <= {GOALS['svd_copy']}x the durable copy ({copy_ratio:.2f}x)", copy_ratio <= GOALS["svd_copy"])
+        )
+    print("goals: " + "; ".join(f"{text}: {'met' if met else 'MISSED'}" for text, met in verdicts))
 
 
 if __name__ == "__main__":

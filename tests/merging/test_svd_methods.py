@@ -314,18 +314,26 @@ def test_every_svd_method_has_a_fusion_bench_reference():
 
 @pytest.mark.parametrize("method", sorted(FUSION_BENCH))
 @pytest.mark.parametrize("modalities", [(V, L), (V, L, VL)])
-@pytest.mark.parametrize("shape", [(16, 10), (10, 16)])
-def test_matches_fusion_bench_on_full_rank_vectors(method, modalities, shape, capsys):
-    """FusionBench averages tensors that are not 2-D, our non_matrix=mean; on full-rank inputs the two agree."""
+@pytest.mark.parametrize("shape", [(16, 10), (10, 16), (48, 32), (32, 48)])
+@pytest.mark.parametrize("decay", [0.0, 4.0])
+def test_matches_fusion_bench_on_full_rank_vectors(method, modalities, shape, decay, capsys):
+    """FusionBench averages tensors that are not 2-D, our non_matrix=mean; on full-rank inputs the two agree,
+    to 1e-9 of the merged vector where the vectors' spectra are flat, to 1e-7 where they fall over 4 decades
+    (Iso-C's sum then beyond what a Gram matrix resolves, taking the full SVD; Iso-CTS's small task-specific
+    directions are then determined only to about 1e-8, by FusionBench's float64 SVDs as by ours)."""
     file, name = FUSION_BENCH[method]
     reference = getattr(fusion_bench_module(file), name)
     weights = {
         key: experts(modalities, dims, seed=20 + i) for i, (key, dims) in enumerate({"w": shape, "b": (5,)}.items())
     }
+    ws, origin = weights["w"]
+    columns = torch.logspace(0.0, -decay, shape[1], dtype=torch.float64)  # scaled columns: a falling spectrum
+    weights["w"] = ({m: origin + (w - origin) * columns for m, w in ws.items()}, origin)
     task_vectors = [{key: ws[m] - origin for key, (ws, origin) in weights.items()} for m in modalities]
     extra = {"common_space_fraction": 0.8} if method == "iso_cts" else {}
     expected = reference(task_vectors, accelerator="cpu", **extra)
     for key, (ws, origin) in weights.items():
         merged = run(method, MergeInputs(key, ws, origin=origin), lam=1.0, non_matrix="mean")
-        torch.testing.assert_close(merged - origin, expected[key], rtol=1e-9, atol=1e-9)
+        scale = float(expected[key].abs().max())
+        torch.testing.assert_close(merged - origin, expected[key], rtol=0, atol=(1e-7 if decay else 1e-9) * scale)
     capsys.readouterr()  # FusionBench prints per key

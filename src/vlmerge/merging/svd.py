@@ -5,7 +5,11 @@ tau_m = theta_m - theta_0 (TSV-M) or of their sum (Iso-C, Iso-CTS). Tensors that
 (biases, norms, layer scales) have no singular basis: they combine by `non_matrix`, the sum (task
 arithmetic, the default) or the mean (what the papers' code does), then are scaled by the same lam.
 
-Every SVD runs in float64 on the tensor's device, and the result comes back in the experts' dtype.
+Everything runs in float64 on the tensor's device, and the result comes back in the experts' dtype. The
+decompositions come from Gram matrices (an (in, in) or (out, out) eigendecomposition costs a third of an SVD
+of the vector) wherever the singular values kept are resolved by them (above 1e-8 of the largest, squared),
+and the polar factors of the stacked bases from the small blocks that couple them (TSV's two bases, Iso-CTS's
+task-specific ones beside the common one); elsewhere from the full SVD. Both give the same merge to about 1e-8.
 A singular direction whose singular value is numerically zero carries no weight and its basis is
 whatever LAPACK picks, so it is dropped everywhere: a rank-deficient vector keeps only its rank, and
 a stacked basis that repeats a direction (identical experts) is orthogonalised on its range. On
@@ -29,6 +33,9 @@ COMPUTE_DTYPE = torch.float64
 # A singular value below this fraction of the largest is zero: far below float32's rounding of any stored
 # weight (6e-8), far above float64's rounding of an exact zero, so duplicated directions are found reliably.
 ZERO_SINGULAR_VALUE = 1e-10
+# The fast path decomposes the Gram matrix (float64), whose eigenvalues carry rounding of about 1e-16 of the
+# largest: one above 1e-8 of the largest is resolved to about 1e-8, and below that the exact SVD is taken.
+RESOLVED = 1e-8
 NonMatrix = Literal["sum", "mean"]
 NON_MATRIX = "how tensors that are not 2-D combine: sum (task arithmetic) or mean (the papers' code)"
 LAM = "scale of the merged modality vector"
@@ -45,7 +52,34 @@ class Components(NamedTuple):
         return Components(self.u[:, :k], self.s[:k], self.vh[:k])
 
 
-def singular_components(matrix: torch.Tensor, target: str) -> Components:
+def linalg_error(target: str, what: str, matrix: torch.Tensor, error: Exception) -> MergeError:
+    return MergeError(f"{target}: {what} of a {list(matrix.shape)} modality vector failed ({error})")
+
+
+def eigh_descending(gram: torch.Tensor, target: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenvalues (descending) and eigenvectors of a symmetric matrix."""
+    try:
+        values, vectors = torch.linalg.eigh(gram)
+    except torch.linalg.LinAlgError as error:
+        raise linalg_error(target, "eigendecomposition", gram, error) from None
+    return values.flip(0), vectors.flip(1)
+
+
+def gram_eigh(tall: torch.Tensor, target: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenvalues (descending) and eigenvectors of tall^T tall: the squared singular values and the right
+    singular vectors of a (long, short) matrix, at a fraction of an SVD's cost."""
+    return eigh_descending(tall.mT @ tall, target)
+
+
+def resolved(values: torch.Tensor, count: int, scale: torch.Tensor | None = None) -> bool:
+    """Whether the first `count` Gram eigenvalues (descending) stand clear of the Gram's rounding."""
+    if count == 0:
+        return True
+    largest = values[0] if scale is None else scale
+    return bool(values[count - 1] > RESOLVED * largest)
+
+
+def exact_components(matrix: torch.Tensor, target: str) -> Components:
     """The thin SVD of `matrix`, without the directions whose singular value is numerically zero.
     A wide matrix is decomposed as its transpose (LAPACK is about 3x faster on a tall 3072 x 768)."""
     wide = matrix.shape[0] < matrix.shape[1]
@@ -54,17 +88,41 @@ def singular_components(matrix: torch.Tensor, target: str) -> Components:
         if wide:
             u, vh = vh.mT, u.mT
     except torch.linalg.LinAlgError as error:
-        raise MergeError(f"{target}: SVD of a {list(matrix.shape)} modality vector failed ({error})") from None
+        raise linalg_error(target, "SVD", matrix, error) from None
     largest = s[:1].sum()  # s is sorted, descending; 0 for an empty matrix
     rank = int((s > largest * ZERO_SINGULAR_VALUE).sum())
     return Components(u, s, vh).top(rank)
 
 
+def singular_components(matrix: torch.Tensor, target: str, keep: int | None = None) -> Components:
+    """The top `keep` (all if None) singular triplets of `matrix`, without the numerically zero ones.
+    From the Gram matrix's eigendecomposition where the kept values are resolved (a third of an SVD's
+    time), else from the SVD itself."""
+    out, inp = matrix.shape
+    k = min(out, inp) if keep is None else min(keep, out, inp)
+    if k == 0:
+        return Components(matrix.new_zeros(out, 0), matrix.new_zeros(0), matrix.new_zeros(0, inp))
+    tall = out >= inp
+    a = matrix if tall else matrix.mT  # (long, short)
+    values, vectors = gram_eigh(a, target)
+    if not resolved(values, k):
+        return exact_components(matrix, target).top(k)
+    s, v = values[:k].sqrt(), vectors[:, :k]
+    u = (a @ v) / s  # (long, k)
+    return Components(u, s, v.mT) if tall else Components(v, s, u.mT)
+
+
 def orthonormal_factor(basis: torch.Tensor, target: str) -> torch.Tensor:
     """The nearest matrix with orthonormal columns (or rows) on `basis`'s range: P Q^T for basis = P S Q^T,
-    as TSV orthogonalises its stacked bases (the polar factor)."""
-    p, _, qh = singular_components(basis, target)
-    return p @ qh
+    as TSV orthogonalises its stacked bases (the polar factor), here basis (basis^T basis)^(-1/2)."""
+    tall = basis.shape[0] >= basis.shape[1]
+    b = basis if tall else basis.mT
+    values, vectors = gram_eigh(b, target)
+    if not resolved(values, len(values)):
+        p, _, qh = exact_components(basis, target)
+        return p @ qh
+    factor = b @ ((vectors * values.rsqrt()) @ vectors.mT)
+    return factor if tall else factor.mT
 
 
 def recombine(parts: Sequence[Components], s: torch.Tensor | None, target: str) -> torch.Tensor:
@@ -120,7 +178,29 @@ def kept_components(rank: int, share: float) -> int:
 def tsv_matrix(vectors: Sequence[torch.Tensor], share: float | None, target: str) -> torch.Tensor:
     """Each vector's top singular components, stacked, both bases orthogonalised, the singular values kept."""
     k = kept_components(min(vectors[0].shape), share if share is not None else 1.0 / len(vectors))
-    return recombine([singular_components(v, target).top(k) for v in vectors], None, target)
+    parts = [singular_components(v, target, k) for v in vectors]
+    if len(parts) == 2 and all(len(part.s) == k for part in parts):
+        left = polar_of_two_orthonormal(parts[0].u, parts[1].u, target)
+        right = polar_of_two_orthonormal(parts[0].vh.mT, parts[1].vh.mT, target)
+        if left is not None and right is not None:
+            return (left * torch.cat([part.s for part in parts])) @ right.mT
+    return recombine(parts, None, target)
+
+
+def polar_of_two_orthonormal(b: torch.Tensor, q: torch.Tensor, target: str) -> torch.Tensor | None:
+    """The polar factor of the columns [b, q], each block orthonormal, or None where it is not resolved.
+    With q^T b = a diag(sigma) h, the stack's Gram matrix has eigenvalues 1 +- sigma on [h^T e_i; +-a e_i] / sqrt(2)
+    (and 1 elsewhere), so its inverse square root needs only that SVD, not the stack's eigendecomposition."""
+    try:
+        a, sigma, h = torch.linalg.svd(q.mT @ b, full_matrices=False)  # (kq, m), (m,), (m, kb)
+    except torch.linalg.LinAlgError as error:
+        raise linalg_error(target, "SVD", b, error) from None
+    if sigma.numel() and not bool(1 - sigma[0] > RESOLVED * (1 + sigma[0])):
+        return None  # the blocks share a direction: the stack is (nearly) rank-deficient
+    plus, minus = (1 + sigma).rsqrt() - 1, (1 - sigma).rsqrt() - 1
+    even, odd = (plus + minus) / 2, (plus - minus) / 2
+    bh, qa = b @ h.mT, q @ a  # (d, m) each
+    return torch.cat([b + (bh * even + qa * odd) @ h, q + (bh * odd + qa * even) @ a.mT], dim=1)
 
 
 @register_method("tsv", TsvOptions, needs_origin=True, per_expert=("lam",))
@@ -138,8 +218,17 @@ class IsoCOptions(StrictConfig):
 
 
 def iso_c_matrix(vectors: Sequence[torch.Tensor], target: str) -> torch.Tensor:
-    """U diag(mean sigma) V^T of the summed vector: every singular direction of the sum gets the same weight."""
-    u, s, vh = singular_components(torch.stack(list(vectors)).sum(dim=0), target)
+    """U diag(mean sigma) V^T of the summed vector: every singular direction of the sum gets the same weight.
+    For a full-rank sum that is mean(sigma) times its polar factor, total (total^T total)^(-1/2)."""
+    total = torch.stack(list(vectors)).sum(dim=0)
+    tall = total.shape[0] >= total.shape[1]
+    a = total if tall else total.mT  # (long, short)
+    values, w = gram_eigh(a, target)
+    if resolved(values, len(values)):
+        s = values.sqrt()
+        merged = a @ ((w * (s.mean() / s)) @ w.mT)
+        return merged if tall else merged.mT
+    u, s, vh = exact_components(total, target)
     if s.numel() == 0:
         return torch.zeros_like(vectors[0])
     return (u * s.mean()) @ vh
@@ -172,13 +261,110 @@ def iso_cts_matrix(vectors: Sequence[torch.Tensor], common_share: float, target:
     """The sum's top subspace plus each vector's top components outside its column space, orthogonalised
     together, every direction with the mean of their singular values."""
     common_size, per_expert = subspace_sizes(min(vectors[0].shape), len(vectors), common_share)
-    common = singular_components(torch.stack(list(vectors)).sum(dim=0), target).top(common_size)
+    total = torch.stack(list(vectors)).sum(dim=0)
+    split = iso_cts_tall if total.shape[0] >= total.shape[1] else iso_cts_wide
+    resolved_bases = split(total, vectors, common_size, per_expert, target)
+    if resolved_bases is not None:
+        left, values, right = resolved_bases
+        return (left * values.mean()) @ right.mT
+    common = singular_components(total, target, common_size)
     specific = [
-        singular_components(v - common.u @ (common.u.T @ v), target).top(per_expert) for v in vectors
+        singular_components(v - common.u @ (common.u.T @ v), target, per_expert) for v in vectors
     ]  # each (out, <= per_expert), orthogonal to the common column space
     parts = [*specific, common]
     values = torch.cat([part.s for part in parts])
     return recombine(parts, values.mean().expand_as(values), target)
+
+
+Bases = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # orthogonalised left (out, r), values (r,), right (in, r)
+
+
+def iso_cts_tall(
+    total: torch.Tensor, vectors: Sequence[torch.Tensor], common_size: int, per_expert: int, target: str
+) -> Bases | None:
+    """Iso-CTS's orthogonalised bases for out >= in, from (in, in) Gram matrices; None where a kept value is
+    not resolved. Each vector's part outside the common column space, tau - u_c y with y = u_c^T tau, has
+    the Gram matrix tau^T tau - y^T y; its left vectors are orthogonal to u_c, so the left stack is
+    orthogonalised block by block."""
+    values, w = gram_eigh(total, target)
+    if not resolved(values, common_size):
+        return None
+    s_c, v_c = values[:common_size].sqrt(), w[:, :common_size]
+    u_c = (total @ v_c) / s_c  # (out, kc)
+    us, vs, ss = [], [], []
+    for tau in vectors:
+        y = u_c.mT @ tau  # (kc, in)
+        gram = tau.mT @ tau
+        scale = gram.diagonal().sum()  # ||tau||^2: the subtraction's rounding is relative to it
+        values_t, w_t = eigh_descending(gram - y.mT @ y, target)
+        if not resolved(values_t, per_expert, scale):
+            return None
+        s, v = values_t[:per_expert].sqrt(), w_t[:, :per_expert]
+        us.append((tau @ v - u_c @ (y @ v)) / s)  # (out, p)
+        vs.append(v)
+        ss.append(s)
+    specific = torch.cat(us, dim=1)
+    left = torch.cat([orthonormal_factor(specific, target), u_c], dim=1) if per_expert else u_c
+    right = polar_beside_orthonormal(torch.cat(vs, dim=1), v_c, target)
+    return None if right is None else (left, torch.cat([*ss, s_c]), right)
+
+
+def iso_cts_wide(
+    total: torch.Tensor, vectors: Sequence[torch.Tensor], common_size: int, per_expert: int, target: str
+) -> Bases | None:
+    """Iso-CTS's orthogonalised bases for out < in, from (out, out) Gram matrices; None where a kept value is
+    not resolved. The sum's left vectors past the common ones span the rest of the column space, u_perp
+    (out, M p): each vector's part outside the common space is u_perp z with z = u_perp^T tau (M p, in)."""
+    values, w = gram_eigh(total.mT, target)
+    if not resolved(values, common_size):
+        return None
+    s_c, u_c, u_perp = values[:common_size].sqrt(), w[:, :common_size], w[:, common_size:]
+    v_c = (total.mT @ u_c) / s_c  # (in, kc)
+    coordinates, vs, ss = [], [], []
+    for tau in vectors:
+        z = u_perp.mT @ tau  # (M p, in)
+        values_z, a = gram_eigh(z.mT, target)
+        if not resolved(values_z, per_expert):
+            return None
+        s, a = values_z[:per_expert].sqrt(), a[:, :per_expert]
+        coordinates.append(a)  # (M p, p): left vectors u_perp a
+        vs.append((z.mT @ a) / s)  # (in, p)
+        ss.append(s)
+    if per_expert:
+        left = torch.cat([u_perp @ orthonormal_factor(torch.cat(coordinates, dim=1), target), u_c], dim=1)
+    else:
+        left = u_c
+    right = polar_beside_orthonormal(torch.cat(vs, dim=1), v_c, target)
+    return None if right is None else (left, torch.cat([*ss, s_c]), right)
+
+
+def polar_beside_orthonormal(b: torch.Tensor, q: torch.Tensor, target: str) -> torch.Tensor | None:
+    """The polar factor of the columns [b, q], q orthonormal (d, cq), b (d, cb) few: None where it is not
+    resolved. Their Gram matrix is I + E with E = [[b^T b - I, c^T], [c, 0]], c = q^T b = a diag(sigma) h^T,
+    of rank at most 2 cb: E = Z F Z^T on Z = diag(I, a), so (I + E)^(-1/2) = I + Z W ((1 + phi)^(-1/2) - 1) W^T Z^T
+    from the eigendecomposition F = W diag(phi) W^T of size cb + min(cq, cb), not of the whole stack."""
+    cb = b.shape[1]
+    if cb == 0:
+        return q
+    if q.shape[1] == 0:
+        return orthonormal_factor(b, target)
+    try:
+        a, sigma, h = torch.linalg.svd(q.mT @ b, full_matrices=False)  # (cq, m), (m,), (m, cb)
+    except torch.linalg.LinAlgError as error:
+        raise linalg_error(target, "SVD", b, error) from None
+    m = sigma.numel()
+    off = h.mT * sigma  # (cb, m)
+    f = b.new_zeros(cb + m, cb + m)
+    f[:cb, :cb] = b.mT @ b - torch.eye(cb, dtype=b.dtype, device=b.device)
+    f[:cb, cb:] = off
+    f[cb:, :cb] = off.mT
+    phi, w = eigh_descending(f, target)
+    gram_values = 1 + phi  # the stack's Gram eigenvalues on Z's range; 1 elsewhere
+    if not bool(gram_values[-1] > RESOLVED * gram_values[0].clamp(min=1)):
+        return None
+    k = (w * (gram_values.rsqrt() - 1)) @ w.mT  # (cb + m, cb + m)
+    correction = torch.cat([b, q @ a], dim=1) @ k  # [b, q] Z K: (d, cb + m)
+    return torch.cat([b + correction[:, :cb], q + correction[:, cb:] @ a.mT], dim=1)
 
 
 @register_method("iso_cts", IsoCtsOptions, needs_origin=True, per_expert=("lam",))
