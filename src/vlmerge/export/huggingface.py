@@ -18,6 +18,8 @@ equals `model.pool`; pre-training trains it on the fused image-text output, ITM)
 such pooler (its `pooler_output` is the first token of `last_hidden_state`): ours is left out.
 Refused, in one error: a multiway model (merge it first; its final norms may be per modality
 too), sub-LN inside attention and FFN (BEiT-3), and block weights the export would not carry.
+A checkpoint with a segmentation head exports with it as BeitForSemanticSegmentation
+(`vlmerge.export.segmentation`), or is refused there.
 
 Weights are written in float32. The module names filled are those of transformers >= 5 (whose
 `save_pretrained` writes the classic key names, so the folder also reads in older versions).
@@ -83,7 +85,7 @@ BLOCK_NORMS_AND_MLP = ("norm1.weight", "norm1.bias", "norm2.weight", "norm2.bias
 @dataclass(frozen=True)
 class HFExport:
     path: Path
-    architecture: str  # "ViTModel" or "BeitModel"
+    architecture: str  # "ViTModel", "BeitModel" or "BeitForSemanticSegmentation"
     transformers_version: str
     max_abs_difference: float | None  # of the features on random images at export; None: not verified
 
@@ -122,25 +124,43 @@ def image_tower(config: ModelConfig, state: Mapping[str, torch.Tensor]) -> "PreT
     return model.eval()
 
 
-def export_hf(checkpoint: str | os.PathLike, out: str | os.PathLike, verify: bool = True) -> HFExport:
+def export_hf(
+    checkpoint: str | os.PathLike, out: str | os.PathLike, verify: bool = True, task_head: bool = True
+) -> HFExport:
     """Write the image tower of a merged checkpoint as a transformers model folder `out`
-    (config.json, model.safetensors, README.md), atomically; `verify` compares its features with
+    (config.json, model.safetensors, README.md), atomically; `verify` compares its outputs with
     ours on random images first and refuses a difference above VERIFY_TOLERANCE, or one not finite.
+    A checkpoint with a segmentation head exports with it, as BeitForSemanticSegmentation (see
+    `vlmerge.export.segmentation`), or is refused; `task_head=False` exports its image tower alone.
     The checkpoint is opened once: the hash in the README is of the file the weights were read from."""
+    from vlmerge.export import segmentation  # built on this module's BEiT mapping, so imported here
+
     out = check_output_folder(out, checkpoint)
     with open_checkpoint(checkpoint) as reader:
         config, architecture = _export_config(reader)
+        plan = segmentation.segmentation_plan(reader, config) if task_head else None  # refused before any tensor
         model = model_from_reader(reader, config).eval()  # the opening the README's hash is of
-        tower = image_tower(config, model.state_dict())
-        difference = _verified_difference(model, tower, reader.path, architecture) if verify else None
+        if plan is None:
+            exported = image_tower(config, model.state_dict())
+            measured = max_feature_difference(model, exported) if verify else None
+            what = "image features"
+        else:
+            head = segmentation.read_head(reader, config, plan)
+            exported = segmentation.segmentation_model(config, model.state_dict(), head, plan)
+            measured = segmentation.max_logit_difference(model, head, exported) if verify else None
+            architecture, what = segmentation.ARCHITECTURE, "segmentation logits"
+        difference = _checked_difference(measured, reader.path, architecture, what) if verify else None
         source = (reader.path, reader.sha256(), reader.metadata_json("merge"))
         reader.check_unchanged()  # rewritten in place while read: neither the weights nor the hash are sure
     version = _transformers().__version__
-    readme = _readme(architecture, version, source, config, _carries_pooler(tower))
+    if plan is None:
+        readme = _readme(architecture, version, source, config, _carries_pooler(exported))
+    else:
+        readme = segmentation.readme(version, source, config, plan)
     remove_stale_temporaries(out)
     with atomic_folder(out) as folder, _no_progress_bars():
-        tower.save_pretrained(folder)
-        (folder / "README.md").write_text(readme + _verified(difference))
+        exported.save_pretrained(folder)
+        (folder / "README.md").write_text(readme + _verified(difference, what))
     return HFExport(out, architecture, version, difference)
 
 
@@ -155,19 +175,20 @@ def _export_config(reader: CheckpointReader) -> tuple[ModelConfig, str]:
         raise CheckpointError(f"{reader.path}: {error}") from None
 
 
-def _verified_difference(model: VLTransformer, tower: "PreTrainedModel", path: Path, architecture: str) -> float:
-    """The features' max |difference|, or one error where it is above tolerance or not finite (NaN
-    compares false with everything, so a plain `>` would pass it)."""
-    difference, scale = max_feature_difference(model, tower)
+def _checked_difference(measured: tuple[float, float], path: Path, architecture: str, what: str) -> float:
+    """The outputs' max |difference| (with max |ours|, as `max_feature_difference` measures them), or one
+    error where it is above tolerance or not finite (NaN compares false with everything, so a plain `>`
+    would pass it)."""
+    difference, scale = measured
     if not (math.isfinite(difference) and math.isfinite(scale)):
         raise CheckpointError(
-            f"{path}: the image features are not finite on random images (ours up to {scale:.3g}, max |difference| "
+            f"{path}: the {what} are not finite on random images (ours up to {scale:.3g}, max |difference| "
             f"from the exported {architecture} {difference:.3g}): weights near float32's limit? not written"
         )
     if difference > VERIFY_TOLERANCE * max(scale, 1.0):
         raise CheckpointError(
-            f"{path}: the exported {architecture} differs from our image features by {difference:.3g} "
-            f"(features up to {scale:.3g}; tolerance {VERIFY_TOLERANCE:g} of that); not written"
+            f"{path}: the exported {architecture} differs from our {what} by {difference:.3g} "
+            f"(ours up to {scale:.3g}; tolerance {VERIFY_TOLERANCE:g} of that); not written"
         )
     return difference
 
@@ -378,8 +399,6 @@ def _float32(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def _readme(
     architecture: str, version: str, source: tuple[Path, str, dict | None], config: ModelConfig, pooled: bool
 ) -> str:
-    path, sha256, merge = source
-    merge_line = f"Merge: `{json.dumps(merge, sort_keys=True)}`.\n\n" if merge else ""
     folded = ["layer scale into the attention output and fc2 dense layers"] if architecture == "ViTModel" else []
     if config.token_types:
         folded.append("the image token-type embedding into the position embeddings")
@@ -390,23 +409,37 @@ def _readme(
     else:
         pooler = "vlmerge's pooler is not exported (BEiT's `pooler_output` is the first token)"
     return (
-        f"# vlmerge image tower ({architecture})\n\n"
-        f"Exported by vlmerge {__version__} (`vlmerge export-hf`) with transformers {version} from "
-        f"`{path.name}` (sha256 `{sha256}`), a modality-agnostic {config.family} checkpoint "
-        f"({config.width} wide, {config.depth} layers, {config.heads} heads).\n\n{merge_line}"
+        f"# vlmerge image tower ({architecture})\n\n{_exported_from(version, source, config)}"
         f"Load with `transformers.{architecture}.from_pretrained(folder)`. `last_hidden_state` (after the final "
         f"LayerNorm) is vlmerge's `model(images=...).hidden`; {pooler}.\n\n"
-        f"- Pixels: {config.image_size}x{config.image_size} RGB, [0, 255] mapped to [-1, 1] "
-        "(rescale 1/255, then mean 0.5, std 0.5), as vlmerge's `model_images`.\n"
+        f"{_pixels(config)}"
         f"- Folded: {'; '.join(folded) or 'nothing'}.\n"
         "- Not exported: the text path, task heads.\n"
     )
 
 
-def _verified(difference: float | None) -> str:
+def _exported_from(version: str, source: tuple[Path, str, dict | None], config: ModelConfig) -> str:
+    """The README's provenance: vlmerge and transformers versions, the file and its hash, the merge."""
+    path, sha256, merge = source
+    merge_line = f"Merge: `{json.dumps(merge, sort_keys=True)}`.\n\n" if merge else ""
+    return (
+        f"Exported by vlmerge {__version__} (`vlmerge export-hf`) with transformers {version} from "
+        f"`{path.name}` (sha256 `{sha256}`), a modality-agnostic {config.family} checkpoint "
+        f"({config.width} wide, {config.depth} layers, {config.heads} heads).\n\n{merge_line}"
+    )
+
+
+def _pixels(config: ModelConfig) -> str:
+    return (
+        f"- Pixels: {config.image_size}x{config.image_size} RGB, [0, 255] mapped to [-1, 1] "
+        "(rescale 1/255, then mean 0.5, std 0.5), as vlmerge's `model_images`.\n"
+    )
+
+
+def _verified(difference: float | None, what: str = "image features") -> str:
     if difference is None:
         return ""
-    return f"- Checked at export: max |difference| from vlmerge's features on {VERIFY_IMAGES} random images {difference:.2g}.\n"
+    return f"- Checked at export: max |difference| from vlmerge's {what} on {VERIFY_IMAGES} random images {difference:.2g}.\n"
 
 
 @contextlib.contextmanager
