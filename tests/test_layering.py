@@ -25,8 +25,10 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("data",),
     ("training",),
     ("tasks",),
-    # tuning (`vlmerge tune`) merges in memory and scores with tasks and training.
-    ("study", "tuning"),
+    # tuning (`vlmerge tune`, `vlmerge adamerge`) merges in memory and scores with tasks and training.
+    ("tuning",),
+    # the study plans and runs every stage, learnt merge coefficients included.
+    ("study",),
     ("cli",),
     ("__main__",),
 )

@@ -57,7 +57,7 @@ def test_ade20k_reduces_the_zero_label(ade20k):
     assert masks.shape == (2, 8, 8) and masks.dtype == torch.uint8
     assert masks[0, 0, 0] == 255 and masks[0, 0, 7] == 0 and masks[0, 7, 0] == 149  # 0 ignored, k -> k - 1
     assert masks[1].unique().tolist() == [2]
-    assert source.segments("val").masks[:][0, 0, 0] == 1
+    assert source.segments("test").masks[:][0, 0, 0] == 1
 
 
 def test_ade20k_names_its_classes_from_object_info(ade20k):
@@ -77,7 +77,7 @@ def test_voc_folder_keeps_255_and_reads_its_split_lists(tmp_path):
     assert len(source.classes) == 21
     mask = source.segments("train").masks[:][0]
     assert (mask[0, 0], mask[0, 7], mask[7, 0]) == (0, 15, 255)
-    assert source.segments("val").masks[:][0, 0, 0] == 20
+    assert source.segments("test").masks[:][0, 0, 0] == 20
     (tmp_path / "names.txt").write_text("sky\nground\n")
     with pytest.raises(ConfigError, match="2007_000001.png: values \\[15\\]"):
         load("segmentation_folder", root=tmp_path, classes=tmp_path / "names.txt").segments("train").masks[:]

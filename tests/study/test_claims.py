@@ -11,7 +11,7 @@ from vlmerge.study.plan import PlannedModel, PlannedRun, Stage, StageKind, Study
 from vlmerge.study.recipe import StudyRecipe
 from vlmerge.study.results import Comparison, ModelKind, StudyResults, Verdict
 from vlmerge.study.stages import EvaluationOutput, MergeabilitySettings, MergeSettings
-from vlmerge.study.stats import Estimate, estimate, spearman_interval
+from vlmerge.study.stats import Estimate, Part, estimate, spearman_interval
 
 
 def _observations(correct: dict[str, list[np.ndarray]]) -> Observations:
@@ -139,7 +139,7 @@ def test_a_score_is_the_mean_over_seeds_with_one_interval():
     score = observations.score("m", "finetune", "classify_image")
     values = [h.mean() for h in hits]
     assert score.per_seed == pytest.approx(dict(enumerate(values)))
-    parts = [[({"correct": h}, lambda s, axis=-1: np.mean(s["correct"], axis=axis))] for h in hits]
+    parts = [[Part.of({"correct": h}, lambda s, axis=-1: np.mean(s["correct"], axis=axis))] for h in hits]
     assert score.estimate == estimate(values, parts)
 
 

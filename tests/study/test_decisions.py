@@ -6,7 +6,7 @@ import pytest
 from scipy import stats
 
 from vlmerge.study.decisions import Verdict, decide, holm, power_line, sign_flip_p, tost_p
-from vlmerge.study.stats import bootstrap_means, estimate
+from vlmerge.study.stats import Part, bootstrap_means, estimate
 
 
 def _mean_statistic(samples, axis=-1):
@@ -21,7 +21,7 @@ def _simulated_study(rng, mean, seeds, examples, shared=True):
     for effect in rng.normal(0, 0.3, size=seeds):
         own = example_effect if shared else rng.normal(0, 1.0, size=examples)
         x = mean + effect + own + rng.normal(0, 0.5, size=examples)
-        parts.append([({"x": x}, _mean_statistic)])
+        parts.append([Part.of({"x": x}, _mean_statistic)])
         values.append(x.mean())
     return values, parts
 
@@ -49,8 +49,8 @@ def test_a_shared_test_set_is_resampled_once_for_every_seed():
     """With identical per-seed arrays, crossing resamples every seed with the same rows: the mean over
     seeds then varies exactly as one seed's mean does."""
     x = np.random.default_rng(3).normal(size=50)
-    one = bootstrap_means([[({"x": x}, _mean_statistic)]])
-    four = bootstrap_means([[({"x": x}, _mean_statistic)]] * 4)
+    one = bootstrap_means([[Part.of({"x": x}, _mean_statistic)]])
+    four = bootstrap_means([[Part.of({"x": x}, _mean_statistic)]] * 4)
     assert four.std() == pytest.approx(x.std(ddof=0) / math.sqrt(50), rel=0.1)
     assert four.std() == pytest.approx(one.std(), rel=0.1)
 
@@ -163,3 +163,25 @@ def test_power_line_matches_formula():
     assert power_line(None, 1, target=0.1) == (0.0, 2)
     with pytest.raises(ValueError):
         power_line(se, n, target=0.0)
+
+
+def _iou(samples, axis=-1):
+    """A ratio of sums (not a mean of per-example values): intersections over unions, per-image rows."""
+    counts = np.asarray(samples["counts"]).sum(axis=axis)
+    return counts[0] / counts[1]
+
+
+def test_a_statistic_that_is_no_mean_is_paired_by_resampling_both_models_alike():
+    rng = np.random.default_rng(5)
+    unions = rng.integers(5, 50, size=(1, 40)).astype(float)
+    a = np.vstack([np.floor(unions * rng.uniform(0.2, 0.9, size=(1, 40))), unions])
+    b = np.vstack([np.floor(unions * rng.uniform(0.1, 0.8, size=(1, 40))), unions])
+    same = Part(((1.0, {"counts": a}), (-1.0, {"counts": a})), _iou)
+    draws = bootstrap_means([[same], [same]])
+    assert np.all(draws == 0)  # each resample takes the same images for both terms
+    different = Part(((1.0, {"counts": a}), (-1.0, {"counts": b})), _iou)
+    point = _iou({"counts": a}) - _iou({"counts": b})
+    result = estimate([point], [[different]])
+    assert result.low < point < result.high
+    with pytest.raises(ValueError, match="examples"):
+        bootstrap_means([[Part(((1.0, {"counts": a}), (-1.0, {"counts": b[:, :30]})), _iou)]])

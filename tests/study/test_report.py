@@ -16,6 +16,7 @@ from vlmerge.study.results import (
     MEAN,
     Claim,
     Comparison,
+    Decision,
     GalleryEntry,
     GalleryHit,
     Group,
@@ -29,7 +30,6 @@ from vlmerge.study.results import (
     Sweeps,
     TaskScore,
     Timing,
-    Test,
     Trend,
     Verdict,
 )
@@ -175,7 +175,7 @@ MODELS = [
 
 def _comparison(a, b, protocol, task, mean, half, verdict, paper=None, note=""):
     headline = task == MEAN or protocol == "zeroshot" or a == "agnostic-scratch" and task == "vqa"
-    test = Test(0.25, 0.5, 2, 0.125, 0.02, 0.0625, 0.03, 12)
+    test = Decision(0.25, 0.5, 2, 0.125, 0.02, 0.0625, 0.03, 12)
     return Comparison(
         a,
         b,

@@ -47,8 +47,8 @@ def test_micro_study_writes_results_and_a_report_built_from_them(study):
         "specific-seed0.5-ffn",
     } == set(results.models)
     for model in results.models.values():
-        if model.id == NAIVE_UNMERGED:  # naive merging's parent: scored on held-out pairs only
-            assert set(model.scores) == {"heldout"}
+        if model.id == NAIVE_UNMERGED:  # naive merging's parent: scored where nothing trains after the merge
+            assert set(model.scores) == {"heldout", "zeroshot"}
             continue
         finetuned = model.scores["finetune"]
         assert set(finetuned) == {*results.tasks, MEAN}
@@ -253,7 +253,7 @@ def test_the_paper_base_recipe_plans_the_paper_setting_and_names_its_files(capsy
     assert main(["study", str(RECIPES / "paper-base.yaml"), "--dry-run"]) == 0
     out = capsys.readouterr().out  # 16 compared models, the control and 5 unmerged models mergeability reads
     assert out.startswith(
-        "study paper-base: 22 models x 4 tasks (retrieval, vqa, nlvr2, classify_image), base size, "
+        "study paper-base: 22 models x 5 tasks (retrieval, vqa, nlvr2, classify_image, segmentation), base size, "
         "224 px, pre-training on coco, flickr30k"
     )
     assert "seed       100000 steps" in out and "specific   100000 steps, experts all from seed" in out
@@ -264,6 +264,7 @@ def test_the_paper_base_recipe_plans_the_paper_setting_and_names_its_files(capsy
         "vqa": "vqav2",
         "nlvr2": "nlvr2",
         "classify_image": "image_folder",
+        "segmentation": "ade20k",
     }
     assert all(recipe.data_for(task).image_size == 224 for task in recipe.tasks)
     model = model_config(recipe.model.size, image_size=recipe.data.image_size)
@@ -353,3 +354,30 @@ def test_task_data_inherits_the_recipe_data_and_may_cap_its_examples():
     assert (vqa.dataset, vqa.limit, vqa.image_size) == ("easy_vqa", 640, 56)
     assert (retrieval.dataset, retrieval.limit, retrieval.image_size) == ("tuxpaint", None, 56)
     assert recipe.data.names == ("tuxpaint", "emoji")
+
+
+def test_learnt_coefficients_and_the_dose_response_are_planned_per_seed(tmp_path):
+    base = yaml.safe_load((RECIPES / "micro-test.yaml").read_text())
+    learnt = {"method": "arithmetic", "adamerge": {"steps": 3}}
+    recipe = {**base, "random_seeds": [0, 1], "specific_steps": [2, 6, 12], "merges": [learnt]}
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    plan = plan_study(load_recipe(tmp_path / "recipe.yaml"))
+    (model,) = [m for m in plan.models.values() if m.merge is not None and m.merge.adamerge is not None]
+    settings = [run.checkpoint.settings for run in model.runs]
+    assert [s.adamerge.random_seed for s in settings] == [0, 1]  # each run learns on its own draws
+    assert "adamerge" not in plan.model("seed-merge").runs[0].checkpoint.settings.model_dump()
+    for steps in (2, 6, 12):
+        for condition in ("naive", "seed"):
+            merged = plan.model(f"dose-{condition}-{steps}-merge")
+            assert all(set(run.evaluations) == {"heldout"} for run in merged.runs)
+            specific = merged.runs[0].checkpoint.inputs["source"]
+            assert (
+                specific.settings.steps == steps
+                and specific.key == plan.model(f"dose-{condition}-{steps}-specific").runs[0].checkpoint.key
+            )
+    # The main setting's specific stage (6 steps from the seed run) is the seeded dose point of that length.
+    assert plan.model("dose-seed-6-specific").runs[0].checkpoint.key == plan.model("specific").runs[0].checkpoint.key
+    bad = {**recipe, "merges": [{"method": "ties", "adamerge": {"steps": 3}}]}
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad))
+    with pytest.raises(ConfigError, match="adamerge learns arithmetic's lam"):
+        load_recipe(tmp_path / "bad.yaml")

@@ -1,5 +1,5 @@
-"""`vlmerge train | evaluate | grams | fisher | merge | tune | metrics | inspect | study | import-vit |
-export-hf`: each maps arguments onto the library (the parser is `vlmerge.cli.parser`).
+"""`vlmerge train | evaluate | grams | fisher | merge | tune | adamerge | metrics | inspect | study |
+import-vit | export-hf`: each maps arguments onto the library (the parser is `vlmerge.cli.parser`).
 
 Training and Gram collection run under torchrun unchanged:
 `torchrun --nproc-per-node 2 -m vlmerge train seed --config seed.yaml --run-dir runs/seed`.
@@ -11,6 +11,7 @@ import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from vlmerge.cli.options import options_from_text, request_from_args
 from vlmerge.cli.parser import build_parser
@@ -18,6 +19,9 @@ from vlmerge.core.errors import ConfigError, VlmergeError
 from vlmerge.io.checkpoint import open_checkpoint
 from vlmerge.merging import MergeRequest, MergeWarning, merge_checkpoint
 from vlmerge.training.distributed import PeerFailure
+
+if TYPE_CHECKING:  # the study is imported when its command runs
+    from vlmerge.study.results import Timing
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -101,6 +105,32 @@ def run_tune(args: argparse.Namespace) -> int:
         f"best of {len(table.candidates)}: {json.dumps(result.best.searched)} "
         f"({table.metric} {result.best.score:.4f} on {table.split}) -> {result.merge.path}"
     )
+    return 0
+
+
+def run_adamerge(args: argparse.Namespace) -> int:
+    from vlmerge.training.setup import resolve_data
+    from vlmerge.tuning.adamerge import AdaMergeConfig, adamerge_checkpoint
+
+    config = AdaMergeConfig.parse({name: getattr(args, name) for name in AdaMergeConfig.model_fields}, where="settings")
+    result = adamerge_checkpoint(
+        args.source,
+        seed_checkpoint=args.seed_checkpoint,
+        out=args.out,
+        config=config,
+        data=resolve_data(args.data, args.source, args.limit),
+        selection=args.selection,
+        spec_out=args.spec_out,
+        state=args.state,
+        data_file=args.data,
+        progress=not args.quiet,
+    )
+    resumed = f", resumed at step {result.resumed_from}" if result.resumed_from else ""
+    print(
+        f"{config.objective} on {config.split}: {result.objective_start:.4f} at lam {config.init_lam} -> "
+        f"{result.objective_end:.4f} learnt ({len(result.losses)} steps{resumed}) -> {result.merge.path}"
+    )
+    print(f'lam spec -> {result.spec_path} (vlmerge merge --method arithmetic --lam "$(cat {result.spec_path})")')
     return 0
 
 
@@ -214,12 +244,25 @@ def run_study_command(args: argparse.Namespace) -> int:
     submitit = None
     if args.submitit:
         submitit = SubmititOptions(Path(args.submitit), args.timeout_min, args.slurm_partition)
-    timing = run_study(recipe, out, progress=not args.quiet, workers=args.workers, submitit=submitit).timing
+    first = run_study(recipe, out, progress=not args.quiet, workers=args.workers, submitit=submitit)
+    _study_line(recipe.name, first.timing, out)
+    if args.replicate:
+        from vlmerge.study.replication import REPLICATE_DIR, replicate_recipe, write_replication
+
+        second_recipe = replicate_recipe(recipe)
+        second_dir = out / REPLICATE_DIR
+        print(f"study {recipe.name}: replicating on random seeds {second_recipe.random_seeds} -> {second_dir}")
+        second = run_study(second_recipe, second_dir, not args.quiet, workers=args.workers, submitit=submitit)
+        _study_line(f"{recipe.name} (replicate)", second.timing, second_dir)
+        print(f"replication -> {write_replication(out, first, second)['markdown']}")
+    return 0
+
+
+def _study_line(name: str, timing: "Timing", out: Path) -> None:
     print(
-        f"study {recipe.name}: {timing.stages}/{timing.stages} stages done ({timing.stages_run} run, "
+        f"study {name}: {timing.stages}/{timing.stages} stages done ({timing.stages_run} run, "
         f"{timing.stages_cached} reused) in {timing.seconds:.0f} s -> {out / 'report.md'}, {out / 'report.html'}"
     )
-    return 0
 
 
 def format_metrics(title: str, metrics: dict[str, float]) -> str:
@@ -254,6 +297,7 @@ COMMANDS = {
     "fisher": run_fisher,
     "merge": run_merge,
     "tune": run_tune,
+    "adamerge": run_adamerge,
     "metrics": run_metrics,
     "inspect": run_inspect,
     "import-vit": run_import_vit,

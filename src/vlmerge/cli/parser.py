@@ -2,10 +2,12 @@
 the merge request's fields and the registered methods' options (`vlmerge.cli.options`)."""
 
 import argparse
+from typing import Literal, get_args, get_origin
 
-from vlmerge.cli.options import add_method_options, add_request_arguments, describe_methods
+from vlmerge.cli.options import add_method_options, add_request_arguments, describe_methods, option_flag
 from vlmerge.io.layout import Layout
 from vlmerge.merging.plan import ExpertSelection
+from vlmerge.tuning.adamerge import AdaMergeConfig
 
 SELECTION_CHOICES = [s.value for s in ExpertSelection]
 STAGES = ["seed", "specific", "finetune"]
@@ -32,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     for add in (
         add_merge,
         add_tune,
+        add_adamerge,
         add_metrics,
         add_inspect,
         add_train,
@@ -99,6 +102,34 @@ def add_tune(commands: Commands) -> None:
     tune.add_argument("--json", action="store_true", help="print the search table as JSON")
     tune.add_argument("--quiet", action="store_true", help="no progress")
     add_method_options(tune)
+
+
+def add_adamerge(commands: Commands) -> None:
+    adamerge = commands.add_parser(
+        "adamerge",
+        help="learn per-layer coefficients of a task-vector merge from unlabeled validation pairs (AdaMerging)",
+        description="Learn lambda of theta_seed + sum_m lambda_m tau_m, per layer (or per layer and expert), by "
+        "Adam on an unlabeled objective over the image-text pairs of the validation split (the test split is "
+        "never read); write the learnt lambda as a coefficient spec (JSON) and the merge as `vlmerge merge "
+        "--method arithmetic --lam` writes it with that spec. Resumes from its state file.",
+    )
+    adamerge.add_argument("source", help="modality-specific checkpoint with its pre-training heads")
+    adamerge.add_argument(
+        "--seed-checkpoint", required=True, help="seed (modality-agnostic) checkpoint: the origin of task vectors"
+    )
+    adamerge.add_argument("--selection", default="all", choices=SELECTION_CHOICES, help="which experts, by task")
+    adamerge.add_argument("--data", help=DATA_HELP)
+    adamerge.add_argument("--limit", type=int, help="use only the first N records of the dataset")
+    for name, field in AdaMergeConfig.model_fields.items():  # the settings' defaults and help, declared once
+        kind = field.annotation
+        typed = {"choices": list(get_args(kind))} if get_origin(kind) is Literal else {"type": kind}
+        adamerge.add_argument(option_flag(name), default=field.default, help=field.description, **typed)
+    adamerge.add_argument("--out", required=True, help="the merged checkpoint (.safetensors, or .pt)")
+    adamerge.add_argument("--spec-out", help="the learnt lambda as a --lam spec (default: OUT with suffix .lam.json)")
+    adamerge.add_argument(
+        "--state", help="the run's state, resumed from when it holds this run (default: OUT with suffix .adamerge.pt)"
+    )
+    adamerge.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def add_metrics(commands: Commands) -> None:
@@ -195,6 +226,12 @@ def add_study(commands: Commands) -> None:
     )
     study.add_argument("--slurm-partition", help="with --submitit: the SLURM partition")
     study.add_argument("--timeout-min", type=int, default=60, help="with --submitit: each job's time limit")
+    study.add_argument(
+        "--replicate",
+        action="store_true",
+        help="then run the same recipe on as many fresh random seeds (disjoint from the recipe's) under "
+        "OUT/replicate, and write OUT/replication.md: per claim, whether the two halves agree",
+    )
     study.add_argument("--quiet", action="store_true")
 
 

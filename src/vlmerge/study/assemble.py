@@ -9,9 +9,10 @@ import numpy as np
 from vlmerge.study.cache import StageOutput
 from vlmerge.study.claims import better, pretraining_gain
 from vlmerge.study.observations import HELDOUT, HELDOUT_HEADLINE, Observations, path_protocol
-from vlmerge.study.plan import PlannedModel, StudyPlan
+from vlmerge.study.plan import DOSE_CONDITIONS, PlannedModel, StudyPlan, dose_ids
 from vlmerge.study.results import (
     MEAN,
+    DoseResponse,
     GalleryEntry,
     Group,
     Mergeability,
@@ -155,6 +156,27 @@ def path(plan: StudyPlan, observations: Observations) -> tuple[PathPoint, ...]:
     return tuple(points)
 
 
+def dose_response(plan: StudyPlan, observations: Observations) -> tuple[DoseResponse, ...]:
+    """Per origin, what the main merge loses on held-out pairs (merged minus unmerged loss) at each length
+    of the modality-specific stage, and Spearman's rho of length with that loss over (length, seed)."""
+    lengths = sorted(set(plan.recipe.specific_steps))
+    found = []
+    for condition in DOSE_CONDITIONS:
+        costs, points = [], []
+        for steps in lengths:
+            parent, merge = dose_ids(condition, steps)
+            measured = observations.contrast({(merge, HELDOUT): 1.0, (parent, HELDOUT): -1.0}, HELDOUT_HEADLINE)
+            if measured is None:
+                break
+            per_seed, cost = measured
+            costs.append(cost)
+            points += [(steps, value) for value in per_seed.values()]
+        if costs and len(costs) == len(lengths):
+            correlation = spearman_interval([x for x, _ in points], [y for _, y in points])
+            found.append(DoseResponse(condition, tuple(lengths), tuple(costs), correlation))
+    return tuple(found)
+
+
 def gallery(plan: StudyPlan, outputs: Outputs) -> tuple[GalleryEntry, ...]:
     if plan.gallery is None:
         return ()
@@ -187,5 +209,6 @@ def assemble(plan: StudyPlan, outputs: Outputs, seconds: float) -> tuple[StudyRe
         gallery=gallery(plan, outputs),
         timing=timing,
         path=path(plan, observations),
+        dose=dose_response(plan, observations),
     )
     return replace(results, control=pretraining_gain(results, observations, recipe)), observations

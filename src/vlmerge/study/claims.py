@@ -33,8 +33,8 @@ from vlmerge.study.results import (
     UNMERGED,
     Claim,
     Comparison,
+    Decision,
     StudyResults,
-    Test,
     Trend,
     Verdict,
 )
@@ -46,9 +46,9 @@ PAPER_SEED_GAINS = {
     "vqa": "+3 (VQAv2)",
     "retrieval": "+7 (COCO), +14 (Flickr30k)",
     "nlvr2": "+25 (NLVR2)",
-    "classify_image": "+3 (ADE20k segmentation, the nearest vision-only task)",
+    "segmentation": "+3 (ADE20k mIoU)",
 }
-PAPER_SEED_GAIN_VALUES = {"vqa": 0.03, "retrieval": 0.07, "nlvr2": 0.25, "classify_image": 0.03}  # as fractions
+PAPER_SEED_GAIN_VALUES = {"vqa": 0.03, "retrieval": 0.07, "nlvr2": 0.25, "segmentation": 0.03}  # as fractions
 PAPER_MEAN_GAIN = 0.03  # the smallest of the paper's gains: the scale a mean over tasks is powered for
 PROTOCOL_NOUNS = {
     "finetune": "fine-tuning",
@@ -191,7 +191,7 @@ def _decided(ctx: Context, family, direction: int, non_inferiority: bool, headli
                 f"within ±{margin:g}, but the control shows {PROTOCOL_NOUNS.get(plan.protocol, plan.protocol)} "
                 "blind to pre-training, so no difference here is no evidence"
             )
-        test = Test(float(p), float(p_adjusted), len(family), equivalence, margin, detectable, target, needed)
+        test = Decision(float(p), float(p_adjusted), len(family), equivalence, margin, detectable, target, needed)
         found.append(
             Comparison(
                 plan.a,
@@ -277,7 +277,7 @@ def reason(c: Comparison) -> str:
     )
 
 
-def _capitalised(text: str) -> str:
+def capitalised(text: str) -> str:
     return text[:1].upper() + text[1:]
 
 
@@ -292,7 +292,7 @@ def _paragraph(ctx: Context, what: str, comparisons: Sequence[Comparison]) -> st
         sentences.append(f"{protocol_name(c.protocol)} ({name}): {reason(c)}")
     if not sentences:
         return f"{what}: not measured."
-    text = f"{what}. " + ". ".join(map(_capitalised, sentences)) + "."
+    text = f"{what}. " + ". ".join(map(capitalised, sentences)) + "."
     decided = [c for c in comparisons if not c.headline and c.verdict is not Verdict.INCONCLUSIVE]
     if decided:
         listed = "; ".join(
@@ -383,7 +383,9 @@ def barrier_lower_with_seed(ctx: Context) -> Claim:
     summary = (
         _paragraph(ctx, "Loss barrier of linear mode connectivity between the experts", comparisons)
         + " The barrier is the held-out loss of the merge at the middle ratio above the straight line between "
-        "the two ends of the path (Frankle et al. 2020), per pair; the figure shows the whole path."
+        "the two ends of the path (Frankle et al. 2020), per pair; each end is a single-expert model (every "
+        "modality through the language or the vision expert), so a path whose ends are poor has a low barrier. "
+        + _path_shape(ctx)
     )
     return Claim(
         "barrier",
@@ -392,6 +394,20 @@ def barrier_lower_with_seed(ctx: Context) -> Claim:
         summary,
         tuple(comparisons),
     )
+
+
+def _path_shape(ctx: Context) -> str:
+    """The held-out loss at the ends and the middle of each path, so the barrier reads against levels."""
+    by_model: dict[str, dict[float, Estimate]] = {}
+    for point in ctx.results.path:
+        by_model.setdefault(point.model, {})[point.ratio] = point.loss
+    parts = []
+    for model, losses in by_model.items():
+        ratios = sorted(losses)
+        middle = min(ratios, key=lambda r: (abs(r - 0.5), r))
+        ends = ", ".join(f"{losses[r].mean:.2f} at ratio {r:g}" for r in (ratios[0], middle, ratios[-1]))
+        parts.append(f"{ctx.results.models[model].label if model in ctx.results.models else model}: {ends}")
+    return ("Held-out loss along the paths: " + "; ".join(parts) + ".") if parts else ""
 
 
 def _rho_text(c: Correlation) -> str:
@@ -420,7 +436,7 @@ def decided_trends(trends: Sequence[tuple[Trend, int]]) -> list[Trend]:
 
 def _trend_sentences(trends: Sequence[Trend]) -> str:
     return " ".join(
-        f"{_capitalised(t.name)} {protocol_name(t.protocol)}: {_rho_text(t.correlation)} over "
+        f"{capitalised(t.name)} {protocol_name(t.protocol)}: {_rho_text(t.correlation)} over "
         f"{t.correlation.points} runs (Holm-adjusted p {t.adjusted_p:.3g}), {t.verdict.value}."
         for t in trends
     )

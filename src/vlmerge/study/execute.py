@@ -66,6 +66,7 @@ from vlmerge.training.pretrain import run_pretraining, save_untrained
 from vlmerge.training.pretrained_init import save_pretrained_seed
 from vlmerge.training.run_directory import DirectoryLock
 from vlmerge.training.setup import resolve_tokenizer
+from vlmerge.tuning.adamerge import adamerge_checkpoint
 
 
 @dataclass(frozen=True)
@@ -188,7 +189,20 @@ def merge_request(inputs: Inputs) -> MergeRequest:
 
 
 def _merge(settings: MergeSettings, inputs: Inputs, directory: Path, progress: bool) -> MergeOutput:
-    result = merge_checkpoint(merge_request(inputs), settings.method, settings.options, out=directory / MODEL_FILE)
+    if settings.adamerge is not None:  # its state file in the stage directory: a killed stage resumes
+        result = adamerge_checkpoint(
+            inputs.source,
+            seed_checkpoint=inputs.seed_checkpoint,
+            out=directory / MODEL_FILE,
+            config=settings.adamerge,
+            data=settings.data,
+            selection=MERGE_SELECTION.value,
+            spec_out=directory / "lam.json",
+            state=directory / "adamerge.pt",
+            progress=progress,
+        ).merge
+    else:
+        result = merge_checkpoint(merge_request(inputs), settings.method, settings.options, out=directory / MODEL_FILE)
     return MergeOutput(parameters=_parameters(result.path).parameters, warnings=tuple(result.warnings))
 
 

@@ -7,7 +7,7 @@ evaluation is split here into one task per objective (`loss`, `itc`, ...); the p
 experts is kept under one protocol per ratio, `path@0.25`, with the same tasks.
 """
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 
@@ -18,7 +18,7 @@ from vlmerge.study.cache import StageOutput
 from vlmerge.study.plan import StudyPlan
 from vlmerge.study.results import MEAN, TaskScore
 from vlmerge.study.stages import EvaluationOutput, PathOutput
-from vlmerge.study.stats import Estimate, Statistic, estimate
+from vlmerge.study.stats import Estimate, Part, Statistic, estimate
 from vlmerge.tasks import TASKS
 from vlmerge.tasks.base import sample_mean
 from vlmerge.tasks.heldout import SAMPLES as HELDOUT_TASKS
@@ -104,7 +104,7 @@ class Observations:
         for seed in seeds:
             observations = self._parts(model_id, protocol, task, seed)
             per_seed[seed] = float(np.mean([o.value for o in observations]))
-            parts.append([(o.samples, stat) for o, stat in zip(observations, statistics)])
+            parts.append([Part.of(o.samples, stat) for o, stat in zip(observations, statistics)])
         metrics = {}
         if task != MEAN:
             names = self.by_key[model_id, protocol, task, seeds[0]].metrics
@@ -120,37 +120,33 @@ class Observations:
         return self.contrast({(a, protocol): 1.0, (b, protocol): -1.0}, task)
 
     def contrast(self, terms: Terms, task: str) -> tuple[dict[int, float], Estimate] | None:
-        """Σ weight × value over (model, protocol) terms, paired by seed and within a seed by test example
-        (every primary statistic is a mean of per-example values, so the statistic of the weighted
-        per-example sums is the weighted sum of the statistics); None without a seed common to all."""
+        """Σ weight × score over (model, protocol) terms, paired by seed and within a seed by test example
+        (every term of a part is resampled with the same examples); None without a seed common to all."""
         keys = list(terms)
         common = set.intersection(*(set(self.seeds(m, p, task)) for m, p in keys)) if keys else set()
         if not common:
             return None
         statistics = self._statistics(keys[0][1], task)
+        weights = [terms[key] for key in keys]
         per_seed, parts = {}, []
         for seed in sorted(common):
             columns = [self._parts(m, p, task, seed) for m, p in keys]
-            weights = [terms[key] for key in keys]
-            per_seed[seed] = float(np.mean([sum(w * o.value for w, o in zip(weights, row)) for row in zip(*columns)]))
-            parts.append(
-                [
-                    (_combined([o.samples for o in row], weights, keys), stat)
-                    for row, stat in zip(zip(*columns), statistics)
-                ]
-            )
+            rows = list(zip(*columns))  # per task of the score: each term's observation
+            per_seed[seed] = float(np.mean([sum(w * o.value for w, o in zip(weights, row)) for row in rows]))
+            parts.append([_paired(row, weights, keys, stat) for row, stat in zip(rows, statistics)])
         return per_seed, estimate(list(per_seed.values()), parts)
 
 
-def _combined(
-    samples: list[Mapping[str, np.ndarray]], weights: list[float], keys: list[tuple[str, str]]
-) -> dict[str, np.ndarray]:
-    """Per-example weighted sums of several models' samples on the same test examples."""
-    first = samples[0]
-    for other, key in zip(samples[1:], keys[1:]):
+def _paired(
+    row: Sequence[Observation], weights: Sequence[float], keys: Sequence[tuple[str, str]], statistic: Statistic
+) -> Part:
+    """The terms of one task's part, checked to be scored on the same test examples."""
+    first = row[0].samples
+    for observation, key in zip(row[1:], keys[1:]):
+        other = observation.samples
         if set(other) != set(first) or any(other[name].shape != first[name].shape for name in first):
             shapes = {name: (first[name].shape, other.get(name, np.empty(0)).shape) for name in first}
             raise ConfigError(
                 f"{keys[0][0]} and {key[0]} were scored on different test examples {shapes}; cannot pair them"
             )
-    return {name: sum(w * s[name] for w, s in zip(weights, samples)) for name in first}
+    return Part(tuple((w, o.samples) for w, o in zip(weights, row)), statistic)

@@ -73,6 +73,14 @@ class StudyPlan:
 
 
 MAIN_GROUPS = frozenset({Group.BASELINES, Group.CONTROL})  # compared under every random seed
+DOSE_CONDITIONS = {"naive": 0.0, "seed": None}  # the dose-response's origins: random weights, the main seed run
+
+
+def dose_ids(condition: str, steps: int) -> tuple[str, str]:
+    """The ids of a dose-response point's unmerged parent and of its merge."""
+    return f"dose-{condition}-{steps}-specific", f"dose-{condition}-{steps}-merge"
+
+
 PATH_MODELS = (SEED_MERGE, NAIVE_MERGE)  # the path between the experts is scored for the main comparison
 
 
@@ -158,7 +166,8 @@ class _Planner(StagePlanner):
             ),
         )
         if "heldout" in recipe.protocols:
-            # What naive merging loses is measured against its own unmerged parent, on held-out pairs only.
+            # What naive merging loses is measured against its own unmerged parent, by the protocols that train
+            # nothing after the merge.
             self.add(
                 NAIVE_UNMERGED,
                 Group.BASELINES,
@@ -168,7 +177,7 @@ class _Planner(StagePlanner):
                     0.0,
                     every,
                     lambda seed: self.specific_model(0.0, every, seed),
-                    protocols=frozenset({"heldout"}),
+                    protocols=frozenset({"heldout", "zeroshot"}),  # cheap: no training after the merge
                 ),
             )
         self.add(NAIVE_MERGE, Group.BASELINES, naive_merge)
@@ -198,6 +207,50 @@ class _Planner(StagePlanner):
         for placement in recipe.architectures:
             model_id = SEED_MERGE if placement is every else f"arch-{placement.value}-merge"
             self.add(model_id, Group.ARCHITECTURE, self.merged_model(main_fraction, placement, main))
+        for steps in sorted(set(recipe.specific_steps)):
+            for condition, fraction in DOSE_CONDITIONS.items():
+                self.dose(condition, fraction if fraction is not None else main_fraction, steps)
+
+    def dose(self, condition: str, fraction: float, steps: int) -> None:
+        """A modality-specific stage of `steps` steps from the seed run of `fraction` (0: random weights)
+        and its merge by the main merge, each scored on held-out pairs only."""
+        every, main = ExpertPlacement.ALL, self.recipe.main_merge
+
+        def specific(seed: int) -> Stage:
+            return self.pretrain(StageKind.MULTIWAY, seed, steps, every, self.origin(fraction, seed))
+
+        def merged(seed: int) -> Stage:
+            return self.merged(specific(seed), main, self.origin(fraction, seed), seed)
+
+        only = frozenset({"heldout"})
+        what = "no seed" if fraction == 0 else f"seed {fraction:.0%}"
+        parent, merge = dose_ids(condition, steps)
+        self.add(
+            parent,
+            Group.DOSE,
+            lambda: _Model(
+                f"modality-specific, {what}, {steps} steps",
+                ModelKind.MULTIWAY,
+                fraction,
+                every,
+                specific,
+                protocols=only,
+            ),
+        )
+        self.add(
+            merge,
+            Group.DOSE,
+            lambda: _Model(
+                f"{main.label} of {steps} modality-specific steps, {what}",
+                ModelKind.MERGED,
+                fraction,
+                every,
+                merged,
+                main,
+                specific,
+                protocols=only,
+            ),
+        )
 
     def seeds(self, model: _Model) -> list[int]:
         return self.recipe.random_seeds if MAIN_GROUPS & set(model.groups) else self.recipe.sweep_random_seeds
@@ -207,8 +260,8 @@ class _Planner(StagePlanner):
         with; those not already among the baselines join the grid (under the sweep seeds)."""
         recipe, found = self.recipe, {}
         for model_id, model in list(self.models.items()):
-            if model.merge != recipe.main_merge or model.specific is None:
-                continue
+            if model.merge != recipe.main_merge or model.specific is None or Group.DOSE in model.groups:
+                continue  # a dose-response merge is read against its own parent, of its own length
             if (model.seed_fraction, model.placement) == (recipe.seed_fraction, ExpertPlacement.ALL):
                 found[model_id] = UNMERGED
                 continue

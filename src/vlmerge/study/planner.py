@@ -146,7 +146,10 @@ class StagePlanner:
             "seed_checkpoint": origin if method.needs_origin else None,
             **self.statistics(method, spec, specific, seed),
         }
-        settings = MergeSettings(method=spec.method, options=spec.options)
+        learnt = {}
+        if spec.adamerge is not None:  # lam learnt on the run's own draws of masks and negatives
+            learnt = {"adamerge": spec.adamerge.model_copy(update={"random_seed": seed}), "data": self.recipe.data}
+        settings = MergeSettings(method=spec.method, options=spec.options, **learnt)
         return self.stage(StageKind.MERGE, settings, inputs, f"{spec.label} of {specific.name}")
 
     def statistics(self, method: MergeMethod, spec: MergeSpec, specific: Stage, seed: int) -> dict[str, Stage]:

@@ -16,7 +16,12 @@ from vlmerge.study.results import GalleryEntry
 DPI = 110
 Number = float | int | None
 Interval = tuple[Number, Number, Number]  # (estimate, low, high), the 95 % interval around the estimate
-VERDICT_COLORS = {"reproduced": "tab:green", "contradicted": "tab:red", "inconclusive": "tab:gray"}
+VERDICT_COLORS = {
+    "reproduced": "tab:green",
+    "contradicted": "tab:red",
+    "equivalent": "tab:blue",
+    "inconclusive": "tab:gray",
+}
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ from vlmerge.models.factory import model_config, state_keys
 from vlmerge.tasks import TASKS
 from vlmerge.training.config import ModelSpec, OptimizerConfig, TokenizerConfig, read_yaml
 from vlmerge.training.objectives import ObjectiveWeights
+from vlmerge.tuning.adamerge import AdaMergeConfig
 
 PRETRAINED_SIZE = "small-p14"  # the registered size of the imported ViT-S/14
 
@@ -48,16 +49,35 @@ class MergeSpec(StrictConfig):
     options: dict[str, Any] = Field(
         {}, description="the method's options; an int or float one may be a coefficient spec"
     )
+    adamerge: AdaMergeConfig | None = Field(
+        None,
+        description="learn arithmetic's lam per layer on unlabeled validation pairs (`vlmerge adamerge`); "
+        "its random_seed is each run's own",
+    )
+
+    @model_validator(mode="after")
+    def _learnt_lam(self) -> Self:
+        if self.adamerge is not None and (self.method != "arithmetic" or "lam" in self.options):
+            raise ValueError("adamerge learns arithmetic's lam: use method arithmetic without a lam option")
+        return self
+
+    def _learnt(self) -> dict[str, Any]:
+        """The adamerge settings that tell entries apart (the seed is each run's own)."""
+        if self.adamerge is None:
+            return {}
+        return {"adamerge": self.adamerge.model_dump(mode="json", exclude={"random_seed", "checkpoint_every"})}
 
     @property
     def label(self) -> str:
         """The method and the options given, e.g. `ties (density=0.2, lam=1.0)`: what tells entries apart."""
-        options = ", ".join(f"{k}={option_text(v)}" for k, v in sorted(self.options.items()))
+        given = {**self.options, **self._learnt()}
+        options = ", ".join(f"{k}={option_text(v)}" for k, v in sorted(given.items()))
         return f"{self.method} ({options})" if options else self.method
 
     @property
     def key(self) -> str:
-        return "-".join([self.method, *(f"{k}{option_text(v)}" for k, v in sorted(self.options.items()))])
+        given = {**self.options, **self._learnt()}
+        return "-".join([self.method, *(f"{k}{option_text(v)}" for k, v in sorted(given.items()))])
 
 
 class FinetuneSpec(StrictConfig):
@@ -162,6 +182,12 @@ class StudyRecipe(StrictConfig):
     checkpoint_every: int = Field(100, ge=1)
     seed_fraction: FiniteFloat = Field(0.5, gt=0, lt=1, description="the main setting's share of seed pre-training")
     seed_fractions: list[FiniteFloat] = Field([0.0, 0.25, 0.5, 0.75], description="sweep; 0 is naive merging")
+    specific_steps: list[int] = Field(
+        [],
+        description="dose-response sweep (needs heldout): modality-specific stages of these lengths, from random "
+        "weights (naive) and from the main setting's seed run, each merged by the main merge; what merging loses "
+        "on held-out pairs against how far the experts travelled",
+    )
     architectures: list[ExpertPlacement] = [ExpertPlacement.ALL, ExpertPlacement.FFN, ExpertPlacement.ATTENTION]
     main_merge: MergeSpec = MergeSpec(method="interpolation", options={"ratio": 0.5})
     merges: list[MergeSpec] = []
@@ -291,6 +317,15 @@ class StudyRecipe(StrictConfig):
                 )
             if not 1 <= count <= len(self.random_seeds):
                 raise ValueError(f"protocol_seeds.{protocol} must lie in [1, {len(self.random_seeds)}], got {count}")
+        learnt = {spec.adamerge.split for spec in [self.main_merge, *self.merges] if spec.adamerge is not None}
+        if "heldout" in self.protocols and self.heldout.split in learnt:
+            raise ValueError(
+                f"adamerge learns on the {self.heldout.split} pairs the heldout protocol scores: use another split"
+            )
+        if self.specific_steps and ("heldout" not in self.protocols or len(set(self.specific_steps)) < 3):
+            raise ValueError("specific_steps needs the heldout protocol and at least three distinct lengths")
+        if any(steps < 1 for steps in self.specific_steps):
+            raise ValueError(f"specific_steps must be positive, got {self.specific_steps}")
         if "barrier" in self.claims and ("heldout" not in self.protocols or not self.heldout.path_ratios):
             raise ValueError("claim barrier needs the heldout protocol and heldout.path_ratios; drop it from claims")
         if self.probe is not None and "probe" not in self.protocols:

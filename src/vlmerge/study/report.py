@@ -82,6 +82,7 @@ class _Report(Sections):
             ("Pre-training gain (no-pre-training control)", "control", self.control),
             ("Baselines at equal total steps", "baseline models", self.baselines),
             ("The path between the experts", "interpolation path", self.path),
+            ("Dose-response: how far the experts travel", "modality-specific length sweep", self.dose),
             ("Merging methods", "merging methods", self.methods),
             ("Seed pre-training length", "seed fraction sweep", lambda: self.sweep("seed_fraction", "seed fraction")),
             ("Interpolation ratio", "interpolation ratio sweep", lambda: self.sweep("interpolation_ratio", "ratio")),

@@ -5,7 +5,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from vlmerge.study import plots
-from vlmerge.study.claims import PAPER_SEED_GAIN_VALUES, TARGET_RHO, protocol_name, reason
+from vlmerge.study.claims import PAPER_SEED_GAIN_VALUES, TARGET_RHO, capitalised, protocol_name, reason
 from vlmerge.study.recipe import MergeSpec, option_text
 from vlmerge.study.report_blocks import Block, Image, Paragraph, Table, fmt, interval
 from vlmerge.study.results import (
@@ -165,7 +165,7 @@ class Sections:
             "whatever the control shows. Protocols not shown to see pre-training: "
             + (", ".join(blind) if blind else "none")
             + ". "
-            + " ".join(f"{protocol_name(c.protocol)}: {reason(c)}." for c in headline)
+            + " ".join(f"{capitalised(protocol_name(c.protocol))}: {reason(c)}." for c in headline)
         )
         return [Paragraph(text), Table(["protocol", "task", "gain [95 % interval]", "seeds", "verdict"], gain)]
 
@@ -194,6 +194,40 @@ class Sections:
                 lambda p: plots.sweep_bands(p, title, "vision expert's weight", ratios, series, "held-out loss (nats)"),
             ),
             Table(["model", *(f"ratio {fmt(r)}" for r in ratios)], rows),
+        ]
+
+    def dose(self) -> list[Block]:
+        """What merging loses against the length of the modality-specific stage, per origin."""
+        if not (curves := self.r.dose):
+            return []
+        steps = list(curves[0].steps)
+        names = {"naive": "experts from random weights (naive merging)", "seed": "experts from the seed run"}
+        series = {names.get(d.condition, d.condition): [(c.mean, c.low, c.high) for c in d.costs] for d in curves}
+        title = "What merging loses on held-out pairs vs modality-specific steps (95 % bands)"
+        rows = [
+            [names.get(d.condition, d.condition), *(interval(c) for c in d.costs), self.rho(d.correlation)]
+            for d in curves
+        ]
+        sentences = " ".join(
+            f"{names.get(d.condition, d.condition).capitalize()}: Spearman rho {self.rho(d.correlation)} over "
+            f"{d.correlation.points} (length, seed) points."
+            for d in curves
+        )
+        return [
+            Paragraph(
+                "Does what merging loses grow with how far the experts travel? Each point trains the modality-specific "
+                "stage for that many steps (from random weights, or from the main setting's seed run), merges it by "
+                "the main merge, and scores the merged minus the unmerged held-out loss (nats; positive is a loss). "
+                + sentences
+            ),
+            self.plot(
+                "dose",
+                title,
+                lambda p: plots.sweep_bands(
+                    p, title, "modality-specific steps", steps, series, "held-out loss lost by merging (nats)"
+                ),
+            ),
+            Table(["experts", *(f"{s} steps" for s in steps), "Spearman rho [95 % interval]"], rows),
         ]
 
     def score_series(self, models: Sequence[ModelResult], protocol: str) -> dict[str, list]:

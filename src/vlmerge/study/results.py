@@ -37,6 +37,7 @@ class Group(str, Enum):
     SEED_LENGTH = "seed_length"
     ARCHITECTURE = "architecture"
     MERGEABILITY = "mergeability"  # unmerged models the merges are compared with
+    DOSE = "dose"  # modality-specific stages of several lengths, and their merges
 
 
 # The models the paper's comparisons are about.
@@ -137,7 +138,7 @@ class ModelResult:
 
 
 @dataclass(frozen=True)
-class Test:
+class Decision:
     """How a paired difference was decided: its tests, and what the run could have detected."""
 
     p: float  # exact sign-flip over seeds (parity: one-sided, against -margin)
@@ -153,7 +154,7 @@ class Test:
         return dict(self.__dict__)
 
     @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> "Test":
+    def from_json(cls, data: Mapping[str, Any]) -> "Decision":
         return cls(**data)
 
 
@@ -172,7 +173,7 @@ class Comparison:
     paper: str | None = None  # the paper's figure for the nearest task, in words
     note: str = ""
     label: str = ""  # what the difference is, where it is not a's score minus b's
-    test: Test | None = None
+    test: Decision | None = None
     headline: bool = False  # one of the comparisons the claim's verdict is decided on
 
     def to_json(self) -> dict[str, Any]:
@@ -204,7 +205,7 @@ class Comparison:
             data["paper"],
             data["note"],
             data.get("label", ""),
-            Test.from_json(data["test"]) if data.get("test") else None,
+            Decision.from_json(data["test"]) if data.get("test") else None,
             data.get("headline", False),
         )
 
@@ -385,6 +386,34 @@ class Mergeability:
 
 
 @dataclass(frozen=True)
+class DoseResponse:
+    """What merging loses on held-out pairs (merged minus unmerged loss) against the length of the
+    modality-specific stage, for experts from random weights (naive) or from the seed run."""
+
+    condition: str  # "naive" or "seed"
+    steps: tuple[int, ...]
+    costs: tuple[Estimate, ...]  # per length, over seeds and held-out pairs
+    correlation: Correlation  # Spearman's rho of length with cost over (length, seed) points
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "condition": self.condition,
+            "steps": list(self.steps),
+            "costs": [c.to_json() for c in self.costs],
+            "correlation": self.correlation.to_json(),
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> "DoseResponse":
+        return cls(
+            data["condition"],
+            tuple(data["steps"]),
+            tuple(map(Estimate.from_json, data["costs"])),
+            Correlation.from_json(data["correlation"]),
+        )
+
+
+@dataclass(frozen=True)
 class PathPoint:
     """A point of the interpolation path between a model's experts: its held-out loss at one ratio."""
 
@@ -453,6 +482,7 @@ class StudyResults:
     timing: Timing | None = None
     claims: tuple[Claim, ...] = ()
     path: tuple[PathPoint, ...] = ()
+    dose: tuple[DoseResponse, ...] = ()
 
     def model(self, model_id: str) -> ModelResult:
         if model_id not in self.models:
@@ -487,6 +517,7 @@ class StudyResults:
             "timing": timing,
             "claims": [claim.to_json() for claim in self.claims],
             "path": [point.to_json() for point in self.path],
+            "dose": [d.to_json() for d in self.dose],
         }
 
     @classmethod
@@ -507,6 +538,7 @@ class StudyResults:
                 timing,
                 tuple(map(Claim.from_json, data["claims"])),
                 tuple(map(PathPoint.from_json, data.get("path", ()))),
+                tuple(map(DoseResponse.from_json, data.get("dose", ()))),
             )
         except (KeyError, TypeError, ValueError) as error:
             raise ConfigError(f"not a study results file: {type(error).__name__} {error}") from None

@@ -19,6 +19,7 @@ from vlmerge.study.results import GalleryEntry
 from vlmerge.tasks.base import Evaluation
 from vlmerge.training.config import FinetuneConfig, PretrainConfig, TokenizerConfig
 from vlmerge.training.objectives import ObjectiveWeights
+from vlmerge.tuning.adamerge import AdaMergeConfig
 
 M = TypeVar("M", bound=StrictConfig)
 
@@ -77,8 +78,21 @@ class FisherSettings(StrictConfig):
 
 
 class MergeSettings(StrictConfig):
+    """A merge by the engine; with `adamerge`, arithmetic's lam learnt on `data`'s validation pairs first.
+    Those two enter the hash only when set, so a merge without them keeps its name."""
+
     method: str
     options: dict[str, JsonValue] = {}  # as the recipe gives them; the engine resolves coefficient specs
+    adamerge: AdaMergeConfig | None = None
+    data: DataConfig | None = None
+
+    @model_serializer(mode="wrap")
+    def _without_absent_learning(self, handler):
+        dumped = handler(self)
+        for name in ("adamerge", "data"):
+            if getattr(self, name) is None:
+                dumped.pop(name, None)
+        return dumped
 
 
 class FinetuneSettings(FinetuneConfig):
@@ -151,7 +165,7 @@ class EvaluationOutput(StrictConfig):
     model_config = ConfigDict(ser_json_inf_nan="constants")  # a NaN metric stays NaN, as json.dumps wrote it
 
     metrics: dict[str, float]
-    samples: dict[str, list[float]]
+    samples: dict[str, list[float] | list[list[float]]]  # per example, or rows of per-example counts
 
     @classmethod
     def of(cls, evaluation: Evaluation) -> Self:

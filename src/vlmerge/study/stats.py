@@ -36,7 +36,6 @@ CHUNK_VALUES = 4_000_000  # resampled values held at once (32 MB of float64)
 
 Samples = Mapping[str, np.ndarray]  # one seed's per-example values of one task, by sample name
 Statistic = Callable[[Samples], float | np.ndarray]  # a task's primary metric from its samples (vectorised)
-Parts = Sequence[Sequence[tuple[Samples, Statistic]]]  # per seed: the (samples, statistic) its score averages
 
 
 @dataclass(frozen=True)
@@ -76,42 +75,72 @@ def t_quantile(df: float, confidence: float = CONFIDENCE) -> float:
     return float(stats.norm.ppf(tail) if math.isinf(df) else stats.t.ppf(tail, df))
 
 
+@dataclass(frozen=True)
+class Part:
+    """One task's share of a seed's score: Σ weight × statistic(samples) over its terms, the terms being
+    models scored on the same test examples (a score: one term; a paired difference: two). Resampled,
+    every term takes the same examples, so a statistic that is not a mean of per-example values (mIoU
+    from per-image counts) still pairs correctly."""
+
+    terms: tuple[tuple[float, Samples], ...]
+    statistic: Statistic
+
+    @classmethod
+    def of(cls, samples: Samples, statistic: Statistic) -> "Part":
+        return cls(((1.0, samples),), statistic)
+
+
+Parts = Sequence[Sequence[Part]]  # per seed: the parts its score averages
+
+
+def _examples(values: np.ndarray) -> int:
+    """Examples lie along the last axis (a per-image row of counts is one example's column)."""
+    return values.shape[-1] if values.ndim else 0
+
+
 def bootstrap_means(parts: Parts, resamples: int = RESAMPLES, seed: int = BOOTSTRAP_SEED) -> np.ndarray | None:
     """`resamples` draws of the mean over seeds, seeds and test examples resampled (see the module's
     docstring); None where an array has fewer than two examples (nothing to resample)."""
     seeds = len(parts)
-    layout = [(s, p, name) for s in range(seeds) for p, (samples, _) in enumerate(parts[s]) for name in samples]
-    if not layout:
+    arrays: dict[tuple[int, int, int, str], np.ndarray] = {}
+    for s, seed_parts in enumerate(parts):
+        for p, part in enumerate(seed_parts):
+            for t, (_, samples) in enumerate(part.terms):
+                for name, values in samples.items():
+                    arrays[s, p, t, name] = np.asarray(values, dtype=np.float64)
+    if not arrays or any(_examples(a) < 2 for a in arrays.values()):
         return None
-    arrays = {key: np.asarray(parts[key[0]][key[1]][0][key[2]], dtype=np.float64) for key in layout}
-    if any(len(a) < 2 for a in arrays.values()):
-        return None
-    lengths: dict[tuple[int, str], set[int]] = {}
-    for (_, p, name), values in arrays.items():
-        lengths.setdefault((p, name), set()).add(len(values))
-    shared = {key for key, found in lengths.items() if len(found) == 1 and seeds > 1}
+    lengths: dict[tuple[int, str], set[int]] = {}  # the terms of a part share their examples
+    for (s, p, _, name), values in arrays.items():
+        lengths.setdefault((p, name), set()).add(_examples(values))
+        lengths.setdefault((s, p, name), set()).add(_examples(values))
+    shared = {key for key, found in lengths.items() if len(key) == 2 and len(found) == 1 and seeds > 1}
     rng = np.random.default_rng(seed)
     picked = rng.integers(0, seeds, size=(resamples, seeds))
-    per_resample = max(1, sum(len(a) for a in arrays.values()))
+    per_resample = max(1, sum(a.size for a in arrays.values()))
     chunk = max(1, min(resamples, CHUNK_VALUES // per_resample))
     means = np.empty(resamples)
     for start in range(0, resamples, chunk):
         count = min(chunk, resamples - start)
-        common = {
-            key: rng.integers(0, next(iter(lengths[key])), size=(count, next(iter(lengths[key])))) for key in shared
-        }
+        # In a fixed order: a set's order of string keys changes from one process to the next.
+        common = {key: rng.integers(0, n, size=(count, n)) for key in sorted(shared) for n in lengths[key]}
         scores = np.empty((count, seeds))
         for s in range(seeds):
             by_part = []
-            for p, (samples, statistic) in enumerate(parts[s]):
-                drawn = {}
-                for name in samples:
-                    values = arrays[s, p, name]
-                    rows = common.get((p, name))
-                    if rows is None:
-                        rows = rng.integers(0, len(values), size=(count, len(values)))
-                    drawn[name] = values[rows]
-                by_part.append(np.asarray(statistic(drawn), dtype=np.float64))
+            for p, part in enumerate(parts[s]):
+                rows = {}
+                for name in part.terms[0][1]:
+                    (n,) = lengths[s, p, name] if len(lengths[s, p, name]) == 1 else (None,)
+                    if n is None:
+                        raise ValueError(f"the terms of part {p} of seed {s} differ in their {name!r} examples")
+                    rows[name] = common.get((p, name))
+                    if rows[name] is None:
+                        rows[name] = rng.integers(0, n, size=(count, n))
+                score = sum(
+                    weight * np.asarray(part.statistic({n: np.take(v, rows[n], axis=-1) for n, v in samples.items()}))
+                    for weight, samples in part.terms
+                )
+                by_part.append(np.asarray(score, dtype=np.float64))
             scores[:, s] = np.mean(by_part, axis=0)
         means[start : start + count] = np.take_along_axis(scores, picked[start : start + count], axis=1).mean(axis=1)
     return means

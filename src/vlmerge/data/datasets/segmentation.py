@@ -100,12 +100,13 @@ def segmented_files(
 @SOURCES.register_class
 class Ade20k(DataSource):
     """ADE20k (SceneParsing) from `data.paths.root`, the ADEChallengeData2016 folder: train is its training
-    images, val its validation images (the benchmark's evaluation set). `data.limit` keeps the first N."""
+    images, test its validation images (the benchmark's evaluation set: its test labels are not public, and
+    a study evaluates on `test`). `data.limit` keeps the first N."""
 
     name = "ade20k"
-    splits = ("train", "val")
+    splits = ("train", "test")
     path_keys = ("root",)
-    FOLDERS = {"train": "training", "val": "validation"}
+    FOLDERS = {"train": "training", "test": "validation"}
 
     @functools.cached_property
     def classes(self) -> tuple[str, ...]:
@@ -134,10 +135,12 @@ class Ade20k(DataSource):
 @SOURCES.register_class
 class SegmentationFolder(DataSource):
     """Pascal VOC style folders under `data.paths.root`: the split lists in ImageSets/Segmentation name the
-    images of JPEGImages whose masks are in SegmentationClass. `data.limit` keeps the first N of each list."""
+    images of JPEGImages whose masks are in SegmentationClass; test reads val.txt (VOC's evaluation list, as
+    a study evaluates on `test`). `data.limit` keeps the first N of each list."""
 
     name = "segmentation_folder"
-    splits = ("train", "val")
+    splits = ("train", "test")
+    LISTS = {"train": "train", "test": "val"}
     path_keys = ("root",)
     optional_path_keys = ("classes",)
 
@@ -157,7 +160,7 @@ class SegmentationFolder(DataSource):
     def segments(self, split: str) -> SegmentedImages:
         self.check_split(split)
         root = Path(self.config.paths["root"])
-        listing = root / "ImageSets" / "Segmentation" / f"{split}.txt"
+        listing = root / "ImageSets" / "Segmentation" / f"{self.LISTS[split]}.txt"
         if not listing.is_file():
             raise ConfigError(f"{listing}: no such split list")
         stems = [line.strip() for line in listing.read_text(encoding="utf-8").splitlines() if line.strip()]
