@@ -370,10 +370,12 @@ def test_the_full_recipe_compares_every_method_family():
     recipe = load_recipe(RECIPES / "emoji-full.yaml")
     methods = {spec.method for spec in [recipe.main_merge, *recipe.merges]}
     families = {"tsv", "iso_c", "iso_cts", "dare_ties", "breadcrumbs", "della", "fisher", "regmean_pp"}
+    families |= {"wudi", "model_stock", "karcher", "magmax", "sce"}
     assert families | {"interpolation", "arithmetic", "regmean", "ties", "dare"} <= methods <= set(MERGE_METHODS)
+    assert any(spec.adamerge is not None for spec in recipe.merges)  # learnt coefficients too
     plan = plan_study(recipe)
     compared = [m for m in plan.models.values() if Group.METHODS in m.groups]
-    assert len(compared) == 1 + len(recipe.merges) == 17
+    assert len(compared) == 1 + len(recipe.merges) == 23
     assert len({m.merge.label for m in compared}) == len(compared)
 
 
