@@ -381,3 +381,40 @@ def test_learnt_coefficients_and_the_dose_response_are_planned_per_seed(tmp_path
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad))
     with pytest.raises(ConfigError, match="adamerge learns arithmetic's lam"):
         load_recipe(tmp_path / "bad.yaml")
+
+
+SEGMENTATION = """
+name: seg-tiny
+random_seeds: [0, 1]
+data: {image_size: 32, limit: 200}
+model: {size: micro}
+tokenizer: {vocab_size: 300}
+pretrain_optimizer: {batch_size: 8, lr: 2.0e-3, warmup_steps: 1}
+total_steps: 4
+checkpoint_every: 4
+seed_fractions: [0.0, 0.5]
+architectures: [all]
+protocols: [finetune, probe]
+tasks: [segmentation]
+task_data: {segmentation: {dataset: stamp_scenes, limit: 40}}
+claims: [seed, parity]
+finetune: {steps: 2, optimizer: {batch_size: 8, lr: 1.0e-3, warmup_steps: 0}}
+gallery_size: 0
+"""
+
+
+def test_segmentation_is_compared_by_miou_from_per_image_counts(emoji_sources, tmp_path):
+    """mIoU is a ratio of sums, not a mean of per-image values: a paired difference must resample both
+    models' images alike; its point estimate is the difference of the per-seed mIoUs."""
+    if not Path("/usr/share/tuxpaint/stamps").is_dir():
+        pytest.skip("Tux Paint stamps absent (apt-get install tuxpaint-stamps-default)")
+    (tmp_path / "recipe.yaml").write_text(SEGMENTATION)
+    results = run_study(load_recipe(tmp_path / "recipe.yaml"), tmp_path / "study", progress=False)
+    assert results.primary_metrics["segmentation"] == "miou"
+    for claim in results.claims:
+        for c in claim.comparisons:
+            a = results.model(c.a).score(c.protocol, "segmentation").per_seed
+            b = results.model(c.b).score(c.protocol, "segmentation").per_seed
+            assert c.per_seed == pytest.approx({s: a[s] - b[s] for s in (0, 1)})
+            assert c.difference.low <= c.difference.mean <= c.difference.high
+            assert math.isfinite(c.difference.se)
