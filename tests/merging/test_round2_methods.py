@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
@@ -152,8 +152,13 @@ REAL = st.floats(-100, 100, allow_nan=False, allow_subnormal=False).map(lambda x
 LINEAR = st.tuples(st.integers(1, 5), st.integers(1, 5))
 
 
+# A condition number of 6241 (singular values 79.01 and 0.0127): the Gram matrix's fast path once lost digits here.
+ILL_CONDITIONED = np.stack([np.zeros((5, 5)), np.eye(5)[[4, 3, 1, 2, 0]] + np.diag([0, 0, 0, 0, 79.0])])
+
+
 @settings(max_examples=50, deadline=None)
 @given(LINEAR.flatmap(lambda shape: hnp.arrays(np.float64, (2, *shape), elements=REAL)), st.sampled_from([2, 3]))
+@example(arrays=ILL_CONDITIONED, count=2)
 def test_wudi_returns_copies_of_one_expert_within_the_vectors_condition_number(arrays, count):
     """tau (sum_m G)(sum_m G)^+ = tau on its row space, for any tau; a pseudo-inverse loses digits as the
     smallest kept singular value of tau falls, so the tolerance follows the condition number."""

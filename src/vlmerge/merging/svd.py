@@ -7,9 +7,9 @@ arithmetic, the default) or the mean (what the papers' code does), then are scal
 
 Everything runs in float64 on the tensor's device, and the result comes back in the experts' dtype. The
 decompositions come from Gram matrices (an (in, in) or (out, out) eigendecomposition costs a third of an SVD
-of the vector) wherever the singular values kept are resolved by them (above 1e-8 of the largest, squared),
+of the vector) wherever the singular values kept are resolved by them (above 1e-6 of the largest, squared),
 and the polar factors of the stacked bases from the small blocks that couple them (TSV's two bases, Iso-CTS's
-task-specific ones beside the common one); elsewhere from the full SVD. Both give the same merge to about 1e-8.
+task-specific ones beside the common one); elsewhere from the full SVD. Both give the same merge to about 1e-10.
 A singular direction whose singular value is numerically zero carries no weight and its basis is
 whatever LAPACK picks, so it is dropped everywhere: a rank-deficient vector keeps only its rank, and
 a stacked basis that repeats a direction (identical experts) is orthogonalised on its range. On
@@ -34,8 +34,10 @@ COMPUTE_DTYPE = torch.float64
 # weight (6e-8), far above float64's rounding of an exact zero, so duplicated directions are found reliably.
 ZERO_SINGULAR_VALUE = 1e-10
 # The fast path decomposes the Gram matrix (float64), whose eigenvalues carry rounding of about 1e-16 of the
-# largest: one above 1e-8 of the largest is resolved to about 1e-8, and below that the exact SVD is taken.
-RESOLVED = 1e-8
+# largest: squaring the condition number, it costs digits the SVD keeps, so it is taken only where the
+# eigenvalues kept lie above 1e-6 of the largest (singular values within 1e3 of it, resolved to about 1e-10
+# relative, as the exact SVD resolves them); below that the exact SVD is taken.
+RESOLVED = 1e-6
 NonMatrix = Literal["sum", "mean"]
 NON_MATRIX = "how tensors that are not 2-D combine: sum (task arithmetic) or mean (the papers' code)"
 LAM = "scale of the merged modality vector"
