@@ -94,7 +94,7 @@ def test_equivalence_needs_a_protocol_the_control_shows_can_see_pretraining():
         Verdict.INCONCLUSIVE,
     )
     found = _verdict(_context(observations, (blind,)), "same", "base")
-    assert found.verdict is Verdict.INCONCLUSIVE and "blind" in found.note
+    assert found.verdict is Verdict.INCONCLUSIVE and "no evidence" in found.note
     seeing = Comparison(
         "agnostic-scratch",
         "no-pretraining",
@@ -157,3 +157,23 @@ def test_spearman_has_a_bootstrap_interval_that_excludes_zero_only_for_a_clear_t
     flat = spearman_interval(x, [0.5, 0.1, 0.9, 0.3, 0.7, 0.2, 0.8, 0.4, 0.6, 0.0, 1.0, 0.45])
     assert flat.excludes_zero() == 0
     assert spearman_interval([1, 2], [1, 2]).rho is None
+
+
+def test_parity_on_a_task_the_control_shows_blind_is_no_evidence():
+    rng = np.random.default_rng(0)
+    base = [_hits(rng, 0.5) for _ in range(SEEDS)]
+    observations = _observations({"base": base, "same": [b.copy() for b in base]})
+    blind = Comparison(
+        "agnostic-scratch",
+        "no-pretraining",
+        "finetune",
+        "classify_image",
+        {},
+        Estimate(0, -0.1, 0.1, SEEDS),
+        Verdict.EQUIVALENT,
+    )
+    planned = [Planned("finetune", "classify_image", "same", "base", score_terms("same", "base", "finetune"))]
+    (found,) = decided_comparisons(_context(observations, (blind,)), planned, non_inferiority=True)
+    assert found.verdict is Verdict.INCONCLUSIVE and "no worse than" in found.note
+    (seen,) = decided_comparisons(_context(observations), planned, non_inferiority=True)  # no control to ask
+    assert seen.verdict is Verdict.REPRODUCED

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from vlmerge.study.decisions import Verdict, decide, holm, power_line, sign_flip_p, tost_p
+from vlmerge.study.decisions import Verdict, decide, fewest_seeds, holm, power_line, sign_flip_p, tost_p
 from vlmerge.study.stats import Part, bootstrap_means, estimate
 
 
@@ -158,9 +158,11 @@ def test_power_line_matches_formula():
     assert detectable == pytest.approx((stats.t.ppf(0.975, n - 1) + stats.t.ppf(0.8, n - 1)) * se)
     z = stats.norm.ppf(0.975) + stats.norm.ppf(0.8)
     assert needed == math.ceil(n * (z * se / 0.05) ** 2)
-    assert power_line(se, n, target=100.0)[1] == 2
-    assert power_line(0.0, 3, target=0.1) == (0.0, 2)
-    assert power_line(None, 1, target=0.1) == (0.0, 2)
+    assert power_line(se, n, target=100.0)[1] == 6  # the fewest seeds a sign-flip test decides at 0.05
+    assert power_line(0.0, 3, target=0.1) == (0.0, 6)
+    assert power_line(None, 1, target=0.1) == (0.0, 6)
+    assert [fewest_seeds(a) for a in (0.05, 0.0625, 0.01)] == [6, 6, 8]
+    assert all(2 / 2 ** fewest_seeds(a) < a <= 2 / 2 ** (fewest_seeds(a) - 1) for a in (0.05, 0.01, 0.2))
     with pytest.raises(ValueError):
         power_line(se, n, target=0.0)
 

@@ -10,8 +10,9 @@ adjusted p is below 0.05; equivalent when the difference is shown to lie within 
 otherwise, with the smallest difference the run could detect.
 
 The control (pre-training gain, decided the same way) does not gate a detected difference, which is
-detected whatever the control shows. It gates equivalence: "no difference" is a decision only on a
-protocol the control shows can see pre-training at all; elsewhere it reads inconclusive.
+detected whatever the control shows. It gates the absence of one: "no difference" (equivalence) and "no
+worse" (parity) are decisions only on a task where the control shows pre-training changes the score;
+elsewhere they read inconclusive.
 """
 
 from collections.abc import Callable, Sequence
@@ -89,13 +90,15 @@ class Context:
         return MEAN if MEAN in tasks else tasks[0]
 
     @cached_property
-    def seeing(self) -> dict[str, bool]:
-        """Per protocol, whether the control shows it can see pre-training on its headline task."""
-        return {
-            c.protocol: c.verdict is Verdict.REPRODUCED
-            for c in self.results.control
-            if c.task == self.headline_task(c.protocol)
-        }
+    def seeing(self) -> dict[tuple[str, str], bool]:
+        """Per protocol and task, whether the control shows pre-training changes the score there."""
+        return {(c.protocol, c.task): c.verdict is Verdict.REPRODUCED for c in self.results.control}
+
+    def sees(self, protocol: str, task: str) -> bool:
+        """Whether a 'no difference' or 'no worse' there can be evidence: the control's gain on that task,
+        else on the protocol's headline task; True where the study has no control to ask."""
+        found = self.seeing.get((protocol, task), self.seeing.get((protocol, self.headline_task(protocol))))
+        return found is not False
 
     def margin(self, protocol: str) -> float:
         return self.recipe.heldout.margin if protocol == HELDOUT else self.recipe.parity_margin
@@ -185,11 +188,13 @@ def _decided(ctx: Context, family, direction: int, non_inferiority: bool, headli
             equivalence = tost_p(difference.mean, difference.se, difference.df, margin)
             verdict = decide((difference.low, difference.high), float(p_adjusted), equivalence, direction)
         note = ""
-        if verdict is Verdict.EQUIVALENT and not ctx.seeing.get(plan.protocol, True):
+        absence = verdict is Verdict.EQUIVALENT or (non_inferiority and verdict is Verdict.REPRODUCED)
+        if absence and not ctx.sees(plan.protocol, plan.task):
             verdict = Verdict.INCONCLUSIVE
             note = (
-                f"within ±{margin:g}, but the control shows {PROTOCOL_NOUNS.get(plan.protocol, plan.protocol)} "
-                "blind to pre-training, so no difference here is no evidence"
+                f"{'no worse than' if non_inferiority else 'within'} ±{margin:g}, but the control does not show "
+                f"{PROTOCOL_NOUNS.get(plan.protocol, plan.protocol)} ({plan.task}) sees pre-training, so no "
+                "difference here is no evidence"
             )
         test = Decision(float(p), float(p_adjusted), len(family), equivalence, margin, detectable, target, needed)
         found.append(

@@ -130,8 +130,9 @@ def power_line(
     Why: an inconclusive verdict means little unless one says how large an effect the run could have
     seen. detectable = (t_{1-alpha/2, n-1} + t_{power, n-1}) * se, se the standard error of the
     difference over seeds and test examples; assuming se shrinks as 1/sqrt(seeds), the seeds needed
-    for `target` are ceil(n * ((z_{1-alpha/2} + z_power) * se / target)^2), at least 2 (normal
-    quantiles, so optimistic for very few seeds).
+    for `target` are ceil(n * ((z_{1-alpha/2} + z_power) * se / target)^2) (normal quantiles, so
+    optimistic for very few seeds), and never fewer than the exact sign-flip test needs to reach alpha
+    at all (`fewest_seeds`: 6 at 0.05), however small the spread.
     """
     if not target != 0 or not math.isfinite(target):
         raise ValueError(f"power_line needs a finite nonzero target, got {target}")
@@ -147,4 +148,9 @@ def power_line(
     z = stats.norm.ppf(1 - alpha / 2) + stats.norm.ppf(power)
     exact = seeds * (z * se / abs(target)) ** 2
     needed = math.ceil(exact * (1 - 1e-12))  # a product that lands a hair above an integer stays that integer
-    return float(detectable), max(2, needed)
+    return float(detectable), max(fewest_seeds(alpha), needed)
+
+
+def fewest_seeds(alpha: float = ALPHA) -> int:
+    """The fewest seeds whose exact sign-flip test can give p < alpha: its smallest p is 2 / 2^n."""
+    return max(2, math.floor(math.log2(2 / alpha)) + 1)

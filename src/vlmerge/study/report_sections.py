@@ -159,10 +159,10 @@ class Sections:
         blind = [protocol_name(c.protocol) for c in headline if c.verdict is not Verdict.REPRODUCED]
         text = (
             "Pre-training gain: the modality-agnostic model from scratch minus the same model with no "
-            "pre-training, evaluated alike (held-out loss: its fall), decided like the claims. A protocol that "
+            "pre-training, evaluated alike (held-out loss: its fall), decided like the claims. A task that "
             "cannot show this gain cannot show that two pre-training conditions are the same: there, a claim's "
-            "'no difference' reads inconclusive, never equivalent. A difference a protocol does detect stands "
-            "whatever the control shows. Protocols not shown to see pre-training: "
+            "'no difference' (equivalence) or 'no worse' (parity) reads inconclusive. A difference a protocol "
+            "does detect stands whatever the control shows. Protocols not shown to see pre-training: "
             + (", ".join(blind) if blind else "none")
             + ". "
             + " ".join(f"{capitalised(protocol_name(c.protocol))}: {reason(c)}." for c in headline)
