@@ -1,7 +1,7 @@
 """Importing and merging a released base-size BEiT-3 file, against the same merge of a native file.
 
 Usage: python benchmarks/released_merge.py [--size beit3-base] [--runs 3] [--workdir DIR]
-Goal (issue 13): importing and merging a base-size BEiT-3 stays within 2x the time of the same
+Goal: importing and merging a base-size BEiT-3 stays within 2x the time of the same
 merge on a native file. Writing it back in BEiT-3's layout writes every merged layer tensor under
 both experts' names (tied): twice the bytes in a safetensors file, or a torch file written whole
 by `torch.save` (not streamed) where the two names share one storage. The released file is a torch `.pth` holding `{"model": state_dict}` under
