@@ -81,6 +81,14 @@ def test_micro_study_writes_results_and_a_report_built_from_them(study):
     assert (out / "report.html").read_text().startswith("<!DOCTYPE html>")
     assert len(results.gallery) == 3 and all((out / g.image).is_file() for g in results.gallery)
     assert results.model("seed-merge").parameters < results.model("specific").parameters
+    methods = {(c.a, c.protocol, c.task) for c in results.methods}  # each method minus the main merge
+    assert methods == {
+        (m, protocol, task)
+        for m in ("merge-arithmetic-lam0.5", "merge-regmean-alpha0.9")
+        for protocol, task in (("finetune", MEAN), ("zeroshot", "retrieval"), ("heldout", "loss"))
+    }
+    assert all(c.b == "seed-merge" and c.test.family == 6 for c in results.methods)
+    assert "minus the main merge" in report
 
 
 def test_running_the_study_again_does_no_work_twice(study):

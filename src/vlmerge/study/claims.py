@@ -35,6 +35,7 @@ from vlmerge.study.results import (
     Claim,
     Comparison,
     Decision,
+    Group,
     StudyResults,
     Trend,
     Verdict,
@@ -530,6 +531,23 @@ def merged_is_smaller(ctx: Context) -> Claim:
         f"The merged model has {ratio:.0%} of the modality-specific model's parameters "
         "(embeddings included, which weigh more in small models than at base size); exact, no interval.",
     )
+
+
+def method_differences(
+    results: StudyResults, observations: Observations, recipe: StudyRecipe
+) -> tuple[Comparison, ...]:
+    """Each compared merge method minus the main merge, on every protocol's headline task, paired by seed and
+    test example and decided like a claim's comparisons (one Holm family over methods and protocols):
+    reproduced reads better than the main merge, contradicted worse."""
+    ctx = Context(results, observations, recipe)
+    methods = [m for m in results.models.values() if Group.METHODS in m.groups and m.id != SEED_MERGE]
+    planned = [
+        Planned(protocol, ctx.headline_task(protocol), m.id, SEED_MERGE, score_terms(m.id, SEED_MERGE, protocol))
+        for m in methods
+        for protocol in recipe.protocols
+        if ctx.observations.protocol_tasks(protocol)
+    ]
+    return tuple(decided_comparisons(ctx, planned))
 
 
 CLAIMS: dict[str, Callable[[Context], Claim]] = {

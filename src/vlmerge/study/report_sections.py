@@ -278,7 +278,57 @@ class Sections:
             self.plot("methods", title, lambda p: plots.method_panels(p, title, names, series, "primary metric"))
         )
         blocks.append(Paragraph(f"In each panel of the figure the dotted line marks the score of {names[0]}."))
-        return blocks
+        return blocks + self.method_differences(dict(zip((m.id for m in models), names)))
+
+    def method_differences(self, names: dict[str, str]) -> list[Block]:
+        """Each method minus the main merge, paired, with its tests; ranked per protocol in a figure."""
+        if not (found := self.r.methods):
+            return []
+        reading = {"reproduced": "better", "contradicted": "worse"}
+        order = sorted(found, key=lambda c: (self.r.protocols.index(c.protocol), -c.difference.mean))
+        rows = [
+            plots.ForestRow(
+                names.get(c.a, c.a),
+                protocol_name(c.protocol),
+                c.difference.mean,
+                c.difference.low,
+                c.difference.high,
+                c.verdict.value,
+            )
+            for c in order
+        ]
+        title = "Each method minus the main merge, ranked (95 % intervals; green better, red worse)"
+        table = [
+            [
+                names.get(c.a, c.a),
+                protocol_name(c.protocol),
+                c.task,
+                interval(c.difference),
+                fmt(c.difference.seeds),
+                fmt(c.test.p) if c.test else "-",
+                fmt(c.test.adjusted_p) if c.test else "-",
+                reading.get(c.verdict.value, c.verdict.value),
+            ]
+            for c in order
+        ]
+        header = [
+            "method",
+            "protocol",
+            "task",
+            "minus the main merge [95 % interval]",
+            "seeds",
+            "p (sign-flip)",
+            "Holm-adjusted p",
+            "reading",
+        ]
+        return [
+            Paragraph(
+                f"Each method minus {names.get('seed-merge', 'the main merge')}, paired by seed and test example, "
+                f"one Holm family over the {len(found)} differences."
+            ),
+            self.plot("method-ranks", title, lambda p: plots.forest_plot(p, title, rows, "difference")),
+            Table(header, table),
+        ]
 
     def sweep(self, key: str, xlabel: str, plot: bool = True) -> list[Block]:
         sweep: tuple[SweepPoint, ...] = getattr(self.r.sweeps, key)

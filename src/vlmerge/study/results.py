@@ -483,6 +483,7 @@ class StudyResults:
     claims: tuple[Claim, ...] = ()
     path: tuple[PathPoint, ...] = ()
     dose: tuple[DoseResponse, ...] = ()
+    methods: tuple[Comparison, ...] = ()  # each merge method minus the main merge
 
     def model(self, model_id: str) -> ModelResult:
         if model_id not in self.models:
@@ -518,6 +519,7 @@ class StudyResults:
             "claims": [claim.to_json() for claim in self.claims],
             "path": [point.to_json() for point in self.path],
             "dose": [d.to_json() for d in self.dose],
+            "methods": [c.to_json() for c in self.methods],
         }
 
     @classmethod
@@ -539,6 +541,7 @@ class StudyResults:
                 tuple(map(Claim.from_json, data["claims"])),
                 tuple(map(PathPoint.from_json, data.get("path", ()))),
                 tuple(map(DoseResponse.from_json, data.get("dose", ()))),
+                tuple(map(Comparison.from_json, data.get("methods", ()))),
             )
         except (KeyError, TypeError, ValueError) as error:
             raise ConfigError(f"not a study results file: {type(error).__name__} {error}") from None

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from vlmerge.io.atomic import atomic_path
 from vlmerge.study.assemble import assemble
-from vlmerge.study.claims import evaluate_claims
+from vlmerge.study.claims import evaluate_claims, method_differences
 from vlmerge.study.execute import SubmititOptions, execute, lock_study
 from vlmerge.study.plan import plan_study
 from vlmerge.study.recipe import StudyRecipe
@@ -35,7 +35,11 @@ def run_study(
     with lock_study(study_dir):
         outputs = execute(plan, study_dir, progress, workers, submitit)
         results, observations = assemble(plan, outputs, time.perf_counter() - start)
-        results = dataclasses.replace(results, claims=evaluate_claims(results, observations, recipe))
+        results = dataclasses.replace(
+            results,
+            claims=evaluate_claims(results, observations, recipe),
+            methods=method_differences(results, observations, recipe),
+        )
         with atomic_path(study_dir / RESULTS) as tmp:
             tmp.write_text(json.dumps(results.to_json(), indent=1))
         if report:
