@@ -13,13 +13,14 @@ from itertools import combinations, permutations
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from vlmerge.core.modality import Modality
 from vlmerge.io.checkpoint import reader_from_state_dict
 from vlmerge.merging import MERGE_METHODS, MergeInputs, svd
+from vlmerge.merging.geometric import NORM_FLOOR
 from vlmerge.merging.registry import Statistics
 from vlmerge.metrics import METRICS, mergeability, metric_fn
 from vlmerge.metrics.distances import cosine_dissimilarity, l2_distance
@@ -196,8 +197,22 @@ def test_every_method_has_a_copies_of_one_expert_test():
 def test_copies_of_one_expert_merge_back_to_it(method, data):
     """Only under the condition IDENTITY names: dropping, trimming or a share below 1 removes part of the vector."""
     experts, w, origin = data
+    if method == "model_stock":  # mergekit floors the norm product at 1e-6: a tiny vector's cosine falls below 1
+        size = float((w - origin).norm())
+        assume(size == 0 or size**2 >= NORM_FLOOR)
     merged = run(method, MergeInputs("w", experts, origin=origin), **IDENTITY[method](len(experts)))
     torch.testing.assert_close(merged, w, rtol=1e-9, atol=1e-9 * (1 + float((w - origin).norm())))
+
+
+def test_model_stock_on_tiny_vectors_moves_less_than_the_whole_way_as_mergekit_does():
+    """A found case: vectors of norm 6e-5 have a norm product (4e-9) below the 1e-6 floor, so their cosine
+    reads 0.004, not 1, and the merge stays near the seed."""
+    origin = torch.tensor([6.1035e-05], dtype=torch.float64)
+    experts = {V: torch.zeros(1, dtype=torch.float64), L: torch.zeros(1, dtype=torch.float64)}
+    cos = float(origin.norm() ** 2) / NORM_FLOOR
+    t = 2 * cos / (1 + cos)
+    merged = run("model_stock", MergeInputs("w", experts, origin=origin))
+    torch.testing.assert_close(merged, (1 - t) * origin, rtol=1e-12, atol=0)
 
 
 @FAST
