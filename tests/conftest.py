@@ -1,12 +1,20 @@
+import os
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import settings
 
 sys.path.insert(0, str(Path(__file__).parent))  # test helpers such as paper_oracle
 
 from vlmerge.models import VLTransformer, model_config  # noqa: E402
+
+# Property tests draw the same examples on every run (a suite that passes passes again, wherever it runs);
+# HYPOTHESIS_PROFILE=explore draws new ones, to look for the cases no run has tried yet.
+settings.register_profile("repeatable", derandomize=True, print_blob=True)
+settings.register_profile("explore", derandomize=False, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "repeatable"))
 
 
 @pytest.fixture
