@@ -9,7 +9,8 @@ from PIL import Image
 from vlmerge.core.errors import ConfigError
 from vlmerge.data.config import DataConfig
 from vlmerge.data.datasets import stamp_scenes
-from vlmerge.data.datasets.stamp_scenes import DEFAULT_ROOT, StampScenes
+from vlmerge.data.datasets.stamp_scenes import StampScenes
+from vlmerge.data.datasets.tuxpaint import DEFAULT_ROOT
 from vlmerge.data.sources import SOURCES
 
 

@@ -14,7 +14,6 @@ cached per split as one uint8 tensor of 4 channels, RGB and the mask.
 
 import functools
 import os
-from pathlib import Path
 
 import numpy as np
 import PIL
@@ -22,7 +21,7 @@ import torch
 from PIL import Image
 
 from vlmerge.core.errors import ConfigError
-from vlmerge.data.datasets.tuxpaint import DEFAULT_ROOT, PACKAGE, Stamp, find_stamps
+from vlmerge.data.datasets.tuxpaint import Stamp, installed_stamps
 from vlmerge.data.image_cache import cache_entry
 from vlmerge.data.sources import SOURCES, DataSource, SegmentedImages
 from vlmerge.data.splits import SPLITS
@@ -129,11 +128,7 @@ class StampScenes(DataSource):
 
     @functools.cached_property
     def stamps(self) -> list[Stamp]:
-        root = PACKAGE.require(self.name, Path(self.config.paths.get("stamps", DEFAULT_ROOT)), "stamps")
-        stamps = find_stamps(root)
-        if not stamps:
-            raise ConfigError(f"{root}: no PNG stamps with a caption (.txt beside them)")
-        return stamps
+        return installed_stamps(self)
 
     @functools.cached_property
     def classes(self) -> tuple[str, ...]:

@@ -89,6 +89,15 @@ def stamp_images(
     return images
 
 
+def installed_stamps(source: DataSource) -> list[Stamp]:
+    """Every captioned stamp under the source's `data.paths.stamps`, else the Debian package's folder."""
+    root = PACKAGE.require(source.name, Path(source.config.paths.get("stamps", DEFAULT_ROOT)), "stamps")
+    stamps = find_stamps(root)
+    if not stamps:
+        raise ConfigError(f"{root}: no PNG stamps with a caption (.txt beside them)")
+    return stamps
+
+
 @SOURCES.register_class
 class TuxPaintStamps(DataSource):
     """Tux Paint stamps: `pairs` (the stamp and its English sentence) and `image_classes` (its top-level
@@ -102,11 +111,7 @@ class TuxPaintStamps(DataSource):
     @functools.cached_property
     def stamps(self) -> list[Stamp]:
         """Every captioned stamp, before the limit: the classes come from these."""
-        root = PACKAGE.require(self.name, Path(self.config.paths.get("stamps", DEFAULT_ROOT)), "stamps")
-        stamps = find_stamps(root)
-        if not stamps:
-            raise ConfigError(f"{root}: no PNG stamps with a caption (.txt beside them)")
-        return stamps
+        return installed_stamps(self)
 
     @functools.cached_property
     def classes(self) -> tuple[str, ...]:
