@@ -80,30 +80,23 @@ def test_a_difference_planted_far_outside_the_noise_is_reproduced_a_zero_one_equ
     assert _verdict(ctx, "noisy", "base").verdict is Verdict.INCONCLUSIVE
 
 
-def test_equivalence_needs_a_protocol_the_control_shows_can_see_pretraining():
+def _a_model_and_its_copy() -> Observations:
     rng = np.random.default_rng(0)
     base = [_hits(rng, 0.5) for _ in range(SEEDS)]
-    observations = _observations({"base": base, "same": [b.copy() for b in base]})
-    blind = Comparison(
-        "agnostic-scratch",
-        "no-pretraining",
-        "finetune",
-        "classify_image",
-        {},
-        Estimate(0, -0.1, 0.1, SEEDS),
-        Verdict.INCONCLUSIVE,
-    )
+    return _observations({"base": base, "same": [b.copy() for b in base]})
+
+
+def _control(gain: Estimate, verdict: Verdict) -> Comparison:
+    """The pre-training gain the control measured on the planted task."""
+    return Comparison("agnostic-scratch", "no-pretraining", "finetune", "classify_image", {}, gain, verdict)
+
+
+def test_equivalence_needs_a_protocol_the_control_shows_can_see_pretraining():
+    observations = _a_model_and_its_copy()
+    blind = _control(Estimate(0, -0.1, 0.1, SEEDS), Verdict.INCONCLUSIVE)
     found = _verdict(_context(observations, (blind,)), "same", "base")
     assert found.verdict is Verdict.INCONCLUSIVE and "no evidence" in found.note
-    seeing = Comparison(
-        "agnostic-scratch",
-        "no-pretraining",
-        "finetune",
-        "classify_image",
-        {},
-        Estimate(0.2, 0.1, 0.3, SEEDS),
-        Verdict.REPRODUCED,
-    )
+    seeing = _control(Estimate(0.2, 0.1, 0.3, SEEDS), Verdict.REPRODUCED)
     assert _verdict(_context(observations, (seeing,)), "same", "base").verdict is Verdict.EQUIVALENT
 
 
@@ -160,18 +153,8 @@ def test_spearman_has_a_bootstrap_interval_that_excludes_zero_only_for_a_clear_t
 
 
 def test_parity_on_a_task_the_control_shows_blind_is_no_evidence():
-    rng = np.random.default_rng(0)
-    base = [_hits(rng, 0.5) for _ in range(SEEDS)]
-    observations = _observations({"base": base, "same": [b.copy() for b in base]})
-    blind = Comparison(
-        "agnostic-scratch",
-        "no-pretraining",
-        "finetune",
-        "classify_image",
-        {},
-        Estimate(0, -0.1, 0.1, SEEDS),
-        Verdict.EQUIVALENT,
-    )
+    observations = _a_model_and_its_copy()
+    blind = _control(Estimate(0, -0.1, 0.1, SEEDS), Verdict.EQUIVALENT)
     planned = [Planned("finetune", "classify_image", "same", "base", score_terms("same", "base", "finetune"))]
     (found,) = decided_comparisons(_context(observations, (blind,)), planned, non_inferiority=True)
     assert found.verdict is Verdict.INCONCLUSIVE and "no worse than" in found.note
