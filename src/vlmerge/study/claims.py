@@ -42,7 +42,6 @@ from vlmerge.study.results import (
 )
 from vlmerge.study.stats import Correlation, Estimate, spearman, spearman_interval
 
-PAPER_PROTOCOL = "finetune"
 # Seed pre-training + merge over naive merging in the paper, by our nearest task (points of each metric).
 PAPER_SEED_GAINS = {
     "vqa": "+3 (VQAv2)",
