@@ -24,9 +24,9 @@ have them; where the two define a method differently, the note under the table s
 
 The SVD methods are also timed in this process beside FusionBench's functions (fusion-bench 0.2.33,
 installed with --no-deps; its two pure-torch files are loaded by path): the same task vectors of every
-expert group, ours through the registered function on one thread (as the engine runs it), FusionBench's
-on the tensors' dtype (float32, as it runs on this checkpoint) at the process's thread count, one after
-the other in each run. Agreement is max |ours - FusionBench| / max |FusionBench| over the merged modality
+expert group, ours through the registered function as the engine runs it (each group on one thread,
+as many groups side by side as the process has threads), FusionBench's on the tensors' dtype (float32,
+as it runs on this checkpoint) at the process's thread count, one after the other in each run. Agreement is max |ours - FusionBench| / max |FusionBench| over the merged modality
 vectors, against FusionBench on float64 copies of the same vectors (`--reference-float64`, once).
 """
 
@@ -61,6 +61,7 @@ from vlmerge.merging import MERGE_METHODS, MergeInputs
 from vlmerge.merging.grams import gram_modules
 from vlmerge.merging.plan import expand_to_experts, merged_key, parse_expert_key
 from vlmerge.merging.regmean_pp import SEQUENTIAL, SequentialOptions
+from vlmerge.merging.side_by_side import ordered_map
 from vlmerge.models import VLTransformer, model_config, save_model
 
 GOALS = {"copy": 1.5, "regmean_memory": 0.3, "svd_reference": 0.5, "svd_copy": 5.0}
@@ -339,16 +340,21 @@ class Groups:
 
 
 def ours_svd(method: str, groups: Groups, dtype: torch.dtype) -> tuple[float, dict[str, torch.Tensor]]:
-    """Seconds to merge every group as the engine does (one thread, FusionBench's mean for the other tensors),
-    and the merged modality vectors (float64)."""
+    """Seconds to merge every group as the engine does (each on one thread, one group per core side by side;
+    FusionBench's mean for the other tensors), and the merged modality vectors (float64)."""
     entry = MERGE_METHODS.get(method)
     options = entry.options.parse({"lam": 1.0, "non_matrix": "mean"})
-    merged = {}
+    workers = torch.get_num_threads()
+
+    def merge(item: tuple[str, dict[str, torch.Tensor]]) -> torch.Tensor:
+        key, ws = item
+        return entry.fn(
+            MergeInputs(key, {m: w.to(dtype) for m, w in ws.items()}, origin=groups.origin[key].to(dtype)), options
+        )
+
     start = time.perf_counter()
     with one_thread():
-        for key, ws in groups.experts.items():
-            inputs = MergeInputs(key, {m: w.to(dtype) for m, w in ws.items()}, origin=groups.origin[key].to(dtype))
-            merged[key] = entry.fn(inputs, options)
+        merged = dict(zip(groups.experts, ordered_map(merge, groups.experts.items(), workers)))
     seconds = time.perf_counter() - start
     return seconds, {key: value.double() - groups.origin[key].double() for key, value in merged.items()}
 
@@ -495,8 +501,8 @@ def report_references(references: dict, durable: float, ours: dict[str, Samples]
     if not references:
         return
     print(
-        f"SVD methods beside FusionBench 0.2.33 on the same task vectors (ours on 1 thread, FusionBench on "
-        f"{torch.get_num_threads()}), median [range]; the merge's whole time (file to file) against the durable copy:"
+        f"SVD methods beside FusionBench 0.2.33 on the same task vectors, both on {torch.get_num_threads()} threads "
+        f"(ours: one group per thread, as the engine merges), median [range]; the merge's whole time (file to file) against the durable copy:"
     )
     verdicts = []
     for name, (_, our_side, their_side, differences) in references.items():

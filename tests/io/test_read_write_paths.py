@@ -148,13 +148,13 @@ def test_a_merge_computes_on_one_thread_and_restores_the_callers_count(micro_con
     """Every merged tensor is computed on one intra-op thread (its bytes must not follow the machine's
     thread count, and the hash beside it gets the other cores); the caller's count is restored."""
     source = save_model(VLTransformer(micro_config), tmp_path / "specific.safetensors")
-    seen, real_merge_group = [], prepared_merge_module._merge_group
+    seen, real_merge_inputs = [], prepared_merge_module._merge_inputs
 
-    def merge_group(*args, **kwargs):
+    def merge_inputs(*args, **kwargs):
         seen.append(torch.get_num_threads())
-        return real_merge_group(*args, **kwargs)
+        return real_merge_inputs(*args, **kwargs)
 
-    monkeypatch.setattr(prepared_merge_module, "_merge_group", merge_group)
+    monkeypatch.setattr(prepared_merge_module, "_merge_inputs", merge_inputs)
     threads = torch.get_num_threads()
     torch.set_num_threads(3)
     try:

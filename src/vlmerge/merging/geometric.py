@@ -110,7 +110,7 @@ class KarcherOptions(StrictConfig):
     )
 
 
-@register_method("karcher", KarcherOptions)
+@register_method("karcher", KarcherOptions, compute_bound=True)
 def karcher(inputs: MergeInputs, options: KarcherOptions) -> torch.Tensor:
     """Karcher mean (mergekit's `karcher`): the experts' Fréchet mean on the unit sphere times their mean norm.
 

@@ -1,7 +1,6 @@
 """A validated merge and the stream of its tensors: each merge group's inputs read (their values
 checked: NaN, Inf), merged by the method, and let go before the next group is read."""
 
-import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +21,7 @@ from vlmerge.merging.coefficients import ResolvedOptions
 from vlmerge.merging.fisher import group_fisher
 from vlmerge.merging.plan import MergeGroup, MergePlan
 from vlmerge.merging.registry import MergeInputs, MergeMethod, MergeWarning, Statistics
+from vlmerge.merging.side_by_side import WarningsByThread, ordered_map
 from vlmerge.models.config import ModelConfig
 
 
@@ -64,17 +64,32 @@ class PreparedMerge:
         return passthrough + merged
 
     def tensors(self, progress: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
-        """Merged tensors in `output_layout` order, one group in memory at a time."""
+        """Merged tensors in `output_layout` order, one group in memory at a time (a compute-bound method:
+        one per core, merged side by side). Every group is merged on one intra-op thread, so the bytes do
+        not depend on the machine's thread count; torch runs on one thread while the stream is open."""
         for key in self.plan.passthrough:
             yield key, _read_finite(self.reader, key)
-        for group in tqdm(self.plan.groups, desc=f"merge ({self.method.name})", disable=not progress, unit="tensor"):
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always", MergeWarning)
-                with one_thread():  # the same bytes whatever the machine's thread count
-                    merged = _merge_group(self, group, self.coefficients.at(group.target))
-            self.warnings += [str(w.message) for w in caught if issubclass(w.category, MergeWarning)]
-            yield group.target, merged
-            del merged  # not alive beside the next group's inputs
+        workers = torch.get_num_threads() if self.method.compute_bound else 1
+        groups = tqdm(self.plan.groups, desc=f"merge ({self.method.name})", disable=not progress, unit="tensor")
+        with one_thread(), WarningsByThread(MergeWarning) as caught:
+
+            def read(group: MergeGroup) -> tuple[MergeGroup, MergeInputs, list[str]]:
+                with caught.recording() as messages:  # in this thread, in the groups' order
+                    inputs = group_inputs(
+                        group, self.reader, self.method, self.origin, self.grams, self.prepass, self.fisher
+                    )
+                return group, inputs, messages
+
+            def merge(job: tuple[MergeGroup, MergeInputs, list[str]]) -> tuple[str, torch.Tensor, list[str]]:
+                group, inputs, messages = job
+                with caught.recording() as raised:
+                    merged = _merge_inputs(self.method, inputs, self.coefficients.at(group.target))
+                return group.target, merged, messages + raised
+
+            for target, merged, messages in ordered_map(merge, map(read, groups), workers):
+                self.warnings += messages
+                yield target, merged
+                del merged  # not alive beside the next group's inputs
 
     def result(self, tensors: dict[str, torch.Tensor] | None = None) -> MergeResult:
         return MergeResult(
@@ -90,16 +105,12 @@ class PreparedMerge:
         )
 
 
-def _merge_group(prepared: PreparedMerge, group: MergeGroup, options: StrictConfig) -> torch.Tensor:
-    method = prepared.method
-    inputs = group_inputs(
-        group, prepared.reader, method, prepared.origin, prepared.grams, prepared.prepass, prepared.fisher
-    )
+def _merge_inputs(method: MergeMethod, inputs: MergeInputs, options: StrictConfig) -> torch.Tensor:
     if len(inputs.experts) == 1:  # a layer with a single selected expert just copies it
         return next(iter(inputs.experts.values()))
     result = method.fn(inputs, options).to(_dtype(inputs.experts))
     if not all_finite(result):
-        raise MergeError(f"{method.name} produced NaN or Inf for {group.target}")
+        raise MergeError(f"{method.name} produced NaN or Inf for {inputs.target}")
     return result
 
 

@@ -84,6 +84,9 @@ class MergeMethod:
     # The most experts one merged tensor may have for this method (None: any number); checked over
     # the whole plan before any tensor is read.
     max_experts: int | None = None
+    # Merges its groups side by side on the caller's cores, each on one thread (merging/side_by_side.py):
+    # for methods whose time is their own arithmetic (SVDs, solves), whose groups hold little memory.
+    compute_bound: bool = False
 
     @property
     def needs_grams(self) -> bool:
@@ -105,10 +108,12 @@ def register_method(
     per_expert: Iterable[str] = (),
     model_wide: Iterable[str] | None = None,
     max_experts: int | None = None,
+    compute_bound: bool = False,
 ):
     """`needs_grams=True` is short for `statistics=Statistics.GRAMS`. `per_expert`: the int or float
     options the method applies expert by expert; `model_wide`: the options its pre-pass reads;
-    `max_experts`: the most experts one merged tensor may have for it."""
+    `max_experts`: the most experts one merged tensor may have for it; `compute_bound`: its groups merge
+    side by side on the caller's cores."""
     if needs_grams:
         statistics = Statistics.GRAMS
     fields = options.model_fields
@@ -130,6 +135,7 @@ def register_method(
             per_expert=frozenset(per_expert),
             model_wide=tuple(model_wide) if model_wide is not None else None,
             max_experts=max_experts,
+            compute_bound=compute_bound,
         )
         MERGE_METHODS.add(name, method)
         return fn

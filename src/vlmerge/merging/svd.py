@@ -205,7 +205,7 @@ def polar_of_two_orthonormal(b: torch.Tensor, q: torch.Tensor, target: str) -> t
     return torch.cat([b + (bh * even + qa * odd) @ h, q + (bh * odd + qa * even) @ a.mT], dim=1)
 
 
-@register_method("tsv", TsvOptions, needs_origin=True, per_expert=("lam",))
+@register_method("tsv", TsvOptions, needs_origin=True, per_expert=("lam",), compute_bound=True)
 def tsv(inputs: MergeInputs, options: TsvOptions) -> torch.Tensor:
     """TSV-M (Gargiulo et al., CVPR 2025, Task Singular Vectors): each vector's top 1/M singular components, decorrelated."""
     return svd_merge(
@@ -236,7 +236,7 @@ def iso_c_matrix(vectors: Sequence[torch.Tensor], target: str) -> torch.Tensor:
     return (u * s.mean()) @ vh
 
 
-@register_method("iso_c", IsoCOptions, needs_origin=True, per_expert=("lam",))
+@register_method("iso_c", IsoCOptions, needs_origin=True, per_expert=("lam",), compute_bound=True)
 def iso_c(inputs: MergeInputs, options: IsoCOptions) -> torch.Tensor:
     """Iso-C (Marczak et al., ICML 2025, No Task Left Behind): the summed vector with a flat spectrum."""
     return svd_merge(inputs, options.lam, options.non_matrix, lambda vectors: iso_c_matrix(vectors, inputs.target))
@@ -369,7 +369,7 @@ def polar_beside_orthonormal(b: torch.Tensor, q: torch.Tensor, target: str) -> t
     return torch.cat([b + correction[:, :cb], q + correction[:, cb:] @ a.mT], dim=1)
 
 
-@register_method("iso_cts", IsoCtsOptions, needs_origin=True, per_expert=("lam",))
+@register_method("iso_cts", IsoCtsOptions, needs_origin=True, per_expert=("lam",), compute_bound=True)
 def iso_cts(inputs: MergeInputs, options: IsoCtsOptions) -> torch.Tensor:
     """Iso-CTS (Marczak et al., ICML 2025, No Task Left Behind): common and task-specific subspaces, flat spectrum."""
     return svd_merge(

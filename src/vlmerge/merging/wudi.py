@@ -36,7 +36,7 @@ class WudiOptions(StrictConfig):
     lam: float = Field(1.0, description="scale of the merged modality vector")
 
 
-@register_method("wudi", WudiOptions, needs_origin=True)
+@register_method("wudi", WudiOptions, needs_origin=True, compute_bound=True)
 def wudi(inputs: MergeInputs, options: WudiOptions) -> torch.Tensor:
     """WUDI (Cheng et al., ICML 2025): per 2-D weight, min Σₘ ‖(τ − τₘ)τₘᵀ‖² / ‖τₘ‖², solved exactly or by Adam."""
     if options.solver == "closed":
