@@ -359,6 +359,32 @@ def ours_svd(method: str, groups: Groups, dtype: torch.dtype) -> tuple[float, di
     return seconds, {key: value.double() - groups.origin[key].double() for key, value in merged.items()}
 
 
+def decomposition_floor(groups: Groups) -> tuple[float, float]:
+    """Seconds for the float64 eigendecompositions an exact SVD method cannot do without, run as the engine
+    runs groups: one per 2-D group (of the summed vector's Gram matrix; Iso-C's whole spectrum) and one per
+    expert (each vector's own; what TSV-M and Iso-CTS decompose at least)."""
+    tall_vectors = [
+        [
+            (v if v.shape[0] >= v.shape[1] else v.mT)
+            for v in (w.double() - groups.origin[key].double() for w in ws.values())
+        ]
+        for key, ws in groups.experts.items()
+        if groups.origin[key].ndim == 2
+    ]
+
+    def decompose(matrices: list[torch.Tensor]) -> None:
+        for matrix in matrices:
+            torch.linalg.eigh(matrix.mT @ matrix)
+
+    seconds = []
+    for per_group in (lambda vectors: [sum(vectors)], lambda vectors: vectors):
+        start = time.perf_counter()
+        with one_thread():
+            list(ordered_map(decompose, map(per_group, tall_vectors), torch.get_num_threads()))
+        seconds.append(time.perf_counter() - start)
+    return seconds[0], seconds[1]
+
+
 def reference_svd(method: str, function: Callable, groups: Groups, dtype: torch.dtype) -> tuple[float, dict]:
     """Seconds for FusionBench's function over every group (its per-key printing silenced), and its result."""
     batches = groups.task_vectors(dtype)
@@ -421,6 +447,7 @@ def main() -> None:
         functions = {name: fusion_bench_function(name) for name in methods if name in FUSION_BENCH}
         references = {name: (function, Samples(), Samples(), {}) for name, function in functions.items() if function}
         groups = Groups.read(source, seed) if references else None
+        floors = (Samples(), Samples())
     for run in range(args.runs):
         for task, samples in copies.items():
             out = fresh(workdir / f"{task}.safetensors")
@@ -440,6 +467,9 @@ def main() -> None:
                 )
                 if run == 0:
                     agree[name] = agreement(out, output_file(their_out))
+        if references:
+            for samples, seconds in zip(floors, decomposition_floor(groups)):
+                samples.seconds.append(seconds)
         for name, (function, our_side, their_side, differences) in references.items():
             seconds, merged = ours_svd(name, groups, torch.float32)
             our_side.seconds.append(seconds)
@@ -455,7 +485,7 @@ def main() -> None:
                     differences["its float32 vs its float64"] = relative_difference(theirs_merged, exact)
         print(f"run {run + 1}/{args.runs} done", file=sys.stderr)
     report(args, file_bytes, copies, ours, theirs, agree, methods)
-    report_references(references, copies["durable-copy"].time(), ours)
+    report_references(references, copies["durable-copy"].time(), ours, floors if references else None)
     if args.workdir is None:
         shutil.rmtree(workdir)
 
@@ -496,9 +526,12 @@ def report(args, file_bytes, copies, ours, theirs, agree, methods) -> None:
         print("  mergekit does not fsync its output; vlmerge's times include making the file durable")
 
 
-def report_references(references: dict, durable: float, ours: dict[str, Samples]) -> None:
-    """The SVD methods beside FusionBench's functions on the same tensors, in this process."""
-    if not references:
+def report_references(
+    references: dict, durable: float, ours: dict[str, Samples], floors: tuple[Samples, Samples] | None
+) -> None:
+    """The SVD methods beside FusionBench's functions on the same tensors, in this process, and the time the
+    float64 eigendecompositions alone take (no exact method of the family is faster)."""
+    if not references or floors is None:
         return
     print(
         f"SVD methods beside FusionBench 0.2.33 on the same task vectors, both on {torch.get_num_threads()} threads "
@@ -519,6 +552,12 @@ def report_references(references: dict, durable: float, ours: dict[str, Samples]
         verdicts.append(
             (f"{name} <= {GOALS['svd_copy']}x the durable copy ({copy_ratio:.2f}x)", copy_ratio <= GOALS["svd_copy"])
         )
+    per_group, per_expert = floors
+    print(
+        f"  floor: float64 eigendecompositions alone, one per 2-D group (Iso-C) {per_group.time_text()}"
+        f" = {per_group.time() / durable:.2f}x the copy; one per expert (TSV-M, Iso-CTS) {per_expert.time_text()}"
+        f" = {per_expert.time() / durable:.2f}x the copy"
+    )
     print("goals: " + "; ".join(f"{text}: {'met' if met else 'MISSED'}" for text, met in verdicts))
 
 
