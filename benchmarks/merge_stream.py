@@ -32,7 +32,6 @@ vectors, against FusionBench on float64 copies of the same vectors (`--reference
 
 import argparse
 import contextlib
-import importlib.util
 import io
 import json
 import shutil
@@ -41,7 +40,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import types
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -286,28 +284,14 @@ def agreement(ours: Path, theirs: Path) -> float:
 
 
 def fusion_bench_function(method: str) -> Callable | None:
-    """FusionBench's function for `method`, loaded from its file with the two imports it needs stubbed
-    (`import fusion_bench` pulls in lightning and omegaconf); None where fusion-bench is not installed."""
-    spec = importlib.util.find_spec("fusion_bench")
-    if spec is None or not spec.submodule_search_locations:
-        return None
+    """FusionBench's function for `method`, loaded from its file as the tests load it (the package modules it
+    imports stubbed: `import fusion_bench` pulls in lightning and omegaconf); None where it is not installed."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from reference_code import SVD_STUBS, load_by_path
+
     relative, name, _ = FUSION_BENCH[method]
-    path = Path(spec.submodule_search_locations[0]) / relative
-    stubs = {name: types.ModuleType(name) for name in ("fusion_bench", "fusion_bench.utils", "fusion_bench.utils.type")}
-    stubs["fusion_bench.utils"].timeit_context = lambda *args, **kwargs: contextlib.nullcontext()
-    stubs["fusion_bench.utils.type"].StateDictType = dict
-    saved = {key: sys.modules.get(key) for key in stubs}
-    sys.modules.update(stubs)
-    try:
-        module = importlib.util.module_from_spec(importlib.util.spec_from_file_location(path.stem, path))
-        module.__spec__.loader.exec_module(module)
-    finally:
-        for key, previous in saved.items():
-            if previous is None:
-                sys.modules.pop(key, None)
-            else:
-                sys.modules[key] = previous
-    return getattr(module, name)
+    module = load_by_path("fusion_bench", relative, SVD_STUBS)
+    return None if module is None else getattr(module, name)
 
 
 @dataclass

@@ -5,11 +5,7 @@ Under CI the peers' absence is a failure, elsewhere a skip.
 """
 
 import importlib.util
-import os
-import sys
-import types
 from contextlib import nullcontext
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,6 +13,7 @@ import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
+from reference_code import fusion_bench_module, missing, stub_class
 
 from vlmerge.core.errors import ConfigError
 from vlmerge.core.modality import Modality
@@ -38,43 +35,6 @@ def rand(*shape, seed: int, dtype=torch.float64) -> torch.Tensor:
 def experts(modalities=(V, L, VL), shape=(6, 4), seed=0, dtype=torch.float64) -> tuple[dict, torch.Tensor]:
     origin = rand(*shape, seed=seed + 100, dtype=dtype)
     return {m: origin + rand(*shape, seed=seed + i, dtype=dtype) for i, m in enumerate(modalities)}, origin
-
-
-def missing(package: str):
-    message = f"{package} is not installed (the Makefile installs it with --no-deps)"
-    if os.environ.get("CI"):
-        pytest.fail(message)
-    pytest.skip(message)
-
-
-def fusion_bench_module(relative: str, stubs: dict[str, dict]):
-    """One of FusionBench's files, loaded by path with the package modules it imports replaced by stubs:
-    `import fusion_bench` pulls in omegaconf and lightning, which the pure-torch functions here never use."""
-    spec = importlib.util.find_spec("fusion_bench")  # locates the package without running its __init__
-    if spec is None or not spec.submodule_search_locations:
-        missing("fusion-bench==0.2.33")
-    modules = {}
-    for name, attributes in stubs.items():
-        modules[name] = types.ModuleType(name)
-        for attribute, value in attributes.items():
-            setattr(modules[name], attribute, value)
-    saved = {name: sys.modules.get(name) for name in modules}
-    sys.modules.update(modules)
-    try:
-        path = Path(spec.submodule_search_locations[0]) / relative
-        module = importlib.util.module_from_spec(importlib.util.spec_from_file_location(path.stem, path))
-        module.__spec__.loader.exec_module(module)
-    finally:
-        for name, previous in saved.items():
-            if previous is None:
-                sys.modules.pop(name, None)
-            else:
-                sys.modules[name] = previous
-    return module
-
-
-def stub_class(name: str) -> type:
-    return type(name, (), {})
 
 
 def fusion_bench_wudi():

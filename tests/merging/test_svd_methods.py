@@ -7,16 +7,10 @@ task arithmetic; TSV of copies is the best rank-k approximation (Eckart-Young); 
 spectrum whose value and subspaces follow from its definition.
 """
 
-import importlib.util
-import os
-import sys
-import types
-from contextlib import nullcontext
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
+from reference_code import fusion_bench_module
 
 from vlmerge.core.modality import Modality
 from vlmerge.core.threads import one_thread
@@ -271,36 +265,6 @@ def test_merges_a_whole_model_through_the_engine(micro_config, method):
 
 
 # --------------------------------------------------------------------------- FusionBench, where installed
-def fusion_bench_module(relative: str):
-    """One of FusionBench's pure-torch files, loaded by path: `import fusion_bench` pulls in omegaconf and
-    lightning at package level, these two files only need `timeit_context` and a type alias, stubbed here."""
-    spec = importlib.util.find_spec("fusion_bench")  # locates the package without running its __init__
-    if spec is None or not spec.submodule_search_locations:
-        if os.environ.get("CI"):  # CI installs it (the Makefile's REFERENCE_CODE): absent there is a failure
-            pytest.fail("fusion-bench is not installed (pip install --no-deps fusion-bench==0.2.33)")
-        pytest.skip("fusion-bench is not installed (pip install --no-deps fusion-bench==0.2.33)")
-    path = Path(spec.submodule_search_locations[0]) / relative
-    stubs = {
-        "fusion_bench": types.ModuleType("fusion_bench"),
-        "fusion_bench.utils": types.ModuleType("fusion_bench.utils"),
-        "fusion_bench.utils.type": types.ModuleType("fusion_bench.utils.type"),
-    }
-    stubs["fusion_bench.utils"].timeit_context = lambda *args, **kwargs: nullcontext()
-    stubs["fusion_bench.utils.type"].StateDictType = dict
-    saved = {name: sys.modules.get(name) for name in stubs}
-    sys.modules.update(stubs)
-    try:
-        module = importlib.util.module_from_spec(importlib.util.spec_from_file_location(path.stem, path))
-        module.__spec__.loader.exec_module(module)
-    finally:
-        for name, previous in saved.items():
-            if previous is None:
-                sys.modules.pop(name, None)
-            else:
-                sys.modules[name] = previous
-    return module
-
-
 FUSION_BENCH = {  # method -> (file, function of a list of task-vector state dicts)
     "tsv": ("method/task_singular_vector/utils/TSVM_utils.py", "compute_and_sum_svd_mem_reduction"),
     "iso_c": ("method/isotropic_merging/iso_utils.py", "iso_c"),

@@ -4,16 +4,16 @@ merge` write the same tensors bit for bit, a killed-and-resumed run equals an un
 input is one clear error before anything is written."""
 
 import json
-from typing import ClassVar
 
 import pytest
 import torch
 from torch.distributions import Categorical
+from toy_captions import WORDS, ToyCaptions
 
 from vlmerge.cli.main import main
 from vlmerge.core.errors import ConfigError
 from vlmerge.data.config import DataConfig
-from vlmerge.data.sources import SOURCES, CaptionPairs, DataSource
+from vlmerge.data.sources import SOURCES
 from vlmerge.data.tokenizer import TextTokenizer
 from vlmerge.io.checkpoint import open_checkpoint
 from vlmerge.merging import merge_checkpoint
@@ -30,24 +30,12 @@ from vlmerge.tuning.adamerge import AdaMergeConfig, adamerge_checkpoint
 SIZES = {"train": 32, "val": 24, "test": 12}
 IMAGE_SIZE = 16
 BATCH = 8
-WORDS = ("red", "blue", "green", "round", "square", "small", "large", "dark", "light", "striped")
 DATA = DataConfig(dataset="adamerge_toy", image_size=IMAGE_SIZE)
 
 
-class ToySource(DataSource):
-    """Random pictures with two-word captions; records every split it is asked for."""
-
+class ToySource(ToyCaptions):
     name = "adamerge_toy"
-    requested: ClassVar[list[str]] = []
-
-    def pairs(self, split: str) -> CaptionPairs:
-        self.check_split(split)
-        ToySource.requested.append(split)
-        generator = torch.Generator().manual_seed(list(SIZES).index(split))
-        shape = (SIZES[split], 3, IMAGE_SIZE, IMAGE_SIZE)
-        images = torch.randint(0, 256, shape, dtype=torch.uint8, generator=generator)
-        captions = tuple(f"{WORDS[i % 10]} {WORDS[(3 * i + 1) % 10]}" for i in range(len(images)))
-        return CaptionPairs(images, captions, torch.arange(len(images)))
+    sizes = SIZES
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -16,11 +16,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from toy_captions import ToyCaptions
 
 from vlmerge import tuning
 from vlmerge.cli.main import main
 from vlmerge.core.errors import ConfigError
-from vlmerge.data.sources import SOURCES, CaptionPairs, DataSource, LabelledImages
+from vlmerge.data.sources import SOURCES
 from vlmerge.data.tokenizer import TextTokenizer
 from vlmerge.io.atomic import remove_stale_temporaries
 from vlmerge.io.checkpoint import file_sha256, open_checkpoint, save_checkpoint
@@ -38,25 +39,11 @@ HANG_S = 300  # a child stopped where a temporary exists waits this long for its
 TIMEOUT_S = 120
 
 
-class ToySource(DataSource):
-    """Random pictures with two-word captions and four classes."""
-
+class ToySource(ToyCaptions):
     name = "hardening_toy"
+    sizes = SIZES
+    words = WORDS
     optional_path_keys = ("notes",)  # named, never read: a data file the output must not overwrite
-
-    def _images(self, split: str) -> torch.Tensor:
-        self.check_split(split)
-        generator = torch.Generator().manual_seed(list(SIZES).index(split))
-        return torch.randint(0, 256, (SIZES[split], 3, IMAGE_SIZE, IMAGE_SIZE), dtype=torch.uint8, generator=generator)
-
-    def pairs(self, split: str) -> CaptionPairs:
-        images = self._images(split)
-        captions = tuple(f"{WORDS[i % 8]} {WORDS[(3 * i + 1) % 8]}" for i in range(len(images)))
-        return CaptionPairs(images, captions, torch.arange(len(images)))
-
-    def image_classes(self, split: str) -> LabelledImages:
-        images = self._images(split)
-        return LabelledImages(images, torch.arange(len(images)) % 4, ("a", "b", "c", "d"))
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -172,7 +159,7 @@ def test_export_hf_refuses_weights_that_overflow_float32(tmp_path, capsys, verif
 # ----------------------------------------------------------------------------- SIGKILL litter
 RUNNER = """
 import sys
-sys.path.insert(0, {tests!r})
+sys.path[:0] = [{tests!r}, {helpers!r}]
 import test_export_tune_hardening as here
 here.prepare_child(sys.argv[1])
 from vlmerge.cli.main import main
@@ -203,7 +190,13 @@ def prepare_child(point: str) -> None:
 
 def killed_with_a_temporary(point: str, argv: list, out: Path, holds: str) -> Path:
     """Run the CLI in a child, SIGKILL it once a temporary beside `out` holds the file `holds`; that temporary."""
-    command = [sys.executable, "-c", RUNNER.format(tests=str(Path(__file__).parent)), point, *map(str, argv)]
+    command = [
+        sys.executable,
+        "-c",
+        RUNNER.format(tests=str(Path(__file__).parent), helpers=str(Path(__file__).parents[1])),
+        point,
+        *map(str, argv),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     try:

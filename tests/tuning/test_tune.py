@@ -5,15 +5,15 @@ for a bad grid before anything is merged."""
 
 import json
 from enum import Enum
-from typing import ClassVar
 
 import pytest
 import torch
+from toy_captions import WORDS, ToyCaptions
 
 from vlmerge.cli.main import main
 from vlmerge.core.errors import ConfigError
 from vlmerge.data.config import DataConfig
-from vlmerge.data.sources import SOURCES, CaptionPairs, DataSource, LabelledImages
+from vlmerge.data.sources import SOURCES
 from vlmerge.data.tokenizer import TextTokenizer
 from vlmerge.io.checkpoint import open_checkpoint
 from vlmerge.merging import MERGE_METHODS, build_merge_plan, merge_checkpoint
@@ -39,30 +39,12 @@ from vlmerge.tuning import (
 
 SIZES = {"train": 24, "val": 20, "test": 12}
 IMAGE_SIZE = 16
-WORDS = ("red", "blue", "green", "round", "square", "small", "large", "dark", "light", "striped")
 DATA = DataConfig(dataset="tune_toy", image_size=IMAGE_SIZE)
 
 
-class ToySource(DataSource):
-    """Random pictures with two-word captions and four classes; records every split it is asked for."""
-
+class ToySource(ToyCaptions):
     name = "tune_toy"
-    requested: ClassVar[list[str]] = []
-
-    def _images(self, split: str) -> torch.Tensor:
-        self.check_split(split)
-        ToySource.requested.append(split)
-        generator = torch.Generator().manual_seed(list(SIZES).index(split))
-        return torch.randint(0, 256, (SIZES[split], 3, IMAGE_SIZE, IMAGE_SIZE), dtype=torch.uint8, generator=generator)
-
-    def pairs(self, split: str) -> CaptionPairs:
-        images = self._images(split)
-        captions = tuple(f"{WORDS[i % 10]} {WORDS[(3 * i + 1) % 10]}" for i in range(len(images)))
-        return CaptionPairs(images, captions, torch.arange(len(images)))
-
-    def image_classes(self, split: str) -> LabelledImages:
-        images = self._images(split)
-        return LabelledImages(images, torch.arange(len(images)) % 4, ("a", "b", "c", "d"))
+    sizes = SIZES
 
 
 @pytest.fixture(scope="module", autouse=True)
