@@ -94,3 +94,60 @@ def test_identical_experts_fall_back_and_keep_their_rank(monkeypatch):
     u, s, vh = torch.linalg.svd(inputs.experts[V] - inputs.origin, full_matrices=False)
     expected = (u[:, :6] * s[:6]) @ vh[:6]
     torch.testing.assert_close(run("tsv", copies) - inputs.origin, expected, rtol=1e-9, atol=1e-10)
+
+
+def bases_at_angles(d: int, k: int, angles: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two orthonormal (d, k) bases whose first len(angles) principal angles are `angles`, the rest 90 degrees."""
+    g = torch.Generator().manual_seed(seed)
+    frame, _ = torch.linalg.qr(torch.randn(d, 2 * k, generator=g, dtype=torch.float64))
+    b, other = frame[:, :k], frame[:, k:]
+    q = other.clone()
+    n = len(angles)
+    q[:, :n] = b[:, :n] * angles.cos() + other[:, :n] * angles.sin()
+    mix, _ = torch.linalg.qr(torch.randn(k, k, generator=g, dtype=torch.float64))  # no pair lies on the axes
+    return b @ mix, q @ mix.mT
+
+
+@pytest.mark.parametrize(
+    "angles",
+    [
+        torch.tensor([1e-5, 1.2e-5, 1.4e-5, 2e-5]),  # a cluster whose cosines agree to 1e-10
+        torch.tensor([1e-3, 0.3, 0.785, 0.786, 1.2]),  # both sides of 45 degrees, two of them at it
+        torch.logspace(-5, 0, 12, dtype=torch.float64),
+    ],
+)
+def test_the_polar_factor_of_two_bases_matches_the_svd_at_small_angles(angles):
+    """Cosines within 1e-10 of 1 and of each other leave their pairs unresolved; the sines resolve them."""
+    b, q = bases_at_angles(40, 16, angles.double(), seed=len(angles))
+    u, _, vh = torch.linalg.svd(torch.cat([b, q], dim=1), full_matrices=False)
+    polar = svd.polar_of_two_orthonormal(b, q, "w")
+    assert polar is not None
+    torch.testing.assert_close(polar, u @ vh, rtol=0, atol=1e-9)
+
+
+def test_bases_sharing_a_direction_leave_the_polar_factor_to_the_svd():
+    b, q = bases_at_angles(40, 16, torch.tensor([1e-8, 0.5], dtype=torch.float64), seed=0)
+    assert svd.polar_of_two_orthonormal(b, q, "w") is None
+
+
+def test_two_experts_of_half_the_rank_each_take_the_fast_path(monkeypatch):
+    """TSV keeps n / 2 directions of each of two experts: on the square side the stacked bases meet at
+    angles near 1 / n (here planted at 1e-5), still decomposed without the stack's own SVD or Gram matrix."""
+    d, k = 60, 15
+    g = torch.Generator().manual_seed(3)
+    left_b, left_q = bases_at_angles(d, k, torch.tensor([0.4, 0.9], dtype=torch.float64), seed=1)
+    right_b, right_q = bases_at_angles(2 * k, k, torch.tensor([1e-5, 2e-5, 0.3], dtype=torch.float64), seed=2)
+    values = torch.logspace(0.0, -1.0, k, dtype=torch.float64)
+    origin = torch.randn(d, 2 * k, generator=g, dtype=torch.float64)
+    small = 1e-3 * values[-1] * torch.randn(d, 2 * k, generator=g, dtype=torch.float64)  # the other half, below
+    inputs = MergeInputs(
+        "w",
+        {V: origin + (left_b * values) @ right_b.mT + small, L: origin + (left_q * values) @ right_q.mT - small},
+        origin=origin,
+    )
+    reference = exact("tsv", inputs, monkeypatch)
+    for slow in ("recombine", "exact_components"):
+        monkeypatch.setattr(svd, slow, lambda *args, name=slow: pytest.fail(f"{name} called"))
+    fast = run("tsv", inputs)
+    delta, expected = fast - origin, reference - origin
+    assert float((delta - expected).abs().max()) <= 1e-9 * float(expected.abs().max())

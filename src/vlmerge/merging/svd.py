@@ -190,19 +190,45 @@ def tsv_matrix(vectors: Sequence[torch.Tensor], share: float | None, target: str
 
 
 def polar_of_two_orthonormal(b: torch.Tensor, q: torch.Tensor, target: str) -> torch.Tensor | None:
-    """The polar factor of the columns [b, q], each block orthonormal, or None where it is not resolved.
-    With q^T b = a diag(sigma) h, the stack's Gram matrix has eigenvalues 1 +- sigma on [h^T e_i; +-a e_i] / sqrt(2)
-    (and 1 elsewhere), so its inverse square root needs only that SVD, not the stack's eigendecomposition."""
+    """The polar factor of the columns [b, q], each block orthonormal, or None where the blocks (nearly) share
+    a direction.
+
+    The blocks meet at principal angles theta_i between unit vectors u_i = b h_i and w_i = q a_i. The stack
+    maps [h_i; +-a_i] / sqrt(2) to u_i +- w_i, orthogonal, of norms sqrt(2 (1 +- cos theta_i)): its SVD, pair
+    by pair. The polar factor sends them to the unit vectors e_i, f_i along u_i +- w_i and leaves the rest of
+    each block alone: P = [b + ((e + f) / sqrt(2) - u) h, q + ((e - f) / sqrt(2) - w) a^T]. The pairs come
+    from the SVD of the cosines q^T b where the angle is large, and from the SVD of the sines, of
+    b - q q^T b on the span of the small angles' vectors, where it is small (Knyazev and Argentati's split
+    at 45 degrees): two bases of n / 2 directions each, as TSV stacks for two experts, meet at angles near
+    1 / n, whose cosines lie within 1 / n^2 of 1 and of each other, and only the sines tell them apart."""
     try:
-        a, sigma, h = torch.linalg.svd(q.mT @ b, full_matrices=False)  # (kq, m), (m,), (m, kb)
+        cosines = q.mT @ b  # (kq, kb)
+        a_large, c, h_large = torch.linalg.svd(cosines, full_matrices=False)  # (kq, m), (m,), (m, kb)
+        small = int((c > math.sqrt(0.5)).sum())  # angles below 45 degrees, taken from the sines
+        if small:  # the sines of b's directions at those angles: b h - q q^T b h, for h in their span
+            span = h_large[:small]  # (small, kb): the span is resolved, the vectors in it are not
+            z, s, rotation = torch.linalg.svd((b - q @ cosines) @ span.mT, full_matrices=False)
     except torch.linalg.LinAlgError as error:
         raise linalg_error(target, "SVD", b, error) from None
-    if sigma.numel() and not bool(1 - sigma[0] > RESOLVED * (1 + sigma[0])):
-        return None  # the blocks share a direction: the stack is (nearly) rank-deficient
-    plus, minus = (1 + sigma).rsqrt() - 1, (1 - sigma).rsqrt() - 1
-    even, odd = (plus + minus) / 2, (plus - minus) / 2
-    bh, qa = b @ h.mT, q @ a  # (d, m) each
-    return torch.cat([b + (bh * even + qa * odd) @ h, q + (bh * odd + qa * even) @ a.mT], dim=1)
+    if small == 0:
+        h, a = h_large, a_large
+        u, w = b @ h.mT, q @ a
+        e, f = u + w, u - w
+    else:
+        if not bool(s.min() > RESOLVED):
+            return None  # the blocks share a direction: the stack is (nearly) rank-deficient
+        h_small, h_large, a_large = rotation @ span, h_large[small:], a_large[:, small:]
+        cos_small = (1 - s.square()).sqrt()
+        a_small = (cosines @ h_small.mT) / cos_small  # (kq, small): q a = q q^T b h / cos
+        h, a = torch.cat([h_small, h_large]), torch.cat([a_small, a_large], dim=1)
+        u, w = b @ h.mT, q @ a
+        qa_small, sz = w[:, :small], z * s  # b h - q q^T b h = s z
+        e_small = sz + (1 + cos_small) * qa_small  # u + w
+        f_small = sz - (s.square() / (1 + cos_small)) * qa_small  # u - w = s z - (1 - cos) q a, no cancellation
+        e = torch.cat([e_small, u[:, small:] + w[:, small:]], dim=1)
+        f = torch.cat([f_small, u[:, small:] - w[:, small:]], dim=1)
+    e, f = e / torch.linalg.vector_norm(e, dim=0), f / torch.linalg.vector_norm(f, dim=0)
+    return torch.cat([b + ((e + f) / math.sqrt(2) - u) @ h, q + ((e - f) / math.sqrt(2) - w) @ a.mT], dim=1)
 
 
 @register_method("tsv", TsvOptions, needs_origin=True, per_expert=("lam",), compute_bound=True)
