@@ -360,11 +360,11 @@ def decomposition_floor(groups: Groups) -> tuple[float, float]:
         for matrix in matrices:
             torch.linalg.eigh(matrix.mT @ matrix)
 
-    seconds = []
+    seconds, workers = [], torch.get_num_threads()
     for per_group in (lambda vectors: [sum(vectors)], lambda vectors: vectors):
         start = time.perf_counter()
         with one_thread():
-            list(ordered_map(decompose, map(per_group, tall_vectors), torch.get_num_threads()))
+            list(ordered_map(decompose, map(per_group, tall_vectors), workers))
         seconds.append(time.perf_counter() - start)
     return seconds[0], seconds[1]
 

@@ -14,7 +14,7 @@ from vlmerge.merging.side_by_side import WarningsByThread, ordered_map
 from vlmerge.models import VLTransformer, model_config, save_model
 
 
-def test_ordered_map_keeps_the_order_and_draws_at_most_workers_ahead():
+def test_ordered_map_keeps_the_order_and_draws_at_most_ahead_items_beyond_the_consumer():
     drawn, finished = [], []
 
     def items():
@@ -28,9 +28,9 @@ def test_ordered_map_keeps_the_order_and_draws_at_most_workers_ahead():
         return i * i
 
     results = []
-    for result in ordered_map(slow_first, items(), workers=3):
+    for result in ordered_map(slow_first, items(), workers=3, ahead=4):
         results.append(result)
-        assert len(drawn) <= len(results) + 3  # never more than `workers` drawn beyond those consumed
+        assert len(drawn) <= len(results) + 4  # never more than `ahead` drawn beyond those consumed
     assert results == [i * i for i in range(8)]
     assert finished != sorted(finished)  # they did run side by side
 

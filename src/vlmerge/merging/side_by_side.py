@@ -3,7 +3,7 @@
 Each group is merged on one intra-op thread (`core.threads.one_thread`, set once for the whole
 process), so its bytes do not depend on the machine; several groups run at once on Python threads,
 which torch's kernels let run in parallel (they release the GIL). Results come back in the groups'
-order, and at most `workers` groups are in memory beyond the one being consumed.
+order, and at most 4 groups per worker are in memory beyond the one being consumed.
 
 `warnings.catch_warnings` swaps one process-wide hook, so it cannot tell one thread's warnings from
 another's: `WarningsByThread` installs one hook for all of them and files each warning under the
@@ -22,18 +22,23 @@ Item = TypeVar("Item")
 Result = TypeVar("Result")
 
 
-def ordered_map(fn: Callable[[Item], Result], items: Iterable[Item], workers: int) -> Iterator[Result]:
+def ordered_map(
+    fn: Callable[[Item], Result], items: Iterable[Item], workers: int, ahead: int | None = None
+) -> Iterator[Result]:
     """fn over `items` on `workers` threads, results in the items' order. The items are drawn in the
-    caller's thread (reading stays in order), at most `workers` of them ahead of the result consumed."""
+    caller's thread (reading stays in order), at most `ahead` of them (default 4 per worker) beyond the
+    result consumed: a window as wide as the workers would keep them in step, idle beside a slow item
+    while the cheap ones after it (a layer's biases and norms between its matrices) wait their turn."""
     if workers <= 1:
         yield from map(fn, items)
         return
+    ahead = max(ahead or 4 * workers, workers)
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="vlmerge-merge") as pool:
         pending: deque[Future[Result]] = deque()
         try:
             for item in items:
                 pending.append(pool.submit(fn, item))
-                if len(pending) >= workers:
+                if len(pending) >= ahead:
                     yield pending.popleft().result()
             while pending:
                 yield pending.popleft().result()
