@@ -93,6 +93,8 @@ def test_replicate_runs_a_second_study_on_fresh_seeds_and_writes_the_comparison(
     assert [(d["condition"], d["steps"]) for d in first["dose"]] == [("naive", [1, 2, 3]), ("seed", [1, 2, 3])]
     learnt = next(m for m in first["models"].values() if m["options"] == {} and m["method"] == "arithmetic")
     assert set(learnt["scores"]) == {"heldout"}
+    assert learnt["merge_label"].startswith("arithmetic (adamerge={")  # named apart from plain arithmetic
+    assert "| arithmetic (adamerge={" in (out / "report.md").read_text()
     payload = json.loads((out / "replication.json").read_text())
     assert {a["claim"] for a in payload["agreements"]} == {"seed", "barrier", "size"}
     assert (out / "replication.md").read_text().startswith("# Replication of tiny-replicate")

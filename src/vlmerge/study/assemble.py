@@ -57,6 +57,7 @@ def model_result(model: PlannedModel, outputs: Outputs, observations: Observatio
         checkpoints,
         outputs[first.key].result_as(CheckpointOutput).parameters,
         scores,
+        model.merge.label if model.merge else None,
     )
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from vlmerge.study import plots
 from vlmerge.study.claims import PAPER_SEED_GAIN_VALUES, TARGET_RHO, capitalised, protocol_name, reason
-from vlmerge.study.recipe import MergeSpec, option_text
+from vlmerge.study.recipe import option_text
 from vlmerge.study.report_blocks import Block, Image, Paragraph, Table, fmt, interval
 from vlmerge.study.results import (
     MEAN,
@@ -269,9 +269,9 @@ class Sections:
         options = ("options", lambda m: ", ".join(f"{k}={option_text(v)}" for k, v in m.options.items()) or "-")
         blocks = self.model_table(models, [LABEL, ("method", lambda m: m.method or "none"), options])
         protocol = self.r.protocols[0]
-        # In the figure a method is named by what tells it apart (method and options, `ties (density=0.2)`):
-        # the seed share and expert placement the models' labels repeat are the same for every one.
-        names = [MergeSpec(method=m.method, options=dict(m.options)).label if m.method else m.label for m in models]
+        # In the figure a method is named by what tells it apart (method, options and learnt coefficients,
+        # `ties (density=0.2)`): the seed share and expert placement the models' labels repeat are the same.
+        names = [m.merge_label or m.label for m in models]
         series = self.score_series(models, protocol)
         title = f"Score per method and task ({protocol_name(protocol)}, 95 % intervals)"
         blocks.append(

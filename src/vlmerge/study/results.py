@@ -97,6 +97,7 @@ class ModelResult:
     checkpoints: Mapping[int, str]  # random seed -> checkpoint, relative to the study directory
     parameters: int
     scores: Mapping[str, Mapping[str, TaskScore]]  # protocol -> task (or MEAN) -> score
+    merge_label: str | None = None  # the merge entry's label: method, options, learnt coefficients
 
     @property
     def seeds(self) -> tuple[int, ...]:
@@ -117,6 +118,7 @@ class ModelResult:
             "checkpoints": _seeds_to_json(self.checkpoints),
             "parameters": self.parameters,
             "scores": {p: {t: s.to_json() for t, s in tasks.items()} for p, tasks in self.scores.items()},
+            "merge_label": self.merge_label,
         }
 
     @classmethod
@@ -134,6 +136,7 @@ class ModelResult:
             _seeds_from_json(data["checkpoints"]),
             data["parameters"],
             scores,
+            data.get("merge_label"),
         )
 
 
