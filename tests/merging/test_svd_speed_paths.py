@@ -151,3 +151,15 @@ def test_two_experts_of_half_the_rank_each_take_the_fast_path(monkeypatch):
     fast = run("tsv", inputs)
     delta, expected = fast - origin, reference - origin
     assert float((delta - expected).abs().max()) <= 1e-9 * float(expected.abs().max())
+
+
+@pytest.mark.parametrize("shape", [(40, 24), (24, 40)])
+def test_iso_cts_keeps_its_fast_path_when_only_the_right_stack_is_unresolved(shape, monkeypatch):
+    """Iso-CTS's task-specific and common right vectors fill the input space and meet at small angles in a
+    base-size weight; their stack then takes its own SVD, not the whole exact path."""
+    inputs = experts((V, L), shape, "gaussian")
+    reference = exact("iso_cts", inputs, monkeypatch)
+    monkeypatch.setattr(svd, "polar_beside_orthonormal", lambda *args: None)
+    monkeypatch.setattr(svd, "recombine", lambda *args: pytest.fail("the whole exact path was taken"))
+    delta, expected = run("iso_cts", inputs) - inputs.origin, reference - inputs.origin
+    assert float((delta - expected).abs().max()) <= 1e-9 * float(expected.abs().max())

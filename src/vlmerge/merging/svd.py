@@ -333,7 +333,7 @@ def iso_cts_tall(
         ss.append(s)
     specific = torch.cat(us, dim=1)
     left = torch.cat([orthonormal_factor(specific, target), u_c], dim=1) if per_expert else u_c
-    right = polar_beside_orthonormal(torch.cat(vs, dim=1), v_c, target)
+    right = right_factor(torch.cat(vs, dim=1), v_c, target)
     return None if right is None else (left, torch.cat([*ss, s_c]), right)
 
 
@@ -362,8 +362,21 @@ def iso_cts_wide(
         left = torch.cat([u_perp @ orthonormal_factor(torch.cat(coordinates, dim=1), target), u_c], dim=1)
     else:
         left = u_c
-    right = polar_beside_orthonormal(torch.cat(vs, dim=1), v_c, target)
+    right = right_factor(torch.cat(vs, dim=1), v_c, target)
     return None if right is None else (left, torch.cat([*ss, s_c]), right)
+
+
+def right_factor(b: torch.Tensor, q: torch.Tensor, target: str) -> torch.Tensor | None:
+    """The polar factor of Iso-CTS's right stack [b, q]: from its small coupling blocks where they resolve it,
+    else from the stack's own SVD where the stack has full rank (its columns fill the input space, as the
+    task-specific and common directions do when they add up to the rank, and meet at small angles); None
+    where it has not (repeated directions), which the whole exact path handles."""
+    factor = polar_beside_orthonormal(b, q, target)
+    if factor is not None:
+        return factor
+    stack = torch.cat([b, q], dim=1)
+    p, s, qh = exact_components(stack, target)
+    return p @ qh if len(s) == stack.shape[1] else None
 
 
 def polar_beside_orthonormal(b: torch.Tensor, q: torch.Tensor, target: str) -> torch.Tensor | None:
