@@ -210,23 +210,20 @@ def polar_of_two_orthonormal(b: torch.Tensor, q: torch.Tensor, target: str) -> t
             z, s, rotation = torch.linalg.svd((b - q @ cosines) @ span.mT, full_matrices=False)
     except torch.linalg.LinAlgError as error:
         raise linalg_error(target, "SVD", b, error) from None
-    if small == 0:
-        h, a = h_large, a_large
-        u, w = b @ h.mT, q @ a
-        e, f = u + w, u - w
-    else:
+    if small:
         if not bool(s.min() > RESOLVED):
             return None  # the blocks share a direction: the stack is (nearly) rank-deficient
-        h_small, h_large, a_large = rotation @ span, h_large[small:], a_large[:, small:]
-        cos_small = (1 - s.square()).sqrt()
+        h_small, cos_small = rotation @ span, (1 - s.square()).sqrt()
         a_small = (cosines @ h_small.mT) / cos_small  # (kq, small): q a = q q^T b h / cos
-        h, a = torch.cat([h_small, h_large]), torch.cat([a_small, a_large], dim=1)
-        u, w = b @ h.mT, q @ a
-        qa_small, sz = w[:, :small], z * s  # b h - q q^T b h = s z
-        e_small = sz + (1 + cos_small) * qa_small  # u + w
-        f_small = sz - (s.square() / (1 + cos_small)) * qa_small  # u - w = s z - (1 - cos) q a, no cancellation
-        e = torch.cat([e_small, u[:, small:] + w[:, small:]], dim=1)
-        f = torch.cat([f_small, u[:, small:] - w[:, small:]], dim=1)
+        h, a = torch.cat([h_small, h_large[small:]]), torch.cat([a_small, a_large[:, small:]], dim=1)
+    else:
+        h, a = h_large, a_large
+    u, w = b @ h.mT, q @ a
+    e, f = u + w, u - w
+    if small:  # from the sines: b h - q q^T b h = s z, so u - w = s z - (1 - cos) q a, without cancellation
+        sz, qa_small = z * s, w[:, :small]
+        e[:, :small] = sz + (1 + cos_small) * qa_small
+        f[:, :small] = sz - (s.square() / (1 + cos_small)) * qa_small
     e, f = e / torch.linalg.vector_norm(e, dim=0), f / torch.linalg.vector_norm(f, dim=0)
     return torch.cat([b + ((e + f) / math.sqrt(2) - u) @ h, q + ((e - f) / math.sqrt(2) - w) @ a.mT], dim=1)
 
