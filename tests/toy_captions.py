@@ -2,11 +2,13 @@
 pipelines (tokenizer, batches, probes) on data of a known size. A subclass names itself and its sizes;
 every split it is asked for is recorded, so a test can tell which splits a command read."""
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import ClassVar
 
 import torch
 
-from vlmerge.data.sources import CaptionPairs, DataSource, LabelledImages
+from vlmerge.data.sources import SOURCES, CaptionPairs, DataSource, LabelledImages
 
 WORDS = ("red", "blue", "green", "round", "square", "small", "large", "dark", "light", "striped")
 
@@ -22,6 +24,16 @@ class ToyCaptions(DataSource):
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
         cls.requested = []  # each subclass its own record
+
+    @classmethod
+    @contextmanager
+    def registered(cls) -> Iterator[None]:
+        """Loadable by its name (`DataConfig(dataset=cls.name)`) inside the block."""
+        SOURCES.add(cls.name, cls)
+        try:
+            yield
+        finally:
+            SOURCES.remove(cls.name)
 
     def images(self, split: str) -> torch.Tensor:
         self.check_split(split)

@@ -13,7 +13,6 @@ from toy_captions import WORDS, ToyCaptions
 from vlmerge.cli.main import main
 from vlmerge.core.errors import ConfigError
 from vlmerge.data.config import DataConfig
-from vlmerge.data.sources import SOURCES
 from vlmerge.data.tokenizer import TextTokenizer
 from vlmerge.io.checkpoint import open_checkpoint
 from vlmerge.merging import merge_checkpoint
@@ -40,9 +39,8 @@ class ToySource(ToyCaptions):
 
 @pytest.fixture(scope="module", autouse=True)
 def toy_source():
-    SOURCES.add(ToySource.name, ToySource)
-    yield
-    SOURCES.remove(ToySource.name)
+    with ToySource.registered():
+        yield
 
 
 def pretrain(model: VLTransformer, heads: PretrainingHeads, pairs: PairData, mask_id: int, steps: int = 40) -> None:

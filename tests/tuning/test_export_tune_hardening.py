@@ -48,9 +48,8 @@ class ToySource(ToyCaptions):
 
 @pytest.fixture(scope="module", autouse=True)
 def toy_source():
-    SOURCES.add(ToySource.name, ToySource)
-    yield
-    SOURCES.remove(ToySource.name)
+    with ToySource.registered():
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,6 @@ from toy_captions import WORDS, ToyCaptions
 from vlmerge.cli.main import main
 from vlmerge.core.errors import ConfigError
 from vlmerge.data.config import DataConfig
-from vlmerge.data.sources import SOURCES
 from vlmerge.data.tokenizer import TextTokenizer
 from vlmerge.io.checkpoint import open_checkpoint
 from vlmerge.merging import MERGE_METHODS, build_merge_plan, merge_checkpoint
@@ -49,9 +48,8 @@ class ToySource(ToyCaptions):
 
 @pytest.fixture(scope="module", autouse=True)
 def toy_source():
-    SOURCES.add(ToySource.name, ToySource)
-    yield
-    SOURCES.remove(ToySource.name)
+    with ToySource.registered():
+        yield
 
 
 @pytest.fixture(autouse=True)
