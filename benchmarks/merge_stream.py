@@ -57,7 +57,7 @@ from vlmerge.io.grams import save_grams
 from vlmerge.io.statistics import save_fisher
 from vlmerge.merging import MERGE_METHODS, MergeInputs
 from vlmerge.merging.grams import gram_modules
-from vlmerge.merging.plan import expand_to_experts, merged_key, parse_expert_key
+from vlmerge.merging.plan import build_merge_plan, expand_to_experts
 from vlmerge.merging.regmean_pp import SEQUENTIAL, SequentialOptions
 from vlmerge.merging.side_by_side import ordered_map
 from vlmerge.models import VLTransformer, model_config, save_model
@@ -69,6 +69,7 @@ FUSION_BENCH = {
     "iso_c": ("method/isotropic_merging/iso_utils.py", "iso_c", {}),
     "iso_cts": ("method/isotropic_merging/iso_utils.py", "iso_cts", {"common_space_fraction": 0.8}),
 }
+TESTS = str(Path(__file__).resolve().parents[1] / "tests")  # the tests' loader of FusionBench's files
 RANDOM_SEED = 0
 # VmHWM, not ru_maxrss: ru_maxrss survives exec and would include the forked parent's image.
 PEAK_RSS = "int(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1]) * 1024"
@@ -286,7 +287,8 @@ def agreement(ours: Path, theirs: Path) -> float:
 def fusion_bench_function(method: str) -> Callable | None:
     """FusionBench's function for `method`, loaded from its file as the tests load it (the package modules it
     imports stubbed: `import fusion_bench` pulls in lightning and omegaconf); None where it is not installed."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    if TESTS not in sys.path:
+        sys.path.insert(0, TESTS)
     from reference_code import SVD_STUBS, load_by_path
 
     relative, name, _ = FUSION_BENCH[method]
@@ -304,12 +306,10 @@ class Groups:
     @classmethod
     def read(cls, source: Path, seed: Path) -> "Groups":
         a, b = open_checkpoint(source), open_checkpoint(seed)
-        experts: dict[str, dict[str, torch.Tensor]] = {}
-        for key in a.keys:
-            path = parse_expert_key(key)
-            if path is not None:
-                experts.setdefault(merged_key(key), {})[path.modality.value] = a.get(key)
-        experts = {key: ws for key, ws in experts.items() if len(ws) > 1}
+        plan = build_merge_plan({key: a.shape(key) for key in a.keys})
+        experts = {
+            g.target: {m.value: a.get(e.key) for m, e in g.experts.items()} for g in plan.groups if len(g.experts) > 1
+        }
         return cls(experts, {key: b.get(key) for key in experts})
 
     def task_vectors(self, dtype: torch.dtype) -> list[list[dict[str, torch.Tensor]]]:
@@ -426,12 +426,11 @@ def main() -> None:
     ours = {name: Samples() for name in methods}
     theirs = {name: Samples() for name, m in methods.items() if m.mergekit and use_mergekit}
     agree: dict[str, float] = {}
-    references = {}
+    references, floors = {}, (Samples(), Samples())
     if not args.no_fusion_bench:
         functions = {name: fusion_bench_function(name) for name in methods if name in FUSION_BENCH}
         references = {name: (function, Samples(), Samples(), {}) for name, function in functions.items() if function}
         groups = Groups.read(source, seed) if references else None
-        floors = (Samples(), Samples())
     for run in range(args.runs):
         for task, samples in copies.items():
             out = fresh(workdir / f"{task}.safetensors")
@@ -469,7 +468,7 @@ def main() -> None:
                     differences["its float32 vs its float64"] = relative_difference(theirs_merged, exact)
         print(f"run {run + 1}/{args.runs} done", file=sys.stderr)
     report(args, file_bytes, copies, ours, theirs, agree, methods)
-    report_references(references, copies["durable-copy"].time(), ours, floors if references else None)
+    report_references(references, copies["durable-copy"].time(), ours, floors)
     if args.workdir is None:
         shutil.rmtree(workdir)
 
@@ -511,11 +510,11 @@ def report(args, file_bytes, copies, ours, theirs, agree, methods) -> None:
 
 
 def report_references(
-    references: dict, durable: float, ours: dict[str, Samples], floors: tuple[Samples, Samples] | None
+    references: dict, durable: float, ours: dict[str, Samples], floors: tuple[Samples, Samples]
 ) -> None:
     """The SVD methods beside FusionBench's functions on the same tensors, in this process, and the time the
     float64 eigendecompositions alone take (no exact method of the family is faster)."""
-    if not references or floors is None:
+    if not references:
         return
     print(
         f"SVD methods beside FusionBench 0.2.33 on the same task vectors, both on {torch.get_num_threads()} threads "
