@@ -1,5 +1,8 @@
 """Groups merged side by side: the same bytes and messages as one after another, in the groups' order."""
 
+import os
+import subprocess
+import sys
 import threading
 import time
 import warnings
@@ -47,6 +50,30 @@ def test_ordered_map_raises_the_first_failure_in_order_and_starts_nothing_after_
     with pytest.raises(ValueError, match="group 2"):
         list(ordered_map(fail_at_two, range(100), workers=2))
     assert max(started) < 10
+
+
+WORKER_MKL_THREADS = """
+import ctypes, glob, os, torch
+from vlmerge.merging.side_by_side import ordered_map
+library = ctypes.CDLL(glob.glob(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.*"))[0])
+mkl_threads = getattr(library, "mkl_get_max_threads", None)
+if mkl_threads is None:
+    print("no MKL")
+else:
+    torch.set_num_threads(1)
+    print(mkl_threads(), *ordered_map(lambda i: mkl_threads(), range(4), workers=2))
+"""
+
+
+def test_workers_run_mkl_on_the_callers_thread_count():
+    """A fresh thread's MKL starts at the environment's count (here 2), which would split a worker's SVD between
+    threads and change its last bits; each worker is set to the caller's one thread before its first group."""
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2"}
+    done = subprocess.run([sys.executable, "-c", WORKER_MKL_THREADS], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    if done.stdout.strip() == "no MKL":
+        pytest.skip("this torch is not built with MKL")
+    assert done.stdout.split() == ["1"] * 5
 
 
 def test_each_thread_keeps_its_own_warnings_and_others_are_shown():

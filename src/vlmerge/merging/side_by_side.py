@@ -1,7 +1,7 @@
 """Merge groups side by side on the caller's cores and get the same bytes as one after another.
 
 Each group is merged on one intra-op thread (`core.threads.one_thread`, set once for the whole
-process), so its bytes do not depend on the machine; several groups run at once on Python threads,
+process, then applied to each worker as it starts), so its bytes do not depend on the machine; several groups run at once on Python threads,
 which torch's kernels let run in parallel (they release the GIL). Results come back in the groups'
 order, and at most 4 groups per worker are in memory beyond the one being consumed.
 
@@ -18,6 +18,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import TypeVar
 
+import torch
+
 Item = TypeVar("Item")
 Result = TypeVar("Result")
 
@@ -33,7 +35,13 @@ def ordered_map(
         yield from map(fn, items)
         return
     ahead = max(ahead or 4 * workers, workers)
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="vlmerge-merge") as pool:
+    # A new thread starts with MKL's and OpenMP's own count (the environment's), not the process's: torch
+    # applies its count to a thread only at its first kernel large enough to split, so an SVD or product before
+    # that would run on the environment's threads, and its last bits would follow them.
+    count = torch.get_num_threads()
+    with ThreadPoolExecutor(
+        max_workers=workers, thread_name_prefix="vlmerge-merge", initializer=torch.set_num_threads, initargs=(count,)
+    ) as pool:
         pending: deque[Future[Result]] = deque()
         try:
             for item in items:
