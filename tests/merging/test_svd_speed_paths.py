@@ -122,7 +122,7 @@ def test_the_polar_factor_of_two_bases_matches_the_svd_at_small_angles(angles):
     u, _, vh = torch.linalg.svd(torch.cat([b, q], dim=1), full_matrices=False)
     polar = svd.polar_of_two_orthonormal(b, q, "w")
     assert polar is not None
-    torch.testing.assert_close(polar, u @ vh, rtol=0, atol=1e-9)
+    torch.testing.assert_close(polar.matrix(), u @ vh, rtol=0, atol=1e-9)
 
 
 def test_bases_sharing_a_direction_leave_the_polar_factor_to_the_svd():
