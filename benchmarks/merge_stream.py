@@ -7,7 +7,8 @@ Every registered method family is timed (`--methods` chooses); the statistics-ba
 synthetic inputs (identity Gram matrices, random Fisher diagonals), since their cost is the merge's.
 Goals: no method slower than mergekit's counterpart; interpolation within 1.5x a durable copy of the
 file; RegMean's peak RSS at most 0.3x the checkpoint file; each SVD method (tsv, iso_c, iso_cts) at
-most 0.5x FusionBench's own function on the same tensors and at most 5x the durable copy.
+most 0.5x FusionBench's own function on the same tensors and at most 5x the durable copy. Iso-C is also
+timed with precision=float32 (iso_c_float32: float32 arithmetic where the summed vector is conditioned for it).
 
 Two copies anchor the time: a plain copy (the kernel copies the bytes, nothing reaches the disk
 before the command returns) and a durable copy written the way every vlmerge output is
@@ -62,6 +63,7 @@ from vlmerge.merging.regmean_pp import SEQUENTIAL, SequentialOptions
 from vlmerge.merging.side_by_side import ordered_map
 from vlmerge.models import VLTransformer, model_config, save_model
 
+FLOOR_DTYPES = (torch.float64, torch.float32)
 GOALS = {"copy": 1.5, "regmean_memory": 0.3, "svd_reference": 0.5, "svd_copy": 5.0}
 # FusionBench's function for each SVD method: (file under fusion_bench/, function, options).
 FUSION_BENCH = {
@@ -104,6 +106,7 @@ class Method:
     seed: bool = True  # merges against the seed checkpoint
     grams: str = ""  # "plain" (RegMean) or "sequential" (RegMean++) Gram matrices
     fisher: bool = False  # Fisher statistics
+    registered: str = ""  # the registered method, where the name is a variant of it (other options)
 
 
 METHODS = {
@@ -163,6 +166,9 @@ METHODS = {
     "fisher": Method({}, None, "no mergekit counterpart", seed=False, fisher=True),
     "tsv": Method({"lam": 1.0}, None, "no mergekit counterpart"),
     "iso_c": Method({"lam": 1.0}, None, "no mergekit counterpart"),
+    "iso_c_float32": Method(
+        {"lam": 1.0, "precision": "float32"}, None, "iso_c, float32 where conditioned for it", registered="iso_c"
+    ),
     "iso_cts": Method({"lam": 1.0}, None, "no mergekit counterpart"),
 }
 DEFAULT_METHODS = [
@@ -177,8 +183,14 @@ DEFAULT_METHODS = [
     "fisher",
     "tsv",
     "iso_c",
+    "iso_c_float32",
     "iso_cts",
 ]
+
+
+def registered(name: str) -> str:
+    """The registered method a timed name runs."""
+    return METHODS[name].registered or name
 
 
 @dataclass
@@ -291,7 +303,7 @@ def fusion_bench_function(method: str) -> Callable | None:
         sys.path.insert(0, TESTS)
     from reference_code import SVD_STUBS, load_by_path
 
-    relative, name, _ = FUSION_BENCH[method]
+    relative, name, _ = FUSION_BENCH[registered(method)]
     module = load_by_path("fusion_bench", relative, SVD_STUBS)
     return None if module is None else getattr(module, name)
 
@@ -326,8 +338,8 @@ class Groups:
 def ours_svd(method: str, groups: Groups, dtype: torch.dtype) -> tuple[float, dict[str, torch.Tensor]]:
     """Seconds to merge every group as the engine does (each on one thread, one group per core side by side;
     FusionBench's mean for the other tensors), and the merged modality vectors (float64)."""
-    entry = MERGE_METHODS.get(method)
-    options = entry.options.parse({"lam": 1.0, "non_matrix": "mean"})
+    entry = MERGE_METHODS.get(registered(method))
+    options = entry.options.parse({**METHODS[method].options, "lam": 1.0, "non_matrix": "mean"})
     workers = torch.get_num_threads()
 
     def merge(item: tuple[str, dict[str, torch.Tensor]]) -> torch.Tensor:
@@ -343,13 +355,13 @@ def ours_svd(method: str, groups: Groups, dtype: torch.dtype) -> tuple[float, di
     return seconds, {key: value.double() - groups.origin[key].double() for key, value in merged.items()}
 
 
-def decomposition_floor(groups: Groups) -> tuple[float, float]:
-    """Seconds for the float64 eigendecompositions an exact SVD method cannot do without, run as the engine
+def decomposition_floor(groups: Groups, dtype: torch.dtype) -> tuple[float, float]:
+    """Seconds for the eigendecompositions an exact SVD method cannot do without, in `dtype`, run as the engine
     runs groups: one per 2-D group (of the summed vector's Gram matrix; Iso-C's whole spectrum) and one per
     expert (each vector's own; what TSV-M and Iso-CTS decompose at least)."""
     tall_vectors = [
         [
-            (v if v.shape[0] >= v.shape[1] else v.mT)
+            (v if v.shape[0] >= v.shape[1] else v.mT).to(dtype)
             for v in (w.double() - groups.origin[key].double() for w in ws.values())
         ]
         for key, ws in groups.experts.items()
@@ -376,7 +388,7 @@ def reference_svd(method: str, function: Callable, groups: Groups, dtype: torch.
     start = time.perf_counter()
     with contextlib.redirect_stdout(io.StringIO()):
         for task_vectors in batches:
-            merged.update(function(task_vectors, accelerator="cpu", **FUSION_BENCH[method][2]))
+            merged.update(function(task_vectors, accelerator="cpu", **FUSION_BENCH[registered(method)][2]))
     return time.perf_counter() - start, merged
 
 
@@ -426,9 +438,10 @@ def main() -> None:
     ours = {name: Samples() for name in methods}
     theirs = {name: Samples() for name, m in methods.items() if m.mergekit and use_mergekit}
     agree: dict[str, float] = {}
-    references, floors = {}, (Samples(), Samples())
+    references = {}
+    floors = {dtype: (Samples(), Samples()) for dtype in FLOOR_DTYPES}
     if not args.no_fusion_bench:
-        functions = {name: fusion_bench_function(name) for name in methods if name in FUSION_BENCH}
+        functions = {name: fusion_bench_function(name) for name in methods if registered(name) in FUSION_BENCH}
         references = {name: (function, Samples(), Samples(), {}) for name, function in functions.items() if function}
         groups = Groups.read(source, seed) if references else None
     for run in range(args.runs):
@@ -438,7 +451,7 @@ def main() -> None:
         for name, method in methods.items():
             out = workdir / f"merged-{name}.safetensors"
             if run == 0 or ours[name].time() < args.repeat_under:
-                argv = [CHILD, "merge", str(source), str(fresh(out)), name, json.dumps(method.options)]
+                argv = [CHILD, "merge", str(source), str(fresh(out)), registered(name), json.dumps(method.options)]
                 argv += [str(seed) if method.seed else "", str(inputs.grams.get(method.grams, ""))]
                 argv += [str(inputs.fisher) if method.fisher else ""]
                 ours[name].add(run_child(argv), ours_base)
@@ -451,8 +464,9 @@ def main() -> None:
                 if run == 0:
                     agree[name] = agreement(out, output_file(their_out))
         if references:
-            for samples, seconds in zip(floors, decomposition_floor(groups)):
-                samples.seconds.append(seconds)
+            for dtype, samples in floors.items():
+                for floor, seconds in zip(samples, decomposition_floor(groups, dtype)):
+                    floor.seconds.append(seconds)
         for name, (function, our_side, their_side, differences) in references.items():
             seconds, merged = ours_svd(name, groups, torch.float32)
             our_side.seconds.append(seconds)
@@ -510,10 +524,11 @@ def report(args, file_bytes, copies, ours, theirs, agree, methods) -> None:
 
 
 def report_references(
-    references: dict, durable: float, ours: dict[str, Samples], floors: tuple[Samples, Samples]
+    references: dict, durable: float, ours: dict[str, Samples], floors: dict[torch.dtype, tuple[Samples, Samples]]
 ) -> None:
     """The SVD methods beside FusionBench's functions on the same tensors, in this process, and the time the
-    float64 eigendecompositions alone take (no exact method of the family is faster)."""
+    eigendecompositions alone take, in float64 (no exact method of the family is faster) and in float32 (no
+    method of it at all, whatever its rounding)."""
     if not references:
         return
     print(
@@ -535,12 +550,12 @@ def report_references(
         verdicts.append(
             (f"{name} <= {GOALS['svd_copy']}x the durable copy ({copy_ratio:.2f}x)", copy_ratio <= GOALS["svd_copy"])
         )
-    per_group, per_expert = floors
-    print(
-        f"  floor: float64 eigendecompositions alone, one per 2-D group (Iso-C) {per_group.time_text()}"
-        f" = {per_group.time() / durable:.2f}x the copy; one per expert (TSV-M, Iso-CTS) {per_expert.time_text()}"
-        f" = {per_expert.time() / durable:.2f}x the copy"
-    )
+    for dtype, (per_group, per_expert) in floors.items():
+        print(
+            f"  floor: {str(dtype).removeprefix('torch.')} eigendecompositions alone, one per 2-D group (Iso-C)"
+            f" {per_group.time_text()} = {per_group.time() / durable:.2f}x the copy; one per expert (TSV-M, Iso-CTS)"
+            f" {per_expert.time_text()} = {per_expert.time() / durable:.2f}x the copy"
+        )
     print("goals: " + "; ".join(f"{text}: {'met' if met else 'MISSED'}" for text, met in verdicts))
 
 

@@ -163,3 +163,49 @@ def test_iso_cts_keeps_its_fast_path_when_only_the_right_stack_is_unresolved(sha
     monkeypatch.setattr(svd, "recombine", lambda *args: pytest.fail("the whole exact path was taken"))
     delta, expected = run("iso_cts", inputs) - inputs.origin, reference - inputs.origin
     assert float((delta - expected).abs().max()) <= 1e-9 * float(expected.abs().max())
+
+
+def float32_experts(shape: tuple[int, int], count: int, seed: int) -> MergeInputs:
+    g = torch.Generator().manual_seed(seed)
+    origin = torch.randn(*shape, generator=g)
+    return MergeInputs("w", {m: origin + 0.01 * torch.randn(*shape, generator=g) for m in (V, L, VL)[:count]}, origin)
+
+
+@pytest.mark.parametrize("shape", [(300, 60), (60, 300)])
+def test_iso_c_in_float32_stays_within_its_bound_of_the_float64_merge(shape, monkeypatch):
+    """A tall sum of random vectors has squared singular values within 3x of each other: the float32 route is
+    taken, and lands within 4e-6 of the float64 merge (max |error| / max |merged vector|)."""
+    inputs = float32_experts(shape, 2, seed=5)
+    exact = run("iso_c", inputs).double() - inputs.origin.double()
+    dtypes = []
+    original = svd.gram_eigh
+    monkeypatch.setattr(svd, "gram_eigh", lambda a, target: dtypes.append(a.dtype) or original(a, target))
+    fast = run("iso_c", inputs, precision="float32").double() - inputs.origin.double()
+    assert dtypes == [torch.float32]
+    assert 0 < float((fast - exact).abs().max()) <= 4e-6 * float(exact.abs().max())
+
+
+@pytest.mark.parametrize("count", [2, 3])
+def test_iso_c_in_float32_leaves_an_ill_conditioned_sum_to_float64(count, monkeypatch):
+    """A square sum has squared singular values down to about 1 / n^2 of the largest: after the float32 check it
+    is merged in float64, through the Gram matrix (resolved down to 1e-8 in this mode), to rounding."""
+    inputs = float32_experts((60, 60), count, seed=6)
+    exact = run("iso_c", inputs).double() - inputs.origin.double()
+    dtypes = []
+    original = svd.gram_eigh
+    monkeypatch.setattr(svd, "gram_eigh", lambda a, target: dtypes.append(a.dtype) or original(a, target))
+    monkeypatch.setattr(svd, "exact_components", lambda *args: pytest.fail("the full SVD was taken"))
+    fast = run("iso_c", inputs, precision="float32").double() - inputs.origin.double()
+    assert dtypes == [torch.float32, torch.float64]
+    assert float((fast - exact).abs().max()) <= 1e-7 * float(exact.abs().max())
+
+
+def test_iso_c_in_float32_takes_the_full_svd_below_its_resolution():
+    inputs = experts((V, L), (40, 24), "unresolved")
+    assert torch.equal(run("iso_c", inputs, precision="float32"), run("iso_c", inputs))
+
+
+def test_iso_c_in_float32_of_experts_equal_to_the_seed_is_the_seed():
+    inputs = float32_experts((30, 10), 2, seed=7)
+    copies = MergeInputs("w", {m: inputs.origin.clone() for m in inputs.experts}, inputs.origin)
+    assert torch.equal(run("iso_c", copies, precision="float32"), inputs.origin)
