@@ -5,11 +5,13 @@ tau_m = theta_m - theta_0 (TSV-M) or of their sum (Iso-C, Iso-CTS). Tensors that
 (biases, norms, layer scales) have no singular basis: they combine by `non_matrix`, the sum (task
 arithmetic, the default) or the mean (what the papers' code does), then are scaled by the same lam.
 
-Everything runs in float64 on the tensor's device, and the result comes back in the experts' dtype. The
-decompositions come from Gram matrices (an (in, in) or (out, out) eigendecomposition costs a third of an SVD
-of the vector) wherever the singular values kept are resolved by them (above 1e-6 of the largest, squared),
-and the polar factors of the stacked bases from the small blocks that couple them (TSV's two bases, Iso-CTS's
-task-specific ones beside the common one); elsewhere from the full SVD. Both give the same merge to about 1e-10.
+Everything runs in float64 on the tensor's device (Iso-C's `precision=float32` aside), and the result comes
+back in the experts' dtype. The decompositions come from Gram matrices (an (in, in) or (out, out)
+eigendecomposition costs a third of an SVD of the vector) wherever the singular values kept are resolved by
+them (above 1e-6 of the largest, squared), and the polar factors of the stacked bases from the small blocks
+that couple them (TSV's two bases, Iso-CTS's task-specific ones beside the common one); elsewhere from the
+full SVD. Both give the same merge to about 1e-10. A polar factor is kept as the stack times a small matrix
+of coefficients, so that TSV's merged weight costs one product the size of the weight, not three.
 A singular direction whose singular value is numerically zero carries no weight and its basis is
 whatever LAPACK picks, so it is dropped everywhere: a rank-deficient vector keeps only its rank, and
 a stacked basis that repeats a direction (identical experts) is orthogonalised on its range. On
