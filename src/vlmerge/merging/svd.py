@@ -9,8 +9,10 @@ Everything runs in float64 on the tensor's device (Iso-C's `precision=float32` a
 back in the experts' dtype. The decompositions come from Gram matrices (an (in, in) or (out, out)
 eigendecomposition costs a third of an SVD of the vector) wherever the singular values kept are resolved by
 them (above 1e-6 of the largest, squared), and the polar factors of the stacked bases from the small blocks
-that couple them (TSV's two bases, Iso-CTS's task-specific ones beside the common one); elsewhere from the
-full SVD. Both give the same merge to about 1e-10. A polar factor is kept as the stack times a small matrix
+that couple them (TSV's two bases, Iso-CTS's task-specific ones beside the common one). A polar factor (Iso-C's,
+a stack's) is also taken from its Gram matrix below that, down to 1e-10, where its own departure from
+orthonormality, which bounds its error, is below 1e-10 of it; elsewhere everything comes from the full SVD.
+All of them give the same merge to about 1e-10. A polar factor is kept as the stack times a small matrix
 of coefficients, so that TSV's merged weight costs one product the size of the weight, not three.
 A singular direction whose singular value is numerically zero carries no weight and its basis is
 whatever LAPACK picks, so it is dropped everywhere: a rank-deficient vector keeps only its rank, and
@@ -40,6 +42,13 @@ ZERO_SINGULAR_VALUE = 1e-10
 # eigenvalues kept lie above 1e-6 of the largest (singular values within 1e3 of it, resolved to about 1e-10
 # relative, as the exact SVD resolves them); below that the exact SVD is taken.
 RESOLVED = 1e-6
+# A polar factor P = a (a^T a)^(-1/2) of k columns is still taken from the Gram matrix below RESOLVED, down to
+# eigenvalues of CHECKED of the largest, where ||P^T P - I||_F / sqrt(2 k) <= DEFECT. Rounding E in the Gram
+# matrix moves the factor by U X V^T (a = U diag(s) V^T), X's symmetric part -E_ij / (2 s_i s_j) and its skew
+# part that times (s_i - s_j) / (s_i + s_j), no larger: to first order ||X||_F <= ||P^T P - I||_F / sqrt(2),
+# so that quotient bounds the factor's error relative to its norm, sqrt(k), for one product.
+CHECKED = 1e-10
+DEFECT = 1e-10
 # Columns per strip of a Gram matrix's upper triangle: eight strips of a 768-wide matrix, each product large
 # enough to run at the full rate of the matrix multiply.
 GRAM_STRIP = 96
@@ -143,17 +152,33 @@ class Polar(NamedTuple):
         return self.basis @ self.coefficients
 
 
+def checked_polar(a: torch.Tensor, values: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor | None:
+    """a (a^T a)^(-1/2) of a (long, short) matrix from its Gram eigenpairs, where they lie below RESOLVED but
+    above CHECKED and the factor comes out orthonormal to DEFECT; else None."""
+    if not resolved(values, len(values), threshold=CHECKED):
+        return None
+    factor = a @ ((vectors * values.rsqrt()) @ vectors.mT)
+    k = factor.shape[1]
+    defect = torch.linalg.matrix_norm(gram(factor) - torch.eye(k, dtype=factor.dtype, device=factor.device))
+    return factor if bool(defect <= DEFECT * math.sqrt(2 * k)) else None
+
+
 def polar_factor(basis: torch.Tensor, target: str) -> Polar:
     """The nearest matrix with orthonormal columns (or rows) on `basis`'s range: P Q^T for basis = P S Q^T,
     as TSV orthogonalises its stacked bases, here basis (basis^T basis)^(-1/2) (or (basis basis^T)^(-1/2) basis
-    for a wide one) where the Gram matrix resolves it."""
+    for a wide one) where the Gram matrix resolves it, or gives a factor that checks out (`checked_polar`)."""
     tall = basis.shape[0] >= basis.shape[1]
-    values, vectors = gram_eigh(basis if tall else basis.mT, target)
-    if not resolved(values, len(values)):
-        p, _, qh = exact_components(basis, target)
-        return Polar(p, qh)
-    inverse_root = (vectors * values.rsqrt()) @ vectors.mT
-    return Polar(basis, inverse_root) if tall else Polar(inverse_root, basis)
+    b = basis if tall else basis.mT
+    values, vectors = gram_eigh(b, target)
+    if resolved(values, len(values)):
+        inverse_root = (vectors * values.rsqrt()) @ vectors.mT
+        return Polar(basis, inverse_root) if tall else Polar(inverse_root, basis)
+    factor = checked_polar(b, values, vectors)
+    if factor is not None:
+        identity = torch.eye(factor.shape[1], dtype=factor.dtype, device=factor.device)
+        return Polar(factor, identity) if tall else Polar(identity, factor.mT)
+    p, _, qh = exact_components(basis, target)
+    return Polar(p, qh)
 
 
 def orthonormal_factor(basis: torch.Tensor, target: str) -> torch.Tensor:
@@ -305,9 +330,6 @@ Precision = Literal["float64", "float32"]
 # weights at a ratio of 10. Within 20 it stays near 4e-6, as close to the exact merge as FusionBench's own float32
 # function comes (6e-6); a sum less well conditioned is merged in float64.
 FLOAT32_CONDITION = 1 / 20
-# Past that, the float64 Gram route is taken down to a ratio of 1e-8 (rounding about 1e-8 of the merge, that
-# of the float32 it is stored in), where exact float64 arithmetic takes it only down to RESOLVED.
-FLOAT32_RESOLVED = 1e-8
 
 
 class IsoCOptions(StrictConfig):
@@ -334,16 +356,19 @@ def flat_spectrum(a: torch.Tensor, values: torch.Tensor, w: torch.Tensor) -> tor
     return a @ ((w * (s.mean() / s)) @ w.mT)
 
 
-def iso_c_matrix(vectors: Sequence[torch.Tensor], target: str, resolution: float = RESOLVED) -> torch.Tensor:
+def iso_c_matrix(vectors: Sequence[torch.Tensor], target: str) -> torch.Tensor:
     """U diag(mean sigma) V^T of the summed vector: every singular direction of the sum gets the same weight.
-    For a full-rank sum that is mean(sigma) times its polar factor, total (total^T total)^(-1/2), taken from the
-    Gram matrix where its eigenvalues lie above `resolution` of the largest."""
+    For a full-rank sum that is mean(sigma) times its polar factor, total (total^T total)^(-1/2)."""
     total = summed(vectors)
     tall = total.shape[0] >= total.shape[1]
     a = total if tall else total.mT  # (long, short)
     values, w = gram_eigh(a, target)
-    if resolved(values, len(values), threshold=resolution):
+    if resolved(values, len(values)):
         merged = flat_spectrum(a, values, w)
+        return merged if tall else merged.mT
+    factor = checked_polar(a, values, w)
+    if factor is not None:
+        merged = factor * values.sqrt().mean()
         return merged if tall else merged.mT
     u, s, vh = exact_components(total, target)
     if s.numel() == 0:
@@ -372,10 +397,7 @@ def iso_c(inputs: MergeInputs, options: IsoCOptions) -> torch.Tensor:
         merged = well_conditioned_iso_c(vectors, inputs.target)
         if merged is not None:
             return applied(inputs, origin, merged, options.lam)
-    resolution = RESOLVED if options.precision == "float64" else FLOAT32_RESOLVED
-    return svd_merge(
-        inputs, options.lam, options.non_matrix, lambda vectors: iso_c_matrix(vectors, inputs.target, resolution)
-    )
+    return svd_merge(inputs, options.lam, options.non_matrix, lambda vectors: iso_c_matrix(vectors, inputs.target))
 
 
 # --------------------------------------------------------------------------- Iso-CTS
