@@ -1,9 +1,10 @@
 """Merge groups side by side on the caller's cores and get the same bytes as one after another.
 
 Each group is merged on one intra-op thread (`core.threads.one_thread`, set once for the whole
-process, then applied to each worker as it starts), so its bytes do not depend on the machine; several groups run at once on Python threads,
-which torch's kernels let run in parallel (they release the GIL). Results come back in the groups'
-order, and at most 4 groups per worker are in memory beyond the one being consumed.
+process, then applied to each worker as it starts), so its bytes do not depend on the machine;
+several groups run at once on Python threads, which torch's kernels let run in parallel (they
+release the GIL). Results come back in the groups' order, and at most 4 groups per worker are in
+memory beyond the one being consumed.
 
 `warnings.catch_warnings` swaps one process-wide hook, so it cannot tell one thread's warnings from
 another's: `WarningsByThread` installs one hook for all of them and files each warning under the

@@ -211,8 +211,16 @@ def recombine(parts: Sequence[Components], s: torch.Tensor | None, target: str) 
     return rejoin(polar_factor(u, target), values, polar_factor(v, target))
 
 
+def summed(vectors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The vectors' sum, added in order into one copy (no stacked copy of them all)."""
+    total = vectors[0].clone()
+    for vector in vectors[1:]:
+        total += vector
+    return total
+
+
 def combine_non_matrix(vectors: Sequence[torch.Tensor], how: NonMatrix) -> torch.Tensor:
-    total = torch.stack(list(vectors)).sum(dim=0)
+    total = summed(vectors)
     return total / len(vectors) if how == "mean" else total
 
 
@@ -343,13 +351,6 @@ class IsoCOptions(StrictConfig):
     )
 
 
-def summed(vectors: Sequence[torch.Tensor]) -> torch.Tensor:
-    total = vectors[0].clone()
-    for vector in vectors[1:]:
-        total += vector
-    return total
-
-
 def flat_spectrum(a: torch.Tensor, values: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """mean(sigma) a (a^T a)^(-1/2) of a (long, short) matrix, from its Gram matrix's eigenpairs."""
     s = values.sqrt()
@@ -421,7 +422,7 @@ def iso_cts_matrix(vectors: Sequence[torch.Tensor], common_share: float, target:
     """The sum's top subspace plus each vector's top components outside its column space, orthogonalised
     together, every direction with the mean of their singular values."""
     common_size, per_expert = subspace_sizes(min(vectors[0].shape), len(vectors), common_share)
-    total = torch.stack(list(vectors)).sum(dim=0)
+    total = summed(vectors)
     split = iso_cts_tall if total.shape[0] >= total.shape[1] else iso_cts_wide
     resolved_bases = split(total, vectors, common_size, per_expert, target)
     if resolved_bases is not None:
