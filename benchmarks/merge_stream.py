@@ -61,6 +61,7 @@ from vlmerge.merging.grams import gram_modules
 from vlmerge.merging.plan import build_merge_plan, expand_to_experts
 from vlmerge.merging.regmean_pp import SEQUENTIAL, SequentialOptions
 from vlmerge.merging.side_by_side import ordered_map
+from vlmerge.merging.svd import gram
 from vlmerge.models import VLTransformer, model_config, save_model
 
 FLOOR_DTYPES = (torch.float64, torch.float32)
@@ -370,7 +371,7 @@ def decomposition_floor(groups: Groups, dtype: torch.dtype) -> tuple[float, floa
 
     def decompose(matrices: list[torch.Tensor]) -> None:
         for matrix in matrices:
-            torch.linalg.eigh(matrix.mT @ matrix)
+            torch.linalg.eigh(gram(matrix))  # the Gram matrix as the methods form it
 
     seconds, workers = [], torch.get_num_threads()
     for per_group in (lambda vectors: [sum(vectors)], lambda vectors: vectors):
